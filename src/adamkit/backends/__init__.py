@@ -1,0 +1,84 @@
+"""Where a step runs. Each backend is one module; this file chooses among them.
+
+A backend gets a :class:`Bucket` (tensors of one group that share device, dtype and
+step count) and the :class:`~adamkit.hyperparams.StepScalars` for it, and updates the
+params and state in place. It never writes into ``.grad``.
+
+``backend="auto"`` takes the first of :data:`AUTO_ORDER` that is available and runs the
+bucket's device and dtype. A backend named explicitly that cannot run a bucket (no
+native build, or a dtype it does not cover) hands that bucket to the portable torch
+backend with one warning per (backend, device, dtype), never an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..hyperparams import StepScalars
+
+
+@dataclass
+class Bucket:
+    """Tensors of one param group that share device, dtype and step count."""
+
+    group: dict[str, Any]  # the param group, for backends that read raw hyperparameters
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]  # empty unless amsgrad
+    states: list[dict[str, Any]]  # full per-param state, for format-specific buffers
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable on this machine, else why not (shown in the fallback warning)."""
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool: ...
+
+    def step(self, bucket: Bucket, scalars: StepScalars) -> None: ...
+
+
+def _registry() -> dict[str, Backend]:
+    from . import reference, torch_ops
+
+    found: dict[str, Backend] = {"reference": reference.BACKEND, "torch": torch_ops.BACKEND}
+    return found
+
+
+BACKENDS: dict[str, Backend] = _registry()
+AUTO_ORDER = ("cpu", "triton", "torch")
+NAMES = ("auto", *BACKENDS)
+
+
+def check_name(name: object) -> None:
+    if name not in NAMES:
+        valid = ", ".join(repr(n) for n in NAMES)
+        raise ValueError(f"Invalid backend: {name!r}; valid backends are {valid}")
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that runs tensors of ``device`` and ``dtype`` for the choice ``name``."""
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            backend = BACKENDS.get(candidate)
+            if backend is not None and backend.unavailable_reason() is None:
+                if backend.supports(device, dtype):
+                    return backend
+        return BACKENDS["torch"]
+    backend = BACKENDS[name]
+    reason = backend.unavailable_reason()
+    if reason is None and backend.supports(device, dtype):
+        return backend
+    why = reason or f"it does not run {dtype} on {device.type}"
+    warnings.warn(f"adamkit: backend {name!r} unusable here ({why}); using 'torch'", stacklevel=3)
+    return BACKENDS["torch"]

@@ -1,0 +1,71 @@
+"""A functional step over lists of tensors, for code that keeps its own state.
+
+>>> import torch
+>>> from adamkit.functional import adam_step
+>>> p = [torch.ones(3)]; g = [torch.full((3,), 0.5)]
+>>> m = [torch.zeros(3)]; v = [torch.zeros(3)]
+>>> adam_step(p, g, m, v, step=1, lr=0.1)
+>>> p[0]
+tensor([0.9000, 0.9000, 0.9000])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .hyperparams import step_scalars, validate_group
+
+
+def adam_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None = None,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decouple_wd: bool = False,
+    decouple_lr: bool = False,
+    max_lr: float | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    backend: str = "auto",
+) -> None:
+    """One Adam step, in place, for tensors that are all at step ``step`` (counted from 1).
+
+    The math is :func:`adamkit.reference.adam_step`; ``backend`` picks where it runs.
+    Tensors may mix devices and dtypes; each (device, dtype) runs as one bucket.
+    """
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    group = dict(
+        lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        maximize=maximize, decouple_wd=decouple_wd, decouple_lr=decouple_lr,
+        max_lr=lr if decouple_lr and max_lr is None else max_lr, backend=backend,
+    )
+    validate_group(group)
+    backends.check_name(backend)
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    if len({len(c) for c in columns}) != 1:
+        raise ValueError("params, grads and state lists must have the same length")
+    by_kind: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        by_kind.setdefault((p.device, p.dtype), []).append(i)
+    scalars = step_scalars(group, step)
+    for (device, dtype), idx in by_kind.items():
+        pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+        bucket = backends.Bucket(
+            group=group, params=pick(params), grads=pick(grads), exp_avgs=pick(exp_avgs),
+            exp_avg_sqs=pick(exp_avg_sqs), max_exp_avg_sqs=pick(max_exp_avg_sqs) if amsgrad else [],
+            states=[{} for _ in idx],
+        )
+        with torch.no_grad():
+            backends.resolve(backend, device, dtype).step(bucket, scalars)

@@ -1,0 +1,114 @@
+"""Hyperparameters: validation with torch's messages, and the scalars one step needs.
+
+Validation runs for every param group when it is added (torch checks only the
+constructor's defaults), so a bad per-group value fails before any state exists.
+
+``step_scalars`` folds the three weight-decay modes into two numbers, so that no
+backend branches on modes: ``weight_decay`` is the coupled λ added to the gradient
+(0 when decay is decoupled), and ``decay`` is the factor the param is multiplied by
+before the update (1 when decay is coupled).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _scalar(x: float | Tensor) -> float:
+    return x.item() if isinstance(x, Tensor) else float(x)
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Raise torch's ValueError for any invalid hyperparameter of ``group``."""
+    lr, eps, betas, wd = group["lr"], group["eps"], group["betas"], group["weight_decay"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay value: {wd}")
+    if group["decouple_lr"]:
+        max_lr = group["max_lr"]
+        if max_lr is None or not 0.0 < _scalar(max_lr) < math.inf:
+            raise ValueError(
+                f"Invalid max_lr value: {max_lr} (decouple_lr divides lr by max_lr, so it "
+                "must be a finite number > 0; it defaults to the group's initial lr, so pass "
+                "it explicitly when that lr is 0)"
+            )
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Per-bucket numbers for one step, computed once on the host.
+
+    A bucket shares one step count t, so bias corrections are plain floats and no
+    backend reads a device tensor (no host sync).
+    """
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    step: int
+    weight_decay: float  # coupled λ, added to the gradient; 0 when decoupled
+    decay: float  # θ ← decay·θ before the update; 1 when coupled
+    amsgrad: bool
+    maximize: bool
+
+    @property
+    def bias_correction1(self) -> float:
+        return 1.0 - self.beta1**self.step
+
+    @property
+    def bias_correction2(self) -> float:
+        return 1.0 - self.beta2**self.step
+
+    @property
+    def step_size(self) -> float:
+        """lr / (1 − β1^t): multiplies m in the update."""
+        return self.lr / self.bias_correction1
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return self.bias_correction2**0.5
+
+
+def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
+    """The scalars for a bucket of ``group`` whose params are at step ``step`` (from 1)."""
+    lr = _scalar(group["lr"])
+    wd = float(group["weight_decay"])
+    beta1, beta2 = (float(b) for b in group["betas"])
+    coupled, decay = wd, 1.0
+    if wd != 0.0 and group["decouple_lr"]:
+        coupled, decay = 0.0, 1.0 - (lr / _scalar(group["max_lr"])) * wd
+    elif wd != 0.0 and group["decouple_wd"]:
+        coupled, decay = 0.0, 1.0 - lr * wd
+    return StepScalars(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=float(group["eps"]),
+        step=step,
+        weight_decay=coupled,
+        decay=decay,
+        amsgrad=bool(group["amsgrad"]),
+        maximize=bool(group["maximize"]),
+    )
+
+
+def scalar_dtype() -> torch.dtype:
+    """dtype of state['step'], as torch.optim chooses it (float64 under a float64 default)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

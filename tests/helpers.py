@@ -1,0 +1,88 @@
+"""Small models and a lockstep runner shared by the parity tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class TinyMLP(nn.Module):
+    """An MLP with a 0-dim parameter (a learned output scale)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+def lockstep(
+    make_a: Callable, make_b: Callable, *, dtype: torch.dtype, steps: int = 120, seed: int = 0,
+    compare: Callable[[int, nn.Module, object, nn.Module, object], None],
+    freeze: tuple[int, int] = (30, 60), resync: bool = False,
+) -> None:
+    """Train two copies of TinyMLP side by side on the same batches, calling ``compare``
+    after every step. One parameter is frozen (no grad) for the steps in ``freeze``.
+
+    With ``resync``, b's params and state are set to a's after each comparison, so every
+    step is judged from identical inputs: rounding differences of one step are then not
+    amplified through the model's gradients into the next (the dynamics are chaotic)."""
+    torch.manual_seed(seed)
+    model_a = TinyMLP(dtype)
+    model_b = copy.deepcopy(model_a)
+    opt_a, opt_b = make_a(model_a.parameters()), make_b(model_b.parameters())
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        x = torch.randn(32, 6, generator=gen, dtype=dtype)
+        y = torch.randn(32, 3, generator=gen, dtype=dtype)
+        frozen = freeze[0] <= step < freeze[1]
+        for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+            model.net[0].bias.requires_grad_(not frozen)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        compare(step, model_a, opt_a, model_b, opt_b)
+        if resync:
+            _copy_into(model_a, opt_a, model_b, opt_b)
+
+
+@torch.no_grad()
+def _copy_into(model_a, opt_a, model_b, opt_b):
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        pb.copy_(pa)
+        for key, value in opt_a.state[pa].items():
+            opt_b.state[pb][key].copy_(value)
+
+
+def assert_close_scaled(actual, expected, rtol: float, atol: float, msg: str = "") -> float:
+    """max|actual − expected| ≤ rtol·max|expected| + atol; returns the scaled error.
+
+    Rounding errors of an elementwise update are relative to the magnitudes of its
+    operands, and where ``β1·m + (1−β1)·g`` cancels, an element can be far smaller than
+    them. So the error is measured against the tensor's scale, not element by element."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, msg
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.is_complex():
+        a, e = torch.view_as_real(a), torch.view_as_real(e)
+    err = (a - e).abs().max().item() if a.numel() else 0.0
+    scale = e.abs().max().item() if e.numel() else 0.0
+    assert err <= rtol * scale + atol, f"{msg}: max error {err:.3g} > {rtol:g}·{scale:.3g} + {atol:g}"
+    return err / scale if scale else err
+
+
+def assert_same_state(model_a, opt_a, model_b, opt_b, rtol: float, atol: float, msg: str = ""):
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        assert_close_scaled(pa, pb, rtol, atol, f"{msg} {name}")
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa.keys() == sb.keys(), f"{msg} {name}: state keys differ"
+        for key in sa:
+            if key == "step":
+                assert float(sa[key]) == float(sb[key]), f"{msg} {name}: step differs"
+            else:
+                assert_close_scaled(sa[key], sb[key], rtol, atol, f"{msg} {name}.{key}")
