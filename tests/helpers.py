@@ -60,18 +60,23 @@ def _copy_into(model_a, opt_a, model_b, opt_b):
             opt_b.state[pb][key].copy_(value)
 
 
-def assert_close_scaled(actual, expected, rtol: float, atol: float, msg: str = "") -> float:
-    """max|actual − expected| ≤ rtol·max|expected| + atol; returns the scaled error.
+def assert_close_scaled(
+    actual, expected, rtol: float, atol: float, msg: str = "", scale: float | None = None
+) -> float:
+    """max|actual − expected| ≤ rtol·scale + atol; returns the error relative to scale.
 
     Rounding errors of an elementwise update are relative to the magnitudes of its
     operands, and where ``β1·m + (1−β1)·g`` cancels, an element can be far smaller than
-    them. So the error is measured against the tensor's scale, not element by element."""
+    them. So the error is measured against the tensor's scale (by default its largest
+    magnitude; callers pass a larger one when the operands were larger), not element
+    by element."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, msg
     a, e = actual.detach().double(), expected.detach().double()
     if a.is_complex():
         a, e = torch.view_as_real(a), torch.view_as_real(e)
     err = (a - e).abs().max().item() if a.numel() else 0.0
-    scale = e.abs().max().item() if e.numel() else 0.0
+    if scale is None:
+        scale = e.abs().max().item() if e.numel() else 0.0
     assert err <= rtol * scale + atol, f"{msg}: max error {err:.3g} > {rtol:g}·{scale:.3g} + {atol:g}"
     return err / scale if scale else err
 

@@ -23,7 +23,7 @@ It also covers what torch.optim.Adam adds to the paper, in the places torch adds
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -56,8 +56,14 @@ def adam_step(
     max_lr: float | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
+    store: Callable[[Tensor], Tensor] = lambda moment: moment,
 ) -> AdamState:
     """One Adam step for one tensor: ``step`` is t, counted from 1.
+
+    ``store`` says how a moment is kept between steps. In exact arithmetic it is the
+    identity; a backend that keeps moments in float32 or bfloat16 passes the rounding to
+    that format, so that the update uses the moments *as stored*, as torch.optim does.
+    (With float16 state this matters: v can fall into float16's subnormal range.)
 
     >>> import torch
     >>> p, g = torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
@@ -85,9 +91,9 @@ def adam_step(
             g = g + weight_decay * theta
 
     # m_t ← β1·m_{t-1} + (1 − β1)·g_t
-    m = beta1 * exp_avg + (1.0 - beta1) * g
+    m = store(beta1 * exp_avg + (1.0 - beta1) * g)
     # v_t ← β2·v_{t-1} + (1 − β2)·g_t²
-    v = beta2 * exp_avg_sq + (1.0 - beta2) * g * g
+    v = store(beta2 * exp_avg_sq + (1.0 - beta2) * g * g)
 
     # m̂_t ← m_t / (1 − β1^t)
     m_hat = m / (1.0 - beta1**step)

@@ -58,6 +58,7 @@ class ReferenceBackend:
                 max_lr=None if g["max_lr"] is None else _scalar(g["max_lr"]),
                 amsgrad=amsgrad,
                 maximize=bool(g["maximize"]),
+                store=lambda moment: moment.to(m.dtype).double(),
             )
             p.copy_(out.param)
             m.copy_(out.exp_avg)

@@ -1,0 +1,106 @@
+"""Every backend equals the float64 reference on random shapes, dtypes and hyperparameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adamkit.functional import adam_step
+from helpers import assert_close_scaled
+from registry import FAST_BACKENDS, REFERENCE_TOL
+
+shapes = st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple)
+# float16 state cannot hold ε = 1e-8 (it rounds to 0, and torch then divides by zero
+# where v underflows): with float16 state, ε must be ≥ 1e-4, float16's normal range.
+EPS = {torch.float16: [1e-4, 1e-3]}
+
+
+def hyperparams(dtype):
+    return st.fixed_dictionaries(
+    {
+        "lr": st.floats(1e-5, 1e-1),
+        "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
+        "eps": st.sampled_from(EPS.get(dtype, [1e-8, 1e-6, 1e-3])),
+        "weight_decay": st.sampled_from([0.0, 1e-4, 0.1]),
+        "decouple_wd": st.booleans(),
+        "decouple_lr": st.booleans(),
+        "amsgrad": st.booleans(),
+        "maximize": st.booleans(),
+    }
+    )
+
+
+def _run(backend, dtype, shape_list, hp, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shape_list]
+    grads_per_step = [
+        [(torch.randn(s, generator=gen) * 10 ** torch.empty(()).uniform_(-3, 2, generator=gen)).to(dtype)
+         for s in shape_list]
+        for _ in range(steps)
+    ]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    for t in range(1, steps + 1):
+        adam_step(params, grads_per_step[t - 1], *state, step=t, backend=backend, **hp)
+    return params, state
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", list(REFERENCE_TOL), ids=str)
+@given(data=st.data(), shape_list=st.lists(shapes, min_size=1, max_size=4),
+       steps=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_backend_matches_reference(backend, dtype, data, shape_list, steps, seed):
+    """Run a few steps on both from the same start. Low-precision dtypes round state to
+    storage after every step in both, so the comparison is within a few storage ulps."""
+    hp = data.draw(hyperparams(dtype), label="hp")
+    rtol, atol = REFERENCE_TOL[dtype]
+    fast_params, fast_state = _run(backend, dtype, shape_list, hp, steps, seed)
+    ref_params, ref_state = _run("reference", dtype, shape_list, hp, steps, seed)
+    start, _ = _run(backend, dtype, shape_list, hp, 0, seed)
+    for i, (a, b) in enumerate(zip(fast_params, ref_params)):
+        # The operands were the start value, the end value and updates of size ~lr.
+        scale = max(start[i].abs().max().item(), b.abs().max().item(), hp["lr"])
+        assert_close_scaled(a, b, rtol, atol, f"param {i}", scale=scale)
+    names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for name, fast, ref in zip(names, fast_state, ref_state):
+        if name == "max_exp_avg_sq" and not hp["amsgrad"]:
+            continue
+        for i, (a, b) in enumerate(zip(fast, ref)):
+            assert_close_scaled(a, b, rtol, atol, f"{name} {i}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_complex_params_match_reference(backend):
+    """Complex params step as torch does: real and imaginary parts as separate coordinates."""
+    _, fast = _complex_run(backend)
+    _, ref = _complex_run("reference")
+    assert_close_scaled(fast, ref, *REFERENCE_TOL[torch.float32])
+
+
+def _complex_run(backend):
+    import adamkit
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.complex64))
+    opt = adamkit.Adam([p], lr=0.05, weight_decay=0.1, amsgrad=True, backend=backend)
+    for _ in range(5):
+        opt.zero_grad()
+        (p * p.conj()).real.sum().backward()
+        opt.step()
+    return opt, p.detach().clone()
+
+
+def test_complex_matches_torch():
+    import adamkit
+
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(4, dtype=torch.complex128))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1, o2 = adamkit.Adam([p1], lr=0.1), torch.optim.Adam([p2], lr=0.1)
+    for _ in range(10):
+        for p, o in ((p1, o1), (p2, o2)):
+            o.zero_grad()
+            (p.abs() ** 3).sum().backward()
+            o.step()
+    assert_close_scaled(p1.detach(), p2.detach(), 1e-12, 0.0)

@@ -1,0 +1,178 @@
+"""state_dict: torch's layout, interop with torch.optim both ways, and safe loading."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import adamkit
+from helpers import TinyMLP, assert_same_state
+
+
+def _train(model, opt, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _save_load(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+PAIRS = [
+    (lambda ps: adamkit.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=0.01),
+     lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=0.01)),
+    (lambda ps: adamkit.AdamW(ps, lr=1e-2), lambda ps: torch.optim.AdamW(ps, lr=1e-2)),
+    (lambda ps: adamkit.Adam(ps, lr=1e-2, decouple_wd=True, weight_decay=0.1),
+     lambda ps: torch.optim.Adam(ps, lr=1e-2, decoupled_weight_decay=True, weight_decay=0.1)),
+]
+
+
+def test_layout_uses_torch_keys():
+    model = TinyMLP()
+    opt = adamkit.Adam(model.parameters(), amsgrad=True)
+    _train(model, opt, 2, 0)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].item() == 2
+    assert sd["param_groups"][0]["params"] == list(range(len(list(model.parameters()))))
+
+
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+@pytest.mark.parametrize("direction", ["torch_to_adamkit", "adamkit_to_torch"])
+def test_interop_continues_identically(pair, direction):
+    """Train 5 steps with one, save (weights_only round trip), load into the other and
+    train on: the result equals training with the other all along."""
+    make_ak, make_torch = PAIRS[pair]
+    first, second = (make_torch, make_ak) if direction == "torch_to_adamkit" else (make_ak, make_torch)
+    torch.manual_seed(0)
+    model = TinyMLP()
+    baseline = copy.deepcopy(model)
+
+    opt = first(model.parameters())
+    _train(model, opt, 5, seed=1)
+    sd = _save_load(opt.state_dict())
+    opt2 = second(model.parameters())
+    opt2.load_state_dict(sd)
+    _train(model, opt2, 5, seed=2)
+
+    base_opt = second(baseline.parameters())
+    _train(baseline, base_opt, 5, seed=1)
+    _train(baseline, base_opt, 5, seed=2)
+    assert_same_state(model, opt2, baseline, base_opt, rtol=1e-6, atol=1e-7)
+
+
+def test_round_trip_mid_run_is_exact():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = adamkit.Adam(model.parameters(), lr=1e-2, amsgrad=True)
+    _train(model, opt, 7, 0)
+    twin = copy.deepcopy(model)
+    twin_opt = adamkit.Adam(twin.parameters(), lr=0.5)  # hyperparameters come from the dict
+    twin_opt.load_state_dict(_save_load(opt.state_dict()))
+    assert twin_opt.param_groups[0]["lr"] == 1e-2 and twin_opt.param_groups[0]["amsgrad"]
+    _train(model, opt, 5, 3)
+    _train(twin, twin_opt, 5, 3)
+    assert_same_state(model, opt, twin, twin_opt, 0.0, 0.0)
+
+
+def test_loaded_state_is_a_copy():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = adamkit.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    opt2 = adamkit.Adam([p])
+    opt2.load_state_dict(sd)
+    sd["state"][0]["exp_avg"].add_(100.0)
+    assert opt2.state[p]["exp_avg"].abs().max() < 1.0
+
+
+def test_decouple_lr_round_trip_keeps_max_lr():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = adamkit.AdamW([p], lr=3e-3, weight_decay=1e-5, decouple_lr=True)
+    opt.param_groups[0]["lr"] = 1e-3  # as a scheduler would
+    opt2 = adamkit.AdamW([p], lr=1.0)
+    opt2.load_state_dict(_save_load(opt.state_dict()))
+    g = opt2.param_groups[0]
+    assert g["max_lr"] == 3e-3 and g["lr"] == 1e-3 and g["decouple_lr"]
+
+
+def _trained():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = adamkit.Adam(model.parameters(), lr=1e-2)
+    _train(model, opt, 3, 0)
+    return model, opt
+
+
+def _snapshot(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(opt, snap):
+    now = opt.state_dict()
+    assert now["param_groups"] == snap["param_groups"]
+    for k, st in snap["state"].items():
+        for key, value in st.items():
+            assert torch.equal(now["state"][k][key], value)
+
+
+def _mutations():
+    def fewer_groups(sd):
+        sd["param_groups"] = []
+
+    def more_params(sd):
+        sd["param_groups"][0]["params"].append(99)
+
+    def wrong_shape(sd):
+        sd["state"][0]["exp_avg"] = torch.zeros(7, 7)
+
+    def wrong_shape_late(sd):  # the last param's state: everything before it is valid
+        last = max(sd["state"])
+        sd["state"][last]["exp_avg_sq"] = torch.zeros(2)
+
+    def missing_key(sd):
+        del sd["state"][1]["exp_avg_sq"]
+
+    def bad_lr(sd):
+        sd["param_groups"][0]["lr"] = -1.0
+
+    def bad_backend(sd):
+        sd["param_groups"][0]["backend"] = "nope"
+
+    return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr, bad_backend]
+
+
+@pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
+def test_misfit_state_dict_raises_and_changes_nothing(mutate):
+    model, opt = _trained()
+    snap = _snapshot(opt)
+    params_before = [p.detach().clone() for p in model.parameters()]
+    bad = copy.deepcopy(opt.state_dict())
+    mutate(bad)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad)
+    _assert_unchanged(opt, snap)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params_before))
+
+
+def test_torch_fused_checkpoint_loads_with_cpu_step():
+    p = torch.nn.Parameter(torch.randn(4))
+    t = torch.optim.Adam([p], fused=True)
+    p.grad = torch.ones(4)
+    t.step()
+    opt = adamkit.Adam([p])
+    opt.load_state_dict(t.state_dict())
+    assert opt.state[p]["step"].device.type == "cpu" and float(opt.state[p]["step"]) == 1
+    assert "fused" not in opt.param_groups[0]

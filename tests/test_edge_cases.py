@@ -1,0 +1,139 @@
+"""Behaviour at the edges: empty steps, untouched grads, torch.optim's conveniences."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import adamkit
+from registry import ALL_BACKENDS
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_no_grads_is_a_no_op(backend):
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = adamkit.Adam([p], backend=backend, weight_decay=0.1, decouple_wd=True)
+    before = p.detach().clone()
+    assert opt.step() is None
+    assert torch.equal(p, before) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_zero_grads_without_decay_leave_params_unchanged(backend, amsgrad):
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = adamkit.Adam([p], backend=backend, amsgrad=amsgrad)
+    before = p.detach().clone()
+    for _ in range(3):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    assert torch.equal(p, before)
+    assert float(opt.state[p]["step"]) == 3
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("kwargs", [dict(), dict(weight_decay=0.1), dict(maximize=True),
+                                    dict(weight_decay=0.1, maximize=True, amsgrad=True),
+                                    dict(weight_decay=0.1, decouple_wd=True)])
+def test_grad_is_never_written(backend, kwargs):
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = adamkit.Adam([p], backend=backend, **kwargs)
+    p.grad = torch.randn(6)
+    grad_before, version = p.grad.clone(), p.grad._version
+    opt.step()
+    assert p.grad._version == version
+    assert torch.equal(p.grad, grad_before)
+
+
+def test_closure_returns_loss_and_runs_with_grad():
+    p = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = adamkit.Adam([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert loss.item() == 4.0 and p.item() < 2.0
+
+
+def test_param_groups_with_their_own_settings_match_torch():
+    torch.manual_seed(0)
+    a1, b1 = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))
+    a2, b2 = torch.nn.Parameter(a1.detach().clone()), torch.nn.Parameter(b1.detach().clone())
+    groups = lambda a, b: [{"params": [a]}, {"params": [b], "lr": 0.1, "amsgrad": True,  # noqa: E731
+                                            "weight_decay": 0.01, "betas": (0.8, 0.99)}]
+    ours = adamkit.Adam(groups(a1, b1), lr=0.01)
+    theirs = torch.optim.Adam(groups(a2, b2), lr=0.01)
+    extra1, extra2 = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    ours.add_param_group({"params": [extra1], "lr": 0.5})
+    theirs.add_param_group({"params": [extra2], "lr": 0.5})
+    for _ in range(5):
+        for ps, o in (((a1, b1, extra1), ours), ((a2, b2, extra2), theirs)):
+            for p in ps:
+                p.grad = torch.cos(p.detach() * 3)
+            o.step()
+    for x, y in ((a1, a2), (b1, b2), (extra1, extra2)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_tensor_lr_matches_float_lr():
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(4))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1 = adamkit.Adam([p1], lr=torch.tensor(0.01))
+    o2 = adamkit.Adam([p2], lr=0.01)
+    for _ in range(3):
+        p1.grad, p2.grad = torch.ones(4), torch.ones(4)
+        o1.step()
+        o2.step()
+    assert torch.equal(p1, p2)
+
+
+def test_hooks_run():
+    p = torch.nn.Parameter(torch.randn(2))
+    opt = adamkit.Adam([p])
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("loaded"))
+    p.grad = torch.ones(2)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert seen == ["pre", "post", "loaded"]
+
+
+def test_deepcopy_is_independent_and_repr_shows_groups():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = adamkit.AdamW([p], lr=0.01)
+    p.grad = torch.ones(3)
+    opt.step()
+    clone = copy.deepcopy(opt)
+    clone.state[clone.param_groups[0]["params"][0]]["exp_avg"].add_(1.0)
+    assert not torch.equal(clone.state[clone.param_groups[0]["params"][0]]["exp_avg"],
+                           opt.state[p]["exp_avg"])
+    text = repr(opt)
+    assert text.startswith("AdamW (") and "decouple_wd: True" in text and "lr: 0.01" in text
+
+
+def test_zero_grad_sets_none():
+    p = torch.nn.Parameter(torch.randn(2))
+    opt = adamkit.Adam([p])
+    p.grad = torch.ones(2)
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_zero_dim_and_empty_params():
+    p0 = torch.nn.Parameter(torch.tensor(1.0))
+    pe = torch.nn.Parameter(torch.empty(0, 3))
+    opt = adamkit.Adam([p0, pe], lr=0.1)
+    p0.grad, pe.grad = torch.tensor(2.0), torch.empty(0, 3)
+    opt.step()
+    assert p0.item() == pytest.approx(0.9, rel=1e-6)
+    assert opt.state[pe]["exp_avg"].shape == (0, 3)

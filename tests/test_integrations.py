@@ -1,0 +1,97 @@
+"""torch.optim.lr_scheduler and torch.amp.GradScaler work with adamkit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adamkit
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 2), torch.randn(16, 4), torch.randn(16, 2)
+
+
+@pytest.mark.parametrize("make_sched", [
+    lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20),
+    lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
+], ids=["step", "onecycle", "cosine"])
+def test_schedulers_match_torch(make_sched):
+    """The same schedule gives the same lr, betas and params as with torch.optim.Adam."""
+    results = []
+    for cls in (adamkit.Adam, torch.optim.Adam):
+        model, x, y = _model_and_data()
+        opt = cls(model.parameters(), lr=0.05)
+        sched = make_sched(opt)
+        lrs = []
+        for _ in range(20):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+            lrs.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"]))
+        results.append((lrs, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_reduce_lr_on_plateau():
+    model, x, y = _model_and_data()
+    opt = adamkit.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    for _ in range(3):
+        sched.step(1.0)  # a loss that never improves
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_decouple_lr_follows_scheduler_shape():
+    """max_lr stays at the initial lr while a scheduler lowers lr."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.AdamW([p], lr=0.1, weight_decay=1e-4, decouple_lr=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    sched.step()
+    assert opt.param_groups[0]["max_lr"] == 0.1
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_grad_scaler_skips_step_on_inf_and_leaves_state(bad):
+    model, x, y = _model_and_data()
+    opt = adamkit.Adam(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    # One good step so state exists.
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    opt.zero_grad()
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    model.weight.grad[0, 0] = bad
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+    for k, v in state.items():
+        assert torch.equal(opt.state[model.weight][k], v)
+    assert scaler.get_scale() == 2.0**9
+
+
+def test_grad_scaler_good_steps_match_unscaled():
+    model, x, y = _model_and_data()
+    model2 = torch.nn.Linear(4, 2)
+    model2.load_state_dict(model.state_dict())
+    opt, opt2 = adamkit.Adam(model.parameters(), lr=0.1), adamkit.Adam(model2.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for _ in range(3):
+        opt.zero_grad()
+        opt2.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        torch.nn.functional.mse_loss(model2(x), y).backward()
+        opt2.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,91 @@
+"""Bad input raises torch's own exception types and messages, before anything changes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import adamkit
+
+BAD = [
+    dict(lr=-1e-3),
+    dict(lr=math.nan),
+    dict(eps=-1.0),
+    dict(eps=math.nan),
+    dict(betas=(1.0, 0.999)),
+    dict(betas=(-0.1, 0.999)),
+    dict(betas=(0.9, 1.0)),
+    dict(betas=(math.nan, 0.999)),
+    dict(betas=(0.9, math.nan)),
+    dict(weight_decay=-0.1),
+    dict(weight_decay=math.nan),
+    dict(lr=torch.tensor([1e-3, 1e-3])),
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD, ids=lambda kw: repr(kw))
+def test_same_error_as_torch(kwargs):
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(Exception) as theirs:
+        torch.optim.Adam([p], **kwargs)
+    with pytest.raises(type(theirs.value)) as ours:
+        adamkit.Adam([p], **kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("kwargs", BAD, ids=lambda kw: repr(kw))
+def test_per_group_values_are_validated_too(kwargs):
+    """torch checks only the defaults; adamkit checks every group when it is added."""
+    opt = adamkit.Adam([torch.zeros(2, requires_grad=True)])
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], **kwargs})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0] == before[0]
+
+
+def test_empty_params():
+    with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
+        adamkit.Adam([])
+
+
+def test_unknown_backend_names_the_valid_ones():
+    with pytest.raises(ValueError, match="'auto'.*'reference'.*'torch'"):
+        adamkit.Adam([torch.zeros(1, requires_grad=True)], backend="gpu-magic")
+
+
+@pytest.mark.parametrize("max_lr", [0.0, -1.0, math.nan, math.inf])
+def test_bad_max_lr(max_lr):
+    with pytest.raises(ValueError, match="Invalid max_lr value"):
+        adamkit.Adam([torch.zeros(1, requires_grad=True)], weight_decay=1e-4, decouple_lr=True,
+                     max_lr=max_lr)
+
+
+def test_decouple_lr_with_zero_lr_needs_explicit_max_lr():
+    p = torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match="pass it explicitly"):
+        adamkit.Adam([p], lr=0.0, decouple_lr=True)
+    adamkit.Adam([p], lr=0.0, decouple_lr=True, max_lr=1e-3)  # fine
+
+
+def test_sparse_grad_raises_and_changes_nothing():
+    dense = torch.nn.Parameter(torch.randn(3))
+    sparse = torch.nn.Parameter(torch.randn(4))
+    opt = adamkit.Adam([dense, sparse])
+    dense.grad = torch.randn(3)
+    sparse.grad = torch.randn(4).to_sparse()
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(dense, before)
+    assert len(opt.state) == 0  # no state was created for the dense param either
+
+
+def test_torch_flags_are_accepted_for_drop_in_use():
+    p = torch.zeros(1, requires_grad=True)
+    assert adamkit.Adam([p], foreach=True).param_groups[0]["backend"] == "torch"
+    assert adamkit.Adam([p], fused=True).param_groups[0]["backend"] == "auto"
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        adamkit.Adam([p], foreach=True, fused=True)
+    assert adamkit.Adam([p], decoupled_weight_decay=True).param_groups[0]["decouple_wd"]
