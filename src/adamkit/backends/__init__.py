@@ -48,10 +48,9 @@ class Backend(Protocol):
 
 
 def _registry() -> dict[str, Backend]:
-    from . import reference, torch_ops
+    from . import cpu, reference, torch_ops
 
-    found: dict[str, Backend] = {"reference": reference.BACKEND, "torch": torch_ops.BACKEND}
-    return found
+    return {"reference": reference.BACKEND, "torch": torch_ops.BACKEND, "cpu": cpu.BACKEND}
 
 
 BACKENDS: dict[str, Backend] = _registry()

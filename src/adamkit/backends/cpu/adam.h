@@ -1,0 +1,184 @@
+// The fused Adam step for CPU: one pass over memory per step, every tensor of a bucket
+// in one call. Built as three shared libraries (adam_generic/avx2/avx512.cpp include this
+// file; setup.py gives each its -m flags) and one is loaded at run time for the CPU at
+// hand. The loops are plain C++ that GCC vectorizes for each target.
+//
+// The math is adamkit/reference.py's; storage follows docs/design/formats.md:
+//   P  param dtype: float, bf16, half
+//   S  moment format: FP32, BF16 or INT8 (block-scaled 8-bit floats)
+//   U  param update policy: NEAREST, KAHAN, MASTER, STOCHASTIC
+// Compute is float32; moments enter the update as stored (encoded then decoded).
+
+#include "common.h"
+
+namespace {
+
+template <class P, int S, int U, bool AMSGRAD>
+struct Step {
+    // One contiguous run [lo, hi) of tensor t. For INT8, lo and hi are multiples of
+    // BLOCK (or hi is the tensor's end), so every quantization block is whole.
+    static void run(const StepArgs& a, int64_t t, int64_t lo, int64_t hi) {
+        P* p = static_cast<P*>(a.params[t]);
+        const P* g = static_cast<const P*>(a.grads[t]);
+        void* m = a.exp_avgs[t];
+        void* v = a.exp_avg_sqs[t];
+        void* vmax = AMSGRAD ? a.max_exp_avg_sqs[t] : nullptr;
+        P* comp = U == KAHAN ? static_cast<P*>(a.extras[t]) : nullptr;
+        float* master = U == MASTER ? static_cast<float*>(a.extras[t]) : nullptr;
+        const uint32_t key = U == STOCHASTIC ? a.sr_keys[t] : 0u;
+        const Consts c(a.h);
+        if constexpr (S == INT8) {
+            float mbuf[BLOCK], vbuf[BLOCK], xbuf[BLOCK];
+            for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
+                const int64_t n = hi - b0 < BLOCK ? hi - b0 : BLOCK;
+                const int64_t blk = b0 / BLOCK;
+                block(c, p + b0, g + b0, static_cast<uint8_t*>(m) + b0, a.exp_avg_scales[t] + blk,
+                      static_cast<uint8_t*>(v) + b0, a.exp_avg_sq_scales[t] + blk,
+                      AMSGRAD ? static_cast<uint8_t*>(vmax) + b0 : nullptr,
+                      AMSGRAD ? a.max_exp_avg_sq_scales[t] + blk : nullptr,
+                      comp ? comp + b0 : nullptr, master ? master + b0 : nullptr, key, b0, n,
+                      mbuf, vbuf, xbuf);
+            }
+        } else {
+            using St = std::conditional_t<S == FP32, float, bf16>;
+            St* ms = static_cast<St*>(m);
+            St* vs = static_cast<St*>(v);
+            St* vm = static_cast<St*>(vmax);
+#pragma omp simd
+            for (int64_t i = lo; i < hi; ++i) {
+                const float th = theta_eff<P, U>(p, comp, master, i);
+                const float gi = grad(c, g[i], th);
+                const float mi = stored<St>(ms[i], lerp(c, load<St>(ms[i]), gi));
+                float vi = stored<St>(vs[i], c.beta2 * load<St>(vs[i]) + c.omb2 * gi * gi);
+                if constexpr (AMSGRAD) vi = stored<St>(vm[i], std::max(load<St>(vm[i]), vi));
+                write_theta<P, U>(p, comp, master, i, update(c, th, mi, vi), key, 0);
+            }
+        }
+    }
+
+    // One int8 block: decode, step, find the new block maxima, encode, then update the
+    // params from the decoded (as stored) moments. Buffers are on the stack: no allocation.
+    static void block(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
+                      float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
+                      int64_t base, int64_t n, float* mbuf, float* vbuf, float* xbuf) {
+        const float mscale = *msc, vscale = *vsc;
+        float mabs = 0.f, vabs = 0.f;
+#pragma omp simd reduction(max : mabs, vabs)
+        for (int64_t i = 0; i < n; ++i) {
+            const float th = theta_eff<P, U>(p, comp, master, i);
+            xbuf[i] = th;
+            const float gi = grad(c, g[i], th);
+            const float mi = lerp(c, decode_m(mq[i], mscale), gi);
+            const float vi = c.beta2 * decode_v(vq[i], vscale) + c.omb2 * gi * gi;
+            mbuf[i] = mi;
+            vbuf[i] = vi;
+            mabs = std::max(mabs, std::fabs(mi));
+            vabs = std::max(vabs, vi);
+        }
+        const Codec mcod(mabs, M_MAX), vcod(vabs, V_MAX);
+        *msc = mcod.scale;
+        *vsc = vcod.scale;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+            mq[i] = encode_m(mbuf[i], mcod);
+            mbuf[i] = decode_m(mq[i], mcod.scale);
+            vq[i] = encode_v(vbuf[i], vcod);
+            vbuf[i] = decode_v(vq[i], vcod.scale);
+        }
+        if constexpr (AMSGRAD) {
+            const float vmscale = *vmsc;
+            float xabs = 0.f;
+#pragma omp simd reduction(max : xabs)
+            for (int64_t i = 0; i < n; ++i) {
+                const float x = std::max(decode_v(vmq[i], vmscale), vbuf[i]);
+                vbuf[i] = x;
+                xabs = std::max(xabs, x);
+            }
+            const Codec xcod(xabs, V_MAX);
+            *vmsc = xcod.scale;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) {
+                vmq[i] = encode_v(vbuf[i], xcod);
+                vbuf[i] = decode_v(vmq[i], xcod.scale);
+            }
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i)
+            write_theta<P, U>(p, comp, master, i, update(c, xbuf[i], mbuf[i], vbuf[i]), key,
+                              base);
+    }
+};
+
+// All tensors of the bucket, split into chunks of whole blocks, chunks spread over threads.
+template <class P, int S, int U, bool AMSGRAD>
+void step_all(const StepArgs& a) {
+    const int64_t nt = a.n_tensors;
+    // chunk_start[t] = index of tensor t's first chunk (prefix sums, ≤ a few KB).
+    int64_t total = 0;
+    for (int64_t t = 0; t < nt; ++t) {
+        a.chunk_start[t] = total;
+        total += (a.numels[t] + CHUNK - 1) / CHUNK;
+    }
+    a.chunk_start[nt] = total;
+#pragma omp parallel num_threads(a.n_threads) if (total > 1)
+    {
+        const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t first = total * me / nth, last = total * (me + 1) / nth;
+        int64_t t = std::upper_bound(a.chunk_start, a.chunk_start + nt + 1, first) - a.chunk_start - 1;
+        for (int64_t k = first; k < last; ++k) {
+            while (k >= a.chunk_start[t + 1]) ++t;
+            const int64_t lo = (k - a.chunk_start[t]) * CHUNK;
+            const int64_t hi = std::min(lo + CHUNK, a.numels[t]);
+            Step<P, S, U, AMSGRAD>::run(a, t, lo, hi);
+        }
+    }
+}
+
+template <class P, int S, int U>
+void pick_amsgrad(const StepArgs& a) {
+    if (a.h.amsgrad) step_all<P, S, U, true>(a);
+    else step_all<P, S, U, false>(a);
+}
+
+template <class P, int S>
+int pick_update(const StepArgs& a) {
+    if constexpr (std::is_same_v<P, float>) {
+        if (a.param_update != NEAREST) return ERR_UPDATE;  // float32 params: nearest only
+        pick_amsgrad<P, S, NEAREST>(a);
+    } else {
+        switch (a.param_update) {
+            case NEAREST: pick_amsgrad<P, S, NEAREST>(a); break;
+            case KAHAN: pick_amsgrad<P, S, KAHAN>(a); break;
+            case MASTER: pick_amsgrad<P, S, MASTER>(a); break;
+            case STOCHASTIC: pick_amsgrad<P, S, STOCHASTIC>(a); break;
+            default: return ERR_UPDATE;
+        }
+    }
+    return 0;
+}
+
+template <class P>
+int pick_state(const StepArgs& a) {
+    switch (a.state_format) {
+        case FP32: return pick_update<P, FP32>(a);
+        case BF16: return pick_update<P, BF16>(a);
+        case INT8: return pick_update<P, INT8>(a);
+        default: return ERR_STATE;
+    }
+}
+
+int step(const StepArgs& a) {
+    switch (a.param_dtype) {
+        case DT_F32: return pick_state<float>(a);
+        case DT_BF16: return pick_state<bf16>(a);
+        case DT_F16: return pick_state<half>(a);
+        default: return ERR_DTYPE;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+int adamkit_abi_version() { return ABI_VERSION; }
+int adamkit_step(const StepArgs* a) { return step(*a); }
+}

@@ -1,0 +1,197 @@
+// Types, the argument block shared with Python (cpu/library.py mirrors it with ctypes),
+// and the per-element building blocks of the fused step. Everything follows
+// docs/design/formats.md bit for bit.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+constexpr int ABI_VERSION = 2;
+constexpr int64_t BLOCK = 256;     // int8 quantization block (elements)
+constexpr int64_t CHUNK = 16384;   // unit of work per thread: a multiple of BLOCK
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+enum { FP32 = 0, BF16 = 1, INT8 = 2 };
+enum { NEAREST = 0, KAHAN = 1, MASTER = 2, STOCHASTIC = 3 };
+enum { ERR_DTYPE = 1, ERR_STATE = 2, ERR_UPDATE = 3 };
+
+struct bf16 { uint16_t bits; };
+using half = _Float16;
+
+// Scalars of one bucket, computed on the host in float64 and rounded once.
+// 1−β is computed in float64 too: in float32 from a rounded β it would cancel
+// (β2 = 0.999 loses 1e-5 of 1−β2).
+struct Hyper {
+    float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay, step_size,
+        bc2_sqrt, grad_scale_inv;
+    int32_t amsgrad, maximize;
+};
+
+struct StepArgs {
+    int64_t n_tensors;
+    int32_t n_threads, param_dtype, state_format, param_update;
+    Hyper h;
+    void* const* params;
+    void* const* grads;
+    void* const* exp_avgs;
+    void* const* exp_avg_sqs;
+    void* const* max_exp_avg_sqs;
+    void* const* extras;  // kahan_comp (param dtype) or master_param (float32)
+    float* const* exp_avg_scales;
+    float* const* exp_avg_sq_scales;
+    float* const* max_exp_avg_sq_scales;
+    const uint32_t* sr_keys;
+    const int64_t* numels;
+    int64_t* chunk_start;  // scratch, n_tensors + 1 entries
+};
+
+namespace {
+
+// ---- conversions ------------------------------------------------------------------
+inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(bf16 h) { return float_of(uint32_t(h.bits) << 16); }
+inline float to_f32(half h) { return float(h); }
+
+template <class T> inline T from_f32(float x);
+template <> inline float from_f32<float>(float x) { return x; }
+template <> inline half from_f32<half>(float x) { return half(x); }  // round to nearest even
+template <> inline bf16 from_f32<bf16>(float x) {                    // as torch: RNE, NaN kept
+    const uint32_t u = bits_of(x);
+    const uint32_t rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return bf16{uint16_t(nan ? (u >> 16) | 0x40u : rne)};
+}
+
+template <class St> inline float load(St x) { return to_f32(x); }
+// Store x in slot's format and return the stored value: moments are used as stored.
+template <class St> inline float stored(St& slot, float x) {
+    const St s = from_f32<St>(x);
+    slot = s;
+    return to_f32(s);
+}
+
+// ---- the step's arithmetic ------------------------------------------------------------
+struct Consts {
+    float gsign, wd, beta2, omb1, omb2, beta1_lerp, eps, decay, neg_step, bc2_sqrt;
+    bool has_wd, lerp_low;
+    explicit Consts(const Hyper& h)
+        : gsign(h.maximize ? -h.grad_scale_inv : h.grad_scale_inv), wd(h.weight_decay),
+          beta2(h.beta2), omb1(h.one_minus_beta1), omb2(h.one_minus_beta2), beta1_lerp(h.beta1),
+          eps(h.eps), decay(h.decay), neg_step(-h.step_size), bc2_sqrt(h.bc2_sqrt),
+          has_wd(h.weight_decay != 0.f), lerp_low(omb1 < 0.5f) {}
+};
+
+// g (unscaled, negated when maximizing) plus coupled decay λθ.
+template <class P> inline float grad(const Consts& c, P g, float th) {
+    const float gi = to_f32(g) * c.gsign;
+    return c.has_wd ? gi + c.wd * th : gi;
+}
+
+// m + (1−β1)(g − m), in the two forms torch's lerp uses for accuracy.
+inline float lerp(const Consts& c, float m, float g) {
+    return c.lerp_low ? m + c.omb1 * (g - m) : g - (g - m) * c.beta1_lerp;
+}
+
+// θ_new = decay·θ − step_size · m / (√v / √bc2 + ε)
+inline float update(const Consts& c, float th, float m, float v) {
+    const float denom = std::sqrt(v) / c.bc2_sqrt + c.eps;
+    return th * c.decay + c.neg_step * (m / denom);
+}
+
+// ---- stochastic rounding ----------------------------------------------------------------
+inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21F0AAADu;
+    x ^= x >> 15;
+    x *= 0x735A2D97u;
+    x ^= x >> 15;
+    return x;
+}
+
+inline bf16 round_stochastic(float x, uint32_t r, bf16*) {
+    return bf16{uint16_t(((bits_of(x) + (r & 0xFFFFu)) & 0xFFFF0000u) >> 16)};
+}
+inline half round_stochastic(float x, uint32_t r, half*) {
+    const float normal = float_of((bits_of(x) + (r & 0x1FFFu)) & 0xFFFFE000u);
+    const float k = std::floor(std::fabs(x) * 0x1p24f + float(r & 0x1FFFu) * 0x1p-13f);
+    const float sub = std::copysign(k * 0x1p-24f, x);
+    return half(std::fabs(x) >= 0x1p-14f ? normal : sub);
+}
+inline float round_stochastic(float x, uint32_t, float*) { return x; }
+
+// ---- param update policies: how θ is read, and written back ------------------------------
+template <class P, int U>
+inline float theta_eff(const P* p, const P* comp, const float* master, int64_t i) {
+    if constexpr (U == KAHAN) return to_f32(p[i]) + to_f32(comp[i]);
+    else if constexpr (U == MASTER) return master[i];
+    else return to_f32(p[i]);
+}
+
+template <class P, int U>
+inline void write_theta(P* p, P* comp, float* master, int64_t i, float x, uint32_t key,
+                        int64_t base) {
+    if constexpr (U == KAHAN) {
+        const P r = from_f32<P>(x);
+        p[i] = r;
+        comp[i] = from_f32<P>(x - to_f32(r));
+    } else if constexpr (U == MASTER) {
+        master[i] = x;
+        p[i] = from_f32<P>(x);
+    } else if constexpr (U == STOCHASTIC) {
+        p[i] = round_stochastic(x, mix32(uint32_t(base + i) ^ key), static_cast<P*>(nullptr));
+    } else {
+        p[i] = from_f32<P>(x);
+    }
+}
+
+// ---- int8 moments: block-scaled 8-bit floats (E4M3 signed m, E5M3 unsigned v) ----------
+constexpr float M_MAX = 480.f;     // (8+7)·2^(15−7−3)
+constexpr float V_MAX = 122880.f;  // (8+7)·2^(31−15−3)
+
+struct Codec {
+    float inv, scale;
+    Codec(float absmax, float top) : inv(absmax > 0.f ? top / absmax : 0.f), scale(absmax / top) {}
+};
+
+// Nearest code (ties to even) of y ≥ 0 in the E?M3 map with bias B, capped at cmax.
+template <int B> inline uint32_t encode_magnitude(float y, uint32_t cmax) {
+    // Subnormal range: c = round_half_even(y·2^(B+2)) ∈ [0, 8]; the magic constant makes the
+    // float addition round to an integer (exact for values < 2^22).
+    const float s = y * float(1 << (B + 2));
+    const uint32_t sub = uint32_t((s + 0x1.8p23f) - 0x1.8p23f);
+    uint32_t u = bits_of(y);
+    u += 0x7FFFFu + ((u >> 20) & 1u);
+    const int32_t e = int32_t(u >> 23) - 127 + B;
+    const uint32_t normal = (uint32_t(e) << 3) | ((u >> 20) & 7u);
+    const uint32_t c = y < float_of(uint32_t(127 + 1 - B) << 23) ? sub : normal;
+    return c < cmax ? c : cmax;
+}
+
+template <int B> inline float decode_magnitude(uint32_t c) {
+    const uint32_t e = c >> 3, f = c & 7u;
+    const float normal = float_of(((e + 127u - B) << 23) | (f << 20));
+    const float sub = float(f) * float_of(uint32_t(127 - B - 2) << 23);
+    return e == 0 ? sub : normal;
+}
+
+inline uint8_t encode_m(float x, const Codec& k) {
+    const uint32_t c = encode_magnitude<7>(std::fabs(x) * k.inv, 127u);
+    return uint8_t(c | (x < 0.f && c > 0u ? 128u : 0u));
+}
+inline float decode_m(uint8_t q, float scale) {
+    const float x = decode_magnitude<7>(q & 127u) * scale;
+    return q & 128u ? -x : x;
+}
+inline uint8_t encode_v(float x, const Codec& k) {
+    return uint8_t(encode_magnitude<15>(x * k.inv, 255u));
+}
+inline float decode_v(uint8_t q, float scale) { return decode_magnitude<15>(q) * scale; }
+
+}  // namespace

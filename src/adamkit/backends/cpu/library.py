@@ -1,0 +1,129 @@
+"""Finding, building and loading the native kernel library, and its ctypes argument block.
+
+The library is normally built at install time (setup.py). If it is missing (no compiler
+then, or a source checkout), it is built once on first use into a cache directory
+(``$ADAMKIT_CACHE`` or ``~/.cache/adamkit``) keyed by a hash of the sources, and loaded
+from there afterwards. Only the best instruction set the CPU supports is built then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+ABI_VERSION = 2
+FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+}
+
+
+def isa_candidates() -> list[str]:
+    """Instruction sets this CPU runs, best first (torch's own detection)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    order = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(capability, [])
+    return order + ["generic"]
+
+
+class Hyper(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_float)
+        for name in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps", "weight_decay",
+                     "decay", "step_size", "bc2_sqrt", "grad_scale_inv")
+    ] + [("amsgrad", ctypes.c_int32), ("maximize", ctypes.c_int32)]
+
+
+POINTER_ROWS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "extras",
+                "exp_avg_scales", "exp_avg_sq_scales", "max_exp_avg_sq_scales")
+
+
+class StepArgs(ctypes.Structure):
+    _fields_ = [
+        ("n_tensors", ctypes.c_int64),
+        ("n_threads", ctypes.c_int32),
+        ("param_dtype", ctypes.c_int32),
+        ("state_format", ctypes.c_int32),
+        ("param_update", ctypes.c_int32),
+        ("h", Hyper),
+        *[(row, ctypes.c_void_p) for row in POINTER_ROWS],
+        ("sr_keys", ctypes.c_void_p),
+        ("numels", ctypes.c_void_p),
+        ("chunk_start", ctypes.c_void_p),
+    ]
+
+
+def _installed_path(isa: str) -> Path | None:
+    spec = importlib.util.find_spec(f"adamkit.backends.cpu._adam_{isa}")
+    return Path(spec.origin) if spec and spec.origin else None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ADAMKIT_CACHE") or Path.home() / ".cache" / "adamkit"
+    digest = hashlib.sha256()
+    for name in ("adam.h", "common.h"):
+        digest.update((HERE / name).read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    return Path(root) / f"cpu-abi{ABI_VERSION}-{digest.hexdigest()[:16]}"
+
+
+def _build(isa: str) -> Path:
+    """Compile one variant into the cache (atomically: a killed build leaves nothing)."""
+    target = _cache_dir() / f"_adam_{isa}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found to build the CPU kernels")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *FLAGS, *ISA_FLAGS[isa], str(HERE / f"adam_{isa}.cpp"), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the CPU kernels failed: {done.stderr.strip()[-400:]}")
+        os.replace(out, target)
+    return target
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.adamkit_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path.name} has ABI {lib.adamkit_abi_version()}, expected {ABI_VERSION}")
+    lib.adamkit_step.argtypes = [ctypes.POINTER(StepArgs)]
+    lib.adamkit_step.restype = ctypes.c_int
+    return lib
+
+
+def load() -> tuple[ctypes.CDLL | None, str, str | None]:
+    """(library, its instruction set, None) or (None, "", why it is unavailable)."""
+    if os.environ.get("ADAMKIT_DISABLE_CPU_KERNELS"):
+        return None, "", "disabled by ADAMKIT_DISABLE_CPU_KERNELS"
+    if sys.platform == "win32":
+        return None, "", "the CPU kernels are built for Linux and macOS only"
+    errors = []
+    for isa in isa_candidates():
+        path = _installed_path(isa)
+        if path is not None and path.exists():
+            try:
+                return _open(path), isa, None
+            except (OSError, RuntimeError, AttributeError) as exc:
+                errors.append(f"{path.name}: {exc}")
+    isa = isa_candidates()[0]
+    try:
+        return _open(_build(isa)), isa, None
+    except (OSError, RuntimeError) as exc:
+        errors.append(str(exc))
+    return None, "", "; ".join(errors)
