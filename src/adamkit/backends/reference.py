@@ -43,7 +43,7 @@ class ReferenceBackend:
             vmax = _real(bucket.max_exp_avg_sqs[i]) if amsgrad else None
             out = adam_step(
                 p.double(),
-                _real(bucket.grads[i]).double(),
+                _real(bucket.grads[i]).double() * scalars.grad_scale_inv,
                 m.double(),
                 v.double(),
                 vmax.double() if amsgrad else None,
