@@ -187,3 +187,31 @@ def test_step_allocates_nothing_beyond_the_state():
     grown = {b: float(_python(MEMORY.format(backend=b)).stdout) for b in ("cpu", "torch")}
     assert grown["cpu"] < 2.05, grown
     assert grown["torch"] > 2.5, grown
+
+
+@needs_kernels
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_low_precision_params_with_float32_state_match_reference(param_dtype, amsgrad):
+    """The kernel's own bfloat16/float16 conversions (by bits, vectorized) round exactly as
+    torch's: with float32 state, params match the reference to the param's rounding."""
+    from adamkit.functional import adam_step
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4099,), (33, 65), ()]
+    runs = {}
+    for backend in ("cpu", "reference"):
+        gen.manual_seed(3)
+        params = [torch.randn(s, generator=gen).to(param_dtype) for s in shapes]
+        state = [[torch.zeros(s) for s in shapes] for _ in range(3)]
+        for t in range(1, 4):
+            grads = [(torch.randn(s, generator=gen) * 3).to(param_dtype) for s in shapes]
+            adam_step(params, grads, *state[:2], state[2] if amsgrad else None, step=t, lr=0.01,
+                      weight_decay=0.1, amsgrad=amsgrad, backend=backend)
+        runs[backend] = (params, state)
+    rtol, atol = REFERENCE_TOL[param_dtype]
+    for a, b in zip(runs["cpu"][0], runs["reference"][0]):
+        assert_close_scaled(a, b, 3 * rtol, 3 * atol)  # three steps, one rounding each
+    for ka, kb in zip(runs["cpu"][1], runs["reference"][1]):
+        for a, b in zip(ka, kb):
+            assert_close_scaled(a, b, *REFERENCE_TOL[torch.float32])
