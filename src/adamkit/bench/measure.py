@@ -1,7 +1,9 @@
 """Measuring: the machine's memory bandwidth, and optimizer steps, interleaved.
 
 Bandwidth is measured in the same process and run as the optimizers, with torch's own
-multi-threaded elementwise kernels on buffers far larger than the caches:
+multi-threaded elementwise kernels, on buffers whose total size is the optimizers' own
+working set (param, grad and both moments), so that both see the same level of the
+memory hierarchy (a large L3 cache holds small configs):
 
 * ``read+write``: ``a.mul_(s)``: one stream read and written in place (8 B/element);
 * ``2 reads + write``: ``a.add_(b)``: in place, as an optimizer updates its state;
@@ -34,15 +36,18 @@ def _best_rate(fn, nbytes: float, reps: int) -> float:
     return nbytes / min(times)
 
 
-def bandwidth(n_elements: int = 32 * 1024 * 1024, reps: int = 10) -> dict[str, float]:
-    """Measured bytes/second of three in-memory patterns (float32 buffers of n_elements)."""
-    a, b, c = (torch.rand(n_elements) for _ in range(3))
-    four = 4.0 * n_elements
-    rates = {
-        "read+write": _best_rate(lambda: a.mul_(1.0000001), 2 * four, reps),
-        "2 reads + write": _best_rate(lambda: a.add_(b), 3 * four, reps),
-        "triad": _best_rate(lambda: torch.add(b, c, alpha=0.5, out=a), 3 * four, reps),
-    }
+def bandwidth(footprint_bytes: int, reps: int = 10) -> dict[str, float]:
+    """Measured bytes/second of three patterns, each over buffers totalling footprint_bytes."""
+    rates = {}
+    n = footprint_bytes // 4
+    a = torch.rand(n)
+    rates["read+write"] = _best_rate(lambda: a.mul_(1.0000001), 8.0 * n, reps)
+    n = footprint_bytes // 8
+    a, b = torch.rand(n), torch.rand(n)
+    rates["2 reads + write"] = _best_rate(lambda: a.add_(b), 12.0 * n, reps)
+    n = footprint_bytes // 12
+    a, b, c = torch.rand(n), torch.rand(n), torch.rand(n)
+    rates["triad"] = _best_rate(lambda: torch.add(b, c, alpha=0.5, out=a), 12.0 * n, reps)
     del a, b, c
     gc.collect()
     return rates

@@ -35,7 +35,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-HEADER = ("config", "optimizer", "ms/step", "Mparam/s", "B/param", "% bw", "state B/param",
+HEADER = ("config", "optimizer", "ms/step", "Mparam/s", "B/param", "bw GB/s", "% bw", "state B/param",
           "first step s", "vs torch")
 
 
@@ -45,7 +45,8 @@ def rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         ratio = f"{r['speedup_vs_torch_fused']:.2f}x" if r.get("speedup_vs_torch_fused") else ""
         out.append((
             r["config"], r["optimizer"], f"{r['ms_per_step']:.2f}", f"{r['mparams_per_s']:.0f}",
-            f"{r['bytes_per_param']:.2f}", f"{100 * r['bandwidth_fraction']:.0f}%",
+            f"{r['bytes_per_param']:.2f}", f"{r['bandwidth_Bps'] / 1e9:.1f}",
+            f"{100 * r['bandwidth_fraction']:.0f}%",
             f"{r['state_bytes_per_param']:.2f}", f"{r['first_step_s']:.3f}", ratio,
         ))
     return out
