@@ -96,12 +96,12 @@ template <class St> inline float stored(St& slot, float x) {
 
 // ---- the step's arithmetic ------------------------------------------------------------
 struct Consts {
-    float gsign, wd, beta2, omb1, omb2, beta1_lerp, eps, decay, neg_step, inv_bc2_sqrt;
+    float gsign, wd, beta2, omb1, omb2, beta1_lerp, eps, decay, neg_step, bc2_sqrt;
     bool has_wd, lerp_low;
     explicit Consts(const Hyper& h)
         : gsign(h.maximize ? -h.grad_scale_inv : h.grad_scale_inv), wd(h.weight_decay),
           beta2(h.beta2), omb1(h.one_minus_beta1), omb2(h.one_minus_beta2), beta1_lerp(h.beta1),
-          eps(h.eps), decay(h.decay), neg_step(-h.step_size), inv_bc2_sqrt(1.f / h.bc2_sqrt),
+          eps(h.eps), decay(h.decay), neg_step(-h.step_size), bc2_sqrt(h.bc2_sqrt),
           has_wd(h.weight_decay != 0.f), lerp_low(omb1 < 0.5f) {}
 };
 
@@ -116,12 +116,9 @@ inline float lerp(const Consts& c, float m, float g) {
     return c.lerp_low ? m + c.omb1 * (g - m) : g - (g - m) * c.beta1_lerp;
 }
 
-// θ_new = decay·θ − step_size · m / (√v / √bc2 + ε). Dividing by √bc2 is a multiply by
-// its reciprocal: one division per element instead of two, and the step is compute-bound
-// on a core (two divisions and a root cost more cycles than the memory traffic). It
-// differs from torch's division by at most an ulp of the denominator.
+// θ_new = decay·θ − step_size · m / (√v / √bc2 + ε)
 inline float update(const Consts& c, float th, float m, float v) {
-    const float denom = std::sqrt(v) * c.inv_bc2_sqrt + c.eps;
+    const float denom = std::sqrt(v) / c.bc2_sqrt + c.eps;
     return th * c.decay + c.neg_step * (m / denom);
 }
 
