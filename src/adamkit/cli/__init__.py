@@ -17,7 +17,7 @@ from importlib import import_module
 
 from .errors import CliError
 
-SUBCOMMANDS = ("train",)
+SUBCOMMANDS = ("train", "viz")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
