@@ -87,7 +87,7 @@ def build_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
             raise CliError(f"adamkit.{cls.__name__} does not accept {given or f'lr={config.lr}'}: {err}")
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise CliError(f"{flags} only apply to adamkit's optimizers (adam, adamw), not {config.optimizer}")
+        raise CliError(f"{flags}: only for adamkit's optimizers (adam, adamw), not {config.optimizer}")
     if config.optimizer == "torch-adam":
         return torch.optim.Adam(params, lr=config.lr, **decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9, **decay)

@@ -178,7 +178,7 @@ def _bias_panels(ax_moments, ax_size, problem: Problem, lr: float, steps: int = 
                 xticks=range(0, steps + 1, 5), title="what bias correction does to the step size")
     ax_size.text(0.97, 0.35, "m and v start at 0. Uncorrected, m₁ = (1−β1)·g = 0.1·g\n"
                  "but √v₁ = √(1−β2)·|g| ≈ 0.03·|g|, so the first steps\n"
-                 "are 3–6× too long. Dividing m by 1−β1ᵗ and v by 1−β2ᵗ\n"
+                 "are 3–7× too long. Dividing m by 1−β1ᵗ and v by 1−β2ᵗ\n"
                  "makes step 1 exactly lr·sign(g).",
                  transform=ax_size.transAxes, ha="right", va="center", fontsize=8.5,
                  bbox=dict(boxstyle="round", fc="white", ec="0.8"))
