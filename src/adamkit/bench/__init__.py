@@ -34,7 +34,9 @@ COMPARISONS = [
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="adamkit bench", description=__doc__.split("\n\n")[0])
+    from ..cli import OneLineErrorParser  # a bad option is one line and exit code 2
+
+    ap = OneLineErrorParser(prog="adamkit bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small config and the main contenders (< 1 min)")
     ap.add_argument("--config", action="append", choices=[c for c in CONFIGS if c != "quick"],
                     help="parameter layout(s) to run (default: all)")
@@ -121,7 +123,10 @@ def _annotate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    try:
+        args = parse(argv)
+    except SystemExit as stop:  # --help, or a bad option (already reported on one line)
+        return stop.code if isinstance(stop.code, int) else 0
     configs = ["quick"] if args.quick else (args.config or ["64 tensors", "1024 tensors", "gpt2-small"])
     rounds = args.rounds or (3 if args.quick else 5)
     try:

@@ -1,0 +1,5 @@
+"""``python -m adamkit``: the same as the ``adamkit`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""``python -m adamkit.cli``: the same as the ``adamkit`` command."""
+
+from . import main
+
+raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""Errors the command line reports as one line (exit code 2), and optional imports."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class CliError(Exception):
+    """A mistake in the user's input or environment: ``main`` prints it as one line and
+    exits with ``exit_code`` (2, the usage-error code of argparse, unless set)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def require(module: str, extra: str = "cli") -> ModuleType:
+    """Import an optional dependency, or fail with the command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise CliError(f"{top} is not installed; install it with: pip install 'adamkit[{extra}]'")

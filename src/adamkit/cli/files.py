@@ -1,0 +1,52 @@
+"""Writing output files so that a kill at any moment leaves either the old file or the
+new one, never a truncated mix: write a temp file in the same directory, fsync it,
+then ``os.replace`` it over the target (atomic on POSIX and Windows)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .errors import CliError
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temp file next to ``path``, then move it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; directories cannot be opened on Windows.
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed and check that files can be created in it."""
+    if path.exists() and not path.is_dir():
+        raise CliError(f"output path {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise CliError(f"cannot write to output directory {path}: {err.strerror or err}")
+    return path

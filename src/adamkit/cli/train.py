@@ -1,0 +1,155 @@
+"""``adamkit train``: train a small character-level transformer on Python's own docs.
+
+Compares optimizers on a real (if small) language-modelling task that needs no
+download: the text is ``pydoc_data.topics`` from the Python standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from .errors import CliError, require
+from .files import writable_dir
+from .trainer import DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, Run
+
+COMPARE_HELP = """\
+--compare takes configurations separated by commas; each is an optimizer name,
+optionally followed by ':key=value' settings for that run only. Keys: lr, dtype,
+weight_decay, backend, state_format, param_update. Example:
+  adamkit train --compare adam,torch-adam,sgd:lr=0.3,adamw:weight_decay=0.1
+Each run writes into DIR/<configuration>/ and all curves go into DIR/compare.png."""
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(float, text)
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _number(kind: type, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}")
+
+
+def dtype_name(text: str) -> str:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (choose from {', '.join(DTYPES)})")
+    return text
+
+
+# What a --compare setting may change, and how its value is checked.
+COMPARE_KEYS = {"lr": positive_float, "dtype": dtype_name, "weight_decay": non_negative_float,
+                "backend": str, "state_format": str, "param_update": str}
+
+
+def parse_compare(text: str) -> list[tuple[str, dict]]:
+    """``"adam,sgd:lr=0.3"`` → ``[("adam", {"optimizer": "adam"}), ("sgd_lr=0.3", {...})]``."""
+    configs = []
+    for item in (part.strip() for part in text.split(",")):
+        name, *settings = item.split(":")
+        if name not in OPTIMIZERS:
+            raise CliError(f"--compare: unknown optimizer {name!r} in {item!r} (choose from {', '.join(OPTIMIZERS)})")
+        config = {"optimizer": name}
+        for setting in settings:
+            key, sep, value = setting.partition("=")
+            if not sep or key not in COMPARE_KEYS:
+                raise CliError(f"--compare: bad setting {setting!r} in {item!r}; use key=value with key one of "
+                               f"{', '.join(COMPARE_KEYS)}")
+            try:
+                config[key] = COMPARE_KEYS[key](value)
+            except argparse.ArgumentTypeError as err:
+                raise CliError(f"--compare: {key} in {item!r}: {err}")
+        configs.append((item.replace(":", "_"), config))
+    labels = [label for label, _ in configs]
+    if len(set(labels)) != len(labels):
+        raise CliError(f"--compare lists a configuration twice: {text!r}")
+    return configs
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    lrs = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+    p = subparsers.add_parser(
+        "train", help="train a small character-level transformer on Python's docs",
+        description=__doc__, epilog=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Options that shape the run default to None: on --resume, "not given" means "as
+    # the checkpoint says"; otherwise the defaults in trainer.DEFAULTS apply.
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {DEFAULTS['optimizer']}; "
+                   "adam/adamw are adamkit's, torch-adam is torch.optim.Adam, sgd is SGD with momentum 0.9")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {lrs})")
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {DEFAULTS['steps']})")
+    p.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default {DEFAULTS['batch_size']})")
+    p.add_argument("--seed", type=int, help=f"seed of init and data order (default {DEFAULTS['seed']})")
+    p.add_argument("--dtype", type=dtype_name, help="dtype of the model's params: fp32 (default) or bf16")
+    p.add_argument("--weight-decay", type=non_negative_float, help="passed to the optimizer (default: its own)")
+    p.add_argument("--backend", help="adamkit backend (passed to adamkit only when given)")
+    p.add_argument("--state-format", help="adamkit state format (passed only when given)")
+    p.add_argument("--param-update", help="adamkit param update mode (passed only when given)")
+    p.add_argument("--compare", metavar="CONFIGS", help="run several configurations and plot them together (see below)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/train"), help="output directory (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in DIR")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if DIR holds a checkpoint")
+    p.add_argument("--stop-at", type=positive_int, metavar="STEP",
+                   help="stop after STEP steps with a checkpoint (split a run; continue it with --resume)")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise CliError("--resume and --overwrite contradict each other")
+    require("tqdm")  # fail now, not after setting up
+    require("matplotlib")
+    given = {k: getattr(args, k) for k in
+             ("optimizer", "lr", "steps", "batch_size", "seed", "dtype", "weight_decay", "backend", "state_format", "param_update")}
+    if args.compare is not None:
+        if args.optimizer is not None:
+            raise CliError("--optimizer and --compare cannot be used together; name the optimizers in --compare")
+        plans = [(args.out / label, label, {**given, **config}) for label, config in parse_compare(args.compare)]
+    else:
+        plans = [(args.out, "", given)]
+
+    from .data import CharCorpus, load_text  # after the cheap checks
+
+    writable_dir(args.out)
+    corpus = CharCorpus(load_text())
+    # Set every run up before training any, so a bad configuration fails before hours of work.
+    runs = [Run(corpus, writable_dir(out), config, resume=args.resume, overwrite=args.overwrite, label=label)
+            for out, label, config in plans]
+    for r in runs:
+        r.train(stop_at=args.stop_at)
+    baseline = math.log(corpus.vocab_size)
+    if len(runs) > 1:
+        from .plots import plot_runs
+
+        plot_runs({r.label: r.rows for r in runs}, args.out / "compare.png", baseline,
+                  f"adamkit train --compare ({runs[0].config.steps} steps)")
+    for r in runs:
+        train_loss, val_loss = r.final_losses()
+        val = "n/a" if val_loss is None else f"{val_loss:.3f}"
+        print(f"{r.label}: step {r.step}/{r.config.steps}, train loss {train_loss:.3f}, val loss {val} "
+              f"(uniform guess: {baseline:.3f}), {r.elapsed:.1f} s; wrote {r.out}/metrics.csv, loss.png, checkpoint.pt")
+        if r.step == r.config.steps:
+            print(f"--- sample from {r.label} ---\n{r.sample()}\n---")
+    if len(runs) > 1:
+        print(f"curves of all runs: {args.out / 'compare.png'}")
+    return 0

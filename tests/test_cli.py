@@ -1,0 +1,248 @@
+"""The command line: files written, exact resume, --compare, viz, and bad arguments.
+
+Runs are tiny (a few steps, small batches) so the whole file stays fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adamkit.cli import main
+from adamkit.cli.data import CharCorpus, load_text
+from adamkit.cli.errors import CliError
+from adamkit.cli.files import atomic_write
+from adamkit.cli.train import parse_compare
+from adamkit.cli.trainer import METRICS, lr_factor
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--steps", "4", "--batch-size", "4"]
+
+
+def train(out: Path, *extra: str) -> int:
+    return main(["train", "--out", str(out), *TINY, *extra])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == METRICS
+        return list(reader)
+
+
+def test_train_writes_metrics_plot_checkpoint_and_sample(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "--- sample from adam ---" in out and "val loss" in out
+
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert rows[-1]["val_loss"] != ""  # the last step always evaluates
+    elapsed = [float(r["elapsed"]) for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    factor = lr_factor(4)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([3e-3 * factor(s) for s in range(4)])
+
+    assert (tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 4 and saved["config"]["optimizer"] == "adam"
+    assert {"model", "optimizer", "scheduler", "rng", "metrics"} <= saved.keys()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_bf16_params(tmp_path):
+    assert train(tmp_path, "--dtype", "bf16", "--optimizer", "adamw") == 0
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {t.dtype for t in saved["model"].values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, optimizer):
+    args = ["--optimizer", optimizer, "--steps", "6", "--batch-size", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "--out", str(straight), *args]) == 0
+    assert main(["train", "--out", str(split), *args, "--stop-at", "3"]) == 0
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert main(["train", "--out", str(split), "--resume"]) == 0  # options come from the checkpoint
+
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(split / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for key, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][key][name]))
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["rng"]["data"], b["rng"]["data"])
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
+    assert drop_time(a["metrics"]) == drop_time(b["metrics"])
+    assert drop_time(read_metrics(straight / "metrics.csv")) == drop_time(read_metrics(split / "metrics.csv"))
+
+
+def test_compare_plots_all_runs(tmp_path, capsys):
+    code = main(["train", "--out", str(tmp_path), "--steps", "2", "--batch-size", "4",
+                 "--compare", "adam,sgd:lr=0.1"])
+    assert code == 0
+    assert (tmp_path / "compare.png").read_bytes()[:8] == PNG_MAGIC
+    for label in ("adam", "sgd_lr=0.1"):
+        assert len(read_metrics(tmp_path / label / "metrics.csv")) == 2
+    assert torch.load(tmp_path / "sgd_lr=0.1" / "checkpoint.pt", weights_only=True)["config"]["lr"] == 0.1
+
+
+def test_parse_compare():
+    assert parse_compare("adam,adamw:lr=1e-3:dtype=bf16") == [
+        ("adam", {"optimizer": "adam"}),
+        ("adamw_lr=1e-3_dtype=bf16", {"optimizer": "adamw", "lr": 1e-3, "dtype": "bf16"}),
+    ]
+    for bad in ("adam,", "adam:lr", "adam:lr=-1", "adam:color=red", "rmsprop"):
+        with pytest.raises(CliError):
+            parse_compare(bad)
+
+
+def test_viz_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "viz.png"
+    assert main(["viz", "--out", str(out)]) == 0
+    import matplotlib.image
+
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 800 and image.shape[1] > 1200
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+
+    def half_then_crash(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, half_then_crash)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    real_batch = CharCorpus.train_batch
+
+    def interrupt_on_third(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_batch(self, *args)
+
+    monkeypatch.setattr(CharCorpus, "train_batch", interrupt_on_third)
+    assert train(tmp_path) == 130
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last_line.startswith("adamkit train: error: interrupted at step 2") and "holds step 2" in last_line
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert train(tmp_path, "--resume") == 0
+
+
+# ---- bad arguments: exit 2, one line on stderr, nothing lost ------------------------
+
+BAD = {
+    "no command": [],
+    "unknown command": ["bogus"],
+    "negative steps": ["train", "--steps", "-5"],
+    "zero steps": ["train", "--steps", "0"],
+    "steps not a number": ["train", "--steps", "many"],
+    "unknown optimizer": ["train", "--optimizer", "nadam"],
+    "zero lr": ["train", "--lr", "0"],
+    "nan lr": ["train", "--lr", "nan"],
+    "unknown dtype": ["train", "--dtype", "fp8"],
+    "negative batch": ["train", "--batch-size", "-1"],
+    "bad compare name": ["train", "--compare", "adam,lion"],
+    "bad compare key": ["train", "--compare", "adam:betas=3"],
+    "duplicate compare": ["train", "--compare", "adam,adam"],
+    "optimizer with compare": ["train", "--optimizer", "adam", "--compare", "sgd"],
+    "resume and overwrite": ["train", "--resume", "--overwrite"],
+    "backend for sgd": ["train", "--optimizer", "sgd", "--backend", "torch", "--steps", "1"],
+    "unknown backend": ["train", "--backend", "abacus", "--steps", "1"],
+    "unknown state format": ["train", "--state-format", "no-such-format", "--steps", "1"],
+    "unknown param update": ["train", "--param-update", "no-such-mode", "--steps", "1"],
+    "viz not png": ["viz", "--out", "picture.txt"],
+    "viz no dir": ["viz", "--out", "no/such/dir/v.png"],
+}
+
+
+def assert_one_line_error(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, captured
+    assert err and "\n" not in err, err
+    assert "Traceback" not in captured.err and err.startswith("adamkit")
+    return err
+
+
+@pytest.mark.parametrize("argv", BAD.values(), ids=BAD.keys())
+def test_bad_arguments(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths (and the default --out) land in tmp
+    code = main([*argv, "--out", str(tmp_path / "run")] if argv[:1] == ["train"] else argv)
+    assert_one_line_error(capsys, code)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert train(blocker / "run") == 2  # works even as root, unlike chmod
+    assert "cannot write" in assert_one_line_error(capsys, 2)
+    assert train(blocker) == 2
+    assert_one_line_error(capsys, 2)
+
+
+def test_resume_errors_never_touch_the_checkpoint(tmp_path, capsys):
+    assert main(["train", "--resume", "--out", str(tmp_path)]) == 2
+    assert "nothing to resume" in assert_one_line_error(capsys, 2)
+
+    assert train(tmp_path) == 0
+    capsys.readouterr()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    for argv in (["--resume", "--lr", "0.5"], ["--resume", "--optimizer", "sgd"], []):
+        assert train(tmp_path, *argv) == 2  # a different run, or a fresh one over it
+        assert_one_line_error(capsys, 2)
+        assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    assert train(tmp_path, "--resume") == 2
+    assert "cannot read checkpoint" in assert_one_line_error(capsys, 2)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"garbage"
+
+
+def test_missing_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` fail
+    assert train(tmp_path) == 2
+    assert "pip install 'adamkit[cli]'" in assert_one_line_error(capsys, 2)
+
+
+def test_real_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    bad = subprocess.run([sys.executable, "-m", "adamkit", "train", "--steps", "-3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert "--steps" in bad.stderr
+    ok = subprocess.run([sys.executable, "-m", "adamkit.cli", "--help"], capture_output=True, text=True,
+                        env=env, timeout=120)
+    assert ok.returncode == 0 and "train" in ok.stdout and "viz" in ok.stdout
+
+
+@pytest.mark.slow
+def test_default_run_learns(tmp_path):
+    assert main(["train", "--out", str(tmp_path)]) == 0
+    rows = read_metrics(tmp_path / "metrics.csv")
+    uniform = math.log(CharCorpus(load_text()).vocab_size)
+    assert float(rows[-1]["val_loss"]) < uniform - 2.5
