@@ -46,6 +46,18 @@ def _float32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """IEEE √ (correctly rounded), as formats.md pins and the CPU kernel computes.
+
+    torch's own float32 sqrt on CPU is off by one ulp for ~0.6% of inputs (its
+    vectorized path). √ of a float32 lies at least ~2^-49 (relative) from any midpoint
+    between float32s, so a float64 √ within one float64 ulp (2^-52), rounded to float32,
+    is the correctly rounded float32 √. Devices without float64 (MPS) use torch's."""
+    if x.dtype == torch.float32 and x.device.type != "mps":
+        return x.double().sqrt().float()
+    return x.sqrt()
+
+
 class TorchBackend:
     name = "torch"
 
@@ -126,7 +138,7 @@ class TorchBackend:
         # A 0-dim tensor, not a Python float: on CUDA, division by a host scalar is a
         # multiplication by its reciprocal, which rounds differently.
         bc2_sqrt = torch.tensor(s.bias_correction2_sqrt, dtype=work, device=p.device)
-        denom = v.sqrt() / bc2_sqrt + s.eps
+        denom = _sqrt(v) / bc2_sqrt + s.eps
         step = (m / denom) * -s.step_size
         theta = (theta * s.decay if s.decay != 1.0 else theta) + step
         key = policy.step_key(int(st["sr_seed"]), s.step) if update == "stochastic" else 0
