@@ -59,7 +59,7 @@ class ReferenceBackend:
                     codes, scale = fmt_state.encode(moment.float(), fmt_state.CODE_MAPS[name])
                     new[name], new[f"{name}_scale"] = codes, scale
                     return fmt_state.decode(codes, scale, fmt_state.CODE_MAPS[name]).double()
-                new[name] = moment.to(_real(slots[name]).dtype)
+                new[name] = fmt_state.round_to(moment, _real(slots[name]).dtype)
                 return new[name].double()
 
             wide = torch.complex128 if param.is_complex() else torch.float64

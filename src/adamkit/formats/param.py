@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .state import round_to
+
 MASK = 0xFFFFFFFF
 BUFFERS = {"kahan": "kahan_comp", "master": "master_param"}
 
@@ -126,18 +128,20 @@ def theta_eff(p: Tensor, state: dict, update: str, work: torch.dtype) -> Tensor:
 
 
 def write_back(p: Tensor, state: dict, update: str, theta: Tensor, key: int = 0) -> None:
-    """Store θ_new (``theta``) into p and the policy's buffers, in place."""
+    """Store θ_new (``theta``, float32; float64 from the reference) into p and the
+    policy's buffers, in place, each rounded once."""
     if update == "kahan":
-        p.copy_(theta)
-        state["kahan_comp"].copy_(theta - p.to(theta.dtype))  # float32 subtraction, then round
+        p.copy_(round_to(theta, p.dtype))
+        # θ_new − p (float32 subtraction, then round to the dtype)
+        state["kahan_comp"].copy_(round_to(theta - p.to(theta.dtype), p.dtype))
     elif update == "master":
         state["master_param"].copy_(theta)
-        p.copy_(theta)
+        p.copy_(round_to(theta, p.dtype))
     elif update == "stochastic":
         r = random_bits(p.numel(), key, p.device).view(p.shape)
         p.copy_(round_stochastic(theta.float(), r, p.dtype))
     else:
-        p.copy_(theta)
+        p.copy_(round_to(theta, p.dtype))
 
 
 def convert_buffers(p: Tensor, saved: dict, src: str, dst: str, seed_of_param: int) -> dict[str, Tensor]:

@@ -126,6 +126,23 @@ def decode(codes: Tensor, scale: Tensor, cmap: CodeMap) -> Tensor:
     return values.reshape(-1)[: codes.numel()].reshape(codes.shape)
 
 
+def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x rounded once to ``dtype``, to nearest even.
+
+    torch converts float64 to bfloat16/float16 through float32, rounding twice: a value
+    just above a midpoint of the target lands on it in float32, then ties to even, the
+    wrong way. Rounding to float32 *to odd* instead (truncate, then set the last bit if
+    anything was dropped) keeps the information that decides the second rounding: with
+    24 ≥ p + 2 bits (p = 8 or 11) the result is the correct rounding of x (Boldo &
+    Melquiond, "When double rounding is odd", 2005)."""
+    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    f = x.float()
+    f = torch.where(f.double().abs() > x.abs(), torch.nextafter(f, torch.zeros_like(f)), f)
+    odd = f.view(torch.int32) | (f.double() != x).to(torch.int32)
+    return torch.where(torch.isfinite(f), odd.view(torch.float32), f).to(dtype)
+
+
 # ---- moments in a state dict --------------------------------------------------------------
 
 
