@@ -20,7 +20,8 @@ import adamkit
 REGRESSION_STEPS = 300
 
 
-def regression(dtype: torch.dtype = torch.float32, steps: int = REGRESSION_STEPS, **opt_kwargs) -> list[float]:
+def regression(dtype: torch.dtype = torch.float32, steps: int = REGRESSION_STEPS,
+               **opt_kwargs) -> list[float]:
     """The loss before each step and after the last (steps + 1 values), full batch.
 
     The forward pass reads the params in float32 (``w.float()``), so the only

@@ -153,7 +153,8 @@ def test_random_bits_follow_the_spec_chain():
 def _neighbours(x: torch.Tensor, dtype: torch.dtype):
     """(the dtype value at or below x, the one above), as float64."""
     near = x.to(dtype)
-    below = torch.where(near.double() > x.double(), torch.nextafter(near, torch.tensor(-math.inf, dtype=dtype)), near)
+    down = torch.nextafter(near, torch.tensor(-math.inf, dtype=dtype))
+    below = torch.where(near.double() > x.double(), down, near)
     above = torch.nextafter(below, torch.tensor(math.inf, dtype=dtype))
     return below.double(), above.double()
 
@@ -169,7 +170,8 @@ def test_stochastic_rounding_is_exactly_unbiased(dtype, bits, magnitude):
     scale = 2.0**-18 if magnitude == "fp16-subnormal" else 1.0
     x = torch.randn(48, generator=gen) * scale
     r = torch.arange(2**bits, dtype=torch.int64)
-    rounded = policy.round_stochastic(x[:, None].expand(-1, r.numel()), r[None, :].expand(x.numel(), -1), dtype)
+    grid_x, grid_r = x[:, None].expand(-1, r.numel()), r[None, :].expand(x.numel(), -1)
+    rounded = policy.round_stochastic(grid_x, grid_r, dtype)
     below, above = _neighbours(x, dtype)
     got = rounded.double()
     assert ((got == below[:, None]) | (got == above[:, None])).all()

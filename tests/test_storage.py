@@ -210,7 +210,7 @@ def test_backend_matches_reference_every_step(storage, variant, backend):
                 va, vb, one_step = _stored_values(name, fmt, sa[name], sb[name], sa, sb)
                 apart = va != vb
                 slack = NEAR_TIE_RTOL * size[name]
-                assert ((va - vb).abs() <= one_step + 2 * slack).all(), f"{msg} {name}: more than a step apart"
+                assert ((va - vb).abs() <= one_step + 2 * slack).all(), f"{msg} {name}: > a step apart"
                 off = (exact[name] - (va + vb) / 2).abs()
                 bad = apart & (off > slack)
                 assert not bad.any(), (

@@ -119,8 +119,8 @@ def test_round_trip_resumes_bit_for_bit(storage):
     for a, b in zip(params, twin):
         assert torch.equal(a, b)
         for key, value in opt.state[a].items():
-            same = torch.equal(value, twin_opt.state[b][key]) if torch.is_tensor(value) else value == twin_opt.state[b][key]
-            assert same, key
+            other = twin_opt.state[b][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
 
 
 @pytest.mark.parametrize("update", ["kahan", "master"])

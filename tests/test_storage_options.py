@@ -47,7 +47,8 @@ def test_nearest_bfloat16_with_bf16_state_has_no_buffers():
 @pytest.mark.parametrize("kwargs,match", [
     ({"state_format": "int4"}, r"Invalid state_format: 'int4'; valid values are None, 'fp32', 'bf16', 'int8'"),
     ({"state_format": "float32"}, "Invalid state_format"),
-    ({"param_update": "round"}, r"Invalid param_update: 'round'; valid values are None, 'nearest', 'kahan', 'stochastic', 'master'"),
+    ({"param_update": "round"},
+     r"Invalid param_update: 'round'; valid values are None, 'nearest', 'kahan', 'stochastic', 'master'"),
     ({"seed": 1.5}, "Invalid seed"),
     ({"seed": True}, "Invalid seed"),
     ({"int8_min_size": -1}, "Invalid int8_min_size"),
@@ -124,8 +125,9 @@ def test_state_bytes_headline_figures():
     assert _bytes(torch.float32, "fp32")[1] == pytest.approx(8, abs=1e-4)
     assert _bytes(torch.bfloat16, "bf16", "nearest")[1] == pytest.approx(4, abs=1e-4)
     assert _bytes(torch.float32, "int8")[1] <= 2.05
-    assert _bytes(torch.bfloat16, "bf16", "kahan")[1] - _bytes(torch.bfloat16, "bf16", "nearest")[1] == pytest.approx(2)
-    assert _bytes(torch.bfloat16, "bf16", "master")[1] - _bytes(torch.bfloat16, "bf16", "nearest")[1] == pytest.approx(4)
+    nearest = _bytes(torch.bfloat16, "bf16", "nearest")[1]
+    assert _bytes(torch.bfloat16, "bf16", "kahan")[1] - nearest == pytest.approx(2)
+    assert _bytes(torch.bfloat16, "bf16", "master")[1] - nearest == pytest.approx(4)
 
 
 def test_state_bytes_counts_every_param_and_small_int8_tensors_as_fp32():

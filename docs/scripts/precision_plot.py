@@ -53,7 +53,8 @@ def main() -> None:
                           ("stochastic", "tab:orange")):
         losses = low_precision.regression(torch.bfloat16, param_update=update)
         share = low_precision.reduction(losses) / low_precision.reduction(base)
-        ax1.plot(losses, label=f"bfloat16, {update} ({share:.1%})", color=color, ls="--" if update == "master" else "-")
+        ax1.plot(losses, label=f"bfloat16, {update} ({share:.1%})", color=color,
+                 ls="--" if update == "master" else "-")
         print(f"  {update:10s} {losses[-1]:.5f} {share:.1%}")
     ax1.set(yscale="log", xlabel="step", ylabel="loss (MSE)",
             title="Updates ~10× below half a bfloat16 ulp\n(share of float32's loss reduction)")
@@ -65,7 +66,8 @@ def main() -> None:
         int8, _ = low_precision.mlp(seed, state_format="int8", int8_min_size=0)
         label = seed == 0
         ax2.plot(fp32, color="black", alpha=alpha, label="fp32 moments" if label else None)
-        ax2.plot(int8, color="tab:purple", ls="--", alpha=alpha, label="int8 moments (every tensor)" if label else None)
+        ax2.plot(int8, color="tab:purple", ls="--", alpha=alpha,
+                 label="int8 moments (every tensor)" if label else None)
         print(f"  seed {seed}: {fp32[-1]:.5f} {int8[-1]:.5f} {int8[-1] / fp32[-1] - 1:+.2%}")
     ax2.set(yscale="log", xlabel="step", ylabel="loss (MSE)", title="MLP 16-64-64-1, 3 seeds")
     ax2.legend(fontsize=8)

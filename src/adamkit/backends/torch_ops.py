@@ -107,7 +107,8 @@ class TorchBackend:
         """One tensor, in formats.md's order of operations (each line one rounding).
         Scalars enter as Python floats, which torch rounds to the working dtype, as the
         kernel's float32 Hyper fields are."""
-        p, st, fmt, update = bucket.params[i], bucket.states[i], bucket.state_format, bucket.param_update
+        p, st = bucket.params[i], bucket.states[i]
+        fmt, update = bucket.state_format, bucket.param_update
         work = torch.float64 if p.dtype == torch.float64 else torch.float32
 
         def moment(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -133,7 +134,8 @@ class TorchBackend:
         v = fmt_state.write(v_stored, v_scale, fmt, "exp_avg_sq", v)
         if s.amsgrad:
             vmax, vmax_stored, vmax_scale = moment("max_exp_avg_sq", bucket.max_exp_avg_sqs)
-            v = fmt_state.write(vmax_stored, vmax_scale, fmt, "max_exp_avg_sq", torch.maximum(vmax, v))
+            v = torch.maximum(vmax, v)
+            v = fmt_state.write(vmax_stored, vmax_scale, fmt, "max_exp_avg_sq", v)
 
         # A 0-dim tensor, not a Python float: on CUDA, division by a host scalar is a
         # multiplication by its reciprocal, which rounds differently.

@@ -76,7 +76,8 @@ def format_of(t: Tensor) -> str:
     return _DTYPE_FORMAT[t.dtype]
 
 
-def fresh_state(p: Tensor, fmt: str, update: str, amsgrad: bool, seed_of_param: int) -> dict[str, Any]:
+def fresh_state(p: Tensor, fmt: str, update: str, amsgrad: bool,
+                seed_of_param: int) -> dict[str, Any]:
     """Zero moments of format ``fmt`` and the buffers of ``update``; no ``step``."""
     out: dict[str, Any] = {}
     for name in state.MOMENTS[: 3 if amsgrad else 2]:
@@ -107,7 +108,8 @@ def saved_formats(saved: dict[str, Any]) -> tuple[str, str]:
                          f"{_names(state.STORAGE, none=False)}")
     update = "nearest" if update is None else update
     if update not in PARAM_UPDATES:
-        raise ValueError(f"unknown param_update {update!r}; known are {_names(PARAM_UPDATES, none=False)}")
+        known = _names(PARAM_UPDATES, none=False)
+        raise ValueError(f"unknown param_update {update!r}; known are {known}")
     return fmt, update
 
 
@@ -130,7 +132,8 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
             continue
         value = state.load_moment(saved, name, src_fmt, p)  # validates
         if src_fmt == fmt:
-            out[name] = saved[name].to(device=p.device, dtype=state.storage_dtype(fmt, p), copy=True)
+            dtype = state.storage_dtype(fmt, p)
+            out[name] = saved[name].to(device=p.device, dtype=dtype, copy=True)
             if fmt == "int8":
                 out[f"{name}_scale"] = saved[f"{name}_scale"].to(p.device, torch.float32, copy=True)
         else:

@@ -111,7 +111,8 @@ def buffers(p: Tensor, update: str, seed_of_param: int | None = None) -> dict[st
     if update == "kahan":
         return {"kahan_comp": torch.zeros_like(p, memory_format=torch.preserve_format)}
     if update == "master":
-        return {"master_param": p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)}
+        master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        return {"master_param": master}
     if update == "stochastic":
         return {"sr_seed": torch.tensor(seed_of_param, dtype=torch.int64)}
     return {}
@@ -144,7 +145,8 @@ def write_back(p: Tensor, state: dict, update: str, theta: Tensor, key: int = 0)
         p.copy_(round_to(theta, p.dtype))
 
 
-def convert_buffers(p: Tensor, saved: dict, src: str, dst: str, seed_of_param: int) -> dict[str, Tensor]:
+def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
+                    seed_of_param: int) -> dict[str, Tensor]:
     """The buffers of policy ``dst`` from a saved state of policy ``src`` (formats.md,
     "Checkpoints"): none→kahan 0, none→master p, kahan→master p + comp, master→kahan
     round(master − p); to nearest or stochastic they are dropped (≤ half an ulp of p).
@@ -155,8 +157,10 @@ def convert_buffers(p: Tensor, saved: dict, src: str, dst: str, seed_of_param: i
     if dst not in BUFFERS:
         return buffers(p, dst, seed_of_param)
     if src == dst:
-        _check(saved, BUFFERS[src], p)
-        return {BUFFERS[dst]: saved[BUFFERS[dst]].to(device=p.device, dtype=p.dtype if dst == "kahan" else torch.float32, copy=True)}
+        key = BUFFERS[dst]
+        _check(saved, key, p)
+        dtype = p.dtype if dst == "kahan" else torch.float32
+        return {key: saved[key].to(device=p.device, dtype=dtype, copy=True)}
     theta = p.detach().float()
     if src == "kahan":
         _check(saved, "kahan_comp", p)

@@ -159,7 +159,8 @@ def zeros(p: Tensor, name: str, fmt: str) -> dict[str, Tensor]:
             name: torch.zeros(p.shape, dtype=torch.uint8, device=p.device),
             f"{name}_scale": torch.zeros(n_blocks(p.numel()), dtype=torch.float32, device=p.device),
         }
-    return {name: torch.zeros_like(p, dtype=storage_dtype(fmt, p), memory_format=torch.preserve_format)}
+    dtype = storage_dtype(fmt, p)
+    return {name: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)}
 
 
 def read(stored: Tensor, scale: Tensor | None, fmt: str, name: str) -> Tensor:
@@ -209,7 +210,8 @@ def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
                 f"{name} is int8 state but {name}_scale is missing or not of shape "
                 f"({n_blocks(p.numel())},) (one float32 per {BLOCK} elements)"
             )
-        return decode(value.to(p.device), scale.to(device=p.device, dtype=torch.float32), CODE_MAPS[name])
+        scale = scale.to(device=p.device, dtype=torch.float32)
+        return decode(value.to(p.device), scale, CODE_MAPS[name])
     if not (value.is_floating_point() or value.is_complex()):
         raise ValueError(f"{name} has dtype {value.dtype}, which is no moment format")
     wide = torch.float64 if value.dtype == torch.float64 else torch.float32

@@ -121,9 +121,9 @@ class CpuBackend:
 def _subset(bucket: Bucket, idx: list[int]) -> Bucket:
     pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
     return dataclasses.replace(
-        bucket, params=pick(bucket.params), grads=pick(bucket.grads), exp_avgs=pick(bucket.exp_avgs),
-        exp_avg_sqs=pick(bucket.exp_avg_sqs), max_exp_avg_sqs=pick(bucket.max_exp_avg_sqs),
-        states=pick(bucket.states))
+        bucket, params=pick(bucket.params), grads=pick(bucket.grads),
+        exp_avgs=pick(bucket.exp_avgs), exp_avg_sqs=pick(bucket.exp_avg_sqs),
+        max_exp_avg_sqs=pick(bucket.max_exp_avg_sqs), states=pick(bucket.states))
 
 
 BACKEND = CpuBackend()
