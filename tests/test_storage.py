@@ -247,3 +247,16 @@ def test_int8_small_tensors_stay_fp32():
     assert opt.state[big]["exp_avg_scale"].shape == (16,)
     assert opt.state[small]["state_format"] == "fp32" and opt.state[small]["exp_avg"].dtype == torch.float32
     assert "exp_avg_scale" not in opt.state[small]
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32], ids=lambda s: s.id)
+def test_grad_is_never_written(storage, backend):
+    params, opt = _make(storage, backend, "l2-amsgrad-max")
+    gen = torch.Generator().manual_seed(4)
+    for p in params:
+        p.grad = _grad(p.shape, storage.dtype, gen)
+    before = [(p.grad.clone(), p.grad._version) for p in params]
+    opt.step()
+    for p, (grad, version) in zip(params, before):
+        assert p.grad._version == version and torch.equal(p.grad, grad)
