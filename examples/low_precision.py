@@ -6,6 +6,8 @@
    "master" and "stochastic" keep what rounding drops and train like float32.
 2. ``mlp``: an MLP regression trained with fp32 moments and with int8 moments (every
    tensor, int8_min_size=0): final losses agree within a percent.
+3. ``gradient_drop``: the second moment after the gradient scale drops 100×: fp32 and
+   int8 v decay (int8 with its block's scale), bf16 v cannot (see docs/precision.md).
 
 Run ``python examples/low_precision.py`` for the table; tests/test_precision_evidence.py
 asserts the same numbers, docs/scripts/precision_plot.py draws them.
@@ -73,6 +75,23 @@ def mlp(seed: int, steps: int = 200, **opt_kwargs) -> tuple[list[float], float]:
     return losses, opt.state_bytes(per_element=True)
 
 
+def gradient_drop(state_format: str, steps: int = 3000, drop_at: int = 500) -> list[float]:
+    """Median second moment v of 8192 float32 params, after each step, when the gradient
+    scale drops 100× at step ``drop_at`` (random normal gradients, β2 = 0.999)."""
+    p = torch.nn.Parameter(torch.zeros(8192))
+    opt = adamkit.Adam([p], lr=1e-3, state_format=state_format, int8_min_size=0)
+    gen = torch.Generator().manual_seed(0)
+    medians = []
+    for t in range(steps):
+        p.grad = torch.randn(8192, generator=gen) * (1.0 if t < drop_at else 0.01)
+        opt.step()
+        st = opt.state[p]
+        v = adamkit.formats.state.read(st["exp_avg_sq"], st.get("exp_avg_sq_scale"),
+                                       st["state_format"], "exp_avg_sq")
+        medians.append(v.median().item())
+    return medians
+
+
 def reduction(losses: list[float]) -> float:
     return losses[0] - losses[-1]
 
@@ -91,6 +110,10 @@ def main() -> None:
         int8, b8 = mlp(seed, state_format="int8", int8_min_size=0)
         print(f"  seed {seed}: fp32 {fp32[-1]:.5f} ({b32:.2f} B/param)  int8 {int8[-1]:.5f} "
               f"({b8:.2f} B/param)  {int8[-1] / fp32[-1] - 1:+.2%}")
+    print("median v after the gradient scale drops 100x at step 500 (beta2 = 0.999):")
+    for fmt in ("fp32", "bf16", "int8"):
+        v = gradient_drop(fmt)
+        print(f"  {fmt}: step 500 {v[499]:.3g}, 1000 {v[999]:.3g}, 3000 {v[-1]:.3g}")
 
 
 if __name__ == "__main__":
