@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import adamkit
+from registry import ALL_BACKENDS
 
 
 def _model_and_data():
@@ -57,10 +58,11 @@ def test_decouple_lr_follows_scheduler_shape():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_grad_scaler_skips_step_on_inf_and_leaves_state(bad):
+def test_grad_scaler_skips_step_on_inf_and_leaves_state(bad, backend):
     model, x, y = _model_and_data()
-    opt = adamkit.Adam(model.parameters(), lr=0.1)
+    opt = adamkit.Adam(model.parameters(), lr=0.1, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     # One good step so state exists.
     scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
@@ -79,19 +81,38 @@ def test_grad_scaler_skips_step_on_inf_and_leaves_state(bad):
     assert scaler.get_scale() == 2.0**9
 
 
-def test_grad_scaler_good_steps_match_unscaled():
+def _scaled_vs_plain(backend, unscale_first):
+    """Three steps through a GradScaler and three without; returns params and grads."""
     model, x, y = _model_and_data()
     model2 = torch.nn.Linear(4, 2)
     model2.load_state_dict(model.state_dict())
-    opt, opt2 = adamkit.Adam(model.parameters(), lr=0.1), adamkit.Adam(model2.parameters(), lr=0.1)
+    opt = adamkit.Adam(model.parameters(), lr=0.1, backend=backend)
+    opt2 = adamkit.Adam(model2.parameters(), lr=0.1, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     for _ in range(3):
         opt.zero_grad()
         opt2.zero_grad()
         scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if unscale_first:
+            scaler.unscale_(opt)  # e.g. to clip: step must then not unscale again
+        scaled_grads = [p.grad.clone() for p in model.parameters()]
         scaler.step(opt)
         scaler.update()
         torch.nn.functional.mse_loss(model2(x), y).backward()
         opt2.step()
+    return model, model2, scaled_grads, scaler
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["fast_path", "unscaled_by_user"])
+def test_grad_scaler_steps_match_unscaled(backend, unscale_first):
+    model, model2, scaled_grads, scaler = _scaled_vs_plain(backend, unscale_first)
     for a, b in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # The fast path unscales inside the step: .grad keeps the scaled values.
+    for p, g in zip(model.parameters(), scaled_grads):
+        assert torch.equal(p.grad, g)
+    grads2 = [p.grad for p in model2.parameters()]
+    ratio = 1.0 if unscale_first else scaler.get_scale()
+    for g, g2 in zip(scaled_grads, grads2):
+        torch.testing.assert_close(g, g2 * ratio, rtol=1e-6, atol=1e-7)

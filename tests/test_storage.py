@@ -260,3 +260,32 @@ def test_grad_is_never_written(storage, backend):
     opt.step()
     for p, (grad, version) in zip(params, before):
         assert p.grad._version == version and torch.equal(p.grad, grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32], ids=lambda s: s.id)
+def test_grad_scaler_fast_path_is_exact(storage, backend):
+    """With torch.amp.GradScaler's fast path the step unscales by 1/scale; GradScaler's
+    scales are powers of two, so that is exact: the same bits as unscaled gradients."""
+    runs = []
+    for scaled in (True, False):
+        params, opt = _make(storage, backend, "l2-amsgrad-max")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        scaler.scale(torch.ones(()))  # initialises the scale
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            for p in params:
+                p.grad = _grad(p.shape, storage.dtype, gen)
+                if scaled:
+                    p.grad *= 2.0**10
+            if scaled:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for key, value in _tensors(oa, a).items():
+            assert torch.equal(value, _tensors(ob, b)[key]), key

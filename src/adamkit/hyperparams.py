@@ -67,6 +67,9 @@ class StepScalars:
     decay: float  # θ ← decay·θ before the update; 1 when coupled
     amsgrad: bool
     maximize: bool
+    # 1/scale of a torch.amp.GradScaler that left the grads scaled (its fast path,
+    # `_step_supports_amp_scaling`): g ← g·grad_scale_inv before anything else.
+    grad_scale_inv: float = 1.0
 
     @property
     def bias_correction1(self) -> float:

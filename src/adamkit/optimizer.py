@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from copy import deepcopy
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -77,7 +78,15 @@ class Adam(Optimizer):
         >>> loss.backward()
         >>> opt.step()
         >>> opt.zero_grad()
+
+    Mixed precision: ``torch.amp.GradScaler`` hands the step its scale and ``found_inf``
+    (``_step_supports_amp_scaling``): the grads are unscaled inside the step (``.grad``
+    keeps the scaled values) and a step with an inf or NaN gradient is skipped whole.
     """
+
+    # torch.amp.GradScaler then sets `grad_scale` and `found_inf` on the optimizer instead
+    # of unscaling `.grad` in place; `step` unscales inside the kernel.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -208,6 +217,10 @@ class Adam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        grad_scale_inv = self._amp_grad_scale_inv()
+        if grad_scale_inv is None:
+            return loss  # GradScaler found an inf or NaN: skip the step, change nothing
+
         # Plan first: everything that can raise does so before any state changes.
         plans = []
         for group, params in self._gather():
@@ -240,8 +253,26 @@ class Adam(Optimizer):
                 state_format=fmt,
                 param_update=update,
             )
-            backend.step(bucket, step_scalars(group, t))
+            scalars = step_scalars(group, t)
+            if grad_scale_inv != 1.0:
+                scalars = replace(scalars, grad_scale_inv=grad_scale_inv)
+            backend.step(bucket, scalars)
         return loss
+
+    def _amp_grad_scale_inv(self) -> float | None:
+        """1/scale for grads a GradScaler left scaled, 1.0 without one, None to skip.
+
+        GradScaler sets `found_inf` (inf/NaN seen in any grad) and `grad_scale` (None when
+        the user already called ``scaler.unscale_``) for the duration of ``step``. Reading
+        them costs one host sync per step, as torch's own skip check does."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():
+            return None
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return 1.0
+        # As GradScaler's own unscale: the reciprocal in float64, rounded to float32.
+        return float(torch.tensor(1.0 / float(scale), dtype=torch.float32))
 
     # ---- memory -----------------------------------------------------------------------
 

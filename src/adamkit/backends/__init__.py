@@ -5,9 +5,11 @@ storage and step count) and the :class:`~adamkit.hyperparams.StepScalars` for it
 params and state in place. It never writes into ``.grad``.
 
 ``backend="auto"`` takes the first of :data:`AUTO_ORDER` that is available and runs the
-bucket's device and dtype. A backend named explicitly that cannot run a bucket (no
-native build, or a dtype it does not cover) hands that bucket to the portable torch
-backend with one warning per (backend, device, dtype), never an error.
+bucket's device and dtype. Where a fast backend would run a bucket but cannot here (its
+native part failed to build or load), or a backend named explicitly cannot run it, the
+bucket goes to the portable torch backend with one warning per reason, never an error.
+Dtypes a fast backend does not cover (float64, complex) go to torch silently: that is
+the plan, not a failure.
 """
 
 from __future__ import annotations
@@ -78,14 +80,22 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name == "auto":
         for candidate in AUTO_ORDER:
             backend = BACKENDS.get(candidate)
-            if backend is not None and backend.unavailable_reason() is None:
-                if backend.supports(device, dtype):
-                    return backend
+            if backend is None or not backend.supports(device, dtype):
+                continue
+            reason = backend.unavailable_reason()
+            if reason is None:
+                return backend
+            _warn_once(f"adamkit: backend {candidate!r} unavailable ({reason}); using 'torch'")
         return BACKENDS["torch"]
     backend = BACKENDS[name]
     reason = backend.unavailable_reason()
     if reason is None and backend.supports(device, dtype):
         return backend
     why = reason or f"it does not run {dtype} on {device.type}"
-    warnings.warn(f"adamkit: backend {name!r} unusable here ({why}); using 'torch'", stacklevel=3)
+    _warn_once(f"adamkit: backend {name!r} unusable here ({why}); using 'torch'")
     return BACKENDS["torch"]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -65,7 +65,7 @@ class ReferenceBackend:
             wide = torch.complex128 if param.is_complex() else torch.float64
             out = adam_step(
                 _real(policy.theta_eff(param, st, update, wide)),
-                _real(bucket.grads[i]).double(),
+                _real(bucket.grads[i]).double() * scalars.grad_scale_inv,
                 old["exp_avg"],
                 old["exp_avg_sq"],
                 old.get("max_exp_avg_sq"),

@@ -6,7 +6,8 @@ Two paths:
   "nearest"): torch.optim.Adam's foreach op sequence, so torch's numbers bit for bit.
   Every scalar is a Python float computed once per bucket on the host: no per-step host
   sync. The only allocations are the temporaries the math needs (the denominator, and a
-  gradient copy when maximizing or with coupled decay, because ``.grad`` is never written).
+  gradient copy when unscaling, maximizing or with coupled decay, because ``.grad`` is
+  never written).
 * formatted (everything else: bfloat16/float16 params, bf16 or int8 state, kahan,
   master or stochastic updates): per tensor, decode the moments into float32 working
   copies (float64 for float64 params), run the step in the order of operations that
@@ -79,12 +80,18 @@ class TorchBackend:
         params, grads = _as_real(bucket.params), _as_real(bucket.grads)
         exp_avgs, exp_avg_sqs = _as_real(bucket.exp_avgs), _as_real(bucket.exp_avg_sqs)
 
+        own = False  # whether `grads` is our own copy (never write into .grad)
+        if s.grad_scale_inv != 1.0:
+            grads, own = torch._foreach_mul(grads, s.grad_scale_inv), True
         if s.maximize:
-            grads = torch._foreach_neg(grads)
+            if own:
+                torch._foreach_neg_(grads)
+            else:
+                grads, own = torch._foreach_neg(grads), True
         if s.decay != 1.0:
             torch._foreach_mul_(params, s.decay)
         if s.weight_decay != 0.0:
-            if s.maximize:  # grads is already our own copy
+            if own:
                 torch._foreach_add_(grads, params, alpha=s.weight_decay)
             else:
                 grads = torch._foreach_add(grads, params, alpha=s.weight_decay)
@@ -117,6 +124,8 @@ class TorchBackend:
 
         theta = policy.theta_eff(p, st, update, work)
         g = bucket.grads[i].to(work, copy=True)  # a copy: .grad is never written
+        if s.grad_scale_inv != 1.0:  # a GradScaler's scale, undone (the kernel: g·(±1/s))
+            g = g * s.grad_scale_inv
         if s.maximize:
             g = g.neg()
         if s.weight_decay != 0.0:

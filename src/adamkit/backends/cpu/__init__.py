@@ -105,7 +105,7 @@ class CpuBackend:
                 beta1=s.beta1, beta2=s.beta2, one_minus_beta1=1.0 - s.beta1,
                 one_minus_beta2=1.0 - s.beta2, eps=s.eps, weight_decay=s.weight_decay,
                 decay=s.decay, step_size=s.step_size, bc2_sqrt=s.bias_correction2_sqrt,
-                grad_scale_inv=1.0, amsgrad=int(s.amsgrad), maximize=int(s.maximize),
+                grad_scale_inv=s.grad_scale_inv, amsgrad=int(s.amsgrad), maximize=int(s.maximize),
             ),
             sr_keys=key_array.buffer_info()[0],
             numels=base + 8 * n * len(library.POINTER_ROWS),

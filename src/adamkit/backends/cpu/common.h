@@ -19,8 +19,11 @@ enum { FP32 = 0, BF16 = 1, INT8 = 2 };
 enum { NEAREST = 0, KAHAN = 1, MASTER = 2, STOCHASTIC = 3 };
 enum { ERR_DTYPE = 1, ERR_STATE = 2, ERR_UPDATE = 3 };
 
-struct bf16 { uint16_t bits; };
-using half = _Float16;
+// A scoped enum, not a struct: GCC vectorizes scalar loads and stores of it, while a
+// struct copy is an aggregate copy that blocks vectorization (3× slower steps).
+enum class bf16 : uint16_t {};
+enum class half : uint16_t {};  // IEEE binary16 bits; converted by hand below, because
+                                // GCC does not vectorize _Float16 conversions without AVX512-FP16
 
 // Scalars of one bucket, computed on the host in float64 and rounded once.
 // 1−β is computed in float64 too: in float32 from a rounded β it would cancel
@@ -56,12 +59,26 @@ inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u;
 inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 
 inline float to_f32(float x) { return x; }
-inline float to_f32(bf16 h) { return float_of(uint32_t(h.bits) << 16); }
-inline float to_f32(half h) { return float(h); }
+inline float to_f32(bf16 h) { return float_of(uint32_t(h) << 16); }
+inline float to_f32(half h) {
+    const uint32_t x = uint32_t(h), sign = (x & 0x8000u) << 16, e = (x >> 10) & 0x1Fu, f = x & 0x3FFu;
+    const float normal = float_of(sign | ((e + 112u) << 23) | (f << 13));
+    const float special = float_of(sign | 0x7F800000u | (f << 13));  // inf, NaN
+    const float sub = std::copysign(float(f) * 0x1p-24f, float_of(sign | 0x3F800000u));
+    return e == 0 ? sub : (e == 31 ? special : normal);
+}
 
 template <class T> inline T from_f32(float x);
 template <> inline float from_f32<float>(float x) { return x; }
-template <> inline half from_f32<half>(float x) { return half(x); }  // round to nearest even
+template <> inline half from_f32<half>(float x) {  // round to nearest even, as the hardware
+    const uint32_t u = bits_of(x), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    // Subnormal halves: adding 0.5f (ulp 2^-24) rounds |x| to a multiple of 2^-24, RNE.
+    const uint32_t sub = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
+    const uint32_t normal = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;  // rebias, RNE
+    const uint32_t big = a > 0x7F800000u ? 0x7E00u : 0x7C00u;  // NaN, or inf on overflow
+    const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
+    return half(uint16_t(h | sign));
+}
 template <> inline bf16 from_f32<bf16>(float x) {                    // as torch: RNE, NaN kept
     const uint32_t u = bits_of(x);
     const uint32_t rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -122,7 +139,7 @@ inline half round_stochastic(float x, uint32_t r, half*) {
     const float normal = float_of((bits_of(x) + (r & 0x1FFFu)) & 0xFFFFE000u);
     const float k = std::floor(std::fabs(x) * 0x1p24f + float(r & 0x1FFFu) * 0x1p-13f);
     const float sub = std::copysign(k * 0x1p-24f, x);
-    return half(std::fabs(x) >= 0x1p-14f ? normal : sub);
+    return from_f32<half>(std::fabs(x) >= 0x1p-14f ? normal : sub);  // exact: no rounding
 }
 inline float round_stochastic(float x, uint32_t, float*) { return x; }
 

@@ -1,0 +1,97 @@
+"""Reporting: the table, the JSON record and the bar chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from ..backends import cpu
+
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "adamkit_cpu_kernel": cpu.BACKEND.isa if cpu.BACKEND.unavailable_reason() is None else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+HEADER = ("config", "optimizer", "ms/step", "Mparam/s", "B/param", "bw GB/s", "% bw", "state B/param",
+          "first step s", "vs torch")
+
+
+def rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    out = []
+    for r in results:
+        ratio = f"{r['speedup_vs_torch_fused']:.2f}x" if r.get("speedup_vs_torch_fused") else ""
+        out.append((
+            r["config"], r["optimizer"], f"{r['ms_per_step']:.2f}", f"{r['mparams_per_s']:.0f}",
+            f"{r['bytes_per_param']:.2f}", f"{r['bandwidth_Bps'] / 1e9:.1f}",
+            f"{100 * r['bandwidth_fraction']:.0f}%",
+            f"{r['state_bytes_per_param']:.2f}", f"{r['first_step_s']:.3f}", ratio,
+        ))
+    return out
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """A plain-text table (markdown pipe syntax, so it pastes into RESULTS.md)."""
+    body = [HEADER, *rows(results)]
+    widths = [max(len(row[i]) for row in body) for i in range(len(HEADER))]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    lines = [fmt(HEADER), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(lines + [fmt(row) for row in body[1:]])
+
+
+def save_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def save_chart(path: Path, results: list[dict[str, Any]]) -> bool:
+    """One panel per config: fraction of the measured bandwidth per optimizer. False if
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    configs = list(dict.fromkeys(r["config"] for r in results))
+    fig, axes = plt.subplots(len(configs), 1, figsize=(9, 0.32 * len(results) + 1.2 * len(configs)),
+                             squeeze=False)
+    for ax, config in zip(axes[:, 0], configs):
+        rs = [r for r in results if r["config"] == config]
+        names = [r["optimizer"] for r in rs]
+        fractions = [100 * r["bandwidth_fraction"] for r in rs]
+        colors = ["tab:blue" if r["library"] == "adamkit" else "tab:gray" for r in rs]
+        ax.barh(names, fractions, color=colors)
+        for y, (f, r) in enumerate(zip(fractions, rs)):
+            ax.text(f + 1, y, f"{r['ms_per_step']:.1f} ms", va="center", fontsize=7)
+        ax.axvline(100, color="k", lw=0.8, ls="--")
+        ax.invert_yaxis()
+        ax.set_xlim(0, 130)
+        ax.set_title(f"{config}: % of measured memory bandwidth (bytes moved / time)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,59 @@
+"""adamkit.bench: the side-by-side benchmark runs, measures and records (not timed here)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from adamkit import bench
+from adamkit.bench import suite
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(suite.CONFIGS, "quick", lambda: [(4096,)] * 3 + [(5, 7)])
+
+
+def test_quick_run_records_every_measure(tiny, tmp_path, capsys):
+    code = bench.main(["--quick", "--only", "adamkit cpu fp32", "--only", "torch fused fp32",
+                       "--rounds", "1", "--steps-per-round", "2", "--out", str(tmp_path)])
+    assert code == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    results = {r["optimizer"]: r for r in payload["results"]}
+    # --only matches substrings: "adamkit cpu fp32 int8" runs too where int8 state exists.
+    assert set(results) - {"adamkit cpu fp32 int8"} == {"adamkit cpu fp32", "torch fused fp32"}
+    results = {k: v for k, v in results.items() if k != "adamkit cpu fp32 int8"}
+    for r in results.values():
+        assert r["n_params"] == 3 * 4096 + 35 and r["n_tensors"] == 4
+        assert r["steps_timed"] == 2 and r["ms_per_step"] > 0 and r["first_step_s"] > 0
+        assert r["bytes_per_param"] == 28  # p, m, v read and written, g read: 7 × 4 bytes
+        assert r["state_bytes_per_param"] == pytest.approx(8.0)  # measured from the state
+        assert 0 < r["bandwidth_fraction"] and r["bandwidth_Bps"] > 0
+    assert results["torch fused fp32"]["speedup_vs_torch_fused"] == pytest.approx(1.0)
+    [ratio] = payload["comparisons"]
+    assert ratio["speedup"] == pytest.approx(
+        results["torch fused fp32"]["ms_per_step"] / results["adamkit cpu fp32"]["ms_per_step"])
+    assert "adamkit cpu fp32" in capsys.readouterr().out
+    assert payload["machine"]["torch_threads"] >= 1
+
+
+def test_traffic_model():
+    assert suite._traffic(4, 4) == 28
+    assert suite._traffic(2, 2) == 14
+    assert suite._traffic(2, 2, extra=2) == 18  # kahan buffer read and written
+    assert suite._traffic(2, 2, extra=4, param_read=False) == 20  # master read instead of param
+    assert suite._traffic(4, suite.INT8) == pytest.approx(12 + 4 * (1 + 1 / 64))
+
+
+def test_gpt2_shapes_have_gpt2_small_size():
+    n = sum(math.prod(s) for s in suite.gpt2_small_shapes())
+    assert 124_000_000 < n < 124_500_000
+
+
+def test_unwritable_out_is_a_clean_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert bench.main(["--quick", "--out", str(blocker / "sub")]) == 2
+    assert "cannot write" in capsys.readouterr().err

@@ -1,0 +1,217 @@
+"""The native CPU backend: loading, fallback, thread-independence, routing, memory.
+
+Its numbers are checked where every backend's are: test_backend_parity.py (against the
+reference, hypothesis) and test_parity_torch.py (against torch.optim, 100+ steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.backends import cpu
+from adamkit.backends.cpu import library
+from helpers import assert_close_scaled
+from registry import REFERENCE_TOL
+
+needs_kernels = pytest.mark.skipif(
+    cpu.BACKEND.unavailable_reason() is not None,
+    reason=f"CPU kernels unavailable: {cpu.BACKEND.unavailable_reason()}",
+)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+    )
+
+
+@needs_kernels
+def test_auto_picks_cpu_with_best_isa():
+    opt = adamkit.Adam([torch.nn.Parameter(torch.ones(3))])
+    from adamkit import backends
+
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32) is cpu.BACKEND
+    assert cpu.BACKEND.isa == library.isa_candidates()[0]
+    assert opt.param_groups[0]["backend"] == "auto"
+
+
+def test_float64_goes_to_torch_silently(recwarn):
+    from adamkit import backends
+
+    assert backends.resolve("auto", torch.device("cpu"), torch.float64) is backends.BACKENDS["torch"]
+    assert not [w for w in recwarn if "adamkit" in str(w.message)]
+
+
+FALLBACK = """
+    import json, warnings, torch, adamkit
+    warnings.simplefilter("always")
+    results = {}
+    with warnings.catch_warnings(record=True) as caught:
+        for name in ("auto", "cpu", "torch"):
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(3, 4).bfloat16())]
+            opt = adamkit.Adam(ps, lr=0.1, backend=name)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn_like(p)
+                opt.step()
+            results[name] = [p.float().sum().item() for p in ps]
+    print(json.dumps({"results": results, "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def test_fallback_without_kernels_warns_once_and_runs_torch():
+    """Kernels that cannot load: the portable backend runs, with one warning per reason."""
+    done = _python(FALLBACK, ADAMKIT_DISABLE_CPU_KERNELS="1")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["results"]["auto"] == out["results"]["torch"] == out["results"]["cpu"]
+    auto = [w for w in out["warnings"] if "backend 'cpu' unavailable" in w]
+    explicit = [w for w in out["warnings"] if "backend 'cpu' unusable" in w]
+    # Two dtypes, two choices of backend: still one warning each.
+    assert len(auto) == 1 and len(explicit) == 1, out["warnings"]
+    assert "ADAMKIT_DISABLE_CPU_KERNELS" in auto[0]
+
+
+def test_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(library, "_installed_path", lambda isa: None)
+    monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    lib, isa, reason = library.load()
+    assert lib is None and isa == ""
+    assert "building the CPU kernels failed" in reason
+
+
+@pytest.mark.slow
+def test_build_on_first_use_into_cache(monkeypatch, tmp_path):
+    """Without an installed build the kernel is compiled once into the cache, then reused."""
+    monkeypatch.setattr(library, "_installed_path", lambda isa: None)
+    monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))
+    lib, isa, reason = library.load()
+    assert reason is None and lib is not None
+    built = list(tmp_path.rglob("_adam_*"))
+    assert len(built) == 1 and built[0].stat().st_size > 0
+    mtime = built[0].stat().st_mtime_ns
+    assert library.load()[2] is None
+    assert built[0].stat().st_mtime_ns == mtime
+
+
+def _random_run(threads: int, dtype: torch.dtype, **kwargs):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(300_001,), (7,), (), (129, 257), (16384 * 3 + 5,)]
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+        # eps = 1e-3: float16 state cannot hold 1e-8 (see test_backend_parity.py).
+        opt = adamkit.Adam(ps, lr=0.01, eps=1e-3, backend="cpu", **kwargs)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        return ps, opt
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernels
+# (float16 state is no kernel format; it goes to torch, whose float16 ops round
+# differently in their vector body and scalar tail, so depend on the thread split.)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_result_does_not_depend_on_thread_count(dtype):
+    """Work is split by whole chunks, never reduced across threads: bitwise the same."""
+    one, opt1 = _random_run(1, dtype, weight_decay=0.1, amsgrad=True)
+    two, opt2 = _random_run(2, dtype, weight_decay=0.1, amsgrad=True)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert torch.equal(opt1.state[a][key], opt2.state[b][key])
+
+
+@needs_kernels
+def test_non_contiguous_params_step_in_the_same_call():
+    """A transposed view cannot be walked linearly: it goes to the torch backend, the rest
+    to the kernel, and every param matches the reference."""
+    results = []
+    for backend in ("cpu", "reference"):
+        base = torch.arange(12.0).reshape(3, 4)
+        ps = [torch.nn.Parameter(base.t()), torch.nn.Parameter(torch.linspace(-1, 1, 10))]
+        opt = adamkit.Adam(ps, lr=0.1, weight_decay=0.01, backend=backend)
+        for k in range(3):
+            for p in ps:
+                p.grad = torch.sin(p.detach() * (k + 1))
+            opt.step()
+        assert not ps[0].is_contiguous()
+        results.append(ps)
+    for a, b in zip(*results):
+        assert_close_scaled(a, b, *REFERENCE_TOL[torch.float32])
+
+
+MEMORY = """
+    import torch, adamkit
+
+    def status(key):  # kB, from the kernel's accounting of this process
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+
+    torch.set_num_threads(1)
+    warm = torch.nn.Parameter(torch.ones(100_000))  # loads the kernel library first
+    warm.grad = torch.ones(100_000)
+    adamkit.Adam([warm], backend="{backend}").step()
+    n = 4 * 1024 * 1024  # 16 MB of float32
+    p = torch.nn.Parameter(torch.randn(n))
+    p.grad = torch.randn(n)
+    opt = adamkit.Adam([p], lr=1e-3, weight_decay=0.1, maximize=True, backend="{backend}")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS")
+    opt.step()  # allocates the two moments, 32 MB, and (for the kernel) nothing else
+    print((status("VmHWM") - before) * 1024 / (n * 4))
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_step_allocates_nothing_beyond_the_state():
+    """Peak memory of a first step grows by the two moments only (2 × the param's bytes);
+    the torch backend, for contrast, needs temporaries as large as the param."""
+    grown = {b: float(_python(MEMORY.format(backend=b)).stdout) for b in ("cpu", "torch")}
+    assert grown["cpu"] < 2.05, grown
+    assert grown["torch"] > 2.5, grown
+
+
+@needs_kernels
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_low_precision_params_with_float32_state_match_reference(param_dtype, amsgrad):
+    """The kernel's own bfloat16/float16 conversions (by bits, vectorized) round exactly as
+    torch's: with float32 state, params match the reference to the param's rounding."""
+    from adamkit.functional import adam_step
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4099,), (33, 65), ()]
+    runs = {}
+    for backend in ("cpu", "reference"):
+        gen.manual_seed(3)
+        params = [torch.randn(s, generator=gen).to(param_dtype) for s in shapes]
+        state = [[torch.zeros(s) for s in shapes] for _ in range(3)]
+        for t in range(1, 4):
+            grads = [(torch.randn(s, generator=gen) * 3).to(param_dtype) for s in shapes]
+            adam_step(params, grads, *state[:2], state[2] if amsgrad else None, step=t, lr=0.01,
+                      weight_decay=0.1, amsgrad=amsgrad, backend=backend)
+        runs[backend] = (params, state)
+    rtol, atol = REFERENCE_TOL[param_dtype]
+    for a, b in zip(runs["cpu"][0], runs["reference"][0]):
+        assert_close_scaled(a, b, 3 * rtol, 3 * atol)  # three steps, one rounding each
+    for ka, kb in zip(runs["cpu"][1], runs["reference"][1]):
+        for a, b in zip(ka, kb):
+            assert_close_scaled(a, b, *REFERENCE_TOL[torch.float32])
