@@ -9,7 +9,8 @@ to the portable torch backend with one warning.
 
 from setuptools import Extension, setup
 
-FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+         "-ffp-contract=off"]
 ISAS = {
     "generic": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],

@@ -83,3 +83,68 @@ REFERENCE_TOL = {
     torch.bfloat16: (2e-2, 1e-3),
     torch.float16: (4e-3, 1e-4),
 }
+
+
+# ---- storage (docs/design/formats.md): param dtype × state format × param update ----------
+# Every combination joins the storage tests (bitwise cpu == torch, every backend vs the
+# reference, checkpoint conversion) by being listed here.
+from adamkit import formats  # noqa: E402
+
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+UPDATES_FOR = {torch.float32: ("nearest",), torch.bfloat16: formats.PARAM_UPDATES,
+               torch.float16: formats.PARAM_UPDATES}
+
+
+@dataclass(frozen=True)
+class Storage:
+    dtype: torch.dtype
+    state_format: str
+    param_update: str
+
+    @property
+    def id(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')}-{self.state_format}-{self.param_update}"
+
+    def kwargs(self) -> dict[str, Any]:
+        """Optimizer kwargs; int8_min_size=0 so that int8 covers every tensor of a test."""
+        return {"state_format": self.state_format, "param_update": self.param_update,
+                "int8_min_size": 0}
+
+
+STORAGE = [Storage(d, f, u) for d in PARAM_DTYPES for f in formats.STATE_FORMATS for u in UPDATES_FOR[d]]
+
+# Hyperparameter variants each storage combination runs with.
+STORAGE_VARIANTS = {
+    "plain": {},
+    "l2-amsgrad-max": {"weight_decay": 0.05, "amsgrad": True, "maximize": True},
+    "decoupled": {"weight_decay": 0.05, "decouple_wd": True, "betas": (0.3, 0.99)},
+}
+
+# One step of a fast backend vs the float64 reference from the same start, as (rtol, atol)
+# relative to the tensor's largest magnitude (helpers.assert_close_scaled).
+# The effective param (p; p + kahan_comp; master_param): the reference rounds θ_new once
+# from float64, a fast backend from float32, so where θ_new lies within float32 error of
+# a rounding point of the param dtype they round apart: one ulp of the param dtype
+# (≤ 2^-7 of |θ| for bfloat16, 2^-10 for float16). With kahan the compensation holds what
+# rounding lost, to the precision of the dtype's rounding of comp (|comp| ≤ half an ulp
+# of p): about 2^-17 of |θ| for bfloat16, 2^-22 for float16; master is float32.
+EFFECTIVE_PARAM_TOL = {
+    (torch.float32, "nearest"): (1e-6, 1e-9),
+    **{(torch.bfloat16, u): (2.0**-7, 0.0) for u in ("nearest", "stochastic")},
+    **{(torch.float16, u): (2.0**-10, 0.0) for u in ("nearest", "stochastic")},
+    (torch.bfloat16, "kahan"): (2.0**-16, 1e-9),
+    (torch.float16, "kahan"): (2.0**-20, 1e-9),
+    (torch.bfloat16, "master"): (1e-6, 1e-9),
+    (torch.float16, "master"): (1e-6, 1e-9),
+}
+# fp32 moments after one step, relative to the largest operand (old moment, g, g²): the
+# reference rounds once from float64, a fast backend three times in float32.
+FP32_MOMENT_RTOL = 1e-6
+# bf16 and int8 moments are compared as stored: identical, or one storage step apart (one
+# bfloat16 ulp, one code) only where the oracle's unrounded float64 value lies within
+# float32 error of the rounding point between the two (a near-tie: with bfloat16/float16
+# gradients, which have few bits, products like 0.7·g fall on exact ties often, and
+# float32(0.3) ≠ 0.3 breaks them one way). float32 error: a few 2^-24 of the operands
+# (old moment, g, g²), elementwise. The params of those elements are not compared (their
+# update differs by up to a step of the moment: 2^-8 for bf16, 2^-3 for int8).
+NEAR_TIE_RTOL = 2.0**-20

@@ -22,7 +22,9 @@ def test_quick_run_records_every_measure(tiny, tmp_path, capsys):
     assert code == 0
     payload = json.loads((tmp_path / "bench.json").read_text())
     results = {r["optimizer"]: r for r in payload["results"]}
-    assert set(results) == {"adamkit cpu fp32", "torch fused fp32"}
+    # --only matches substrings: "adamkit cpu fp32 int8" runs too where int8 state exists.
+    assert set(results) - {"adamkit cpu fp32 int8"} == {"adamkit cpu fp32", "torch fused fp32"}
+    results = {k: v for k, v in results.items() if k != "adamkit cpu fp32 int8"}
     for r in results.values():
         assert r["n_params"] == 3 * 4096 + 35 and r["n_tensors"] == 4
         assert r["steps_timed"] == 2 and r["ms_per_step"] > 0 and r["first_step_s"] > 0

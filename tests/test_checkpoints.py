@@ -43,7 +43,10 @@ def test_layout_uses_torch_keys():
     _train(model, opt, 2, 0)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
-    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    # torch's keys, plus the two strings by which a state describes its storage.
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                                   "state_format", "param_update"}
+    assert (sd["state"][0]["state_format"], sd["state"][0]["param_update"]) == ("fp32", "nearest")
     assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].item() == 2
     assert sd["param_groups"][0]["params"] == list(range(len(list(model.parameters()))))
 
@@ -124,8 +127,12 @@ def _assert_unchanged(opt, snap):
     now = opt.state_dict()
     assert now["param_groups"] == snap["param_groups"]
     for k, st in snap["state"].items():
+        assert now["state"][k].keys() == st.keys()
         for key, value in st.items():
-            assert torch.equal(now["state"][k][key], value)
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(now["state"][k][key], value)
+            else:
+                assert now["state"][k][key] == value
 
 
 def _mutations():

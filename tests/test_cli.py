@@ -80,7 +80,11 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, optimizer):
         assert torch.equal(tensor, b["model"][name]), name
     for key, state in a["optimizer"]["state"].items():
         for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][key][name]))
+            other = b["optimizer"]["state"][key][name]
+            if isinstance(value, str):  # the storage tags (state_format, param_update)
+                assert value == other, name
+            else:
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), name
     assert a["scheduler"] == b["scheduler"]
     assert torch.equal(a["rng"]["data"], b["rng"]["data"])
     drop_time = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731

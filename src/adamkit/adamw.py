@@ -15,7 +15,8 @@ class AdamW(Adam):
     The same as :class:`adamkit.Adam` with ``decouple_wd=True`` and ``weight_decay=1e-2``:
     θ ← θ·(1 − lr·λ) before each update, so decay does not pass through the moments.
     ``decouple_lr=True`` makes the decay fully decoupled from the learning rate,
-    θ ← θ·(1 − (lr/max_lr)·λ); choose λ around 1e-5 to 1e-4 then.
+    θ ← θ·(1 − (lr/max_lr)·λ); choose λ around 1e-5 to 1e-4 then. Storage
+    (``state_format``, ``param_update``, ``seed``, ``int8_min_size``) is Adam's.
 
     Example:
         >>> import torch, adamkit
@@ -38,6 +39,10 @@ class AdamW(Adam):
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_format: str | None = None,
+        param_update: str | None = None,
+        seed: int = 0,
+        int8_min_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -53,6 +58,10 @@ class AdamW(Adam):
             backend=backend,
             foreach=foreach,
             fused=fused,
+            state_format=state_format,
+            param_update=param_update,
+            seed=seed,
+            int8_min_size=int8_min_size,
         )
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, formats
 from .hyperparams import step_scalars, validate_group
 
 
@@ -40,7 +40,11 @@ def adam_step(
     """One Adam step, in place, for tensors that are all at step ``step`` (counted from 1).
 
     The math is :func:`adamkit.reference.adam_step`; ``backend`` picks where it runs.
-    Tensors may mix devices and dtypes; each (device, dtype) runs as one bucket.
+    Tensors may mix devices and dtypes; each (device, dtype, moment dtype) runs as one
+    bucket. Moments are plain tensors stored in their own dtype (float32, bfloat16,
+    float64, float16: the "fp32"/"bf16"/... formats of docs/design/formats.md, used as
+    stored) and params update "nearest"; the optimizer classes offer int8 moments and
+    the other update policies, which need state beyond these lists.
     """
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
@@ -58,14 +62,14 @@ def adam_step(
         raise ValueError("params, grads and state lists must have the same length")
     by_kind: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
-        by_kind.setdefault((p.device, p.dtype), []).append(i)
+        by_kind.setdefault((p.device, p.dtype, formats.format_of(exp_avgs[i])), []).append(i)
     scalars = step_scalars(group, step)
-    for (device, dtype), idx in by_kind.items():
+    for (device, dtype, fmt), idx in by_kind.items():
         pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
         bucket = backends.Bucket(
             group=group, params=pick(params), grads=pick(grads), exp_avgs=pick(exp_avgs),
             exp_avg_sqs=pick(exp_avg_sqs), max_exp_avg_sqs=pick(max_exp_avg_sqs) if amsgrad else [],
-            states=[{} for _ in idx],
+            states=[{} for _ in idx], state_format=fmt,
         )
         with torch.no_grad():
             backends.resolve(backend, device, dtype).step(bucket, scalars)

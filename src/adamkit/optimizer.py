@@ -2,8 +2,9 @@
 
 The math lives elsewhere (``reference.py`` states it, ``backends/`` run it). This file
 only decides *what* to update: it gathers the params that have gradients, validates
-everything that could fail, then groups them into buckets of one device, dtype and
-step count and hands each bucket to its backend with scalars computed once.
+everything that could fail, then groups them into buckets of one device, dtype, storage
+(state format and param update policy, see ``formats/``) and step count and hands each
+bucket to its backend with scalars computed once.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, formats
+from .formats import param as param_policy
 from .hyperparams import scalar_dtype, step_scalars, validate_group
 
-MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # Group keys only torch.optim uses: dropped on load, adamkit's `backend` replaces them.
 _TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
@@ -58,6 +59,16 @@ class Adam(Optimizer):
             oracle, slow) or "torch" (foreach ops, any device).
         foreach, fused: torch's flags, accepted for drop-in use: ``foreach=True`` asks for
             the "torch" backend, ``fused=True`` for the fastest ("auto").
+        state_format: how the moments are stored (docs/precision.md): ``None`` (default:
+            like the param, as torch; float16 params get "fp32"), "fp32" (8 bytes per
+            param), "bf16" (4) or "int8" (block-scaled 8-bit floats, about 2.03).
+        param_update: how bfloat16/float16 params take the update: "kahan" (default for
+            them; a compensation buffer in the param dtype), "nearest" (torch's rounding,
+            which drops updates below half an ulp), "stochastic" (seeded stochastic
+            rounding, no memory) or "master" (a float32 copy). Ignored for float32/64.
+        seed: seeds "stochastic" (its low 32 bits); the draws depend only on seed, the
+            param's position in the optimizer and the step, so a resumed run repeats them.
+        int8_min_size: under "int8", params with fewer elements keep "fp32" state.
 
     Example:
         >>> import torch, adamkit
@@ -94,6 +105,10 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_format: str | None = None,
+        param_update: str | None = None,
+        seed: int = 0,
+        int8_min_size: int = 4096,
     ) -> None:
         if decoupled_weight_decay is not None:
             decouple_wd = decouple_wd or bool(decoupled_weight_decay)
@@ -112,6 +127,10 @@ class Adam(Optimizer):
             decouple_lr=decouple_lr,
             max_lr=max_lr,
             backend=backend,
+            state_format=state_format,
+            param_update=param_update,
+            seed=seed,
+            int8_min_size=int8_min_size,
         )
         super().__init__(params, defaults)
 
@@ -125,6 +144,7 @@ class Adam(Optimizer):
             param_group = {**param_group, "max_lr": lr.item() if isinstance(lr, Tensor) else lr}
             group["max_lr"] = param_group["max_lr"]
         validate_group(group)
+        formats.validate(group)
         backends.check_name(group["backend"])
         super().add_param_group(param_group)
 
@@ -135,7 +155,7 @@ class Adam(Optimizer):
         group.pop("decoupled_weight_decay", None)
         for key in _TORCH_ONLY_KEYS:
             group.pop(key, None)
-        for key, value in fallback.items():
+        for key, value in {**formats.GROUP_DEFAULTS, **fallback}.items():
             group.setdefault(key, value)
         if group["decouple_lr"] and group["max_lr"] is None:
             lr = group["lr"]
@@ -143,17 +163,23 @@ class Adam(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for key, value in formats.GROUP_DEFAULTS.items():  # pickled before formats existed
+            self.defaults.setdefault(key, value)
         for group in self.param_groups:
             self._normalize_group(group, self.defaults)
 
     # ---- the step -------------------------------------------------------------------
 
-    def _gather(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """The params to update, per group; raises before anything is changed."""
-        work = []
+    def _gather(self) -> list[tuple[dict[str, Any], list[tuple[int, Tensor]]]]:
+        """The params to update with their positions in the optimizer (groups in order,
+        params in order: it seeds stochastic rounding), per group; raises before anything
+        is changed."""
+        work, offset = [], 0
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
+            formats.validate(group)  # a group edited by hand after construction
+            params = [(offset + j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
+            offset += len(group["params"])
+            for _, p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError(
                         "Adam does not support sparse gradients, please consider SparseAdam instead"
@@ -161,15 +187,27 @@ class Adam(Optimizer):
             work.append((group, params))
         return work
 
-    def _state_for(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+    def _planned_state(self, p: Tensor, group: dict[str, Any], fmt: str, update: str,
+                       index: int) -> dict[str, Any] | None:
+        """The state p needs for a step in (fmt, update), or None if its own fits as is.
+
+        New for a param without state; converted (formats.convert_state) when its state
+        is in another format or policy (the group was changed, or it predates formats).
+        Pure: nothing is stored here, so a step that raises later changes nothing."""
+        state = self.state.get(p)
+        seed = param_policy.sr_seed(group["seed"], index)
+        if not state:
+            new = {"step": torch.tensor(0.0, dtype=scalar_dtype()),
+                   **formats.fresh_state(p, fmt, update, group["amsgrad"], seed)}
+        elif state.get("state_format") != fmt or state.get("param_update") != update:
+            new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
+        elif group["amsgrad"] and "max_exp_avg_sq" not in state:
+            new = dict(state)
+        else:
+            return None
+        if group["amsgrad"] and "max_exp_avg_sq" not in new:
+            new.update(formats.state.zeros(p, "max_exp_avg_sq", fmt))
+        return new
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -187,16 +225,22 @@ class Adam(Optimizer):
         plans = []
         for group, params in self._gather():
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-            for p in params:
+            pending = {}
+            for index, p in params:
+                fmt, update = formats.resolve(p, group)
                 state = self.state.get(p)
                 t = int(state["step"].item()) + 1 if state else 1
-                buckets[(p.device, p.dtype, t)].append(p)
-            for (device, dtype, t), ps in buckets.items():
+                buckets[(p.device, p.dtype, fmt, update, t)].append(p)
+                pending[p] = self._planned_state(p, group, fmt, update, index)
+            for (device, dtype, fmt, update, t), ps in buckets.items():
                 backend = backends.resolve(group["backend"], device, dtype)
-                plans.append((group, t, ps, backend))
+                plans.append((group, t, ps, fmt, update, backend, [pending[p] for p in ps]))
 
-        for group, t, ps, backend in plans:
-            states = [self._state_for(p, group) for p in ps]
+        for group, t, ps, fmt, update, backend, new_states in plans:
+            for p, new in zip(ps, new_states):
+                if new is not None:
+                    self.state[p] = new
+            states = [self.state[p] for p in ps]
             torch._foreach_add_([s["step"] for s in states], 1.0)
             bucket = backends.Bucket(
                 group=group,
@@ -206,6 +250,8 @@ class Adam(Optimizer):
                 exp_avg_sqs=[s["exp_avg_sq"] for s in states],
                 max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
                 states=states,
+                state_format=fmt,
+                param_update=update,
             )
             scalars = step_scalars(group, t)
             if grad_scale_inv != 1.0:
@@ -228,6 +274,25 @@ class Adam(Optimizer):
         # As GradScaler's own unscale: the reciprocal in float64, rounded to float32.
         return float(torch.tensor(1.0 / float(scale), dtype=torch.float32))
 
+    # ---- memory -----------------------------------------------------------------------
+
+    def state_bytes(self, per_element: bool = False) -> int | float:
+        """Bytes of optimizer state: every tensor in ``self.state`` (moments, int8 codes
+        and scales, kahan/master buffers, step counters and stochastic-rounding seeds).
+
+        With ``per_element=True``, that total divided by the number of elements of the
+        params that have state: the figure the formats are quoted in (docs/precision.md;
+        for a large float32 param with fp32 state 8, bf16 4, int8 2.03; a bfloat16 param
+        adds 2 for "kahan", 4 for "master"). 0 when no param has state yet."""
+        total, elements = 0, 0
+        for p, state in self.state.items():
+            tensors = [v for v in state.values() if isinstance(v, Tensor)]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+            elements += p.numel()
+        if per_element:
+            return total / elements if elements else 0.0
+        return total
+
     # ---- checkpoints ----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -241,9 +306,15 @@ class Adam(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of adamkit or torch.optim.Adam/AdamW.
 
+        Hyperparameters come from the state dict; storage (``state_format``,
+        ``param_update``, ``seed``, ``int8_min_size``) is this optimizer's: each param's
+        saved state says its own format, and is converted into the configured one
+        (fp32/bf16/int8 into one another, torch.optim's into kahan or master, kahan or
+        master into nearest; docs/design/formats.md, "Checkpoints").
+
         Everything is checked and copied before anything is replaced: a state dict that
-        does not fit (group or param counts, tensor shapes, hyperparameters) raises
-        ValueError and leaves this optimizer as it was.
+        does not fit (group or param counts, tensor shapes, hyperparameters, formats)
+        raises ValueError and leaves this optimizer as it was.
         """
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -264,43 +335,42 @@ class Adam(Optimizer):
 
         new_groups, new_state = [], defaultdict(dict)
         saved_state = state_dict["state"]
+        index = 0
         for group, saved in zip(self.param_groups, saved_groups):
             fallback = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            new_group = {**saved, "params": group["params"]}
+            storage = {k: group[k] for k in formats.GROUP_DEFAULTS}  # configured, not saved
+            new_group = {**saved, **storage, "params": group["params"]}
             if "param_names" in group and "param_names" not in saved:
                 new_group["param_names"] = group["param_names"]
             self._normalize_group(new_group, fallback)
             validate_group(new_group)
+            formats.validate(new_group)
             backends.check_name(new_group["backend"])
             new_groups.append(new_group)
             for saved_id, p in zip(saved["params"], group["params"]):
                 if saved_id in saved_state:
-                    new_state[p] = self._load_param_state(p, saved_state[saved_id], saved_id)
+                    new_state[p] = self._load_param_state(
+                        p, saved_state[saved_id], saved_id, new_group, index
+                    )
+                index += 1
 
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     @staticmethod
-    def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any) -> dict[str, Any]:
-        """A private copy of one param's saved state, on p's device and in p's dtype."""
+    def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
+                          group: dict[str, Any], index: int) -> dict[str, Any]:
+        """A private copy of one param's saved state, on p's device, in the group's format."""
         if "step" not in saved or "exp_avg" not in saved or "exp_avg_sq" not in saved:
             raise ValueError(
                 f"loaded state for parameter {saved_id} lacks one of 'step', 'exp_avg', "
                 f"'exp_avg_sq' (has {sorted(saved)})"
             )
-        out: dict[str, Any] = {}
-        for key, value in saved.items():
-            if key == "step":
-                out[key] = torch.tensor(float(value), dtype=scalar_dtype())
-            elif isinstance(value, Tensor):
-                if key in MOMENTS and value.shape != p.shape:
-                    raise ValueError(
-                        f"loaded state for parameter {saved_id} has {key} of shape "
-                        f"{tuple(value.shape)}, but the parameter has shape {tuple(p.shape)}"
-                    )
-                dtype = p.dtype if p.is_floating_point() or p.is_complex() else value.dtype
-                out[key] = value.to(device=p.device, dtype=dtype, copy=True)
-            else:
-                out[key] = deepcopy(value)
-        return out
+        fmt, update = formats.resolve(p, group)
+        seed = param_policy.sr_seed(group["seed"], index)
+        try:
+            converted = formats.convert_state(p, saved, fmt, update, seed)
+        except ValueError as exc:
+            raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
+        return {"step": torch.tensor(float(saved["step"]), dtype=scalar_dtype()), **converted}

@@ -56,14 +56,17 @@ def adam_step(
     max_lr: float | None = None,
     amsgrad: bool = False,
     maximize: bool = False,
-    store: Callable[[Tensor], Tensor] = lambda moment: moment,
+    store: Callable[[Tensor, str], Tensor] = lambda moment, name: moment,
 ) -> AdamState:
     """One Adam step for one tensor: ``step`` is t, counted from 1.
 
-    ``store`` says how a moment is kept between steps. In exact arithmetic it is the
-    identity; a backend that keeps moments in float32 or bfloat16 passes the rounding to
-    that format, so that the update uses the moments *as stored*, as torch.optim does.
-    (With float16 state this matters: v can fall into float16's subnormal range.)
+    ``store(moment, name)`` says how a moment is kept between steps; ``name`` is its
+    state key ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"). In exact arithmetic it is the
+    identity; a backend that keeps moments in float32, bfloat16 or 8-bit codes
+    (docs/design/formats.md) passes the rounding or encoding to that format, so that the
+    update uses the moments *as stored*, as torch.optim does. (With float16 state this
+    matters: v can fall into float16's subnormal range; with int8 codes, the running max
+    of v is re-encoded with its block's new scale.)
 
     >>> import torch
     >>> p, g = torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
@@ -91,9 +94,9 @@ def adam_step(
             g = g + weight_decay * theta
 
     # m_t ← β1·m_{t-1} + (1 − β1)·g_t
-    m = store(beta1 * exp_avg + (1.0 - beta1) * g)
+    m = store(beta1 * exp_avg + (1.0 - beta1) * g, "exp_avg")
     # v_t ← β2·v_{t-1} + (1 − β2)·g_t²
-    v = store(beta2 * exp_avg_sq + (1.0 - beta2) * g * g)
+    v = store(beta2 * exp_avg_sq + (1.0 - beta2) * g * g, "exp_avg_sq")
 
     # m̂_t ← m_t / (1 − β1^t)
     m_hat = m / (1.0 - beta1**step)
@@ -101,7 +104,7 @@ def adam_step(
     # v̂_t ← v_t / (1 − β2^t)   (amsgrad: the running max of v_t instead)
     v_max = None
     if amsgrad:
-        v_max = torch.maximum(max_exp_avg_sq, v)
+        v_max = store(torch.maximum(max_exp_avg_sq, v), "max_exp_avg_sq")
         v_hat = v_max / (1.0 - beta2**step)
     else:
         v_hat = v / (1.0 - beta2**step)

@@ -1,7 +1,7 @@
 """Where a step runs. Each backend is one module; this file chooses among them.
 
-A backend gets a :class:`Bucket` (tensors of one group that share device, dtype and
-step count) and the :class:`~adamkit.hyperparams.StepScalars` for it, and updates the
+A backend gets a :class:`Bucket` (tensors of one group that share device, dtype,
+storage and step count) and the :class:`~adamkit.hyperparams.StepScalars` for it, and updates the
 params and state in place. It never writes into ``.grad``.
 
 ``backend="auto"`` takes the first of :data:`AUTO_ORDER` that is available and runs the
@@ -27,7 +27,13 @@ from ..hyperparams import StepScalars
 
 @dataclass
 class Bucket:
-    """Tensors of one param group that share device, dtype and step count."""
+    """Tensors of one param group that share device, dtype, storage and step count.
+
+    Storage (docs/design/formats.md): ``state_format`` says how the moments are kept
+    ("fp32", "bf16", "int8": uint8 codes with ``<name>_scale`` in ``states``, "fp64", or
+    "fp16" for float16 moments handed to the functional API), ``param_update`` how the
+    params take the update ("nearest", "kahan", "master", "stochastic", with their
+    buffers in ``states``)."""
 
     group: dict[str, Any]  # the param group, for backends that read raw hyperparameters
     params: list[Tensor]
@@ -36,6 +42,8 @@ class Bucket:
     exp_avg_sqs: list[Tensor]
     max_exp_avg_sqs: list[Tensor]  # empty unless amsgrad
     states: list[dict[str, Any]]  # full per-param state, for format-specific buffers
+    state_format: str = "fp32"
+    param_update: str = "nearest"
 
 
 class Backend(Protocol):

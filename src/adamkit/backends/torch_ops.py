@@ -1,22 +1,62 @@
-"""The portable backend: torch foreach (multi-tensor) ops, on any device.
+"""The portable backend: torch ops, on any device.
 
-It issues the same op sequence as torch.optim.Adam's foreach path, so on float32 and
-float64 it gives torch's numbers bit for bit. Every scalar is a Python float computed
-once per bucket on the host: no per-step host sync. The only allocations are the
-temporaries the math needs (the denominator, and a gradient copy when unscaling,
-maximizing or with coupled decay, because ``.grad`` is never written).
+Two paths:
+
+* plain (moments in the param's own dtype, float32/float64 or complex, updated
+  "nearest"): torch.optim.Adam's foreach op sequence, so torch's numbers bit for bit.
+  Every scalar is a Python float computed once per bucket on the host: no per-step host
+  sync. The only allocations are the temporaries the math needs (the denominator, and a
+  gradient copy when unscaling, maximizing or with coupled decay, because ``.grad`` is
+  never written).
+* formatted (everything else: bfloat16/float16 params, bf16 or int8 state, kahan,
+  master or stochastic updates): per tensor, decode the moments into float32 working
+  copies (float64 for float64 params), run the step in the order of operations that
+  docs/design/formats.md pins, one rounding per operation, store the moments (encode,
+  and use them as stored), and write the param back by its policy. The CPU kernel
+  performs the same float32 operations, so the two agree bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
+from ..formats import param as policy
+from ..formats import state as fmt_state
 from ..hyperparams import StepScalars
 from . import Bucket
 
 
 def _as_real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+
+
+def _is_plain(bucket: Bucket) -> bool:
+    """Moments in the param's dtype, which is also the compute dtype, and nearest."""
+    if bucket.param_update != "nearest" or bucket.state_format == "int8":
+        return False
+    params = _as_real(bucket.params)
+    moments = [*bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.max_exp_avg_sqs]
+    wide = (torch.float32, torch.float64)
+    return all(p.dtype in wide for p in params) and all(
+        m.dtype == bucket.params[0].dtype for m in moments
+    )
+
+
+def _float32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """IEEE √ (correctly rounded), as formats.md pins and the CPU kernel computes.
+
+    torch's own float32 sqrt on CPU is off by one ulp for ~0.6% of inputs (its
+    vectorized path). √ of a float32 lies at least ~2^-49 (relative) from any midpoint
+    between float32s, so a float64 √ within one float64 ulp (2^-52), rounded to float32,
+    is the correctly rounded float32 √. Devices without float64 (MPS) use torch's."""
+    if x.dtype == torch.float32 and x.device.type != "mps":
+        return x.double().sqrt().float()
+    return x.sqrt()
 
 
 class TorchBackend:
@@ -30,6 +70,13 @@ class TorchBackend:
 
     @torch.no_grad()
     def step(self, bucket: Bucket, s: StepScalars) -> None:
+        if _is_plain(bucket):
+            self._step_plain(bucket, s)
+        else:
+            for i in range(len(bucket.params)):
+                self._step_formatted(bucket, i, s)
+
+    def _step_plain(self, bucket: Bucket, s: StepScalars) -> None:
         params, grads = _as_real(bucket.params), _as_real(bucket.grads)
         exp_avgs, exp_avg_sqs = _as_real(bucket.exp_avgs), _as_real(bucket.exp_avg_sqs)
 
@@ -62,6 +109,51 @@ class TorchBackend:
         torch._foreach_div_(denom, s.bias_correction2_sqrt)
         torch._foreach_add_(denom, s.eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, -s.step_size)
+
+    def _step_formatted(self, bucket: Bucket, i: int, s: StepScalars) -> None:
+        """One tensor, in formats.md's order of operations (each line one rounding).
+        Scalars enter as Python floats, which torch rounds to the working dtype, as the
+        kernel's float32 Hyper fields are."""
+        p, st = bucket.params[i], bucket.states[i]
+        fmt, update = bucket.state_format, bucket.param_update
+        work = torch.float64 if p.dtype == torch.float64 else torch.float32
+
+        def moment(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+            stored, scale = tensors[i], st.get(f"{name}_scale")
+            return fmt_state.read(stored, scale, fmt, name).to(work), stored, scale
+
+        theta = policy.theta_eff(p, st, update, work)
+        g = bucket.grads[i].to(work, copy=True)  # a copy: .grad is never written
+        if s.grad_scale_inv != 1.0:  # a GradScaler's scale, undone (the kernel: g·(±1/s))
+            g = g * s.grad_scale_inv
+        if s.maximize:
+            g = g.neg()
+        if s.weight_decay != 0.0:
+            g = g + theta * s.weight_decay  # coupled decay uses θ_eff
+
+        m, m_stored, m_scale = moment("exp_avg", bucket.exp_avgs)
+        one_minus_beta1 = 1.0 - s.beta1
+        low = (_float32(one_minus_beta1) if work == torch.float32 else one_minus_beta1) < 0.5
+        # torch.lerp's two forms: whichever keeps the small weight on the difference.
+        m = m + (g - m) * one_minus_beta1 if low else g - (g - m) * s.beta1
+        m = fmt_state.write(m_stored, m_scale, fmt, "exp_avg", m)
+
+        v, v_stored, v_scale = moment("exp_avg_sq", bucket.exp_avg_sqs)
+        v = v * s.beta2 + (g * (1.0 - s.beta2)) * g
+        v = fmt_state.write(v_stored, v_scale, fmt, "exp_avg_sq", v)
+        if s.amsgrad:
+            vmax, vmax_stored, vmax_scale = moment("max_exp_avg_sq", bucket.max_exp_avg_sqs)
+            v = torch.maximum(vmax, v)
+            v = fmt_state.write(vmax_stored, vmax_scale, fmt, "max_exp_avg_sq", v)
+
+        # A 0-dim tensor, not a Python float: on CUDA, division by a host scalar is a
+        # multiplication by its reciprocal, which rounds differently.
+        bc2_sqrt = torch.tensor(s.bias_correction2_sqrt, dtype=work, device=p.device)
+        denom = _sqrt(v) / bc2_sqrt + s.eps
+        step = (m / denom) * -s.step_size
+        theta = (theta * s.decay if s.decay != 1.0 else theta) + step
+        key = policy.step_key(int(st["sr_seed"]), s.step) if update == "stochastic" else 0
+        policy.write_back(p, st, update, theta, key)
 
 
 BACKEND = TorchBackend()

@@ -7,39 +7,31 @@ over torch's thread count with OpenMP. Storage (param dtype, moment format, para
 update policy) is a compile-time choice: each combination is its own instantiation of
 one template (adam.h), so formats join without touching the loop.
 
-Tensors it cannot run (non-contiguous ones, or moments in a dtype that is no format of
-docs/design/formats.md, such as float16 state from a torch.optim checkpoint) go to the
-torch backend, in the same step.
+Storage comes from the bucket (``state_format``, ``param_update``). Tensors it cannot run
+(non-contiguous ones, or moments in a format it has no kernel for, such as float16
+moments handed to the functional API) go to the torch backend, in the same step.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from array import array
 
 import torch
 
+from ...formats.param import step_key
 from ...hyperparams import StepScalars
 from .. import Bucket
 from . import library
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-STATE_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}
+STATE_FORMATS = {"fp32": 0, "bf16": 1, "int8": 2}
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.uint8}
 UPDATES = {"nearest": 0, "kahan": 1, "master": 2, "stochastic": 3}
 EXTRA_KEY = {"kahan": "kahan_comp", "master": "master_param"}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
-
-
-def mix32(x: int) -> int:
-    """docs/design/formats.md's counter hash, for the per-step stochastic-rounding keys."""
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x735A2D97) & 0xFFFFFFFF
-    x ^= x >> 15
-    return x
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,8 +39,9 @@ def _library():
     return library.load()
 
 
-def _fits(tensors) -> bool:
-    return tensors[2].dtype in STATE_FORMATS and all(t is None or t.is_contiguous() for t in tensors)
+def _fits(tensors, fmt: str) -> bool:
+    return (fmt in STATE_FORMATS and tensors[2].dtype == STORAGE[fmt]
+            and all(t is None or t.is_contiguous() for t in tensors))
 
 
 class CpuBackend:
@@ -67,7 +60,7 @@ class CpuBackend:
     @torch.no_grad()
     def step(self, bucket: Bucket, s: StepScalars) -> None:
         lib = _library()[0]
-        policy = bucket.states[0].get("param_update", "nearest") if bucket.states else "nearest"
+        policy = bucket.param_update
         extra_key = EXTRA_KEY.get(policy)
         amsgrad = bool(s.amsgrad)
         rows = {name: [] for name in library.POINTER_ROWS}
@@ -77,7 +70,7 @@ class CpuBackend:
             vmax = bucket.max_exp_avg_sqs[i] if amsgrad else None
             extra = st[extra_key] if extra_key else None
             members = (p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], vmax, extra)
-            if not _fits(members):
+            if not _fits(members, bucket.state_format):
                 rest.append(i)
                 continue
             for row, t in zip(library.POINTER_ROWS, members):
@@ -85,7 +78,7 @@ class CpuBackend:
             for row, key in zip(library.POINTER_ROWS[6:], SCALE_KEYS):
                 rows[row].append(st[key].data_ptr() if key in st else 0)
             numels.append(p.numel())
-            keys.append(mix32(int(st["sr_seed"]) ^ mix32(s.step)) if policy == "stochastic" else 0)
+            keys.append(step_key(int(st["sr_seed"]), s.step) if policy == "stochastic" else 0)
         if numels:
             self._call(lib, bucket, s, policy, rows, numels, keys)
         if rest:
@@ -106,7 +99,7 @@ class CpuBackend:
             n_tensors=n,
             n_threads=torch.get_num_threads(),
             param_dtype=DTYPES[bucket.params[0].dtype],
-            state_format=STATE_FORMATS[bucket.exp_avgs[0].dtype],
+            state_format=STATE_FORMATS[bucket.state_format],
             param_update=UPDATES[policy],
             h=library.Hyper(
                 beta1=s.beta1, beta2=s.beta2, one_minus_beta1=1.0 - s.beta1,
@@ -127,9 +120,10 @@ class CpuBackend:
 
 def _subset(bucket: Bucket, idx: list[int]) -> Bucket:
     pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
-    return Bucket(group=bucket.group, params=pick(bucket.params), grads=pick(bucket.grads),
-                  exp_avgs=pick(bucket.exp_avgs), exp_avg_sqs=pick(bucket.exp_avg_sqs),
-                  max_exp_avg_sqs=pick(bucket.max_exp_avg_sqs), states=pick(bucket.states))
+    return dataclasses.replace(
+        bucket, params=pick(bucket.params), grads=pick(bucket.grads),
+        exp_avgs=pick(bucket.exp_avgs), exp_avg_sqs=pick(bucket.exp_avg_sqs),
+        max_exp_avg_sqs=pick(bucket.max_exp_avg_sqs), states=pick(bucket.states))
 
 
 BACKEND = CpuBackend()

@@ -172,9 +172,15 @@ inline void write_theta(P* p, P* comp, float* master, int64_t i, float x, uint32
 constexpr float M_MAX = 480.f;     // (8+7)·2^(15−7−3)
 constexpr float V_MAX = 122880.f;  // (8+7)·2^(31−15−3)
 
+// absmax is floored at M·2^-126 (formats.md): scale stays a normal float32 and M/absmax
+// finite; otherwise a tiny block (long-decayed v) gets inv = inf and 0·inf = NaN codes.
 struct Codec {
     float inv, scale;
-    Codec(float absmax, float top) : inv(absmax > 0.f ? top / absmax : 0.f), scale(absmax / top) {}
+    Codec(float absmax, float top) {
+        const float a = std::max(absmax, top * 0x1p-126f);
+        inv = top / a;
+        scale = a / top;
+    }
 };
 
 // Nearest code (ties to even) of y ≥ 0 in the E?M3 map with bias B, capped at cmax.

@@ -1,0 +1,146 @@
+"""Storage of optimizer state and params: names, defaults, and whole per-param states.
+
+docs/design/formats.md specifies everything here; ``state`` implements the moment
+formats, ``param`` the update policies of low-precision params. This file resolves a
+param group's choices for one param, and builds a param's state: fresh, or converted
+from a saved one (a checkpoint, or a state of another format).
+
+A param's state records what it is in two strings, ``state_format`` and
+``param_update``, so a checkpoint describes itself.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import param, state
+
+STATE_FORMATS = ("fp32", "bf16", "int8")  # the choices of state_format= (None: like the param)
+PARAM_UPDATES = ("nearest", "kahan", "stochastic", "master")  # the choices of param_update=
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# state_format=None: like the param; float16 state could not hold ε = 1e-8 nor small v.
+DEFAULT_STATE = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",
+                 torch.float16: "fp32"}
+DEFAULT_UPDATE = "kahan"  # for bfloat16/float16 params; "nearest" reproduces torch
+# A torch.optim (untagged) checkpoint's moments are plain tensors: their dtype is the format.
+_DTYPE_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64",
+                 torch.float16: "fp16", torch.complex64: "fp32", torch.complex128: "fp64"}
+GROUP_DEFAULTS = {"state_format": None, "param_update": None, "seed": 0, "int8_min_size": 4096}
+
+
+def _names(values, none: bool = True) -> str:
+    return ", ".join(["None"] * none + [repr(v) for v in values])
+
+
+def validate(group: dict[str, Any]) -> None:
+    """ValueError naming the valid values for any bad storage choice of ``group``."""
+    if group["state_format"] not in (None, *STATE_FORMATS):
+        raise ValueError(f"Invalid state_format: {group['state_format']!r}; valid values are "
+                         f"{_names(STATE_FORMATS)}")
+    if group["param_update"] not in (None, *PARAM_UPDATES):
+        raise ValueError(f"Invalid param_update: {group['param_update']!r}; valid values are "
+                         f"{_names(PARAM_UPDATES)}")
+    seed, size = group["seed"], group["int8_min_size"]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"Invalid seed: {seed!r}; it must be an int")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"Invalid int8_min_size: {size!r}; it must be an int >= 0")
+
+
+def resolve(p: Tensor, group: dict[str, Any]) -> tuple[str, str]:
+    """(state format, param update) of ``p`` under ``group``'s choices.
+
+    Complex params keep state like the param (the formats are defined for real values);
+    float32/float64 params always update "nearest" (there is nothing to compensate for
+    at the precision the step computes in). Under "int8", params with fewer than
+    ``int8_min_size`` elements, judged on the full size (a DTensor's numel is global, so
+    sharding never changes the choice), keep "fp32": their scales would cost more than
+    the codes save, and small tensors (biases, norms) are the most sensitive."""
+    if p.is_complex():
+        return ("fp64" if p.dtype == torch.complex128 else "fp32"), "nearest"
+    fmt = group["state_format"] or DEFAULT_STATE.get(p.dtype, "fp32")
+    if fmt == "int8" and p.numel() < group["int8_min_size"]:
+        fmt = "fp32"
+    update = (group["param_update"] or DEFAULT_UPDATE) if p.dtype in LOW_PRECISION else "nearest"
+    return fmt, update
+
+
+def format_of(t: Tensor) -> str:
+    """The format of a plain moment tensor (the functional API's, a torch.optim checkpoint's)."""
+    if t.dtype not in _DTYPE_FORMAT:
+        raise ValueError(f"moments of dtype {t.dtype} are no state format (formats.md)")
+    return _DTYPE_FORMAT[t.dtype]
+
+
+def fresh_state(p: Tensor, fmt: str, update: str, amsgrad: bool,
+                seed_of_param: int) -> dict[str, Any]:
+    """Zero moments of format ``fmt`` and the buffers of ``update``; no ``step``."""
+    out: dict[str, Any] = {}
+    for name in state.MOMENTS[: 3 if amsgrad else 2]:
+        out.update(state.zeros(p, name, fmt))
+    out.update(param.buffers(p, update, seed_of_param))
+    out["state_format"], out["param_update"] = fmt, update
+    return out
+
+
+def saved_formats(saved: dict[str, Any]) -> tuple[str, str]:
+    """(state format, param update) a saved state was written in.
+
+    Untagged states (torch.optim's, or adamkit's before formats) are plain tensors in a
+    float dtype, updated "nearest". torch.optim's load_state_dict treats a str as an
+    iterable and rebuilds it from a generator, so a checkpoint that went through
+    torch.optim carries '<generator object ...>' for our tags: its state is torch.optim's
+    (moments cast to the param dtype), so it is read as untagged too."""
+    fmt, update = saved.get("state_format"), saved.get("param_update")
+    if fmt is None or (isinstance(fmt, str) and fmt.startswith("<generator object")):
+        moment = saved.get("exp_avg")
+        if not isinstance(moment, Tensor) or moment.dtype not in _DTYPE_FORMAT:
+            got = moment.dtype if isinstance(moment, Tensor) else type(moment).__name__
+            raise ValueError(f"untagged state (no state_format) with exp_avg of {got}: "
+                             "only float moments can be read without a tag")
+        return _DTYPE_FORMAT[moment.dtype], "nearest"
+    if fmt not in state.STORAGE:
+        raise ValueError(f"unknown state_format {fmt!r}; known formats are "
+                         f"{_names(state.STORAGE, none=False)}")
+    update = "nearest" if update is None else update
+    if update not in PARAM_UPDATES:
+        known = _names(PARAM_UPDATES, none=False)
+        raise ValueError(f"unknown param_update {update!r}; known are {known}")
+    return fmt, update
+
+
+_OWN_KEYS = {"step", "state_format", "param_update", "sr_seed", *param.BUFFERS.values(),
+             *state.MOMENTS, *(f"{m}_scale" for m in state.MOMENTS)}
+
+
+def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
+                  seed_of_param: int) -> dict[str, Any]:
+    """A private copy of ``saved`` in format ``fmt`` with policy ``update``; no ``step``.
+
+    Moments are decoded from the saved format (through float32, float64 if saved so) and
+    encoded in ``fmt``; the same format is copied as is (int8 codes and scales too, so a
+    round trip is exact). Buffers follow param.convert_buffers. Nothing is modified;
+    ValueError if anything does not fit ``p``."""
+    src_fmt, src_update = saved_formats(saved)
+    out: dict[str, Any] = {}
+    for name in state.MOMENTS:
+        if name not in saved:
+            continue
+        value = state.load_moment(saved, name, src_fmt, p)  # validates
+        if src_fmt == fmt:
+            dtype = state.storage_dtype(fmt, p)
+            out[name] = saved[name].to(device=p.device, dtype=dtype, copy=True)
+            if fmt == "int8":
+                out[f"{name}_scale"] = saved[f"{name}_scale"].to(p.device, torch.float32, copy=True)
+        else:
+            out.update(state.encoded(value, p, name, fmt))
+    out.update(param.convert_buffers(p, saved, src_update, update, seed_of_param))
+    for key, value in saved.items():  # keys of others (a newer adamkit, user code): kept
+        if key not in _OWN_KEYS:
+            out[key] = value.clone() if isinstance(value, Tensor) else deepcopy(value)
+    out["state_format"], out["param_update"] = fmt, update
+    return out

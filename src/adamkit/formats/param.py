@@ -1,0 +1,181 @@
+"""Param update policies: how a bfloat16/float16 param is read and written by a step.
+
+A low-precision param cannot hold an update much smaller than half its ulp (bfloat16
+at 1.0: 2^-9 ≈ 0.002): rounding to nearest drops it, every step, and training stalls.
+Each policy keeps what rounding loses somewhere (docs/design/formats.md):
+
+* "nearest": nowhere (torch's behaviour). θ_eff = p; p ← round(θ_new).
+* "kahan": in a compensation buffer of the param's dtype (Kahan summation; +2 bytes per
+  bfloat16 param). θ_eff = p + comp; p ← round(θ_new); comp ← round(θ_new − p).
+* "master": in a float32 copy (+4 bytes). θ_eff = master; master ← θ_new; p ← round(θ_new).
+* "stochastic": in expectation (no memory): p ← SR(θ_new) rounds up with probability
+  equal to the fraction of the ulp below θ_new, with random bits from a counter-based
+  hash of (seed, param index, step, element), so runs are reproducible and
+  checkpointable by seed and step alone.
+
+Everything here is torch ops; the CPU kernel implements the same bits (common.h).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .state import round_to
+
+MASK = 0xFFFFFFFF
+BUFFERS = {"kahan": "kahan_comp", "master": "master_param"}
+
+
+# ---- random bits ---------------------------------------------------------------------------
+
+
+def mix32(x: int) -> int:
+    """formats.md's 32-bit hash (a murmur-style finalizer), for host-side keys."""
+    x &= MASK
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & MASK
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & MASK
+    x ^= x >> 15
+    return x
+
+
+def mix32_tensor(x: Tensor) -> Tensor:
+    """mix32 elementwise on an int64 tensor of values in [0, 2^32): every product is
+    below 2^62, so int64 arithmetic is exact and the mask is the mod 2^32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & MASK
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & MASK
+    return x ^ (x >> 15)
+
+
+def sr_seed(seed: int, index: int) -> int:
+    """The per-param seed: mix32(seed ^ mix32(index)), index = position in the optimizer."""
+    return mix32((seed & MASK) ^ mix32(index))
+
+
+def step_key(seed_of_param: int, step: int) -> int:
+    """The per-step key: mix32(sr_seed ^ mix32(t))."""
+    return mix32(seed_of_param ^ mix32(step))
+
+
+def random_bits(numel: int, key: int, device: torch.device) -> Tensor:
+    """r_i = mix32((i mod 2^32) ^ key) for the flat indices i of a tensor (int64)."""
+    i = torch.arange(numel, dtype=torch.int64, device=device) & MASK
+    return mix32_tensor(i ^ key)
+
+
+# ---- stochastic rounding ----------------------------------------------------------------------
+
+
+def _int32_bits(x: Tensor) -> Tensor:
+    """float32 bits as int64 in [0, 2^32)."""
+    return x.view(torch.int32).to(torch.int64) & MASK
+
+
+def _as_int32(u: Tensor) -> Tensor:
+    """int64 in [0, 2^32) to int32 with the same bits."""
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32)
+
+
+def round_stochastic(x: Tensor, r: Tensor, dtype: torch.dtype) -> Tensor:
+    """x (float32) rounded to ``dtype`` up or down at random with the 32-bit values r.
+
+    Adding r's low bits to the bits that rounding drops and truncating carries into the
+    kept bits with probability (dropped part)/ulp: unbiased, E[SR(x)] = x."""
+    u = _int32_bits(x)
+    if dtype == torch.bfloat16:
+        u = (u + (r & 0xFFFF)) & 0xFFFF0000
+        high = u >> 16  # the bfloat16 bits, built directly (no float conversion)
+        return torch.where(high >= 2**15, high - 2**16, high).to(torch.int16).view(torch.bfloat16)
+    if dtype == torch.float16:
+        # Normal float16: 10 mantissa bits, so 13 float32 bits are dropped; the result has
+        # 10 mantissa bits and converts to float16 exactly.
+        normal = _as_int32((u + (r & 0x1FFF)) & 0xFFFFE000).view(torch.float32)
+        # Subnormal float16 (|x| < 2^-14): a multiple k of 2^-24; s is exact (power of two).
+        s = x.abs() * 2.0**24
+        k = torch.floor(s + (r & 0x1FFF).to(torch.float32) * 2.0**-13)
+        sub = torch.copysign(k * 2.0**-24, x)
+        return torch.where(x.abs() >= 2.0**-14, normal, sub).to(torch.float16)
+    raise ValueError(f"stochastic rounding is defined for bfloat16 and float16, not {dtype}")
+
+
+# ---- the policies -------------------------------------------------------------------------------
+
+
+def buffers(p: Tensor, update: str, seed_of_param: int | None = None) -> dict[str, Tensor]:
+    """The fresh per-param state a policy needs (formats.md): zeros for kahan, a float32
+    copy of p for master, the int64 0-dim sr_seed (on the host) for stochastic."""
+    if update == "kahan":
+        return {"kahan_comp": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    if update == "master":
+        master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        return {"master_param": master}
+    if update == "stochastic":
+        return {"sr_seed": torch.tensor(seed_of_param, dtype=torch.int64)}
+    return {}
+
+
+def theta_eff(p: Tensor, state: dict, update: str, work: torch.dtype) -> Tensor:
+    """The param as the step sees it, a new tensor in ``work`` dtype (float32 for
+    low-precision params): p + comp (one float32 addition) for kahan, master for master."""
+    if update == "kahan":
+        return p.to(work) + state["kahan_comp"].to(work)
+    if update == "master":
+        return state["master_param"].to(work, copy=True)
+    return p.to(work, copy=True)
+
+
+def write_back(p: Tensor, state: dict, update: str, theta: Tensor, key: int = 0) -> None:
+    """Store θ_new (``theta``, float32; float64 from the reference) into p and the
+    policy's buffers, in place, each rounded once."""
+    if update == "kahan":
+        p.copy_(round_to(theta, p.dtype))
+        # θ_new − p (float32 subtraction, then round to the dtype)
+        state["kahan_comp"].copy_(round_to(theta - p.to(theta.dtype), p.dtype))
+    elif update == "master":
+        state["master_param"].copy_(theta)
+        p.copy_(round_to(theta, p.dtype))
+    elif update == "stochastic":
+        r = random_bits(p.numel(), key, p.device).view(p.shape)
+        p.copy_(round_stochastic(theta.float(), r, p.dtype))
+    else:
+        p.copy_(round_to(theta, p.dtype))
+
+
+def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
+                    seed_of_param: int) -> dict[str, Tensor]:
+    """The buffers of policy ``dst`` from a saved state of policy ``src`` (formats.md,
+    "Checkpoints"): none→kahan 0, none→master p, kahan→master p + comp, master→kahan
+    round(master − p); to nearest or stochastic they are dropped (≤ half an ulp of p).
+    A saved sr_seed is kept, so a resumed stochastic run draws the same bits."""
+    if dst == "stochastic" and isinstance(saved.get("sr_seed"), torch.Tensor):
+        _check(saved, "sr_seed", p, shape=())
+        return {"sr_seed": saved["sr_seed"].to(device="cpu", dtype=torch.int64, copy=True)}
+    if dst not in BUFFERS:
+        return buffers(p, dst, seed_of_param)
+    if src == dst:
+        key = BUFFERS[dst]
+        _check(saved, key, p)
+        dtype = p.dtype if dst == "kahan" else torch.float32
+        return {key: saved[key].to(device=p.device, dtype=dtype, copy=True)}
+    theta = p.detach().float()
+    if src == "kahan":
+        _check(saved, "kahan_comp", p)
+        theta = theta + saved["kahan_comp"].to(p.device, torch.float32)
+    elif src == "master":
+        _check(saved, "master_param", p)
+        theta = saved["master_param"].to(p.device, torch.float32, copy=True)
+    if dst == "master":
+        return {"master_param": theta}
+    return {"kahan_comp": (theta - p.detach().float()).to(p.dtype)}
+
+
+def _check(saved: dict, key: str, p: Tensor, shape: tuple | None = None) -> None:
+    value = saved.get(key)
+    want = p.shape if shape is None else shape
+    if not isinstance(value, torch.Tensor) or value.shape != want:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else "missing"
+        raise ValueError(f"{key} is {got}, expected a tensor of shape {tuple(want)}")

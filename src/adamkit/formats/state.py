@@ -1,0 +1,218 @@
+"""Moment formats: how exp_avg, exp_avg_sq and max_exp_avg_sq are stored between steps.
+
+docs/design/formats.md is the specification; this module implements it in torch ops, for
+the torch and reference backends and for checkpoint conversion. The CPU kernel
+(backends/cpu/common.h) implements the same bits in C++ and is tested equal to it.
+
+* "fp32", "bf16" (and "fp64" for float64 params, "fp16" only where a caller hands in
+  float16 moments, as the functional API may): a plain tensor of that dtype, rounded to
+  nearest even.
+* "int8": uint8 codes of the param's shape and one float32 scale per block of 256
+  consecutive elements (C order), ``<name>_scale``. A code is an 8-bit float (FP8, after
+  Micikevicius et al. 2022, https://arxiv.org/abs/2209.05433) of ``|x| · M / absmax``:
+  E4M3 with a sign bit for m (max M = 480), E5M3 without one for v, whose sign is always
+  + (max M = 122880: the spare bit doubles the exponent range, as Dettmers et al.'s
+  unsigned map for the second moment does, https://arxiv.org/abs/2110.02861).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BLOCK = 256
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+STORAGE = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "int8": torch.uint8,
+    "fp64": torch.float64,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class CodeMap:
+    """An 8-bit float with 3 mantissa bits and exponent bias ``bias``.
+
+    A magnitude code c = (E << 3) | F has value F·2^(−bias−2) if E = 0 (subnormal), else
+    (8 + F)·2^(E−bias−3) = (1 + F/8)·2^(E−bias)."""
+
+    bias: int
+    cmax: int  # the largest magnitude code: 127 (sign bit in use) or 255
+    signed: bool
+
+    @property
+    def top(self) -> float:
+        """M, the value of cmax: the block's absmax is mapped onto it."""
+        return self.value(self.cmax)
+
+    @property
+    def floor(self) -> float:
+        """The smallest absmax a block is scaled by: M·2^-126, so that scale = absmax/M is a
+        normal float32 and M/absmax finite. Without it a block whose absmax is below
+        ~1e-36 (m) or ~1e-33 (v, long-decayed) gets inv = inf, and 0·inf = NaN turns its
+        zeros into absmax (formats.md, "Encode a block")."""
+        return self.top * 2.0**-126
+
+    def value(self, c: int) -> float:
+        e, f = c >> 3, c & 7
+        return f * 2.0 ** (-self.bias - 2) if e == 0 else (8 + f) * 2.0 ** (e - self.bias - 3)
+
+    def table(self) -> Tensor:
+        """float32 value of every code 0..255; codes ≥ 128 of a signed map are negative."""
+        if self.signed:
+            mags = [self.value(c) for c in range(128)]
+            return torch.tensor(mags + [-v for v in mags], dtype=torch.float32)
+        return torch.tensor([self.value(c) for c in range(256)], dtype=torch.float32)
+
+
+SIGNED = CodeMap(bias=7, cmax=127, signed=True)  # m: E4M3, M = 480
+UNSIGNED = CodeMap(bias=15, cmax=255, signed=False)  # v, max v: E5M3, M = 122880
+CODE_MAPS = {"exp_avg": SIGNED, "exp_avg_sq": UNSIGNED, "max_exp_avg_sq": UNSIGNED}
+_TABLES: dict[tuple[CodeMap, torch.device], Tensor] = {}
+
+
+def n_blocks(numel: int) -> int:
+    return math.ceil(numel / BLOCK)
+
+
+def _blocks(x: Tensor) -> Tensor:
+    """x flattened in C order, zero-padded to whole blocks, as (n_blocks, BLOCK)."""
+    flat = x.reshape(-1)
+    pad = n_blocks(flat.numel()) * BLOCK - flat.numel()
+    return F.pad(flat, (0, pad)).view(-1, BLOCK)
+
+
+def _table(cmap: CodeMap, device: torch.device) -> Tensor:
+    key = (cmap, device)
+    if key not in _TABLES:
+        _TABLES[key] = cmap.table().to(device)
+    return _TABLES[key]
+
+
+def encode(x: Tensor, cmap: CodeMap) -> tuple[Tensor, Tensor]:
+    """(uint8 codes of x's shape, float32 scales): formats.md's "Encode a block".
+
+    Every operation is one float32 operation of the spec, in its order, so that a fast
+    backend doing the same gets the same codes: absmax, inv = M / absmax (a division:
+    ``M / tensor`` in torch multiplies by a reciprocal, hence ``torch.div``), y = |x|·inv,
+    then the nearest code with ties to even."""
+    blocks = _blocks(x.float())
+    absmax = blocks.abs().amax(dim=1).clamp_min(cmap.floor)
+    inv = torch.div(torch.full_like(absmax, cmap.top), absmax)
+    scale = absmax / cmap.top
+    y = blocks.abs() * inv[:, None]
+    # Subnormal codes 0..8: y·2^(b+2) is exact (a power of two); round half to even.
+    sub = torch.round(y * 2.0 ** (cmap.bias + 2)).to(torch.int32)
+    # Normal codes: round the float32 to 3 mantissa bits (ties to even) and rebias.
+    u = y.view(torch.int32)
+    u = u + (0x7FFFF + ((u >> 20) & 1))
+    normal = (((u >> 23) - 127 + cmap.bias) << 3) | ((u >> 20) & 7)
+    c = torch.where(y < 2.0 ** (1 - cmap.bias), sub, normal).clamp_max(cmap.cmax)
+    if cmap.signed:
+        c = c + 128 * ((blocks < 0) & (c > 0))
+    codes = c.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape)
+    return codes, scale
+
+
+def decode(codes: Tensor, scale: Tensor, cmap: CodeMap) -> Tensor:
+    """float32 values: ``value(c) · scale`` (one float32 multiply)."""
+    values = _table(cmap, codes.device)[_blocks(codes).long()] * scale[:, None]
+    return values.reshape(-1)[: codes.numel()].reshape(codes.shape)
+
+
+def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x rounded once to ``dtype``, to nearest even.
+
+    torch converts float64 to bfloat16/float16 through float32, rounding twice: a value
+    just above a midpoint of the target lands on it in float32, then ties to even, the
+    wrong way. Rounding to float32 *to odd* instead (truncate, then set the last bit if
+    anything was dropped) keeps the information that decides the second rounding: with
+    24 ≥ p + 2 bits (p = 8 or 11) the result is the correct rounding of x (Boldo &
+    Melquiond, "When double rounding is odd", 2005)."""
+    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    f = x.float()
+    f = torch.where(f.double().abs() > x.abs(), torch.nextafter(f, torch.zeros_like(f)), f)
+    odd = f.view(torch.int32) | (f.double() != x).to(torch.int32)
+    return torch.where(torch.isfinite(f), odd.view(torch.float32), f).to(dtype)
+
+
+# ---- moments in a state dict --------------------------------------------------------------
+
+
+def storage_dtype(fmt: str, p: Tensor) -> torch.dtype:
+    """The dtype of a moment of format ``fmt`` for param ``p`` (complex params keep
+    theirs: formats apply to real params, see formats/__init__.py)."""
+    return p.dtype if p.is_complex() else STORAGE[fmt]
+
+
+def zeros(p: Tensor, name: str, fmt: str) -> dict[str, Tensor]:
+    """A fresh moment of format ``fmt`` for ``p``: {name: tensor} (+ {name_scale} for int8)."""
+    if fmt == "int8":
+        return {
+            name: torch.zeros(p.shape, dtype=torch.uint8, device=p.device),
+            f"{name}_scale": torch.zeros(n_blocks(p.numel()), dtype=torch.float32, device=p.device),
+        }
+    dtype = storage_dtype(fmt, p)
+    return {name: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)}
+
+
+def read(stored: Tensor, scale: Tensor | None, fmt: str, name: str) -> Tensor:
+    """The moment's value: float32 (float64 for float64 storage, complex as stored), a new
+    tensor."""
+    if fmt == "int8":
+        return decode(stored, scale, CODE_MAPS[name])
+    if stored.is_complex():  # complex params keep state like the param
+        return stored.clone()
+    return stored.to(torch.float64 if stored.dtype == torch.float64 else torch.float32, copy=True)
+
+
+def write(stored: Tensor, scale: Tensor | None, fmt: str, name: str, x: Tensor) -> Tensor:
+    """Store x in place (codes and scales for int8) and return the value as stored, in
+    x's dtype: the update uses moments as stored."""
+    if fmt == "int8":
+        codes, new_scale = encode(x, CODE_MAPS[name])
+        stored.copy_(codes)
+        scale.copy_(new_scale)
+        return decode(codes, new_scale, CODE_MAPS[name]).to(x.dtype)
+    stored.copy_(x)
+    return x if stored.dtype == x.dtype else stored.to(x.dtype)
+
+
+def encoded(x: Tensor, p: Tensor, name: str, fmt: str) -> dict[str, Tensor]:
+    """x (any float dtype) as a new moment of format ``fmt`` for ``p``."""
+    if fmt == "int8":
+        codes, scale = encode(x, CODE_MAPS[name])
+        return {name: codes, f"{name}_scale": scale}
+    out = torch.empty_like(p, dtype=storage_dtype(fmt, p), memory_format=torch.preserve_format)
+    return {name: out.copy_(x)}
+
+
+def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
+    """The value of a saved moment of format ``fmt`` (float32, or float64 if saved so),
+    on p's device; ValueError if it does not fit ``p``."""
+    value = saved[name]
+    if not isinstance(value, Tensor) or value.shape != p.shape:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} has shape {shape}, but the parameter has shape {tuple(p.shape)}")
+    if fmt == "int8":
+        scale = saved.get(f"{name}_scale")
+        if value.dtype != torch.uint8:
+            raise ValueError(f"{name} is int8 state but has dtype {value.dtype}, not torch.uint8")
+        if not isinstance(scale, Tensor) or scale.shape != (n_blocks(p.numel()),):
+            raise ValueError(
+                f"{name} is int8 state but {name}_scale is missing or not of shape "
+                f"({n_blocks(p.numel())},) (one float32 per {BLOCK} elements)"
+            )
+        scale = scale.to(device=p.device, dtype=torch.float32)
+        return decode(value.to(p.device), scale, CODE_MAPS[name])
+    if not (value.is_floating_point() or value.is_complex()):
+        raise ValueError(f"{name} has dtype {value.dtype}, which is no moment format")
+    wide = torch.float64 if value.dtype == torch.float64 else torch.float32
+    return value.to(device=p.device, dtype=value.dtype if value.is_complex() else wide, copy=True)

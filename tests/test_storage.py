@@ -1,0 +1,291 @@
+"""Every storage combination (registry.STORAGE: param dtype × state format × param update)
+on every backend: the CPU kernel equals the torch backend bit for bit, and both equal
+the float64 reference within the rounding of the storage (docs/design/formats.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.backends import cpu
+from adamkit.backends.cpu import library
+from adamkit.formats import param as policy
+from adamkit.formats import state as fmt_state
+from helpers import assert_close_scaled
+from adamkit.reference import adam_step
+from registry import (EFFECTIVE_PARAM_TOL, FAST_BACKENDS, FP32_MOMENT_RTOL, NEAR_TIE_RTOL,
+                      STORAGE, STORAGE_VARIANTS)
+
+needs_cpu = pytest.mark.skipif(cpu.BACKEND.unavailable_reason() is not None, reason="no CPU kernels")
+# Sizes: two CPU-kernel chunks (16384) and a partial one, partial int8 blocks, a 0-dim.
+SHAPES = [(2 * 16384 + 300,), (7, 45), ()]
+
+
+def _grad(shape, dtype, gen):
+    """Gradients spanning 1e-4..10 within each block, so codes use the whole map."""
+    g = torch.randn(shape, generator=gen) * 10 ** torch.empty(shape).uniform_(-4, 1, generator=gen)
+    return g.to(dtype)
+
+
+def _make(storage, backend, variant, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(storage.dtype)) for s in SHAPES]
+    opt = adamkit.Adam(params, lr=1e-2, backend=backend, seed=7, **storage.kwargs(),
+                       **STORAGE_VARIANTS[variant])
+    return params, opt
+
+
+def _tensors(opt, p):
+    return {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+
+
+@needs_cpu
+@pytest.mark.parametrize("variant", list(STORAGE_VARIANTS))
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.id != "float32-fp32-nearest"],
+                         ids=lambda s: s.id)
+def test_cpu_kernel_equals_torch_backend_bitwise(storage, variant):
+    """formats.md pins every float32 operation, so the fused kernel and the torch ops agree
+    to the bit: params, moments (int8 codes and scales), kahan/master buffers, for 5 steps.
+    (float32 params with fp32 state: the torch backend is torch.optim's op sequence
+    instead, compared within rounding in test_parity_torch.py.)"""
+    runs = []
+    for backend in ("cpu", "torch"):
+        params, opt = _make(storage, backend, variant)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = _grad(p.shape, storage.dtype, gen)
+            opt.step()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert torch.equal(a, b), f"param {i}: {(a != b).sum()} elements differ"
+        sa, sb = _tensors(oa, a), _tensors(ob, b)
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"param {i} {key}: {(sa[key] != sb[key]).sum()} differ"
+        assert oa.state[a]["state_format"] == storage.state_format
+        assert oa.state[a]["param_update"] == storage.param_update
+
+
+@needs_cpu
+def test_every_isa_build_gives_the_same_bits(monkeypatch):
+    """Built with -ffp-contract=off, the generic, AVX2 and AVX-512 kernels round alike
+    (GCC otherwise fuses a·b + c into an FMA where the target has one)."""
+    libs = []
+    for isa in library.isa_candidates():
+        path = library._installed_path(isa)
+        if path is not None and path.exists():
+            libs.append((isa, library._open(path)))
+    if len(libs) < 2:
+        pytest.skip("fewer than two instruction-set builds installed and runnable here")
+    results = {}
+    for storage in [s for s in STORAGE if s.param_update in ("nearest", "kahan")]:
+        for isa, lib in libs:
+            monkeypatch.setattr(cpu, "_library", lambda lib=lib, isa=isa: (lib, isa, None))
+            params, opt = _make(storage, "cpu", "l2-amsgrad-max")
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                for p in params:
+                    p.grad = _grad(p.shape, storage.dtype, gen)
+                opt.step()
+            results.setdefault(storage.id, []).append(
+                (isa, [p.detach().clone() for p in params], [_tensors(opt, p) for p in params]))
+    for sid, runs in results.items():
+        (isa0, p0, s0), *rest = runs
+        for isa, ps, ss in rest:
+            for i in range(len(ps)):
+                assert torch.equal(ps[i], p0[i]), f"{sid}: {isa} != {isa0} on param {i}"
+                for key in ss[i]:
+                    assert torch.equal(ss[i][key], s0[i][key]), f"{sid}: {isa} != {isa0} {key}"
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("state_format", ["fp32", "int8"])
+def test_write_back_is_the_spec_formula(backend, dtype, state_format):
+    """Each policy's write-back on each backend against formats.md's formulas, with θ_new
+    taken from a "master" run (master_param holds θ_new exactly). On a first step every
+    policy starts from the same θ_eff (comp = 0, master = p), so θ_new is the same:
+    p = round(θ_new) for nearest, kahan and master, comp = round(θ_new − p), and
+    stochastic p = SR(θ_new) with the bits of (seed, index, step, element)."""
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(5000, generator=gen).to(dtype)
+    grad = _grad(start.shape, dtype, gen)
+    after = {}
+    for update in ("master", "kahan", "nearest", "stochastic"):
+        p = torch.nn.Parameter(start.clone())
+        other = torch.nn.Parameter(torch.zeros(3, dtype=dtype))  # p is index 1
+        opt = adamkit.Adam([other, p], lr=1e-3, backend=backend, state_format=state_format,
+                           param_update=update, int8_min_size=0, seed=11)
+        p.grad = grad
+        opt.step()
+        after[update] = (p.detach(), opt.state[p])
+    theta_new = after["master"][1]["master_param"]
+    rounded = theta_new.to(dtype)
+    assert not torch.equal(rounded, start), "the step should move some elements"
+    for update in ("master", "kahan", "nearest"):
+        assert torch.equal(after[update][0], rounded), update
+    assert torch.equal(after["kahan"][1]["kahan_comp"], (theta_new - rounded.float()).to(dtype))
+    sr_seed = int(after["stochastic"][1]["sr_seed"])
+    assert sr_seed == policy.sr_seed(11, 1)
+    bits = policy.random_bits(start.numel(), policy.step_key(sr_seed, 1), start.device)
+    assert torch.equal(after["stochastic"][0], policy.round_stochastic(theta_new, bits, dtype))
+
+
+# ---- every backend vs the float64 oracle ------------------------------------------------------
+
+
+def _stored_values(name, fmt, a, b, st_a, st_b):
+    """The two backends' stored moments as float64, and one storage step at each element
+    (bfloat16: its ulp ≤ 2^-7·|x|; int8: one code, ≤ 2^-3·|x| or a subnormal step)."""
+    if fmt == "int8":
+        cmap = fmt_state.CODE_MAPS[name]
+        assert_close_scaled(st_a[f"{name}_scale"], st_b[f"{name}_scale"], 2.0**-20, 0.0, f"{name}_scale")
+        scale = st_b[f"{name}_scale"]
+        va, vb = fmt_state.decode(a, scale, cmap).double(), fmt_state.decode(b, scale, cmap).double()
+        sub = (scale.double().repeat_interleave(fmt_state.BLOCK)[: a.numel()] * 2.0 ** (-cmap.bias - 2))
+        return va, vb, torch.maximum(2.0**-3 * torch.maximum(va.abs(), vb.abs()), sub.reshape(a.shape))
+    va, vb = a.double(), b.double()
+    return va, vb, 2.0**-7 * torch.maximum(va.abs(), vb.abs())
+
+
+def _unrounded_moments(opt, p, before, grad, update, step):
+    """The oracle's moments before storage rounds them (adamkit.reference, float64), from
+    the state the step started with; and the size of their operands, elementwise."""
+    group, fmt = opt.param_groups[0], opt.state[p]["state_format"]
+    zero = torch.zeros(p.shape, dtype=torch.float64)
+    old = {name: fmt_state.read(before[name], before.get(f"{name}_scale"), fmt, name).double()
+           if name in before else zero for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    first = "exp_avg" not in before  # before the first step: comp = 0, master = p
+    theta = before["param"].double() if first else policy.theta_eff(
+        before["param"], before, update, torch.float64)
+    seen = {}
+    adam_step(theta, grad.double(), old["exp_avg"], old["exp_avg_sq"], old["max_exp_avg_sq"],
+              step, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+              eps=group["eps"], weight_decay=group["weight_decay"],
+              decouple_wd=group["decouple_wd"], amsgrad=group["amsgrad"],
+              maximize=group["maximize"], store=lambda x, name: seen.setdefault(name, x))
+    g = grad.double().abs() + group["weight_decay"] * theta.abs()
+    size = {"exp_avg": torch.maximum(old["exp_avg"].abs(), g),
+            "exp_avg_sq": torch.maximum(old["exp_avg_sq"], g * g)}
+    size["max_exp_avg_sq"] = size["exp_avg_sq"]
+    return seen, size
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("variant", list(STORAGE_VARIANTS))
+@pytest.mark.parametrize("storage", STORAGE, ids=lambda s: s.id)
+def test_backend_matches_reference_every_step(storage, variant, backend):
+    """Four steps, each from identical params and state (the reference re-synced to the
+    fast backend), on a fast backend and on the float64 reference; compared with the
+    tolerance tables of registry.py. bf16 and int8 moments must be stored identically,
+    except one storage step apart where the oracle's unrounded value is a near-tie
+    (registry.NEAR_TIE_RTOL); params are compared where the moments agree."""
+    pa, oa = _make(storage, backend, variant)
+    pb, ob = _make(storage, "reference", variant)
+    gen = torch.Generator().manual_seed(2)
+    fmt, update = storage.state_format, storage.param_update
+    for step in range(1, 5):
+        grads = [_grad(p.shape, storage.dtype, gen) for p in pa]
+        before = [{k: v.clone() for k, v in {**_tensors(oa, p), "param": p.detach()}.items()}
+                  for p in pa]
+        for ps, opt in ((pa, oa), (pb, ob)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        for i, (a, b) in enumerate(zip(pa, pb)):
+            sa, sb = oa.state[a], ob.state[b]
+            msg = f"step {step} param {i}"
+            same = torch.ones(a.shape, dtype=torch.bool)
+            exact, size = _unrounded_moments(ob, b, before[i], grads[i], update, step)
+            for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if name not in sa:
+                    continue
+                if fmt == "fp32":
+                    assert_close_scaled(sa[name], sb[name], FP32_MOMENT_RTOL, 0.0, f"{msg} {name}",
+                                        scale=size[name].max().item())
+                    continue
+                va, vb, one_step = _stored_values(name, fmt, sa[name], sb[name], sa, sb)
+                apart = va != vb
+                slack = NEAR_TIE_RTOL * size[name]
+                assert ((va - vb).abs() <= one_step + 2 * slack).all(), f"{msg} {name}: > a step apart"
+                off = (exact[name] - (va + vb) / 2).abs()
+                bad = apart & (off > slack)
+                assert not bad.any(), (
+                    f"{msg} {name}: {bad.sum()} of {apart.sum()} elements stored apart are "
+                    f"no near-tie (worst {(off / slack)[bad].max():.3g}× the bound)")
+                same &= ~apart
+            rtol, atol = EFFECTIVE_PARAM_TOL[(storage.dtype, update)]
+            ea, eb = _effective(a, sa, update), _effective(b, sb, update)
+            assert_close_scaled(ea[same], eb[same], rtol, atol, f"{msg} effective param",
+                                scale=eb.abs().max().item())
+        _resync(pa, oa, pb, ob)
+
+
+def _effective(p, st, update):
+    return policy.theta_eff(p.detach(), st, update, torch.float32)
+
+
+@torch.no_grad()
+def _resync(pa, oa, pb, ob):
+    for a, b in zip(pa, pb):
+        b.copy_(a)
+        for key, value in _tensors(oa, a).items():
+            ob.state[b][key].copy_(value)
+
+
+def test_int8_small_tensors_stay_fp32():
+    """Under "int8", params with fewer elements than int8_min_size (default 4096) keep
+    fp32 state, judged on their full size."""
+    big, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(4095))
+    opt = adamkit.Adam([big, small], state_format="int8")
+    big.grad, small.grad = torch.ones(64, 64), torch.ones(4095)
+    opt.step()
+    assert opt.state[big]["state_format"] == "int8" and opt.state[big]["exp_avg"].dtype == torch.uint8
+    assert opt.state[big]["exp_avg_scale"].shape == (16,)
+    assert opt.state[small]["state_format"] == "fp32" and opt.state[small]["exp_avg"].dtype == torch.float32
+    assert "exp_avg_scale" not in opt.state[small]
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32], ids=lambda s: s.id)
+def test_grad_is_never_written(storage, backend):
+    params, opt = _make(storage, backend, "l2-amsgrad-max")
+    gen = torch.Generator().manual_seed(4)
+    for p in params:
+        p.grad = _grad(p.shape, storage.dtype, gen)
+    before = [(p.grad.clone(), p.grad._version) for p in params]
+    opt.step()
+    for p, (grad, version) in zip(params, before):
+        assert p.grad._version == version and torch.equal(p.grad, grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32], ids=lambda s: s.id)
+def test_grad_scaler_fast_path_is_exact(storage, backend):
+    """With torch.amp.GradScaler's fast path the step unscales by 1/scale; GradScaler's
+    scales are powers of two, so that is exact: the same bits as unscaled gradients."""
+    runs = []
+    for scaled in (True, False):
+        params, opt = _make(storage, backend, "l2-amsgrad-max")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        scaler.scale(torch.ones(()))  # initialises the scale
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            for p in params:
+                p.grad = _grad(p.shape, storage.dtype, gen)
+                if scaled:
+                    p.grad *= 2.0**10
+            if scaled:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for key, value in _tensors(oa, a).items():
+            assert torch.equal(value, _tensors(ob, b)[key]), key

@@ -1,0 +1,283 @@
+"""Checkpoints describe their storage and convert into the loading optimizer's
+(docs/design/formats.md, "Checkpoints"): every pair of registry.STORAGE of one param
+dtype, torch.optim's checkpoints, round trips, and checkpoints that cannot convert."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.formats import param as policy
+from adamkit.formats import state as fmt_state
+from registry import STORAGE, Storage
+from test_checkpoints import _assert_unchanged, _save_load, _snapshot
+
+SHAPES = [(24, 25), (7,)]  # three int8 blocks (one partial), and a small tensor
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+
+
+def _train(params, opt, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 10 ** torch.empty(p.shape).uniform_(
+                -3, 0, generator=gen)).to(p.dtype)
+        opt.step()
+
+
+def _opt(params, storage: Storage, **kw):
+    return adamkit.Adam(params, lr=1e-2, amsgrad=True, seed=5, **storage.kwargs(), **kw)
+
+
+def _value(state: dict, name: str) -> torch.Tensor:
+    return fmt_state.read(state[name], state.get(f"{name}_scale"), state["state_format"], name)
+
+
+PAIRS = [(a, b) for a in STORAGE for b in STORAGE if a.dtype == b.dtype]
+
+
+@pytest.mark.parametrize("src,dst", PAIRS, ids=[f"{a.id}->{b.id}" for a, b in PAIRS])
+def test_every_conversion_follows_the_spec(src, dst):
+    """Moments: the same format is copied exactly; otherwise decoded to float32 and
+    encoded in the new one. Buffers: none→kahan 0, none→master p, kahan→master p + comp,
+    master→kahan round(master − p), dropped for nearest/stochastic; sr_seed kept, or
+    derived from the loading optimizer's seed and the param's index."""
+    params = _params(src.dtype)
+    opt = _opt(params, src)
+    _train(params, opt, 3)
+    saved = _save_load(opt.state_dict())["state"]
+    loaded = _opt(params, dst)
+    loaded.load_state_dict(_save_load(opt.state_dict()))
+    for index, p in enumerate(params):
+        s, d = saved[index], loaded.state[p]
+        assert (d["state_format"], d["param_update"]) == (dst.state_format, dst.param_update)
+        assert float(d["step"]) == 3
+        for name in MOMENTS:
+            if src.state_format == dst.state_format:
+                assert torch.equal(d[name], s[name])
+                if dst.state_format == "int8":
+                    assert torch.equal(d[f"{name}_scale"], s[f"{name}_scale"])
+            elif dst.state_format == "fp32":  # widening from bf16 or int8 is exact
+                assert torch.equal(d[name], _value(s, name))
+            elif dst.state_format == "bf16":
+                assert torch.equal(d[name], _value(s, name).to(torch.bfloat16))
+            else:
+                codes, scale = fmt_state.encode(_value(s, name), fmt_state.CODE_MAPS[name])
+                assert torch.equal(d[name], codes) and torch.equal(d[f"{name}_scale"], scale)
+        _check_buffers(p, s, d, src.param_update, dst.param_update, index)
+    _train(params, loaded, 1)  # and it steps
+    assert loaded.state[params[0]]["state_format"] == dst.state_format
+
+
+def _check_buffers(p, s, d, src, dst, index):
+    """formats.md's table of buffer conversions, written out."""
+    theta = p.detach().float()
+    if src == "kahan":
+        saved_theta = theta + s["kahan_comp"].float()
+    elif src == "master":
+        saved_theta = s["master_param"]
+    else:
+        saved_theta = theta
+    expected = {}
+    if dst == "kahan":
+        expected["kahan_comp"] = s["kahan_comp"] if src == "kahan" else (saved_theta - theta).to(p.dtype)
+    elif dst == "master":
+        expected["master_param"] = saved_theta
+    elif dst == "stochastic":
+        seed = s["sr_seed"] if src == "stochastic" else torch.tensor(policy.sr_seed(5, index))
+        expected["sr_seed"] = seed
+    assert {"kahan_comp", "master_param", "sr_seed"} & d.keys() == expected.keys()
+    for key, value in expected.items():
+        assert d[key].dtype == value.dtype and torch.equal(d[key], value), key
+
+
+@pytest.mark.parametrize("storage", STORAGE, ids=lambda s: s.id)
+def test_round_trip_resumes_bit_for_bit(storage):
+    """Save (weights_only), load into a fresh optimizer of the same storage, go on: the
+    same as never stopping, to the bit (stochastic rounding included: its bits depend on
+    seed, index and step only)."""
+    params = _params(storage.dtype)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = _opt(params, storage)
+    _train(params, opt, 4)
+    with torch.no_grad():
+        for a, b in zip(twin, params):
+            a.copy_(b)
+    twin_opt = _opt(twin, storage, weight_decay=0.3)  # hyperparameters come from the dict
+    twin_opt.load_state_dict(_save_load(opt.state_dict()))
+    assert twin_opt.param_groups[0]["weight_decay"] == 0.0
+    _train(params, opt, 3, seed=9)
+    _train(twin, twin_opt, 3, seed=9)
+    for a, b in zip(params, twin):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            other = twin_opt.state[b][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+
+
+@pytest.mark.parametrize("update", ["kahan", "master"])
+def test_torch_optim_checkpoint_into_kahan_or_master(update):
+    """torch.optim.Adam on bfloat16 params keeps bfloat16 moments and no buffers: they load
+    as "bf16" moments, with comp = 0 or master = p, and training goes on."""
+    params = _params(torch.bfloat16)
+    opt = torch.optim.Adam(params, lr=1e-2, amsgrad=True)
+    _train(params, opt, 3)
+    saved = _save_load(opt.state_dict())
+    ours = adamkit.Adam(params, param_update=update)
+    ours.load_state_dict(saved)
+    assert ours.param_groups[0]["lr"] == 1e-2 and ours.param_groups[0]["amsgrad"]
+    for i, p in enumerate(params):
+        st = ours.state[p]
+        assert (st["state_format"], st["param_update"]) == ("bf16", update)
+        for name in MOMENTS:
+            assert torch.equal(st[name], saved["state"][i][name])
+        if update == "kahan":
+            assert torch.equal(st["kahan_comp"], torch.zeros_like(p))
+        else:
+            assert torch.equal(st["master_param"], p.detach().float())
+    _train(params, ours, 2)
+
+
+def test_torch_optim_float32_checkpoint_into_int8():
+    params = _params(torch.float32)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    _train(params, opt, 3)
+    saved = _save_load(opt.state_dict())
+    ours = adamkit.Adam(params, state_format="int8", int8_min_size=0)
+    ours.load_state_dict(saved)
+    for i, p in enumerate(params):
+        st = ours.state[p]
+        codes, scale = fmt_state.encode(saved["state"][i]["exp_avg_sq"], fmt_state.UNSIGNED)
+        assert torch.equal(st["exp_avg_sq"], codes) and torch.equal(st["exp_avg_sq_scale"], scale)
+
+
+def test_adamkit_to_torch_optim_and_back():
+    """torch.optim's load_state_dict rebuilds every str of the state from a generator; the
+    checkpoint it saves again is read as torch.optim's (by its moments' dtype)."""
+    params = _params(torch.float32)
+    opt = adamkit.Adam(params, lr=1e-2)
+    _train(params, opt, 2)
+    theirs = torch.optim.Adam(params, lr=1e-2)
+    theirs.load_state_dict(_save_load(opt.state_dict()))
+    _train(params, theirs, 2)
+    saved = _save_load(theirs.state_dict())
+    assert saved["state"][0]["state_format"].startswith("<generator object")  # torch's doing
+    back = adamkit.Adam(params)
+    back.load_state_dict(saved)
+    st = back.state[params[0]]
+    assert (st["state_format"], st["param_update"]) == ("fp32", "nearest")
+    assert torch.equal(st["exp_avg"], saved["state"][0]["exp_avg"]) and float(st["step"]) == 4
+
+
+def _mutations():
+    def unknown_format(sd):
+        sd["state"][0]["state_format"] = "int4"
+
+    def unknown_update(sd):
+        sd["state"][0]["param_update"] = "sometimes"
+
+    def missing_scale(sd):
+        del sd["state"][0]["exp_avg_scale"]
+
+    def wrong_scale_shape(sd):
+        sd["state"][0]["exp_avg_sq_scale"] = torch.zeros(99)
+
+    def float_codes(sd):
+        sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].float()
+
+    def wrong_code_shape(sd):
+        sd["state"][0]["exp_avg"] = torch.zeros(3, 3, dtype=torch.uint8)
+
+    def wrong_comp_shape_late(sd):  # the last param: everything before it is valid
+        sd["state"][1]["kahan_comp"] = torch.zeros(2, dtype=torch.bfloat16)
+
+    def missing_comp(sd):
+        del sd["state"][0]["kahan_comp"]
+
+    def untagged_codes(sd):
+        del sd["state"][0]["state_format"]
+
+    def bad_sr_seed(sd):
+        sd["state"][0]["param_update"] = "stochastic"
+        sd["state"][0]["sr_seed"] = torch.zeros(3, dtype=torch.int64)
+
+    return [unknown_format, unknown_update, missing_scale, wrong_scale_shape, float_codes,
+            wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed]
+
+
+@pytest.mark.parametrize("target", ["bfloat16-int8-kahan", "bfloat16-fp32-master",
+                                    "bfloat16-bf16-stochastic"])
+@pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
+def test_unconvertible_checkpoint_raises_and_changes_nothing(mutate, target):
+    """A bfloat16 int8/kahan checkpoint, spoiled; loading it into an optimizer (target) with
+    state raises ValueError and leaves params, state and groups as they were."""
+    source = next(s for s in STORAGE if s.id == "bfloat16-int8-kahan")
+    storage = next(s for s in STORAGE if s.id == target)
+    params = _params(torch.bfloat16)
+    opt = _opt(params, source)
+    _train(params, opt, 2)
+    bad = copy.deepcopy(opt.state_dict())
+    mutate(bad)
+    target_opt = _opt(params, storage)
+    _train(params, target_opt, 1, seed=3)
+    snap = _snapshot(target_opt)
+    before = [p.detach().clone() for p in params]
+    if mutate.__name__ == "bad_sr_seed" and storage.param_update != "stochastic":
+        target_opt.load_state_dict(bad)  # an sr_seed nobody reads is dropped, not checked
+        return
+    if mutate.__name__ in ("missing_comp", "wrong_comp_shape_late") and storage.param_update == "stochastic":
+        target_opt.load_state_dict(bad)  # kahan → stochastic drops the buffer unread
+        return
+    with pytest.raises(ValueError, match="loaded state for parameter"):
+        target_opt.load_state_dict(bad)
+    _assert_unchanged(target_opt, snap)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_changing_the_group_storage_converts_at_the_next_step():
+    params = _params(torch.bfloat16)
+    opt = adamkit.Adam(params, lr=1e-2, int8_min_size=0)
+    _train(params, opt, 2)
+    assert opt.state[params[0]]["param_update"] == "kahan"
+    m = _value(opt.state[params[0]], "exp_avg")
+    opt.param_groups[0].update(state_format="int8", param_update="master")
+    opt.param_groups[0]["lr"] = 0.0  # a step that leaves the moments' conversion visible
+    opt.param_groups[0]["betas"] = (0.0, 0.999)
+    params[0].grad = torch.zeros_like(params[0])
+    comp = opt.state[params[0]]["kahan_comp"].float()
+    theta = params[0].detach().float()
+    opt.step()
+    st = opt.state[params[0]]
+    assert (st["state_format"], st["param_update"]) == ("int8", "master")
+    assert torch.equal(st["master_param"], theta + comp)  # kahan → master, then lr = 0
+    assert float(st["step"]) == 3 and (m.abs().max() > 0)
+
+
+def test_optimizer_pickled_before_formats_still_steps():
+    """Groups without the storage keys and untagged float16 state (an older adamkit): the
+    defaults fill in, and the state is converted (float16 params: fp32 state, kahan)."""
+    p = torch.nn.Parameter(torch.randn(10).to(torch.float16))
+    opt = adamkit.Adam([p], lr=1e-2)
+    old = {"step": torch.tensor(2.0), "exp_avg": torch.full((10,), 0.5, dtype=torch.float16),
+           "exp_avg_sq": torch.full((10,), 0.25, dtype=torch.float16)}
+    state = opt.__getstate__()
+    for key in ("state_format", "param_update", "seed", "int8_min_size"):
+        state["defaults"].pop(key)
+        state["param_groups"][0].pop(key)
+    state["state"] = {p: old}
+    opt.__setstate__(state)
+    assert opt.param_groups[0]["int8_min_size"] == 4096
+    p.grad = torch.ones(10, dtype=torch.float16)
+    opt.step()
+    st = opt.state[p]
+    assert (st["state_format"], st["param_update"], float(st["step"])) == ("fp32", "kahan", 3.0)
+    assert st["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(st["exp_avg"], torch.full((10,), 0.9 * 0.5 + 0.1, dtype=torch.float32))

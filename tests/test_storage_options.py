@@ -1,0 +1,143 @@
+"""The storage options: defaults, validation, and the memory they cost (state_bytes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.formats import state as fmt_state
+
+
+def _stepped(p, **kwargs):
+    opt = adamkit.Adam([p], **kwargs)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("dtype,state_format,update,moment_dtype", [
+    (torch.float64, "fp64", "nearest", torch.float64),
+    (torch.float32, "fp32", "nearest", torch.float32),
+    (torch.bfloat16, "bf16", "kahan", torch.bfloat16),
+    (torch.float16, "fp32", "kahan", torch.float32),  # float16 state cannot hold ε = 1e-8
+    (torch.complex64, "fp32", "nearest", torch.complex64),
+], ids=str)
+def test_defaults(dtype, state_format, update, moment_dtype):
+    opt = _stepped(torch.nn.Parameter(torch.randn(5).to(dtype)))
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    assert (st["state_format"], st["param_update"]) == (state_format, update)
+    assert st["exp_avg"].dtype == moment_dtype and st["exp_avg_sq"].dtype == moment_dtype
+
+
+def test_param_update_is_ignored_for_float32():
+    opt = _stepped(torch.nn.Parameter(torch.randn(5)), param_update="master")
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    assert st["param_update"] == "nearest" and "master_param" not in st
+
+
+def test_nearest_bfloat16_with_bf16_state_has_no_buffers():
+    opt = _stepped(torch.nn.Parameter(torch.randn(5).to(torch.bfloat16)), param_update="nearest")
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "state_format", "param_update"}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"state_format": "int4"}, r"Invalid state_format: 'int4'; valid values are None, 'fp32', 'bf16', 'int8'"),
+    ({"state_format": "float32"}, "Invalid state_format"),
+    ({"param_update": "round"},
+     r"Invalid param_update: 'round'; valid values are None, 'nearest', 'kahan', 'stochastic', 'master'"),
+    ({"seed": 1.5}, "Invalid seed"),
+    ({"seed": True}, "Invalid seed"),
+    ({"int8_min_size": -1}, "Invalid int8_min_size"),
+    ({"int8_min_size": 4.0}, "Invalid int8_min_size"),
+])
+def test_invalid_storage_options(kwargs, match):
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=match):
+        adamkit.Adam([p], **kwargs)
+    opt = adamkit.Adam([p])
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=match):  # per group too, before anything is stored
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], **kwargs})
+    assert opt.param_groups == before
+
+
+def test_a_group_edited_into_an_invalid_choice_fails_before_any_change():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b]}])
+    opt.param_groups[1]["state_format"] = "fp8"
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="Invalid state_format"):
+        opt.step()
+    assert torch.equal(a, before) and len(opt.state) == 0
+
+
+def test_adamw_takes_the_storage_options():
+    p = torch.nn.Parameter(torch.randn(300, 20).to(torch.bfloat16))
+    opt = adamkit.AdamW([p], state_format="int8", param_update="stochastic", seed=3, int8_min_size=10)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    st = opt.state[p]
+    assert (st["state_format"], st["param_update"]) == ("int8", "stochastic")
+    assert opt.param_groups[0]["decouple_wd"]
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+N = 256 * 1024  # a "large" tensor: per-element figures are the formats' own
+STEP = 4  # the float32 step counter, per param
+
+
+def _bytes(dtype, state_format=None, param_update=None, amsgrad=False):
+    p = torch.nn.Parameter(torch.zeros(N, dtype=dtype))
+    opt = _stepped(p, state_format=state_format, param_update=param_update, amsgrad=amsgrad)
+    return opt.state_bytes(), opt.state_bytes(per_element=True)
+
+
+@pytest.mark.parametrize("dtype,state_format,update,amsgrad,moment_bytes,buffer_bytes", [
+    (torch.float32, "fp32", None, False, 2 * 4, 0),
+    (torch.float32, "fp32", None, True, 3 * 4, 0),
+    (torch.float32, "bf16", None, False, 2 * 2, 0),
+    (torch.bfloat16, None, "nearest", False, 2 * 2, 0),
+    (torch.bfloat16, None, "kahan", False, 2 * 2, 2),
+    (torch.bfloat16, None, "master", False, 2 * 2, 4),
+    (torch.bfloat16, "fp32", "kahan", False, 2 * 4, 2),
+    (torch.float16, None, None, False, 2 * 4, 2),  # fp32 state, kahan
+    (torch.float32, "int8", None, False, 2 * (1 + 4 / 256), 0),
+    (torch.bfloat16, "int8", "kahan", False, 2 * (1 + 4 / 256), 2),
+    (torch.bfloat16, "int8", "master", True, 3 * (1 + 4 / 256), 4),
+], ids=str)
+def test_state_bytes(dtype, state_format, update, amsgrad, moment_bytes, buffer_bytes):
+    """Bytes per element from formats.md: fp32 4 and bf16 2 per moment, int8 1 plus a
+    float32 scale per 256; kahan a param-dtype buffer, master a float32 one."""
+    total, per_element = _bytes(dtype, state_format, update, amsgrad)
+    assert total == N * (moment_bytes + buffer_bytes) + STEP
+    assert per_element == pytest.approx(moment_bytes + buffer_bytes, abs=1e-4)
+
+
+def test_state_bytes_headline_figures():
+    """The figures docs/precision.md quotes for large tensors: 8 fp32, 4 bf16, ≤ 2.05
+    int8 (+2 kahan, +4 master with bfloat16 params)."""
+    assert _bytes(torch.float32, "fp32")[1] == pytest.approx(8, abs=1e-4)
+    assert _bytes(torch.bfloat16, "bf16", "nearest")[1] == pytest.approx(4, abs=1e-4)
+    assert _bytes(torch.float32, "int8")[1] <= 2.05
+    nearest = _bytes(torch.bfloat16, "bf16", "nearest")[1]
+    assert _bytes(torch.bfloat16, "bf16", "kahan")[1] - nearest == pytest.approx(2)
+    assert _bytes(torch.bfloat16, "bf16", "master")[1] - nearest == pytest.approx(4)
+
+
+def test_state_bytes_counts_every_param_and_small_int8_tensors_as_fp32():
+    big = torch.nn.Parameter(torch.zeros(8192))
+    small = torch.nn.Parameter(torch.zeros(100))
+    idle = torch.nn.Parameter(torch.zeros(50))  # no grad: no state, not counted
+    opt = adamkit.Adam([big, small, idle], state_format="int8")
+    assert opt.state_bytes() == 0 and opt.state_bytes(per_element=True) == 0.0
+    big.grad, small.grad = torch.ones(8192), torch.ones(100)
+    opt.step()
+    expected = (2 * 8192 + 2 * 4 * math.ceil(8192 / fmt_state.BLOCK)) + 2 * 4 * 100 + 2 * STEP
+    assert opt.state_bytes() == expected
+    assert opt.state_bytes(per_element=True) == pytest.approx(expected / 8292)
