@@ -195,11 +195,12 @@ class Adam(Optimizer):
         is in another format or policy (the group was changed, or it predates formats).
         Pure: nothing is stored here, so a step that raises later changes nothing."""
         state = self.state.get(p)
-        seed = param_policy.sr_seed(group["seed"], index)
         if not state:
+            seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": torch.tensor(0.0, dtype=scalar_dtype()),
                    **formats.fresh_state(p, fmt, update, group["amsgrad"], seed)}
         elif state.get("state_format") != fmt or state.get("param_update") != update:
+            seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
             new = dict(state)

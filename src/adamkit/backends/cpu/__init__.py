@@ -63,7 +63,12 @@ class CpuBackend:
         policy = bucket.param_update
         extra_key = EXTRA_KEY.get(policy)
         amsgrad = bool(s.amsgrad)
+        # Per-tensor Python work is the cost that grows with the tensor count (1024
+        # tensors: a few ms per step), so this loop stays lean: one list per pointer row.
         rows = {name: [] for name in library.POINTER_ROWS}
+        pointer_rows = [rows[name] for name in library.POINTER_ROWS[:6]]
+        scale_rows = [rows[name] for name in library.POINTER_ROWS[6:]]
+        int8 = bucket.state_format == "int8"
         numels, keys, rest = [], [], []
         for i, p in enumerate(bucket.params):
             st = bucket.states[i]
@@ -73,10 +78,10 @@ class CpuBackend:
             if not _fits(members, bucket.state_format):
                 rest.append(i)
                 continue
-            for row, t in zip(library.POINTER_ROWS, members):
-                rows[row].append(0 if t is None else t.data_ptr())
-            for row, key in zip(library.POINTER_ROWS[6:], SCALE_KEYS):
-                rows[row].append(st[key].data_ptr() if key in st else 0)
+            for row, t in zip(pointer_rows, members):
+                row.append(0 if t is None else t.data_ptr())
+            for row, key in zip(scale_rows, SCALE_KEYS):
+                row.append(st[key].data_ptr() if int8 and key in st else 0)
             numels.append(p.numel())
             keys.append(step_key(int(st["sr_seed"]), s.step) if policy == "stochastic" else 0)
         if numels:
