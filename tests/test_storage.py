@@ -289,3 +289,38 @@ def test_grad_scaler_fast_path_is_exact(storage, backend):
         assert torch.equal(a, b)
         for key, value in _tensors(oa, a).items():
             assert torch.equal(value, _tensors(ob, b)[key]), key
+
+
+@needs_cpu
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
+                                     and s.state_format != "int8"], ids=lambda s: s.id)
+def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage):
+    """Non-finite grads inside 16-wide groups and in the scalar tail: the same elements
+    turn NaN/inf on both backends (NaN payloads may differ), the rest agrees bitwise.
+    (int8 moments cannot hold a NaN: formats.md leaves that case to each backend.)"""
+    runs = []
+    for backend in ("cpu", "torch"):
+        params, opt = _make(storage, backend, "plain")
+        gen = torch.Generator().manual_seed(1)
+        for step in range(3):
+            for p in params:
+                g = _grad(p.shape, storage.dtype, gen)
+                if step == 1 and g.numel() > 40:
+                    flat = g.view(-1)
+                    flat[[3, 17, 31, -1]] = torch.tensor([float("nan"), float("inf"),
+                                                          -float("inf"), float("nan")]).to(g.dtype)
+                p.grad = g
+            opt.step()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        for x, y, what in [(a, b, "param")] + [
+            (oa.state[a][k], ob.state[b][k], k) for k in _tensors(oa, a) if k != "step"
+        ]:
+            if not x.is_floating_point():
+                assert torch.equal(x, y), f"param {i} {what}"
+                continue
+            assert torch.equal(torch.isnan(x), torch.isnan(y)), f"param {i} {what}: NaNs differ"
+            finite = ~torch.isnan(x)
+            assert torch.equal(x[finite], y[finite]), f"param {i} {what}"
+    assert any(torch.isnan(p).any() for p in pa), "the non-finite grads should reach a param"

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from . import backends, formats
 from .formats import param as param_policy
 from .hyperparams import scalar_dtype, step_scalars, validate_group
+from .step_cache import CachedBucket, StepCache, run_bucket
 
 # Group keys only torch.optim uses: dropped on load, adamkit's `backend` replaces them.
 _TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
@@ -163,6 +164,7 @@ class Adam(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._step_cache = None  # it holds the replaced state tensors
         for key, value in formats.GROUP_DEFAULTS.items():  # pickled before formats existed
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
@@ -170,16 +172,17 @@ class Adam(Optimizer):
 
     # ---- the step -------------------------------------------------------------------
 
-    def _gather(self) -> list[tuple[dict[str, Any], list[tuple[int, Tensor]]]]:
-        """The params to update with their positions in the optimizer (groups in order,
-        params in order: it seeds stochastic rounding), per group; raises before anything
-        is changed."""
+    def _gather(self) -> list[tuple[dict[str, Any], list[tuple[int, Tensor, int]]]]:
+        """Per group, the params to update as (position in the optimizer, param, position
+        in the group); the first orders groups then params and seeds stochastic rounding.
+        Raises before anything is changed."""
         work, offset = [], 0
         for group in self.param_groups:
             formats.validate(group)  # a group edited by hand after construction
-            params = [(offset + j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
+            params = [(offset + j, p, j) for j, p in enumerate(group["params"])
+                      if p.grad is not None]
             offset += len(group["params"])
-            for _, p in params:
+            for _, p, _ in params:
                 if p.grad.is_sparse:
                     raise RuntimeError(
                         "Adam does not support sparse gradients, please consider SparseAdam instead"
@@ -222,27 +225,38 @@ class Adam(Optimizer):
         if grad_scale_inv is None:
             return loss  # GradScaler found an inf or NaN: skip the step, change nothing
 
+        cache = getattr(self, "_step_cache", None)
+        if cache is not None and cache.try_step(self, grad_scale_inv):
+            return loss
+        self._step_cache = None
+        self._step_cache = StepCache(self, self._planned_step(grad_scale_inv))
+        return loss
+
+    def _planned_step(self, grad_scale_inv: float) -> list[CachedBucket]:
+        """The full step: plan every bucket, then run them; returns the plan for reuse."""
         # Plan first: everything that can raise does so before any state changes.
         plans = []
-        for group, params in self._gather():
-            buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        for group_index, (group, params) in enumerate(self._gather()):
+            buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
             pending = {}
-            for index, p in params:
+            for index, p, position in params:
                 fmt, update = formats.resolve(p, group)
                 state = self.state.get(p)
                 t = int(state["step"].item()) + 1 if state else 1
-                buckets[(p.device, p.dtype, fmt, update, t)].append(p)
+                buckets[(p.device, p.dtype, fmt, update, t)].append((position, p))
                 pending[p] = self._planned_state(p, group, fmt, update, index)
-            for (device, dtype, fmt, update, t), ps in buckets.items():
+            for (device, dtype, fmt, update, t), members in buckets.items():
                 backend = backends.resolve(group["backend"], device, dtype)
-                plans.append((group, t, ps, fmt, update, backend, [pending[p] for p in ps]))
+                ps = [p for _, p in members]
+                plans.append((group_index, group, [pos for pos, _ in members], t, ps, fmt,
+                              update, backend, [pending[p] for p in ps]))
 
-        for group, t, ps, fmt, update, backend, new_states in plans:
+        done = []
+        for group_index, group, positions, t, ps, fmt, update, backend, new_states in plans:
             for p, new in zip(ps, new_states):
                 if new is not None:
                     self.state[p] = new
             states = [self.state[p] for p in ps]
-            torch._foreach_add_([s["step"] for s in states], 1.0)
             bucket = backends.Bucket(
                 group=group,
                 params=ps,
@@ -253,12 +267,14 @@ class Adam(Optimizer):
                 states=states,
                 state_format=fmt,
                 param_update=update,
+                steps=[s["step"] for s in states],
             )
             scalars = step_scalars(group, t)
             if grad_scale_inv != 1.0:
                 scalars = replace(scalars, grad_scale_inv=grad_scale_inv)
-            backend.step(bucket, scalars)
-        return loss
+            prepared = run_bucket(backend, bucket, scalars)
+            done.append(CachedBucket(group_index, group, positions, t, backend, bucket, prepared))
+        return done
 
     def _amp_grad_scale_inv(self) -> float | None:
         """1/scale for grads a GradScaler left scaled, 1.0 without one, None to skip.

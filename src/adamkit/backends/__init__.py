@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -44,10 +44,22 @@ class Bucket:
     states: list[dict[str, Any]]  # full per-param state, for format-specific buffers
     state_format: str = "fp32"
     param_update: str = "nearest"
+    steps: list[Tensor] = field(default_factory=list)  # state["step"] counters, or none
+
+
+def count_steps(backend: Backend, bucket: Bucket) -> None:
+    """Add 1 to the bucket's step counters after its update, unless the backend did
+    (``counts_steps``: the CPU kernel does it in the same call)."""
+    if bucket.steps and not getattr(backend, "counts_steps", False):
+        torch._foreach_add_(bucket.steps, 1.0)
 
 
 class Backend(Protocol):
     name: str
+    # Optional: ``counts_steps = True`` when ``step`` also adds 1 to ``bucket.steps``;
+    # ``prepare(bucket)`` returning an object with ``refresh(grads) -> bool``,
+    # ``steps_equal(t) -> bool`` and ``run(scalars)`` lets adamkit.step_cache reuse a
+    # bucket's setup between steps.
 
     def unavailable_reason(self) -> str | None:
         """None when usable on this machine, else why not (shown in the fallback warning)."""

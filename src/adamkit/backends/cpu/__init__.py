@@ -20,8 +20,8 @@ import functools
 from array import array
 
 import torch
+from torch import Tensor
 
-from ...formats.param import step_key
 from ...hyperparams import StepScalars
 from .. import Bucket
 from . import library
@@ -46,6 +46,7 @@ def _fits(tensors, fmt: str) -> bool:
 
 class CpuBackend:
     name = "cpu"
+    counts_steps = True  # the kernel adds 1 to each bucket.steps counter itself
 
     def unavailable_reason(self) -> str | None:
         return _library()[2]
@@ -59,68 +60,118 @@ class CpuBackend:
 
     @torch.no_grad()
     def step(self, bucket: Bucket, s: StepScalars) -> None:
-        lib = _library()[0]
+        prepared = self.prepare(bucket)
+        prepared.run(s)
+
+    def prepare(self, bucket: Bucket) -> PreparedBucket:
+        """The bucket's kernel call, ready to run now and, while ``refresh`` accepts
+        new grads, again at later steps (``adamkit.step_cache`` keeps it)."""
+        return PreparedBucket(_library()[0], bucket)
+
+
+class PreparedBucket:
+    """One bucket's argument block and pointer table, kept between steps.
+
+    Building the table is the per-tensor Python cost of a step (1024 tensors: several
+    ms, more than the update itself for small tensors). Between steps only the grads
+    are new, so ``refresh`` rewrites that one row, after checking what the kernel relies
+    on: the params did not move, the grads are dense and contiguous."""
+
+    def __init__(self, lib, bucket: Bucket) -> None:
+        self.lib, self.bucket = lib, bucket
         policy = bucket.param_update
         extra_key = EXTRA_KEY.get(policy)
-        amsgrad = bool(s.amsgrad)
-        # Per-tensor Python work is the cost that grows with the tensor count (1024
-        # tensors: a few ms per step), so this loop stays lean: one list per pointer row.
+        int8 = bucket.state_format == "int8"
+        steps = bucket.steps or [None] * len(bucket.params)
         rows = {name: [] for name in library.POINTER_ROWS}
         pointer_rows = [rows[name] for name in library.POINTER_ROWS[:6]]
-        scale_rows = [rows[name] for name in library.POINTER_ROWS[6:]]
-        int8 = bucket.state_format == "int8"
-        numels, keys, rest = [], [], []
+        scale_rows = [rows[name] for name in library.POINTER_ROWS[6:9]]
+        numels, seeds, self.fast, self.rest = [], [], [], []
         for i, p in enumerate(bucket.params):
             st = bucket.states[i]
-            vmax = bucket.max_exp_avg_sqs[i] if amsgrad else None
+            vmax = bucket.max_exp_avg_sqs[i] if bucket.max_exp_avg_sqs else None
             extra = st[extra_key] if extra_key else None
             members = (p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], vmax, extra)
             if not _fits(members, bucket.state_format):
-                rest.append(i)
+                self.rest.append(i)
                 continue
+            self.fast.append(i)
             for row, t in zip(pointer_rows, members):
                 row.append(0 if t is None else t.data_ptr())
             for row, key in zip(scale_rows, SCALE_KEYS):
                 row.append(st[key].data_ptr() if int8 and key in st else 0)
+            rows["steps"].append(0 if steps[i] is None else steps[i].data_ptr())
             numels.append(p.numel())
-            keys.append(step_key(int(st["sr_seed"]), s.step) if policy == "stochastic" else 0)
-        if numels:
-            self._call(lib, bucket, s, policy, rows, numels, keys)
-        if rest:
-            from ..torch_ops import BACKEND as torch_backend
-
-            torch_backend.step(_subset(bucket, rest), s)
-
-    def _call(self, lib, bucket, s, policy, rows, numels, keys) -> None:
-        n = len(numels)
-        table = array("q")
+            seeds.append(int(st["sr_seed"]) if policy == "stochastic" else 0)
+        n = self.n = len(numels)
+        self.table = table = array("q")
         for row in library.POINTER_ROWS:
             table.extend(rows[row])
         table.extend(numels)
         table.extend([0] * (n + 1))  # chunk_start scratch
-        key_array = array("I", keys)
-        base, _ = table.buffer_info()
-        args = library.StepArgs(
+        self.seeds = array("I", seeds)
+        self.param_ptrs = rows["params"]
+        base = table.buffer_info()[0]
+        step_dtype = bucket.steps[0].dtype if bucket.steps and n else None
+        self.args = library.StepArgs(
             n_tensors=n,
-            n_threads=torch.get_num_threads(),
             param_dtype=DTYPES[bucket.params[0].dtype],
-            state_format=STATE_FORMATS[bucket.state_format],
+            state_format=STATE_FORMATS.get(bucket.state_format, -1),
             param_update=UPDATES[policy],
-            h=library.Hyper(
+            sr_seeds=self.seeds.buffer_info()[0],
+            numels=base + 8 * n * len(library.POINTER_ROWS),
+            chunk_start=base + 8 * n * (len(library.POINTER_ROWS) + 1),
+            step_dtype=library.STEP_DTYPES[step_dtype],
+        )
+        for k, row in enumerate(library.POINTER_ROWS):
+            setattr(self.args, row, base + 8 * n * k)
+        self.grad_row = library.POINTER_ROWS.index("grads") * n
+
+    def refresh(self, grads: list[Tensor]) -> bool:
+        """Take this step's grads (parallel to bucket.params). False when the table no
+        longer describes the tensors (a param was given new storage, a grad is not dense
+        and contiguous): then nothing is changed and the caller prepares anew."""
+        params = self.bucket.params
+        if self.rest:
+            params, kernel_grads = [params[i] for i in self.fast], [grads[i] for i in self.fast]
+        else:
+            kernel_grads = grads
+        try:
+            if not all(map(Tensor.is_contiguous, kernel_grads)):
+                return False
+        except RuntimeError:  # sparse grads have no strides
+            return False
+        if list(map(Tensor.data_ptr, params)) != self.param_ptrs:
+            return False
+        self.table[self.grad_row:self.grad_row + self.n] = array("q", map(Tensor.data_ptr, kernel_grads))
+        self.bucket.grads = grads
+        return True
+
+    def steps_equal(self, value: int) -> bool:
+        """Whether every counter of the kernel's tensors still reads ``value``."""
+        return self.n == 0 or bool(self.lib.adamkit_steps_equal(ctypes.byref(self.args), value))
+
+    def run(self, s: StepScalars) -> None:
+        if self.n:
+            args = self.args
+            args.n_threads = torch.get_num_threads()
+            args.step = s.step
+            args.h = library.Hyper(
                 beta1=s.beta1, beta2=s.beta2, one_minus_beta1=1.0 - s.beta1,
                 one_minus_beta2=1.0 - s.beta2, eps=s.eps, weight_decay=s.weight_decay,
                 decay=s.decay, step_size=s.step_size, bc2_sqrt=s.bias_correction2_sqrt,
                 grad_scale_inv=s.grad_scale_inv, amsgrad=int(s.amsgrad), maximize=int(s.maximize),
-            ),
-            sr_keys=key_array.buffer_info()[0],
-            numels=base + 8 * n * len(library.POINTER_ROWS),
-            chunk_start=base + 8 * n * (len(library.POINTER_ROWS) + 1),
-        )
-        for k, row in enumerate(library.POINTER_ROWS):
-            setattr(args, row, base + 8 * n * k)
-        status = lib.adamkit_step(ctypes.byref(args))
-        if status != 0:
-            raise RuntimeError(f"adamkit cpu kernel rejected the bucket (status {status})")
+            )
+            status = self.lib.adamkit_step(ctypes.byref(args))
+            if status != 0:
+                raise RuntimeError(f"adamkit cpu kernel rejected the bucket (status {status})")
+        if self.rest:
+            from ..torch_ops import BACKEND as torch_backend
+
+            rest = _subset(self.bucket, self.rest)
+            torch_backend.step(rest, s)
+            if rest.steps:
+                torch._foreach_add_(rest.steps, 1.0)
 
 
 def _subset(bucket: Bucket, idx: list[int]) -> Bucket:
@@ -128,7 +179,8 @@ def _subset(bucket: Bucket, idx: list[int]) -> Bucket:
     return dataclasses.replace(
         bucket, params=pick(bucket.params), grads=pick(bucket.grads),
         exp_avgs=pick(bucket.exp_avgs), exp_avg_sqs=pick(bucket.exp_avg_sqs),
-        max_exp_avg_sqs=pick(bucket.max_exp_avg_sqs), states=pick(bucket.states))
+        max_exp_avg_sqs=pick(bucket.max_exp_avg_sqs), states=pick(bucket.states),
+        steps=pick(bucket.steps))
 
 
 BACKEND = CpuBackend()

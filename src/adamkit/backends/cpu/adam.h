@@ -10,6 +10,7 @@
 // Compute is float32; moments enter the update as stored (encoded then decoded).
 
 #include "common.h"
+#include "simd.h"
 
 namespace {
 
@@ -25,7 +26,8 @@ struct Step {
         void* vmax = AMSGRAD ? a.max_exp_avg_sqs[t] : nullptr;
         P* comp = U == KAHAN ? static_cast<P*>(a.extras[t]) : nullptr;
         float* master = U == MASTER ? static_cast<float*>(a.extras[t]) : nullptr;
-        const uint32_t key = U == STOCHASTIC ? a.sr_keys[t] : 0u;
+        // formats.md's per-step key: mix32(seed ^ mix32(t)).
+        const uint32_t key = U == STOCHASTIC ? mix32(a.sr_seeds[t] ^ mix32(uint32_t(a.step))) : 0u;
         const Consts c(a.h);
         if constexpr (S == INT8) {
             float mbuf[BLOCK], vbuf[BLOCK], xbuf[BLOCK];
@@ -44,13 +46,18 @@ struct Step {
             St* ms = static_cast<St*>(m);
             St* vs = static_cast<St*>(v);
             St* vm = static_cast<St*>(vmax);
+            int64_t first = lo;  // the scalar loop takes what 16-wide groups leave
+#if defined(ADAMKIT_SIMD16)
+            if constexpr (std::is_same_v<P, bf16> && S == BF16 && U != MASTER)
+                first = run16<U, AMSGRAD>(c, p, g, ms, vs, vm, comp, key, lo, hi);
+#endif
 #pragma omp simd
-            for (int64_t i = lo; i < hi; ++i) {
+            for (int64_t i = first; i < hi; ++i) {
                 const float th = theta_eff<P, U>(p, comp, master, i);
-                const float gi = grad(c, g[i], th);
+                const float gi = grad(c, to_f32(g[i]), th);
                 const float mi = stored<St>(ms[i], lerp(c, load<St>(ms[i]), gi));
                 float vi = stored<St>(vs[i], c.beta2 * load<St>(vs[i]) + c.omb2 * gi * gi);
-                if constexpr (AMSGRAD) vi = stored<St>(vm[i], std::max(load<St>(vm[i]), vi));
+                if constexpr (AMSGRAD) vi = stored<St>(vm[i], max_(load<St>(vm[i]), vi));
                 write_theta<P, U>(p, comp, master, i, update(c, th, mi, vi), key, 0);
             }
         }
@@ -67,7 +74,7 @@ struct Step {
         for (int64_t i = 0; i < n; ++i) {
             const float th = theta_eff<P, U>(p, comp, master, i);
             xbuf[i] = th;
-            const float gi = grad(c, g[i], th);
+            const float gi = grad(c, to_f32(g[i]), th);
             const float mi = lerp(c, decode_m(mq[i], mscale), gi);
             const float vi = c.beta2 * decode_v(vq[i], vscale) + c.omb2 * gi * gi;
             mbuf[i] = mi;
@@ -167,7 +174,7 @@ int pick_state(const StepArgs& a) {
     }
 }
 
-int step(const StepArgs& a) {
+int run(const StepArgs& a) {
     switch (a.param_dtype) {
         case DT_F32: return pick_state<float>(a);
         case DT_BF16: return pick_state<bf16>(a);
@@ -176,9 +183,39 @@ int step(const StepArgs& a) {
     }
 }
 
+// The step counters live in one scalar tensor per param (torch's layout); adding 1 to
+// each from Python costs more than the whole update of 1024 small tensors.
+template <class T> bool steps_equal(const StepArgs& a, double value) {
+    for (int64_t t = 0; t < a.n_tensors; ++t)
+        if (double(*static_cast<const T*>(a.steps[t])) != value) return false;
+    return true;
+}
+template <class T> void increment_steps(const StepArgs& a) {
+    for (int64_t t = 0; t < a.n_tensors; ++t) *static_cast<T*>(a.steps[t]) += T(1);
+}
+
+int step(const StepArgs& a) {
+    if (a.step_dtype != STEP_NONE && a.step_dtype != STEP_F32 && a.step_dtype != STEP_F64)
+        return ERR_STEP_DTYPE;
+    const int status = run(a);
+    if (status != 0) return status;
+    if (a.step_dtype == STEP_F32) increment_steps<float>(a);
+    if (a.step_dtype == STEP_F64) increment_steps<double>(a);
+    return 0;
+}
+
 }  // namespace
 
 extern "C" {
 int adamkit_abi_version() { return ABI_VERSION; }
+// Runs the bucket, then adds 1 to every step counter (all or nothing: a bad argument
+// block is rejected before anything is written).
 int adamkit_step(const StepArgs* a) { return step(*a); }
+// 1 when every step counter of the bucket equals `value`: a cached plan's check that
+// nobody changed them since the last step.
+int adamkit_steps_equal(const StepArgs* a, double value) {
+    if (a->step_dtype == STEP_F32) return steps_equal<float>(*a, value);
+    if (a->step_dtype == STEP_F64) return steps_equal<double>(*a, value);
+    return 0;
+}
 }

@@ -9,15 +9,19 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
-constexpr int ABI_VERSION = 2;
+constexpr int ABI_VERSION = 3;
 constexpr int64_t BLOCK = 256;     // int8 quantization block (elements)
 constexpr int64_t CHUNK = 16384;   // unit of work per thread: a multiple of BLOCK
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { FP32 = 0, BF16 = 1, INT8 = 2 };
 enum { NEAREST = 0, KAHAN = 1, MASTER = 2, STOCHASTIC = 3 };
-enum { ERR_DTYPE = 1, ERR_STATE = 2, ERR_UPDATE = 3 };
+enum { ERR_DTYPE = 1, ERR_STATE = 2, ERR_UPDATE = 3, ERR_STEP_DTYPE = 4 };
+enum { STEP_NONE = 0, STEP_F32 = 1, STEP_F64 = 2 };  // dtype of the state["step"] counters
 
 // A scoped enum, not a struct: GCC vectorizes scalar loads and stores of it, while a
 // struct copy is an aggregate copy that blocks vectorization (3× slower steps).
@@ -47,15 +51,26 @@ struct StepArgs {
     float* const* exp_avg_scales;
     float* const* exp_avg_sq_scales;
     float* const* max_exp_avg_sq_scales;
-    const uint32_t* sr_keys;
+    void* const* steps;  // state["step"] scalars: incremented by the call (step_dtype)
+    const uint32_t* sr_seeds;  // per-tensor stochastic-rounding seeds (formats.md)
     const int64_t* numels;
     int64_t* chunk_start;  // scratch, n_tensors + 1 entries
+    int64_t step;          // the bucket's step t (1-based), keys stochastic rounding
+    int32_t step_dtype;
 };
+
+// Eight float32 lanes and their bit patterns (GCC vector extensions): the step's
+// arithmetic below is written once, as templates over float and f8 (simd.h).
+typedef float f8 __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
 
 namespace {
 
 // ---- conversions ------------------------------------------------------------------
 inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+#if defined(__AVX__)
+inline u8v bits_of(f8 x) { return reinterpret_cast<u8v>(x); }
+#endif
 inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 
 inline float to_f32(float x) { return x; }
@@ -79,12 +94,14 @@ template <> inline half from_f32<half>(float x) {  // round to nearest even, as 
     const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
     return half(uint16_t(h | sign));
 }
-template <> inline bf16 from_f32<bf16>(float x) {                    // as torch: RNE, NaN kept
-    const uint32_t u = bits_of(x);
-    const uint32_t rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-    return bf16{uint16_t(nan ? (u >> 16) | 0x40u : rne)};
+// bf16 bits of x, as torch rounds: to nearest even, NaN kept (quieted). x != x rather
+// than a test on the bits: AVX2 has no unsigned vector compare.
+template <class F> inline auto bf16_bits(F x) {
+    const auto u = bits_of(x);
+    const auto rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return x != x ? (u >> 16) | 0x40u : rne;
 }
+template <> inline bf16 from_f32<bf16>(float x) { return bf16{uint16_t(bf16_bits(x))}; }
 
 template <class St> inline float load(St x) { return to_f32(x); }
 // Store x in slot's format and return the stored value: moments are used as stored.
@@ -105,25 +122,34 @@ struct Consts {
           has_wd(h.weight_decay != 0.f), lerp_low(omb1 < 0.5f) {}
 };
 
+// F is float or f8: one formula for the scalar loop and the 16-wide groups (simd.h).
+inline float sqrt_(float x) { return std::sqrt(x); }
+#if defined(__AVX__)
+inline f8 sqrt_(f8 x) { return _mm256_sqrt_ps(x); }
+#endif
+
 // g (unscaled, negated when maximizing) plus coupled decay λθ.
-template <class P> inline float grad(const Consts& c, P g, float th) {
-    const float gi = to_f32(g) * c.gsign;
+template <class F> inline F grad(const Consts& c, F g, F th) {
+    const F gi = g * c.gsign;
     return c.has_wd ? gi + c.wd * th : gi;
 }
 
 // m + (1−β1)(g − m), in the two forms torch's lerp uses for accuracy.
-inline float lerp(const Consts& c, float m, float g) {
+template <class F> inline F lerp(const Consts& c, F m, F g) {
     return c.lerp_low ? m + c.omb1 * (g - m) : g - (g - m) * c.beta1_lerp;
 }
 
+// max as std::max(a, b): a unless a < b (so a NaN in a is kept).
+template <class F> inline F max_(F a, F b) { return a < b ? b : a; }
+
 // θ_new = decay·θ − step_size · m / (√v / √bc2 + ε)
-inline float update(const Consts& c, float th, float m, float v) {
-    const float denom = std::sqrt(v) / c.bc2_sqrt + c.eps;
+template <class F> inline F update(const Consts& c, F th, F m, F v) {
+    const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;
     return th * c.decay + c.neg_step * (m / denom);
 }
 
 // ---- stochastic rounding ----------------------------------------------------------------
-inline uint32_t mix32(uint32_t x) {
+template <class U> inline U mix32(U x) {
     x ^= x >> 16;
     x *= 0x21F0AAADu;
     x ^= x >> 15;
@@ -132,8 +158,12 @@ inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
+// bf16 bits of x rounded up or down with probability by the 16 dropped bits vs r's low 16.
+template <class F, class U> inline U stochastic_bf16_bits(F x, U r) {
+    return ((bits_of(x) + (r & 0xFFFFu)) & 0xFFFF0000u) >> 16;
+}
 inline bf16 round_stochastic(float x, uint32_t r, bf16*) {
-    return bf16{uint16_t(((bits_of(x) + (r & 0xFFFFu)) & 0xFFFF0000u) >> 16)};
+    return bf16{uint16_t(stochastic_bf16_bits(x, r))};
 }
 inline half round_stochastic(float x, uint32_t r, half*) {
     const float normal = float_of((bits_of(x) + (r & 0x1FFFu)) & 0xFFFFE000u);

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-ABI_VERSION = 2
+ABI_VERSION = 3
 # -ffp-contract=off: one rounding per operation on every instruction set (formats.md).
 FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
          "-ffp-contract=off", "-fPIC", "-shared"]
@@ -49,7 +49,8 @@ class Hyper(ctypes.Structure):
 
 
 POINTER_ROWS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "extras",
-                "exp_avg_scales", "exp_avg_sq_scales", "max_exp_avg_sq_scales")
+                "exp_avg_scales", "exp_avg_sq_scales", "max_exp_avg_sq_scales", "steps")
+STEP_DTYPES = {None: 0, torch.float32: 1, torch.float64: 2}
 
 
 class StepArgs(ctypes.Structure):
@@ -61,9 +62,11 @@ class StepArgs(ctypes.Structure):
         ("param_update", ctypes.c_int32),
         ("h", Hyper),
         *[(row, ctypes.c_void_p) for row in POINTER_ROWS],
-        ("sr_keys", ctypes.c_void_p),
+        ("sr_seeds", ctypes.c_void_p),
         ("numels", ctypes.c_void_p),
         ("chunk_start", ctypes.c_void_p),
+        ("step", ctypes.c_int64),
+        ("step_dtype", ctypes.c_int32),
     ]
 
 
@@ -106,6 +109,8 @@ def _open(path: Path) -> ctypes.CDLL:
         raise RuntimeError(f"{path.name} has ABI {lib.adamkit_abi_version()}, expected {ABI_VERSION}")
     lib.adamkit_step.argtypes = [ctypes.POINTER(StepArgs)]
     lib.adamkit_step.restype = ctypes.c_int
+    lib.adamkit_steps_equal.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_double]
+    lib.adamkit_steps_equal.restype = ctypes.c_int
     return lib
 
 

@@ -1,0 +1,143 @@
+"""Reusing the last step's plan while nothing it depends on has changed.
+
+Planning a step (which params have grads, their state, the buckets and, for the cpu
+backend, the kernel's pointer table) is Python work per tensor. For many small tensors
+it costs more than the update itself: 1024 tensors took ~20 ms of planning per step on
+a 2-core EPYC, against ~18 ms for the update of 16.8M params. Checking that the last
+plan still holds costs a fraction of that, so ``Adam.step`` keeps it here and reuses it
+while
+
+* no param group was added or changed its storage settings, no state dict or state
+  tensor was replaced, added or removed (identity checks, not values);
+* the same params have grads, and those are dense and contiguous;
+* the params keep their storage and dtype, and every step counter still reads what the
+  last step left (a counter edited by hand sends the step down the full path).
+
+Any miss runs the full plan (``Adam._plan``), which builds a new cache. The cache never
+holds a grad: between steps ``zero_grad`` must be able to free them.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import backends
+from .hyperparams import step_scalars
+
+# Group keys that decide storage and backends; a change to any of them re-plans.
+_STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min_size", "seed")
+
+
+def _same(xs: list, ys: list) -> bool:
+    return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
+
+
+@dataclass
+class CachedBucket:
+    group_index: int
+    group: dict[str, Any]
+    positions: list[int]  # indices into the group's params
+    t: int  # the step this bucket took last
+    backend: Any
+    bucket: backends.Bucket
+    prepared: Any = None  # backend.prepare(bucket), where the backend offers it
+    key_rows: tuple = ()  # (state key, the state tensors under it) checked by identity
+
+
+def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any) -> Any:
+    """Run one bucket (and count its steps); returns what the backend prepared, if any."""
+    prepare = getattr(backend, "prepare", None)
+    if prepare is None:
+        backend.step(bucket, scalars)
+        backends.count_steps(backend, bucket)
+        return None
+    prepared = prepare(bucket)
+    prepared.run(scalars)
+    return prepared
+
+
+class StepCache:
+    def __init__(self, optimizer: Any, buckets: list[CachedBucket]) -> None:
+        self.state = optimizer.state
+        self.n_states = len(optimizer.state)
+        self.groups = [self._signature(g) for g in optimizer.param_groups]
+        self.buckets = buckets
+        for cb in buckets:
+            keys = ["step", "exp_avg", "exp_avg_sq", *_extra_keys(cb.bucket)]
+            cb.key_rows = tuple((k, [st[k] for st in cb.bucket.states]) for k in keys)
+            cb.bucket.grads = []
+        # Per group, the positions of the params that had grads.
+        self.masks = [sorted(i for cb in buckets if cb.group_index == k for i in cb.positions)
+                      for k in range(len(optimizer.param_groups))]
+
+    @staticmethod
+    def _signature(group: dict[str, Any]) -> tuple:
+        return (id(group), id(group["params"]), len(group["params"]),
+                *(group.get(k) for k in _STORAGE_KEYS))
+
+    def try_step(self, optimizer: Any, grad_scale_inv: float) -> bool:
+        """Run the step from the cached plan and return True, or change nothing and
+        return False when the plan no longer holds."""
+        if optimizer.state is not self.state or len(optimizer.state) != self.n_states:
+            return False
+        groups = optimizer.param_groups
+        if len(groups) != len(self.groups) or any(
+            self._signature(g) != sig for g, sig in zip(groups, self.groups)
+        ):
+            return False
+        all_grads = []
+        for group, mask in zip(groups, self.masks):
+            grads = [p.grad for p in group["params"]]
+            if [i for i, g in enumerate(grads) if g is not None] != mask:
+                return False
+            all_grads.append(grads)
+        state_get = optimizer.state.get
+        for cb in self.buckets:
+            b, group_grads = cb.bucket, all_grads[cb.group_index]
+            grads = [group_grads[i] for i in cb.positions]
+            if not _same(list(map(state_get, b.params)), b.states):
+                return False
+            for key, row in cb.key_rows:
+                if not _same(list(map(operator.itemgetter(key), b.states)), row):
+                    return False
+            if cb.prepared is not None:
+                if not (cb.prepared.refresh(grads) and cb.prepared.steps_equal(cb.t)):
+                    return False
+                if cb.prepared.rest and not _steps_read(b, cb.prepared.rest, cb.t):
+                    return False
+            else:
+                dtype = b.params[0].dtype
+                if any(p.dtype != dtype for p in b.params) or any(g.is_sparse for g in grads):
+                    return False
+                if not _steps_read(b, range(len(b.params)), cb.t):
+                    return False
+                b.grads = grads
+        # Everything holds: run. Nothing above changed the optimizer.
+        for cb in self.buckets:
+            scalars = step_scalars(cb.group, cb.t + 1)
+            if grad_scale_inv != 1.0:
+                scalars = replace(scalars, grad_scale_inv=grad_scale_inv)
+            if cb.prepared is not None:
+                cb.prepared.run(scalars)
+            else:
+                cb.backend.step(cb.bucket, scalars)
+                backends.count_steps(cb.backend, cb.bucket)
+            cb.bucket.grads = []
+            cb.t += 1
+        return True
+
+
+def _extra_keys(bucket: backends.Bucket) -> list[str]:
+    keys = ["max_exp_avg_sq"] if bucket.max_exp_avg_sqs else []
+    if bucket.states:
+        st = bucket.states[0]
+        keys += [k for k in ("kahan_comp", "master_param", "sr_seed", "exp_avg_scale",
+                             "exp_avg_sq_scale", "max_exp_avg_sq_scale") if k in st]
+    return keys
+
+
+def _steps_read(bucket: backends.Bucket, idx, t: int) -> bool:
+    return all(bucket.steps[i].item() == t for i in idx)
+

@@ -1,0 +1,207 @@
+"""The cached step plan (adamkit/step_cache.py) must be invisible: every step equals the
+full plan's, and anything that invalidates the plan sends the step down the full path."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import adamkit
+from adamkit import step_cache
+
+
+def _model(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(300, generator=g)),
+        torch.nn.Parameter(torch.randn(64, 65, generator=g).to(torch.bfloat16)),
+        torch.nn.Parameter(torch.randn(5000, generator=g)),
+        torch.nn.Parameter(torch.randn(7, generator=g).double()),  # torch backend
+    ]
+
+
+def _optimizer(params, **kw):
+    return adamkit.Adam([
+        {"params": params[:2], "lr": torch.tensor(0.01), "amsgrad": True, "weight_decay": 0.1},
+        {"params": params[2:], "state_format": "int8", "int8_min_size": 1000},
+    ], lr=0.003, param_update="stochastic", seed=3, **kw)
+
+
+def _grads(params, k):
+    for i, p in enumerate(params):
+        p.grad = torch.cos(p.detach().float() * (k + 1) + i).to(p.dtype)
+
+
+class _Counting:
+    """Counts full plans; ``disable`` makes every step take the full path."""
+
+    def __init__(self, monkeypatch, disable=False):
+        self.full = 0
+        planned = adamkit.Adam._planned_step
+
+        def counting(opt, *args):
+            self.full += 1
+            return planned(opt, *args)
+
+        monkeypatch.setattr(adamkit.Adam, "_planned_step", counting)
+        if disable:
+            monkeypatch.setattr(step_cache.StepCache, "try_step", lambda *a: False)
+
+
+def _run(monkeypatch, edit, disable, steps=6):
+    counter = _Counting(monkeypatch, disable)
+    params = _model()
+    opt = _optimizer(params)
+    for k in range(steps):
+        _grads(params, k)
+        edit(k, params, opt)
+        opt.step()
+        opt.zero_grad()
+    monkeypatch.undo()
+    return params, opt, counter.full
+
+
+def _assert_same(a, b):
+    (pa, oa), (pb, ob) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    for x, y in zip(pa, pb):
+        sa, sb = oa.state[x], ob.state[y]
+        assert sa.keys() == sb.keys()
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sb[key]), key
+            else:
+                assert value == sb[key], key
+
+
+def _no_edit(k, params, opt):
+    pass
+
+
+def _skip_a_grad(k, params, opt):
+    if k == 2:
+        params[0].grad = None
+
+
+def _replace_a_moment(k, params, opt):
+    if k == 3:
+        st = opt.state[params[0]]
+        st["exp_avg"] = torch.full_like(st["exp_avg"], 0.5)
+
+
+def _rewind_a_step_counter(k, params, opt):
+    if k == 3:
+        opt.state[params[2]]["step"].fill_(1.0)
+
+
+def _move_a_param(k, params, opt):
+    if k == 3:
+        params[0].data = params[0].data.clone() * 2
+
+
+def _non_contiguous_grad(k, params, opt):
+    if k >= 2:
+        g = params[1].grad
+        params[1].grad = g.t().contiguous().t()
+
+
+def _change_state_format(k, params, opt):
+    if k == 3:
+        opt.param_groups[0]["state_format"] = "bf16"
+
+
+def _schedule_lr(k, params, opt):
+    opt.param_groups[0]["lr"].fill_(0.01 / (k + 1))
+    opt.param_groups[1]["lr"] = 0.003 * (k + 1)
+
+
+EDITS = [_no_edit, _skip_a_grad, _replace_a_moment, _rewind_a_step_counter, _move_a_param,
+         _non_contiguous_grad, _change_state_format, _schedule_lr]
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__.strip("_"))
+def test_cached_steps_equal_full_steps(monkeypatch, edit):
+    cached = _run(monkeypatch, edit, disable=False)
+    full = _run(monkeypatch, edit, disable=True)
+    _assert_same(cached[:2], full[:2])
+    assert full[2] == 6  # the control really planned every step
+
+
+def test_an_unchanged_optimizer_plans_once(monkeypatch):
+    assert _run(monkeypatch, _no_edit, disable=False)[2] == 1
+
+
+@pytest.mark.parametrize("edit", [_skip_a_grad, _replace_a_moment, _rewind_a_step_counter,
+                                  _move_a_param, _change_state_format])
+def test_a_change_replans(monkeypatch, edit):
+    # The edit at step k forces a full plan at k, and at k+1 if the edit repeats.
+    assert _run(monkeypatch, edit, disable=False)[2] >= 2
+
+
+def test_load_state_dict_and_new_groups_replan(monkeypatch):
+    counter = _Counting(monkeypatch)
+    params = _model()
+    opt = _optimizer(params)
+    for k in range(3):
+        _grads(params, k)
+        opt.step()
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    _grads(params, 3)
+    opt.step()
+    assert counter.full == 2
+    extra = torch.nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.ones(3)
+    _grads(params, 4)
+    opt.step()
+    assert counter.full == 3 and float(opt.state[extra]["step"]) == 1.0
+    assert all(float(opt.state[p]["step"]) == 5.0 for p in params)
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+def test_step_counters_count_every_step(default):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        params = _model()
+        opt = _optimizer(params)
+        for k in range(7):
+            _grads(params, k)
+            opt.step()
+        for p in params:
+            step = opt.state[p]["step"]
+            assert step.dtype == default and float(step) == 7.0
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_the_cache_holds_no_grads():
+    params = _model()
+    opt = _optimizer(params)
+    for k in range(3):
+        _grads(params, k)
+        refs = [weakref.ref(p.grad) for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        assert all(r() is None for r in refs)
+
+
+def test_sparse_grad_after_cached_steps_raises_and_changes_nothing():
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = adamkit.Adam([p])
+    for _ in range(2):
+        p.grad = torch.ones(10)
+        opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()
+                                  if isinstance(v, torch.Tensor)}
+    p.grad = torch.ones(10).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(p, before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
