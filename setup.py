@@ -22,7 +22,8 @@ setup(
         Extension(
             f"adamkit.backends.cpu._adam_{isa}",
             sources=[f"src/adamkit/backends/cpu/adam_{isa}.cpp"],
-            depends=["src/adamkit/backends/cpu/adam.h", "src/adamkit/backends/cpu/common.h"],
+            depends=["src/adamkit/backends/cpu/adam.h", "src/adamkit/backends/cpu/common.h",
+                     "src/adamkit/backends/cpu/simd.h"],
             language="c++",
             extra_compile_args=FLAGS + flags,
             extra_link_args=["-fopenmp"],

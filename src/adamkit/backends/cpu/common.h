@@ -142,10 +142,15 @@ template <class F> inline F lerp(const Consts& c, F m, F g) {
 // max as std::max(a, b): a unless a < b (so a NaN in a is kept).
 template <class F> inline F max_(F a, F b) { return a < b ? b : a; }
 
-// θ_new = decay·θ − step_size · m / (√v / √bc2 + ε)
-template <class F> inline F update(const Consts& c, F th, F m, F v) {
+// θ_new = decay·θ − step_size · m / (√v / √bc2 + ε), in two parts so that simd.h can
+// pipeline them: the direction m / (√v / √bc2 + ε), then its application to θ.
+template <class F> inline F direction(const Consts& c, F m, F v) {
     const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;
-    return th * c.decay + c.neg_step * (m / denom);
+    return m / denom;
+}
+template <class F> inline F apply(const Consts& c, F th, F d) { return th * c.decay + c.neg_step * d; }
+template <class F> inline F update(const Consts& c, F th, F m, F v) {
+    return apply(c, th, direction(c, m, v));
 }
 
 // ---- stochastic rounding ----------------------------------------------------------------

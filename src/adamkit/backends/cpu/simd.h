@@ -41,57 +41,96 @@ inline f8 widen(u8v bits16) { return reinterpret_cast<f8>(bits16 << 16); }
 inline u8v indices_lo(uint32_t base) { return base + u8v{0, 1, 2, 3, 8, 9, 10, 11}; }
 inline u8v indices_hi(uint32_t base) { return base + u8v{4, 5, 6, 7, 12, 13, 14, 15}; }
 
-// The bf16 bits (low half of each lane) of what one half of a group stores.
-struct Lanes {
-    u8v p, comp, m, v, vm;
+// The step in three stages, so that three groups are in flight at once (run16): the
+// moments of group k, the direction of group k−1, the param write of group k−2. Each
+// group's work is one long dependency chain (load, moments, rounding, √, two divisions,
+// rounding, store: ~70 cycles on Zen 1, where a 256-bit op is two micro-ops); in program
+// order the out-of-order window then held barely one group and waited on that chain.
+// Interleaving independent groups lets it overlap them: 1.4x the throughput there.
+struct Moments16 {  // after stage 1: θ (effective) and the moments as stored, two halves
+    f8 th[2], m[2], v[2];
+};
+struct Direction16 {  // after stage 2
+    f8 th[2], d[2];
 };
 
-// Eight lanes of Step::run's scalar loop (adam.h), operation for operation.
+// Stage 1, as Step::run's scalar loop (adam.h) up to the stored moments.
 template <int U, bool AMSGRAD>
-inline Lanes step8(const Consts& c, f8 p, f8 comp, f8 g, f8 m, f8 v, f8 vm, u8v index,
-                   uint32_t key) {
-    Lanes out{};
-    const f8 th = U == KAHAN ? p + comp : p;
-    const f8 gi = grad(c, g, th);
-    out.m = bf16_bits(lerp(c, m, gi));
-    out.v = bf16_bits(c.beta2 * v + c.omb2 * gi * gi);
-    f8 vi = widen(out.v);
-    if constexpr (AMSGRAD) {
-        out.vm = bf16_bits(max_(vm, vi));
-        vi = widen(out.vm);
+inline Moments16 moments16(const Consts& c, const bf16* p, const bf16* g, bf16* m, bf16* v,
+                           bf16* vm, const bf16* comp, int64_t i) {
+    const Half16 P = load16(p + i), G = load16(g + i), M = load16(m + i), V = load16(v + i);
+    const Half16 C = U == KAHAN ? load16(comp + i) : Half16{};
+    const Half16 X = AMSGRAD ? load16(vm + i) : Half16{};
+    const f8 ps[2] = {P.lo, P.hi}, gs[2] = {G.lo, G.hi}, ms[2] = {M.lo, M.hi},
+             vs[2] = {V.lo, V.hi}, cs[2] = {C.lo, C.hi}, xs[2] = {X.lo, X.hi};
+    Moments16 out;
+    u8v mb[2], vb[2], xb[2];
+    for (int h = 0; h < 2; ++h) {
+        const f8 th = U == KAHAN ? ps[h] + cs[h] : ps[h];
+        const f8 gi = grad(c, gs[h], th);
+        mb[h] = bf16_bits(lerp(c, ms[h], gi));
+        vb[h] = bf16_bits(c.beta2 * vs[h] + c.omb2 * gi * gi);
+        f8 vi = widen(vb[h]);
+        if constexpr (AMSGRAD) {
+            xb[h] = bf16_bits(max_(xs[h], vi));
+            vi = widen(xb[h]);
+        }
+        out.th[h] = th;
+        out.m[h] = widen(mb[h]);
+        out.v[h] = vi;
     }
-    const f8 x = update(c, th, widen(out.m), vi);
-    if constexpr (U == KAHAN) {
-        out.p = bf16_bits(x);
-        out.comp = bf16_bits(x - widen(out.p));
-    } else if constexpr (U == STOCHASTIC) {
-        out.p = stochastic_bf16_bits(x, mix32(index ^ key));
-    } else {
-        out.p = bf16_bits(x);
-    }
+    store16(m + i, mb[0], mb[1]);
+    store16(v + i, vb[0], vb[1]);
+    if constexpr (AMSGRAD) store16(vm + i, xb[0], xb[1]);
     return out;
 }
 
-// Whole 16-element groups of [lo, hi); returns where the scalar loop takes over.
+// Stage 2: m / (√v / √bc2 + ε).
+inline Direction16 direction16(const Consts& c, const Moments16& s) {
+    return {{s.th[0], s.th[1]}, {direction(c, s.m[0], s.v[0]), direction(c, s.m[1], s.v[1])}};
+}
+
+// Stage 3: θ_new, rounded to the param by the update policy, and stored.
+template <int U>
+inline void write16(const Consts& c, const Direction16& s, bf16* p, bf16* comp, int64_t i,
+                    uint32_t key) {
+    u8v pb[2], cb[2];
+    for (int h = 0; h < 2; ++h) {
+        const f8 x = apply(c, s.th[h], s.d[h]);
+        if constexpr (U == STOCHASTIC) {
+            const u8v index = h ? indices_hi(uint32_t(i)) : indices_lo(uint32_t(i));
+            pb[h] = stochastic_bf16_bits(x, mix32(index ^ key));
+        } else {
+            pb[h] = bf16_bits(x);
+        }
+        if constexpr (U == KAHAN) cb[h] = bf16_bits(x - widen(pb[h]));
+    }
+    store16(p + i, pb[0], pb[1]);
+    if constexpr (U == KAHAN) store16(comp + i, cb[0], cb[1]);
+}
+
+// Whole 16-element groups of [lo, hi), software-pipelined; returns where the scalar loop
+// takes over. Groups never overlap, so the stages' reads and writes are independent.
 template <int U, bool AMSGRAD>
 int64_t run16(const Consts& c, bf16* p, const bf16* g, bf16* m, bf16* v, bf16* vm, bf16* comp,
               uint32_t key, int64_t lo, int64_t hi) {
-    int64_t i = lo;
-    for (; i + 16 <= hi; i += 16) {
-        const Half16 P = load16(p + i), G = load16(g + i), M = load16(m + i), V = load16(v + i);
-        const Half16 C = U == KAHAN ? load16(comp + i) : Half16{};
-        const Half16 X = AMSGRAD ? load16(vm + i) : Half16{};
-        const auto a = step8<U, AMSGRAD>(c, P.lo, C.lo, G.lo, M.lo, V.lo, X.lo,
-                                         indices_lo(uint32_t(i)), key);
-        const auto b = step8<U, AMSGRAD>(c, P.hi, C.hi, G.hi, M.hi, V.hi, X.hi,
-                                         indices_hi(uint32_t(i)), key);
-        store16(m + i, a.m, b.m);
-        store16(v + i, a.v, b.v);
-        if constexpr (AMSGRAD) store16(vm + i, a.vm, b.vm);
-        if constexpr (U == KAHAN) store16(comp + i, a.comp, b.comp);
-        store16(p + i, a.p, b.p);
+    const int64_t n = (hi - lo) / 16;
+    if (n == 0) return lo;
+    Moments16 a = moments16<U, AMSGRAD>(c, p, g, m, v, vm, comp, lo);
+    if (n == 1) {
+        write16<U>(c, direction16(c, a), p, comp, lo, key);
+        return lo + 16;
     }
-    return i;
+    Direction16 b = direction16(c, a);
+    a = moments16<U, AMSGRAD>(c, p, g, m, v, vm, comp, lo + 16);
+    for (int64_t k = 2; k < n; ++k) {
+        write16<U>(c, b, p, comp, lo + 16 * (k - 2), key);
+        b = direction16(c, a);
+        a = moments16<U, AMSGRAD>(c, p, g, m, v, vm, comp, lo + 16 * k);
+    }
+    write16<U>(c, b, p, comp, lo + 16 * (n - 2), key);
+    write16<U>(c, direction16(c, a), p, comp, lo + 16 * (n - 1), key);
+    return lo + 16 * n;
 }
 
 }  // namespace
