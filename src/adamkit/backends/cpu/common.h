@@ -222,8 +222,9 @@ struct Codec {
 template <int B> inline uint32_t encode_magnitude(float y, uint32_t cmax) {
     // Subnormal range: c = round_half_even(y·2^(B+2)) ∈ [0, 8]; the magic constant makes the
     // float addition round to an integer (exact for values < 2^22).
+    // Converted through int32: AVX2 has no float→uint32 conversion (same value in [0, 8]).
     const float s = y * float(1 << (B + 2));
-    const uint32_t sub = uint32_t((s + 0x1.8p23f) - 0x1.8p23f);
+    const uint32_t sub = uint32_t(int32_t((s + 0x1.8p23f) - 0x1.8p23f));
     uint32_t u = bits_of(y);
     u += 0x7FFFFu + ((u >> 20) & 1u);
     const int32_t e = int32_t(u >> 23) - 127 + B;
@@ -235,7 +236,7 @@ template <int B> inline uint32_t encode_magnitude(float y, uint32_t cmax) {
 template <int B> inline float decode_magnitude(uint32_t c) {
     const uint32_t e = c >> 3, f = c & 7u;
     const float normal = float_of(((e + 127u - B) << 23) | (f << 20));
-    const float sub = float(f) * float_of(uint32_t(127 - B - 2) << 23);
+    const float sub = float(int32_t(f)) * float_of(uint32_t(127 - B - 2) << 23);  // no uint→float in AVX2
     return e == 0 ? sub : normal;
 }
 
