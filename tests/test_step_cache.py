@@ -93,6 +93,11 @@ def _replace_a_moment(k, params, opt):
         st["exp_avg"] = torch.full_like(st["exp_avg"], 0.5)
 
 
+def _reset_a_state(k, params, opt):
+    if k == 3:
+        del opt.state[params[2]]
+
+
 def _rewind_a_step_counter(k, params, opt):
     if k == 3:
         opt.state[params[2]]["step"].fill_(1.0)
@@ -119,7 +124,8 @@ def _schedule_lr(k, params, opt):
     opt.param_groups[1]["lr"] = 0.003 * (k + 1)
 
 
-EDITS = [_no_edit, _skip_a_grad, _replace_a_moment, _rewind_a_step_counter, _move_a_param,
+EDITS = [_no_edit, _skip_a_grad, _replace_a_moment, _reset_a_state, _rewind_a_step_counter,
+         _move_a_param,
          _non_contiguous_grad, _change_state_format, _schedule_lr]
 
 
@@ -135,8 +141,8 @@ def test_an_unchanged_optimizer_plans_once(monkeypatch):
     assert _run(monkeypatch, _no_edit, disable=False)[2] == 1
 
 
-@pytest.mark.parametrize("edit", [_skip_a_grad, _replace_a_moment, _rewind_a_step_counter,
-                                  _move_a_param, _change_state_format])
+@pytest.mark.parametrize("edit", [_skip_a_grad, _replace_a_moment, _reset_a_state,
+                                  _rewind_a_step_counter, _move_a_param, _change_state_format])
 def test_a_change_replans(monkeypatch, edit):
     # The edit at step k forces a full plan at k, and at k+1 if the edit repeats.
     assert _run(monkeypatch, edit, disable=False)[2] >= 2

@@ -8,7 +8,8 @@ plan still holds costs a fraction of that, so ``Adam.step`` keeps it here and re
 while
 
 * no param group was added or changed its storage settings, no state dict or state
-  tensor was replaced, added or removed (identity checks, not values);
+  tensor was replaced, added or removed (identity checks, not values: the state
+  mapping's keys and values in order, then each bucket's state tensors);
 * the same params have grads, and those are dense and contiguous;
 * the params keep their storage and dtype, and every step counter still reads what the
   last step left (a counter edited by hand sends the step down the full path).
@@ -61,7 +62,10 @@ def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any) -> Any:
 class StepCache:
     def __init__(self, optimizer: Any, buckets: list[CachedBucket]) -> None:
         self.state = optimizer.state
-        self.n_states = len(optimizer.state)
+        # The mapping param → state dict, by identity: same keys and values in the same
+        # order (cheaper than looking each param up: a tensor's hash is Python code).
+        self.state_keys = list(optimizer.state.keys())
+        self.state_values = list(optimizer.state.values())
         self.groups = [self._signature(g) for g in optimizer.param_groups]
         self.buckets = buckets
         for cb in buckets:
@@ -80,7 +84,9 @@ class StepCache:
     def try_step(self, optimizer: Any, grad_scale_inv: float) -> bool:
         """Run the step from the cached plan and return True, or change nothing and
         return False when the plan no longer holds."""
-        if optimizer.state is not self.state or len(optimizer.state) != self.n_states:
+        state = optimizer.state
+        if (state is not self.state or not _same(list(state.values()), self.state_values)
+                or not _same(list(state.keys()), self.state_keys)):
             return False
         groups = optimizer.param_groups
         if len(groups) != len(self.groups) or any(
@@ -93,12 +99,9 @@ class StepCache:
             if [i for i, g in enumerate(grads) if g is not None] != mask:
                 return False
             all_grads.append(grads)
-        state_get = optimizer.state.get
         for cb in self.buckets:
             b, group_grads = cb.bucket, all_grads[cb.group_index]
             grads = [group_grads[i] for i in cb.positions]
-            if not _same(list(map(state_get, b.params)), b.states):
-                return False
             for key, row in cb.key_rows:
                 if not _same(list(map(operator.itemgetter(key), b.states)), row):
                     return False
