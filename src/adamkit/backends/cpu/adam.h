@@ -87,10 +87,11 @@ struct Step {
         *vsc = vcod.scale;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-            mq[i] = encode_m(mbuf[i], mcod);
-            mbuf[i] = decode_m(mq[i], mcod.scale);
-            vq[i] = encode_v(vbuf[i], vcod);
-            vbuf[i] = decode_v(vq[i], vcod.scale);
+            const uint8_t qm = encode_m(mbuf[i], mcod), qv = encode_v(vbuf[i], vcod);
+            mq[i] = qm;  // uint8_t stores may alias anything: decode from the registers
+            vq[i] = qv;
+            mbuf[i] = decode_m(qm, mcod.scale);
+            vbuf[i] = decode_v(qv, vcod.scale);
         }
         if constexpr (AMSGRAD) {
             const float vmscale = *vmsc;

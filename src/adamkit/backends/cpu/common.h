@@ -225,17 +225,18 @@ template <int B> inline uint32_t encode_magnitude(float y, uint32_t cmax) {
     // Converted through int32: AVX2 has no float→uint32 conversion (same value in [0, 8]).
     const float s = y * float(1 << (B + 2));
     const uint32_t sub = uint32_t(int32_t((s + 0x1.8p23f) - 0x1.8p23f));
+    // Normal range: round the float to 3 mantissa bits (RNE); its exponent and those bits
+    // are u >> 20 = 8·(e + 127) + f, so the code 8·(e + B) + f is that minus 8·(127 − B).
     uint32_t u = bits_of(y);
     u += 0x7FFFFu + ((u >> 20) & 1u);
-    const int32_t e = int32_t(u >> 23) - 127 + B;
-    const uint32_t normal = (uint32_t(e) << 3) | ((u >> 20) & 7u);
+    const uint32_t normal = (u >> 20) - uint32_t(8 * (127 - B));
     const uint32_t c = y < float_of(uint32_t(127 + 1 - B) << 23) ? sub : normal;
     return c < cmax ? c : cmax;
 }
 
 template <int B> inline float decode_magnitude(uint32_t c) {
     const uint32_t e = c >> 3, f = c & 7u;
-    const float normal = float_of(((e + 127u - B) << 23) | (f << 20));
+    const float normal = float_of((c << 20) + (uint32_t(127 - B) << 23));  // e+127−B, f
     const float sub = float(int32_t(f)) * float_of(uint32_t(127 - B - 2) << 23);  // no uint→float in AVX2
     return e == 0 ? sub : normal;
 }
