@@ -34,6 +34,16 @@ struct Step {
             for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
                 const int64_t n = hi - b0 < BLOCK ? hi - b0 : BLOCK;
                 const int64_t blk = b0 / BLOCK;
+#if defined(ADAMKIT_SIMD16)
+                if constexpr (!AMSGRAD && !std::is_same_v<P, half>) {
+                    if (n == BLOCK) {
+                        block16<P, U>(c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t] + blk,
+                                      static_cast<uint8_t*>(v), a.exp_avg_sq_scales[t] + blk,
+                                      comp, master, key, b0);
+                        continue;
+                    }
+                }
+#endif
                 block(c, p + b0, g + b0, static_cast<uint8_t*>(m) + b0, a.exp_avg_scales[t] + blk,
                       static_cast<uint8_t*>(v) + b0, a.exp_avg_sq_scales[t] + blk,
                       AMSGRAD ? static_cast<uint8_t*>(vmax) + b0 : nullptr,

@@ -218,40 +218,63 @@ struct Codec {
     }
 };
 
+// The codec is written for float/uint32_t and for f8/u8v alike (simd.h encodes 16 codes
+// at a time); these few helpers are where the two differ.
+inline uint32_t trunc_u32(float x) { return uint32_t(int32_t(x)); }  // |x| < 2^31
+inline float float_from_small(uint32_t x) { return float(int32_t(x)); }  // x < 2^31
+inline float abs_(float x) { return std::fabs(x); }
+inline uint32_t when(bool m, uint32_t v) { return m ? v : 0u; }
+#if defined(__AVX__)
+typedef int32_t i8v __attribute__((vector_size(32)));
+inline f8 float_of(u8v u) { return reinterpret_cast<f8>(u); }
+// AVX2 converts float↔int32 only: through int32, which holds every value used here.
+inline u8v trunc_u32(f8 x) { return reinterpret_cast<u8v>(__builtin_convertvector(x, i8v)); }
+inline f8 float_from_small(u8v x) { return __builtin_convertvector(reinterpret_cast<i8v>(x), f8); }
+inline f8 abs_(f8 x) { return float_of(bits_of(x) & 0x7FFFFFFFu); }
+inline u8v when(i8v m, uint32_t v) { return reinterpret_cast<u8v>(m) & v; }
+#endif
+
 // Nearest code (ties to even) of y ≥ 0 in the E?M3 map with bias B, capped at cmax.
-template <int B> inline uint32_t encode_magnitude(float y, uint32_t cmax) {
+template <int B, class F> inline auto encode_magnitude(F y, uint32_t cmax) {
     // Subnormal range: c = round_half_even(y·2^(B+2)) ∈ [0, 8]; the magic constant makes the
     // float addition round to an integer (exact for values < 2^22).
-    // Converted through int32: AVX2 has no float→uint32 conversion (same value in [0, 8]).
-    const float s = y * float(1 << (B + 2));
-    const uint32_t sub = uint32_t(int32_t((s + 0x1.8p23f) - 0x1.8p23f));
+    const F s = y * float(1 << (B + 2));
+    const auto sub = trunc_u32((s + 0x1.8p23f) - 0x1.8p23f);
     // Normal range: round the float to 3 mantissa bits (RNE); its exponent and those bits
     // are u >> 20 = 8·(e + 127) + f, so the code 8·(e + B) + f is that minus 8·(127 − B).
-    uint32_t u = bits_of(y);
+    auto u = bits_of(y);
     u += 0x7FFFFu + ((u >> 20) & 1u);
-    const uint32_t normal = (u >> 20) - uint32_t(8 * (127 - B));
-    const uint32_t c = y < float_of(uint32_t(127 + 1 - B) << 23) ? sub : normal;
+    const auto normal = (u >> 20) - uint32_t(8 * (127 - B));
+    const auto c = y < float_of(uint32_t(127 + 1 - B) << 23) ? sub : normal;
     return c < cmax ? c : cmax;
 }
 
-template <int B> inline float decode_magnitude(uint32_t c) {
-    const uint32_t e = c >> 3, f = c & 7u;
-    const float normal = float_of((c << 20) + (uint32_t(127 - B) << 23));  // e+127−B, f
-    const float sub = float(int32_t(f)) * float_of(uint32_t(127 - B - 2) << 23);  // no uint→float in AVX2
-    return e == 0 ? sub : normal;
+template <int B, class U> inline auto decode_magnitude(U c) {
+    const U e = c >> 3, f = c & 7u;
+    const auto normal = float_of((c << 20) + (uint32_t(127 - B) << 23));  // e+127−B, f
+    const auto sub = float_from_small(f) * float_of(uint32_t(127 - B - 2) << 23);
+    return e == 0u ? sub : normal;
 }
 
-inline uint8_t encode_m(float x, const Codec& k) {
-    const uint32_t c = encode_magnitude<7>(std::fabs(x) * k.inv, 127u);
-    return uint8_t(c | (x < 0.f && c > 0u ? 128u : 0u));
+// Codes in the low bits of uint32 lanes: sign in bit 7 for m (never on a zero code).
+template <class F> inline auto encode_m_bits(F x, const Codec& k) {
+    const auto c = encode_magnitude<7>(abs_(x) * k.inv, 127u);
+    return c | when((x < 0.f) & (c != 0u), 128u);
 }
-inline float decode_m(uint8_t q, float scale) {
-    const float x = decode_magnitude<7>(q & 127u) * scale;
-    return q & 128u ? -x : x;
+template <class U> inline auto decode_m_bits(U q, float scale) {
+    const auto x = decode_magnitude<7>(q & 127u) * scale;
+    return (q & 128u) != 0u ? -x : x;
 }
-inline uint8_t encode_v(float x, const Codec& k) {
-    return uint8_t(encode_magnitude<15>(x * k.inv, 255u));
+template <class F> inline auto encode_v_bits(F x, const Codec& k) {
+    return encode_magnitude<15>(x * k.inv, 255u);
 }
-inline float decode_v(uint8_t q, float scale) { return decode_magnitude<15>(q) * scale; }
+template <class U> inline auto decode_v_bits(U q, float scale) {
+    return decode_magnitude<15>(q) * scale;
+}
+
+inline uint8_t encode_m(float x, const Codec& k) { return uint8_t(encode_m_bits(x, k)); }
+inline float decode_m(uint8_t q, float scale) { return decode_m_bits(uint32_t(q), scale); }
+inline uint8_t encode_v(float x, const Codec& k) { return uint8_t(encode_v_bits(x, k)); }
+inline float decode_v(uint8_t q, float scale) { return decode_v_bits(uint32_t(q), scale); }
 
 }  // namespace

@@ -115,6 +115,10 @@ inline Direction16 direction16(const Consts& c, const Moments16& s) {
 }
 
 // Stage 3: θ_new, rounded to the param by the update policy, and stored.
+inline void write16(const Consts& c, const Direction16& s, float* p, int64_t i) {
+    store16(p + i, apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1]));  // float32: nearest
+}
+
 template <int U>
 inline void write16(const Consts& c, const Direction16& s, bf16* p, bf16* comp, float* master,
                     int64_t i, uint32_t key) {
@@ -163,6 +167,79 @@ int64_t run16(const Consts& c, bf16* p, const bf16* g, St* m, St* v, St* vm, bf1
     write(b, lo + 16 * (n - 2));
     write(direction16(c, a), lo + 16 * (n - 1));
     return lo + 16 * n;
+}
+
+
+// ---- int8 moments: one whole block (BLOCK = 256 = 16 groups) at a time -------------------
+// Step::block's three passes (adam.h) on 16 lanes: decode and step, block maxima; encode
+// and decode as stored; write the params. Codes are widened byte → 16 bit in order, then
+// interleaved with zeros like bf16, so they come in the same unpack order as every stream.
+inline void load_codes(const uint8_t* q, u8v& lo, u8v& hi) {
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    const __m256i z = _mm256_setzero_si256();
+    lo = reinterpret_cast<u8v>(_mm256_unpacklo_epi16(w, z));
+    hi = reinterpret_cast<u8v>(_mm256_unpackhi_epi16(w, z));
+}
+inline void store_codes(uint8_t* q, u8v lo, u8v hi) {
+    const __m256i w = _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
+    const __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm256_castsi256_si128(b));
+}
+// max over lanes, as the scalar loop's running std::max from 0 (a NaN never enters).
+inline float max_lanes(f8 x) {
+    float m = 0.f;
+    for (int k = 0; k < 8; ++k) m = max_(m, x[k]);
+    return m;
+}
+
+template <class P, int U>
+inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
+                    float* vsc, P* comp, float* master, uint32_t key, int64_t b0) {
+    f8 mb[32], vb[32], xb[32];
+    f8 mabs = {}, vabs = {};
+    const float mscale = *msc, vscale = *vsc;
+    for (int k = 0; k < 16; ++k) {
+        const int64_t i = b0 + 16 * k;
+        const Half16 T = U == MASTER ? load16(master + i) : load16(p + i);
+        const Half16 G = load16(g + i);
+        const Half16 C = U == KAHAN ? load16(comp + i) : Half16{};
+        u8v qm[2], qv[2];
+        load_codes(mq + i, qm[0], qm[1]);
+        load_codes(vq + i, qv[0], qv[1]);
+        const f8 ts[2] = {T.lo, T.hi}, gs[2] = {G.lo, G.hi}, cs[2] = {C.lo, C.hi};
+        for (int h = 0; h < 2; ++h) {
+            const f8 th = U == KAHAN ? ts[h] + cs[h] : ts[h];
+            const f8 gi = grad(c, gs[h], th);
+            const f8 mi = lerp(c, decode_m_bits(qm[h], mscale), gi);
+            const f8 vi = c.beta2 * decode_v_bits(qv[h], vscale) + c.omb2 * gi * gi;
+            xb[2 * k + h] = th;
+            mb[2 * k + h] = mi;
+            vb[2 * k + h] = vi;
+            mabs = max_(mabs, abs_(mi));
+            vabs = max_(vabs, vi);
+        }
+    }
+    const Codec mcod(max_lanes(mabs), M_MAX), vcod(max_lanes(vabs), V_MAX);
+    *msc = mcod.scale;
+    *vsc = vcod.scale;
+    for (int k = 0; k < 16; ++k) {
+        const int64_t i = b0 + 16 * k;
+        const u8v ma = encode_m_bits(mb[2 * k], mcod), mh = encode_m_bits(mb[2 * k + 1], mcod);
+        const u8v va = encode_v_bits(vb[2 * k], vcod), vh = encode_v_bits(vb[2 * k + 1], vcod);
+        store_codes(mq + i, ma, mh);
+        store_codes(vq + i, va, vh);
+        mb[2 * k] = decode_m_bits(ma, mcod.scale);
+        mb[2 * k + 1] = decode_m_bits(mh, mcod.scale);
+        vb[2 * k] = decode_v_bits(va, vcod.scale);
+        vb[2 * k + 1] = decode_v_bits(vh, vcod.scale);
+    }
+    for (int k = 0; k < 16; ++k) {
+        const Direction16 d = {{xb[2 * k], xb[2 * k + 1]},
+                               {direction(c, mb[2 * k], vb[2 * k]),
+                                direction(c, mb[2 * k + 1], vb[2 * k + 1])}};
+        if constexpr (std::is_same_v<P, float>) write16(c, d, p, b0 + 16 * k);
+        else write16<U>(c, d, p, comp, master, b0 + 16 * k, key);
+    }
 }
 
 }  // namespace
