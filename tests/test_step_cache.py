@@ -108,6 +108,14 @@ def _move_a_param(k, params, opt):
         params[0].data = params[0].data.clone() * 2
 
 
+def _swap_a_param(k, params, opt):
+    if k == 3:  # the group's list edited in place: same list, same length
+        fresh = torch.nn.Parameter(params[2].detach() * 0.5)
+        fresh.grad = params[2].grad
+        opt.param_groups[1]["params"][0] = fresh
+        params[2] = fresh
+
+
 def _non_contiguous_grad(k, params, opt):
     if k >= 2:
         g = params[1].grad
@@ -125,7 +133,7 @@ def _schedule_lr(k, params, opt):
 
 
 EDITS = [_no_edit, _skip_a_grad, _replace_a_moment, _reset_a_state, _rewind_a_step_counter,
-         _move_a_param,
+         _move_a_param, _swap_a_param,
          _non_contiguous_grad, _change_state_format, _schedule_lr]
 
 
@@ -142,7 +150,8 @@ def test_an_unchanged_optimizer_plans_once(monkeypatch):
 
 
 @pytest.mark.parametrize("edit", [_skip_a_grad, _replace_a_moment, _reset_a_state,
-                                  _rewind_a_step_counter, _move_a_param, _change_state_format])
+                                  _rewind_a_step_counter, _move_a_param, _swap_a_param,
+                                  _change_state_format])
 def test_a_change_replans(monkeypatch, edit):
     # The edit at step k forces a full plan at k, and at k+1 if the edit repeats.
     assert _run(monkeypatch, edit, disable=False)[2] >= 2

@@ -67,6 +67,7 @@ class StepCache:
         self.state_keys = list(optimizer.state.keys())
         self.state_values = list(optimizer.state.values())
         self.groups = [self._signature(g) for g in optimizer.param_groups]
+        self.group_params = [list(g["params"]) for g in optimizer.param_groups]
         self.buckets = buckets
         for cb in buckets:
             keys = ["step", "exp_avg", "exp_avg_sq", *_extra_keys(cb.bucket)]
@@ -93,6 +94,8 @@ class StepCache:
             self._signature(g) != sig for g, sig in zip(groups, self.groups)
         ):
             return False
+        if not all(_same(g["params"], ps) for g, ps in zip(groups, self.group_params)):
+            return False  # a param swapped in place in a group's list
         all_grads = []
         for group, mask in zip(groups, self.masks):
             grads = [p.grad for p in group["params"]]
