@@ -116,6 +116,28 @@ def _swap_a_param(k, params, opt):
         params[2] = fresh
 
 
+def _recast_a_param(k, params, opt):
+    if k == 3:  # float64 (torch backend) to float32, as model.float() does
+        params[3].data = params[3].data.float()
+
+
+def _drop_a_state_key(k, params, opt):
+    if k == 3:
+        del opt.state[params[0]]["max_exp_avg_sq"]
+
+
+def _float64_step_counter(k, params, opt):
+    if k == 3:  # one counter of another dtype in a float32 bucket
+        st = opt.state[params[2]]
+        st["step"] = st["step"].double()
+
+
+def _new_storage_for_a_moment(k, params, opt):
+    if k == 3:  # same tensor object, new memory
+        st = opt.state[params[2]]
+        st["exp_avg"].data = st["exp_avg"].data.clone()
+
+
 def _non_contiguous_grad(k, params, opt):
     if k >= 2:
         g = params[1].grad
@@ -133,7 +155,8 @@ def _schedule_lr(k, params, opt):
 
 
 EDITS = [_no_edit, _skip_a_grad, _replace_a_moment, _reset_a_state, _rewind_a_step_counter,
-         _move_a_param, _swap_a_param,
+         _move_a_param, _swap_a_param, _recast_a_param, _drop_a_state_key,
+         _float64_step_counter, _new_storage_for_a_moment,
          _non_contiguous_grad, _change_state_format, _schedule_lr]
 
 
@@ -151,7 +174,8 @@ def test_an_unchanged_optimizer_plans_once(monkeypatch):
 
 @pytest.mark.parametrize("edit", [_skip_a_grad, _replace_a_moment, _reset_a_state,
                                   _rewind_a_step_counter, _move_a_param, _swap_a_param,
-                                  _change_state_format])
+                                  _recast_a_param, _drop_a_state_key, _float64_step_counter,
+                                  _new_storage_for_a_moment, _change_state_format])
 def test_a_change_replans(monkeypatch, edit):
     # The edit at step k forces a full plan at k, and at k+1 if the edit repeats.
     assert _run(monkeypatch, edit, disable=False)[2] >= 2
@@ -220,3 +244,15 @@ def test_sparse_grad_after_cached_steps_raises_and_changes_nothing():
         opt.step()
     assert torch.equal(p, before[0])
     assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+
+def test_counters_of_two_dtypes_in_one_bucket_count_right():
+    params = _model()
+    opt = _optimizer(params)
+    for k in range(5):
+        _grads(params, k)
+        _float64_step_counter(k, params, opt)
+        opt.step()
+    steps = [opt.state[p]["step"] for p in params]
+    assert steps[2].dtype == torch.float64
+    assert [float(s) for s in steps] == [5.0] * 4

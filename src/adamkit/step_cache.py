@@ -9,10 +9,11 @@ while
 
 * no param group was added or changed its storage settings, no state dict or state
   tensor was replaced, added or removed (identity checks, not values: the state
-  mapping's keys and values in order, then each bucket's state tensors);
+  mapping's keys and values in order; each bucket's state tensors by address);
 * the same params have grads, and those are dense and contiguous;
-* the params keep their storage and dtype, and every step counter still reads what the
-  last step left (a counter edited by hand sends the step down the full path).
+* the params and state tensors keep their storage (data pointers: `.data =` keeps a
+  tensor's identity), layout and dtype, and every step counter still reads what the last
+  step left (a counter edited by hand sends the step down the full path).
 
 Any miss runs the full plan (``Adam._plan``), which builds a new cache. The cache never
 holds a grad: between steps ``zero_grad`` must be able to free them.
@@ -22,7 +23,10 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, replace
+from itertools import repeat
 from typing import Any
+
+from torch import Tensor
 
 from . import backends
 from .hyperparams import step_scalars
@@ -44,7 +48,10 @@ class CachedBucket:
     backend: Any
     bucket: backends.Bucket
     prepared: Any = None  # backend.prepare(bucket), where the backend offers it
-    key_rows: tuple = ()  # (state key, the state tensors under it) checked by identity
+    # (state key, the state tensors under it, their data pointers): checked by address,
+    # which catches a replaced tensor and one given new storage through `.data =`.
+    key_rows: tuple = ()
+    dtype: Any = None  # the params' dtype when planned
 
 
 def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any) -> Any:
@@ -71,7 +78,9 @@ class StepCache:
         self.buckets = buckets
         for cb in buckets:
             keys = ["step", "exp_avg", "exp_avg_sq", *_extra_keys(cb.bucket)]
-            cb.key_rows = tuple((k, [st[k] for st in cb.bucket.states]) for k in keys)
+            rows = [(k, [st[k] for st in cb.bucket.states]) for k in keys]
+            cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row))) for k, row in rows)
+            cb.dtype = cb.bucket.params[0].dtype
             cb.bucket.grads = []
         # Per group, the positions of the params that had grads.
         self.masks = [sorted(i for cb in buckets if cb.group_index == k for i in cb.positions)
@@ -105,17 +114,22 @@ class StepCache:
         for cb in self.buckets:
             b, group_grads = cb.bucket, all_grads[cb.group_index]
             grads = [group_grads[i] for i in cb.positions]
-            for key, row in cb.key_rows:
-                if not _same(list(map(operator.itemgetter(key), b.states)), row):
-                    return False
+            try:  # by address: the cache keeps the planned tensors alive, so a replaced
+                # tensor, or one given new storage, has another address; a key gone raises
+                for key, _, pointers in cb.key_rows:
+                    if list(map(Tensor.data_ptr, map(dict.get, b.states, repeat(key)))) != pointers:
+                        return False
+            except TypeError:
+                return False
             if cb.prepared is not None:
                 if not (cb.prepared.refresh(grads) and cb.prepared.steps_equal(cb.t)):
                     return False
-                if cb.prepared.rest and not _steps_read(b, cb.prepared.rest, cb.t):
+                rest = cb.prepared.rest
+                if rest and not (_steps_read(b, rest, cb.t)
+                                 and all(b.params[i].dtype == cb.dtype for i in rest)):
                     return False
             else:
-                dtype = b.params[0].dtype
-                if any(p.dtype != dtype for p in b.params) or any(g.is_sparse for g in grads):
+                if any(p.dtype != cb.dtype for p in b.params) or any(g.is_sparse for g in grads):
                     return False
                 if not _steps_read(b, range(len(b.params)), cb.t):
                     return False

@@ -83,6 +83,11 @@ class PreparedBucket:
         extra_key = EXTRA_KEY.get(policy)
         int8 = bucket.state_format == "int8"
         steps = bucket.steps or [None] * len(bucket.params)
+        # One counter dtype per call (float32, or float64 under a float64 default); a
+        # counter of another dtype, or of one the kernel does not count, goes to `rest`.
+        step_dtype = bucket.steps[0].dtype if bucket.steps else None
+        if step_dtype not in library.STEP_DTYPES:
+            step_dtype = None
         rows = {name: [] for name in library.POINTER_ROWS}
         pointer_rows = [rows[name] for name in library.POINTER_ROWS[:6]]
         scale_rows = [rows[name] for name in library.POINTER_ROWS[6:9]]
@@ -92,7 +97,9 @@ class PreparedBucket:
             vmax = bucket.max_exp_avg_sqs[i] if bucket.max_exp_avg_sqs else None
             extra = st[extra_key] if extra_key else None
             members = (p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], vmax, extra)
-            if not _fits(members, bucket.state_format):
+            step = steps[i]
+            if not _fits(members, bucket.state_format) or (
+                    step is not None and (step.dtype != step_dtype or not step.is_contiguous())):
                 self.rest.append(i)
                 continue
             self.fast.append(i)
@@ -100,9 +107,9 @@ class PreparedBucket:
                 row.append(0 if t is None else t.data_ptr())
             for row, key in zip(scale_rows, SCALE_KEYS):
                 row.append(st[key].data_ptr() if int8 and key in st else 0)
-            rows["steps"].append(0 if steps[i] is None else steps[i].data_ptr())
+            rows["steps"].append(0 if step is None else step.data_ptr())
             numels.append(p.numel())
-            seeds.append(int(st["sr_seed"]) if policy == "stochastic" else 0)
+            seeds.append(int(st["sr_seed"]) & 0xFFFFFFFF if policy == "stochastic" else 0)
         n = self.n = len(numels)
         self.table = table = array("q")
         for row in library.POINTER_ROWS:
@@ -112,7 +119,6 @@ class PreparedBucket:
         self.seeds = array("I", seeds)
         self.param_ptrs = rows["params"]
         base = table.buffer_info()[0]
-        step_dtype = bucket.steps[0].dtype if bucket.steps and n else None
         self.args = library.StepArgs(
             n_tensors=n,
             param_dtype=DTYPES[bucket.params[0].dtype],
@@ -121,7 +127,7 @@ class PreparedBucket:
             sr_seeds=self.seeds.buffer_info()[0],
             numels=base + 8 * n * len(library.POINTER_ROWS),
             chunk_start=base + 8 * n * (len(library.POINTER_ROWS) + 1),
-            step_dtype=library.STEP_DTYPES[step_dtype],
+            step_dtype=library.STEP_DTYPES[step_dtype if bucket.steps and n else None],
         )
         for k, row in enumerate(library.POINTER_ROWS):
             setattr(self.args, row, base + 8 * n * k)
@@ -142,6 +148,8 @@ class PreparedBucket:
         except RuntimeError:  # sparse grads have no strides
             return False
         if list(map(Tensor.data_ptr, params)) != self.param_ptrs:
+            return False
+        if not all(map(Tensor.is_contiguous, params)):  # `p.data = p.data.t()` keeps the address
             return False
         self.table[self.grad_row:self.grad_row + self.n] = array("q", map(Tensor.data_ptr, kernel_grads))
         self.bucket.grads = grads
