@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from copy import deepcopy
-from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,8 +19,8 @@ from torch.optim import Optimizer
 
 from . import backends, formats
 from .formats import param as param_policy
-from .hyperparams import scalar_dtype, step_scalars, validate_group
-from .step_cache import CachedBucket, StepCache, run_bucket
+from .hyperparams import scalar_dtype, validate_group
+from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 
 # Group keys only torch.optim uses: dropped on load, adamkit's `backend` replaces them.
 _TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
@@ -269,10 +268,7 @@ class Adam(Optimizer):
                 param_update=update,
                 steps=[s["step"] for s in states],
             )
-            scalars = step_scalars(group, t)
-            if grad_scale_inv != 1.0:
-                scalars = replace(scalars, grad_scale_inv=grad_scale_inv)
-            prepared = run_bucket(backend, bucket, scalars)
+            prepared = run_bucket(backend, bucket, scalars_for(group, t, grad_scale_inv))
             done.append(CachedBucket(group_index, group, positions, t, backend, bucket, prepared))
         return done
 

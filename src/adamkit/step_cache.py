@@ -15,7 +15,7 @@ while
   tensor's identity), layout and dtype, and every step counter still reads what the last
   step left (a counter edited by hand sends the step down the full path).
 
-Any miss runs the full plan (``Adam._plan``), which builds a new cache. The cache never
+Any miss runs the full plan (``Adam._planned_step``), which builds a new cache. The cache never
 holds a grad: between steps ``zero_grad`` must be able to free them.
 """
 
@@ -54,15 +54,22 @@ class CachedBucket:
     dtype: Any = None  # the params' dtype when planned
 
 
-def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any) -> Any:
-    """Run one bucket (and count its steps); returns what the backend prepared, if any."""
-    prepare = getattr(backend, "prepare", None)
-    if prepare is None:
+def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float) -> Any:
+    """The bucket's StepScalars at step t, unscaling by a GradScaler's 1/scale."""
+    scalars = step_scalars(group, t)
+    return scalars if grad_scale_inv == 1.0 else replace(scalars, grad_scale_inv=grad_scale_inv)
+
+
+def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any, prepared: Any = None) -> Any:
+    """Run one bucket (and count its steps) with what the backend prepared for it, or
+    prepare it now where the backend offers that; returns the prepared object, if any."""
+    if prepared is None and hasattr(backend, "prepare"):
+        prepared = backend.prepare(bucket)
+    if prepared is None:
         backend.step(bucket, scalars)
         backends.count_steps(backend, bucket)
-        return None
-    prepared = prepare(bucket)
-    prepared.run(scalars)
+    else:
+        prepared.run(scalars)
     return prepared
 
 
@@ -136,14 +143,8 @@ class StepCache:
                 b.grads = grads
         # Everything holds: run. Nothing above changed the optimizer.
         for cb in self.buckets:
-            scalars = step_scalars(cb.group, cb.t + 1)
-            if grad_scale_inv != 1.0:
-                scalars = replace(scalars, grad_scale_inv=grad_scale_inv)
-            if cb.prepared is not None:
-                cb.prepared.run(scalars)
-            else:
-                cb.backend.step(cb.bucket, scalars)
-                backends.count_steps(cb.backend, cb.bucket)
+            run_bucket(cb.backend, cb.bucket, scalars_for(cb.group, cb.t + 1, grad_scale_inv),
+                       cb.prepared)
             cb.bucket.grads = []
             cb.t += 1
         return True
