@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ...hyperparams import StepScalars
-from .. import Bucket
+from .. import Bucket, count_steps
 from . import library
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -75,7 +75,7 @@ class PreparedBucket:
     Building the table is the per-tensor Python cost of a step (1024 tensors: several
     ms, more than the update itself for small tensors). Between steps only the grads
     are new, so ``refresh`` rewrites that one row, after checking what the kernel relies
-    on: the params did not move, the grads are dense and contiguous."""
+    on: the params kept their storage and layout, the grads are dense and contiguous."""
 
     def __init__(self, lib, bucket: Bucket) -> None:
         self.lib, self.bucket = lib, bucket
@@ -178,8 +178,7 @@ class PreparedBucket:
 
             rest = _subset(self.bucket, self.rest)
             torch_backend.step(rest, s)
-            if rest.steps:
-                torch._foreach_add_(rest.steps, 1.0)
+            count_steps(torch_backend, rest)
 
 
 def _subset(bucket: Bucket, idx: list[int]) -> Bucket:
