@@ -48,6 +48,24 @@ def test_grad_is_never_written(backend, kwargs):
     assert torch.equal(p.grad, grad_before)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_counts_as_an_in_place_change_for_autograd(backend, dtype):
+    """As with torch.optim, a graph that saved a param before the step cannot be
+    back-propagated after it: autograd sees the param's version change, even where the
+    fused kernel writes it through a raw pointer (and on the cached path, step 2)."""
+    p = torch.nn.Parameter(torch.randn(40, dtype=dtype))
+    opt = adamkit.Adam([p], backend=backend)
+    for _ in range(2):
+        loss = (p * p).sum()  # saves p for backward
+        p.grad = torch.randn(40, dtype=dtype)
+        version = p._version
+        opt.step()
+        assert p._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_closure_returns_loss_and_runs_with_grad():
     p = torch.nn.Parameter(torch.tensor([2.0]))
     opt = adamkit.Adam([p], lr=0.1)

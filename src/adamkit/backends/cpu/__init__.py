@@ -111,6 +111,7 @@ class PreparedBucket:
             numels.append(p.numel())
             seeds.append(int(st["sr_seed"]) & 0xFFFFFFFF if policy == "stochastic" else 0)
         n = self.n = len(numels)
+        self.kernel_params = [bucket.params[i] for i in self.fast]
         self.table = table = array("q")
         for row in library.POINTER_ROWS:
             table.extend(rows[row])
@@ -173,12 +174,23 @@ class PreparedBucket:
             status = self.lib.adamkit_step(ctypes.byref(args))
             if status != 0:
                 raise RuntimeError(f"adamkit cpu kernel rejected the bucket (status {status})")
+            # The kernel wrote the params through raw pointers; tell autograd, as an
+            # in-place op would, so a graph that saved them refuses to back-propagate.
+            _increment_versions(self.kernel_params)
         if self.rest:
             from ..torch_ops import BACKEND as torch_backend
 
             rest = _subset(self.bucket, self.rest)
             torch_backend.step(rest, s)
             count_steps(torch_backend, rest)
+
+
+def _increment_versions(tensors: list[Tensor]) -> None:
+    try:
+        torch.autograd.graph.increment_version(tensors)  # one call (newer torch)
+    except TypeError:  # older torch takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def _subset(bucket: Bucket, idx: list[int]) -> Bucket:
