@@ -31,7 +31,9 @@ import torch
 import adamkit
 from adamkit.bench import measure
 
-N = 1 << 15  # elements: 32768 × (at most 28 bytes) fits a 1 MiB L2
+N = 1 << 15  # elements: bf16 streams (8 B/elem, 256 KiB) stay in a 512 KiB L2; fp32 (16 B) overflow it
+# into L3, so fp32 rows here are an upper bound on its compute. Fewer elements would fit, but
+# then the Python overhead subtracted below drowns the kernel (negative results).
 CONFIGS = {
     # name: (make optimizer, param dtype, bytes per param a perfect step moves)
     "torch fused fp32": (lambda ps: torch.optim.Adam(ps, fused=True), torch.float32, 28),

@@ -1,0 +1,167 @@
+"""Where the CPU kernel's time goes: the 16-lane kernels timed with one piece removed.
+
+    python benchmarks/kernel_ablation.py      # ~2 min, needs g++; run on a quiet machine
+
+Copies the kernel headers (src/adamkit/backends/cpu/*.h) to a temporary directory,
+applies one textual edit per variant (drop √ and the divisions, round bf16 by
+truncation, ...), compiles a small C++ driver against each copy with setup.py's flags
+for this CPU, and times the 16-lane paths of simd.h on data that stays in L1, on one
+core: ns per element. The variants compute wrong numbers on purpose; only their
+speed is of interest: what a piece costs is how much faster the kernel runs without it.
+Variants run interleaved, several rounds, best round reported; a variant whose edit
+no longer matches the source is reported as such (update its edit).
+
+Writes benchmarks/results/kernel_ablation.json.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL = ROOT / "src" / "adamkit" / "backends" / "cpu"
+FLAGS = ["-std=c++17", "-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+         "-march=native"]
+
+# name: [(header, text in it, replacement)]; an empty list is the kernel as built.
+VARIANTS = {
+    "as built": [],
+    "no √, no divisions": [("common.h", "    const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;\n    return m / denom;",
+                            "    return m * (v + c.eps);")],
+    "√ and one division (÷√bc2 as ×)": [("common.h", "sqrt_(v) / c.bc2_sqrt + c.eps", "sqrt_(v) * c.bc2_sqrt + c.eps")],
+    "÷√bc2 exact by reciprocal + 2 FMA (Markstein)": [("common.h", "    const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;",
+        "    const F x = sqrt_(v), rb = F{} + 1.f / c.bc2_sqrt, b = F{} + c.bc2_sqrt;\n"
+        "    const F q = x * rb, e = _mm256_fnmadd_ps(q, b, x), q1 = _mm256_fmadd_ps(e, rb, q);\n"
+        "    const F denom = (q1 != q1 ? q : q1) + c.eps;")],
+    "bf16 rounding by truncation": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
+                                    "{ return bits_of(x) >> 16; }")],
+    "NaN test in every group": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
+                                 "{ return bf16_bits(x); }")],
+    "int8: no decode after encode": [("simd.h", "        mb[2 * k] = decode_m_bits(ma, mcod.scale);\n"
+                                      "        mb[2 * k + 1] = decode_m_bits(mh, mcod.scale);\n"
+                                      "        vb[2 * k] = decode_v_bits(va, vcod.scale);\n"
+                                      "        vb[2 * k + 1] = decode_v_bits(vh, vcod.scale);\n", "")],
+    "int8: no encode, no decode after it": [
+        ("simd.h", "        const u8v ma = encode_m_bits(mb[2 * k], mcod), mh = encode_m_bits(mb[2 * k + 1], mcod);\n"
+                   "        const u8v va = encode_v_bits(vb[2 * k], vcod), vh = encode_v_bits(vb[2 * k + 1], vcod);\n",
+         "        const u8v ma = bits_of(mb[2 * k]) >> 24, mh = bits_of(mb[2 * k + 1]) >> 24;\n"
+         "        const u8v va = bits_of(vb[2 * k]) >> 24, vh = bits_of(vb[2 * k + 1]) >> 24;\n"),
+        ("simd.h", "        mb[2 * k] = decode_m_bits(ma, mcod.scale);\n"
+                   "        mb[2 * k + 1] = decode_m_bits(mh, mcod.scale);\n"
+                   "        vb[2 * k] = decode_v_bits(va, vcod.scale);\n"
+                   "        vb[2 * k + 1] = decode_v_bits(vh, vcod.scale);\n", "")],
+}
+
+DRIVER = r"""
+#include "simd.h"
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <vector>
+template <class P> P from(float x) { return from_f32<P>(x); }
+// ns per element of f() over n elements, best of `rounds`.
+template <class F> double best_ns(F f, int64_t n, int reps, int rounds) {
+    double best = 1e30;
+    for (int k = 0; k < rounds; ++k) {
+        auto t0 = std::chrono::steady_clock::now();
+        for (int r = 0; r < reps; ++r) { f(); __asm__ volatile("" ::: "memory"); }
+        double s = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+        best = std::min(best, s / (double(n) * reps));
+    }
+    return best;
+}
+struct Data {
+    std::vector<bf16> p, g, m, v, comp; std::vector<float> pf, gf, master, ms, vs; std::vector<uint8_t> mq, vq;
+    explicit Data(int64_t n) : p(n), g(n), m(n), v(n), comp(n), pf(n), gf(n), master(n),
+                               ms(n / 256, 1e-3f), vs(n / 256, 1e-5f), mq(n), vq(n) {
+        std::mt19937 rng(1); std::normal_distribution<float> nd;
+        for (int64_t i = 0; i < n; ++i) {
+            pf[i] = nd(rng); gf[i] = 1e-2f * nd(rng); p[i] = from<bf16>(pf[i]); g[i] = from<bf16>(gf[i]);
+            m[i] = from<bf16>(1e-3f * nd(rng)); v[i] = from<bf16>(1e-5f); comp[i] = from<bf16>(0.f);
+            master[i] = pf[i]; mq[i] = rng() & 255; vq[i] = rng() & 127;
+        }
+    }
+};
+int main() {
+    const int64_t n = 1024;  // bf16: 4-5 streams × 2 KiB, in L1
+    Data d(n);
+    const Hyper h{0.9f, 0.999f, 0.1f, 0.001f, 1e-8f, 0.f, 1.f, 1e-3f, 0.0447f, 1.f, 0, 0};
+    const Consts c(h);
+    auto bf16_run = [&](auto U) {
+        return best_ns([&] { run16<bf16, decltype(U)::value, false>(c, d.p.data(), d.g.data(), d.m.data(), d.v.data(),
+                                                                   nullptr, d.comp.data(), d.master.data(), 7u, 0, n); },
+                       n, 20000, 7);
+    };
+    auto int8_run = [&](auto P, auto U) {
+        using T = typename decltype(P)::type;
+        T* p = std::is_same_v<T, float> ? (T*)d.pf.data() : (T*)d.p.data();
+        const T* g = std::is_same_v<T, float> ? (const T*)d.gf.data() : (const T*)d.g.data();
+        return best_ns([&] {
+            for (int64_t b0 = 0; b0 < n; b0 += 256)
+                block16<T, decltype(U)::value>(c, p, g, d.mq.data(), d.ms.data() + b0 / 256, d.vq.data(),
+                                               d.vs.data() + b0 / 256, (T*)d.comp.data(), d.master.data(), 7u, b0);
+        }, n, 10000, 7);
+    };
+    using I = std::integral_constant<int, NEAREST>;
+    using K = std::integral_constant<int, KAHAN>;
+    using S = std::integral_constant<int, STOCHASTIC>;
+    std::printf("{\"bf16 nearest\": %.4f, \"bf16 kahan\": %.4f, \"bf16 stochastic\": %.4f, "
+                "\"fp32 int8\": %.4f, \"bf16 kahan int8\": %.4f}\n",
+                bf16_run(I{}), bf16_run(K{}), bf16_run(S{}),
+                int8_run(std::type_identity<float>{}, I{}), int8_run(std::type_identity<bf16>{}, K{}));
+}
+"""
+
+
+def build(variant: str, edits, tmp: Path) -> Path | str:
+    src = tmp / variant.replace(" ", "_").replace(",", "").replace(":", "").replace("√", "sqrt")
+    shutil.copytree(KERNEL, src, ignore=shutil.ignore_patterns("*.so", "*.py", "*.cpp", "__pycache__"))
+    for header, old, new in edits:
+        text = (src / header).read_text()
+        if old not in text:
+            return f"edit no longer matches {header}"
+        (src / header).write_text(text.replace(old, new, 1))
+    (src / "driver.cpp").write_text(DRIVER)
+    exe = src / "driver"
+    subprocess.run(["g++", "-std=c++20", *FLAGS[1:], str(src / "driver.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True)
+    return exe
+
+
+def main(rounds: int = 3) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        exes = {name: build(name, edits, Path(tmp)) for name, edits in VARIANTS.items()}
+        times: dict[str, list[dict]] = {name: [] for name, exe in exes.items() if isinstance(exe, Path)}
+        for _ in range(rounds):  # interleaved: drift of the machine hits every variant alike
+            for name in times:
+                out = subprocess.run([str(exes[name])], check=True, capture_output=True, text=True).stdout
+                times[name].append(json.loads(out))
+    best = {name: {k: min(r[k] for r in runs) for k in runs[0]} for name, runs in times.items()}
+    base = best["as built"]
+    print(f"{platform.processor() or platform.machine()}: ns per element, one core, data in L1 "
+          f"(best of {rounds} interleaved rounds)\n")
+    print("| variant | " + " | ".join(base) + " |")
+    print("|---|" + "---|" * len(base))
+    for name, row in best.items():
+        cells = [f"{row[k]:.2f}" + ("" if name == "as built" else f" ({row[k] / base[k] - 1:+.0%})")
+                 for k in base]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for name, exe in exes.items():
+        if not isinstance(exe, Path):
+            print(f"| {name} | {exe} |")
+    out = Path(__file__).parent / "results" / "kernel_ablation.json"
+    out.write_text(json.dumps(dict(machine=platform.processor() or platform.machine(), rounds=rounds,
+                                   ns_per_element=best,
+                                   unmatched=[n for n, e in exes.items() if not isinstance(e, Path)]),
+                              indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
