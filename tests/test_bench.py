@@ -57,3 +57,21 @@ def test_unwritable_out_is_a_clean_error(tmp_path, capsys):
     blocker.write_text("")
     assert bench.main(["--quick", "--out", str(blocker / "sub")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_kernel_ablation_edits_still_match_the_kernel_sources():
+    """benchmarks/kernel_ablation.py removes pieces of the kernel by editing copies of its
+    headers; an edit that no longer matches would silently drop its row from RESULTS."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("kernel_ablation", root / "benchmarks" / "kernel_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    assert ablation.VARIANTS["as built"] == [] and len(ablation.VARIANTS) > 1
+    for name, edits in ablation.VARIANTS.items():
+        for header, old, new in edits:
+            text = (ablation.KERNEL / header).read_text()
+            assert text.count(old) == 1, f"{name}: its edit of {header} no longer matches once"
+            assert old != new, name
