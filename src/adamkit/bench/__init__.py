@@ -27,6 +27,7 @@ from .suite import CONFIGS, CONTENDERS, Contender, available
 COMPARISONS = [
     ("adamkit cpu fp32", "torch fused fp32"),
     ("adamkit cpu bf16 nearest", "torch fused bf16"),
+    ("adamkit cpu fp16 nearest", "torch fused fp16"),
     ("adamkit cpu bf16 kahan", "optimi kahan bf16"),
     ("adamkit cpu fp32 int8", "bitsandbytes 8bit fp32"),
     ("adamkit cpu fp32 int8", "torchao 8bit fp32"),
@@ -110,7 +111,8 @@ def _annotate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         rate = r["bytes_per_param"] * r["n_params"] / (r["ms_per_step"] / 1e3)
         r["bandwidth_fraction"] = rate / r["bandwidth_Bps"]
-        fused = by_name.get((r["config"], f"torch fused {r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32')}"))
+        short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(r["dtype"], r["dtype"])
+        fused = by_name.get((r["config"], f"torch fused {short}"))
         r["speedup_vs_torch_fused"] = fused["ms_per_step"] / r["ms_per_step"] if fused else None
     ratios = []
     for ours, theirs in COMPARISONS:

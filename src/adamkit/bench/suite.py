@@ -93,7 +93,7 @@ def _torchao_8bit(ps):
     return AdamW8bit(ps, lr=LR, weight_decay=0.0)
 
 
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 LARGE_ONLY = ("64 tensors", "quick")
 CONTENDERS: list[Contender] = [
     # float32 params, float32 state: 28 B/param.
@@ -120,6 +120,15 @@ CONTENDERS: list[Contender] = [
     Contender("adamkit cpu bf16 master", "adamkit", BF16,
               _adamkit(backend="cpu", param_update="master", state_format="bf16"),
               _traffic(2, 2, extra=4, param_read=False), needs=("param_update", "state_format")),
+    # float16 params: adamkit keeps fp32 state for them (22 B/param, 26 with Kahan),
+    # torch fp16 state (14 B/param).
+    Contender("adamkit cpu fp16 nearest", "adamkit", F16,
+              _adamkit(backend="cpu", param_update="nearest"), _traffic(2, 4),
+              needs=("param_update",)),
+    Contender("adamkit cpu fp16 kahan", "adamkit", F16,
+              _adamkit(backend="cpu", param_update="kahan"), _traffic(2, 4, extra=2),
+              needs=("param_update",)),
+    Contender("torch fused fp16", "torch", F16, _torch(fused=True), _traffic(2, 2)),
     # 8-bit block-quantized state.
     Contender("adamkit cpu fp32 int8", "adamkit", F32, _adamkit(backend="cpu", state_format="int8"),
               _traffic(4, INT8), quick=True, needs=("state_format",)),

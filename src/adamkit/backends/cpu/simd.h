@@ -1,5 +1,6 @@
 // Explicit 16-wide groups for bfloat16 params (bf16 or fp32 moments, every update
-// policy): GCC's own vectorization of the per-element loop
+// policy) and float16 params (nearest, kahan, master): GCC's own vectorization of the
+// per-element loop
 // widens and narrows bf16 one element at a time in effect (zero-extend, shift, pack,
 // permute, spills), which made these steps compute-bound at a third of the float32
 // step's speed on AVX2. Here one 32-byte load holds 16 values; interleaving it with zeros
@@ -7,6 +8,10 @@
 // {0-3, 8-11} and {4-7, 12-15}, and vpackusdw undoes exactly that order on the way back.
 // Every stream is taken in that same order, so no permutation is ever needed: float32
 // streams (fp32 moments, the master copy) load and store 128-bit halves into place.
+// float16 params convert with F16C (vcvtph2ps / vcvtps2ph: IEEE round to nearest even,
+// the bits from_f32<half> gives, NaN payloads aside) 8 at a time in memory order, so
+// their groups take every stream in memory order instead (`InOrder`): 2.4x slower than
+// torch's fused fp16 step before, when GCC vectorized the bit-level conversion.
 //
 // The arithmetic is common.h's: lerp, update, grad and the bf16 rounding are templates
 // that run on float and on the vector type alike, so the two paths agree bit for bit.
@@ -19,11 +24,16 @@
 
 namespace {
 
-struct Half16 {  // 16 bf16 values as two float32 vectors, in unpack order
+struct Half16 {  // 16 values as two float32 vectors, in the group's lane order
     f8 lo, hi;
 };
 
-inline Half16 load16(const bf16* p) {
+// The lane order of a group: bf16 params' unpack order, or memory order (float16 params).
+struct Unpacked {};
+struct InOrder {};
+template <class P> using LayoutOf = std::conditional_t<std::is_same_v<P, bf16>, Unpacked, InOrder>;
+
+inline Half16 load16(Unpacked, const bf16* p) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i z = _mm256_setzero_si256();
     return {reinterpret_cast<f8>(_mm256_unpacklo_epi16(z, x)),
@@ -31,19 +41,51 @@ inline Half16 load16(const bf16* p) {
 }
 
 // bf16 bit patterns in the low half of each 32-bit lane, back to 16 bf16 in memory order.
-inline void store16(bf16* p, u8v lo, u8v hi) {
+inline void store16(Unpacked, bf16* p, u8v lo, u8v hi) {
     const __m256i r = _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
 }
 
 inline f8 widen(u8v bits16) { return reinterpret_cast<f8>(bits16 << 16); }
 
-inline Half16 load16(const float* p) {
+inline Half16 load16(Unpacked, const float* p) {
     return {_mm256_loadu2_m128(p + 8, p), _mm256_loadu2_m128(p + 12, p + 4)};
 }
-inline void store16(float* p, f8 lo, f8 hi) {
+inline void store16(Unpacked, float* p, f8 lo, f8 hi) {
     _mm256_storeu2_m128(p + 8, p, lo);
     _mm256_storeu2_m128(p + 12, p + 4, hi);
+}
+
+// Memory order: elements 0-7 and 8-15.
+inline Half16 load16(InOrder, const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void store16(InOrder, float* p, f8 lo, f8 hi) {
+    _mm256_storeu_ps(p, lo);
+    _mm256_storeu_ps(p + 8, hi);
+}
+inline Half16 load16(InOrder, const half* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline Half16 load16(InOrder, const bf16* p) {  // bf16 moments beside float16 params
+    const auto eight = [](const bf16* q) {
+        return reinterpret_cast<f8>(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16));
+    };
+    return {eight(p), eight(p + 8)};
+}
+inline void store16(InOrder, bf16* p, u8v lo, u8v hi) {
+    // packus interleaves 128-bit lanes ({lo 0-3, hi 0-3 | lo 4-7, hi 4-7}); the permute
+    // restores memory order.
+    const __m256i r = _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(r, 0xD8));
+}
+
+// float16: rounded (to nearest even) as 8 halves, and their value as float32.
+inline __m128i half_bits(f8 x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline f8 half_value(__m128i h) { return _mm256_cvtph_ps(h); }
+inline void store16(InOrder, half* p, __m128i lo, __m128i hi) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), lo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), hi);
 }
 
 // Whether a lane of a or b is NaN. A group whose values to round hold none (every group,
@@ -82,14 +124,15 @@ struct Direction16 {  // after stage 2
 };
 
 // Stage 1, as Step::run's scalar loop (adam.h) up to the stored moments.
-template <class St, int U, bool AMSGRAD>
-inline Moments16 moments16(const Consts& c, const bf16* p, const bf16* g, St* m, St* v, St* vm,
-                           const bf16* comp, const float* master, int64_t i) {
+template <class Pt, class St, int U, bool AMSGRAD>
+inline Moments16 moments16(const Consts& c, const Pt* p, const Pt* g, St* m, St* v, St* vm,
+                           const Pt* comp, const float* master, int64_t i) {
     using S = Store<St>;
-    const Half16 P = U == MASTER ? load16(master + i) : load16(p + i);
-    const Half16 G = load16(g + i), M = load16(m + i), V = load16(v + i);
-    const Half16 C = U == KAHAN ? load16(comp + i) : Half16{};
-    const Half16 X = AMSGRAD ? load16(vm + i) : Half16{};
+    const LayoutOf<Pt> L;
+    const Half16 P = U == MASTER ? load16(L, master + i) : load16(L, p + i);
+    const Half16 G = load16(L, g + i), M = load16(L, m + i), V = load16(L, v + i);
+    const Half16 C = U == KAHAN ? load16(L, comp + i) : Half16{};
+    const Half16 X = AMSGRAD ? load16(L, vm + i) : Half16{};
     const f8 ps[2] = {P.lo, P.hi}, gs[2] = {G.lo, G.hi}, ms[2] = {M.lo, M.hi},
              vs[2] = {V.lo, V.hi}, cs[2] = {C.lo, C.hi}, xs[2] = {X.lo, X.hi};
     Moments16 out;
@@ -115,9 +158,9 @@ inline Moments16 moments16(const Consts& c, const bf16* p, const bf16* g, St* m,
         out.m[h] = S::value(mb[h]);
         out.v[h] = vi;
     }
-    store16(m + i, mb[0], mb[1]);
-    store16(v + i, vb[0], vb[1]);
-    if constexpr (AMSGRAD) store16(vm + i, xb[0], xb[1]);
+    store16(L, m + i, mb[0], mb[1]);
+    store16(L, v + i, vb[0], vb[1]);
+    if constexpr (AMSGRAD) store16(L, vm + i, xb[0], xb[1]);
     return out;
 }
 
@@ -128,7 +171,7 @@ inline Direction16 direction16(const Consts& c, const Moments16& s) {
 
 // Stage 3: θ_new, rounded to the param by the update policy, and stored.
 inline void write16(const Consts& c, const Direction16& s, float* p, int64_t i) {
-    store16(p + i, apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1]));  // float32: nearest
+    store16(Unpacked{}, p + i, apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1]));  // float32: nearest
 }
 
 template <int U>
@@ -148,20 +191,34 @@ inline void write16(const Consts& c, const Direction16& s, bf16* p, bf16* comp, 
         }
         if constexpr (U == KAHAN) cb[h] = bf16_bits(x - widen(pb[h]), nan);
     }
-    if constexpr (U == MASTER) store16(master + i, xs[0], xs[1]);
-    store16(p + i, pb[0], pb[1]);
-    if constexpr (U == KAHAN) store16(comp + i, cb[0], cb[1]);
+    if constexpr (U == MASTER) store16(Unpacked{}, master + i, xs[0], xs[1]);
+    store16(Unpacked{}, p + i, pb[0], pb[1]);
+    if constexpr (U == KAHAN) store16(Unpacked{}, comp + i, cb[0], cb[1]);
+}
+
+// float16 params (nearest, kahan, master; stochastic rounding stays in the scalar loop).
+template <int U>
+inline void write16(const Consts& c, const Direction16& s, half* p, half* comp, float* master,
+                    int64_t i, uint32_t) {
+    static_assert(U != STOCHASTIC, "float16 stochastic rounding runs in the scalar loop");
+    const f8 xs[2] = {apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1])};
+    const __m128i pb[2] = {half_bits(xs[0]), half_bits(xs[1])};
+    if constexpr (U == MASTER) store16(InOrder{}, master + i, xs[0], xs[1]);
+    store16(InOrder{}, p + i, pb[0], pb[1]);
+    if constexpr (U == KAHAN)
+        store16(InOrder{}, comp + i, half_bits(xs[0] - half_value(pb[0])),
+                half_bits(xs[1] - half_value(pb[1])));
 }
 
 // Whole 16-element groups of [lo, hi), software-pipelined; returns where the scalar loop
 // takes over. Groups never overlap, so the stages' reads and writes are independent.
-template <class St, int U, bool AMSGRAD>
-int64_t run16(const Consts& c, bf16* p, const bf16* g, St* m, St* v, St* vm, bf16* comp,
+template <class Pt, class St, int U, bool AMSGRAD>
+int64_t run16(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* comp,
               float* master, uint32_t key, int64_t lo, int64_t hi) {
     const int64_t n = (hi - lo) / 16;
     if (n == 0) return lo;
     const auto moments = [&](int64_t i) {
-        return moments16<St, U, AMSGRAD>(c, p, g, m, v, vm, comp, master, i);
+        return moments16<Pt, St, U, AMSGRAD>(c, p, g, m, v, vm, comp, master, i);
     };
     const auto write = [&](const Direction16& d, int64_t i) {
         write16<U>(c, d, p, comp, master, i, key);
@@ -214,9 +271,9 @@ inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, 
     const float mscale = *msc, vscale = *vsc;
     for (int k = 0; k < 16; ++k) {
         const int64_t i = b0 + 16 * k;
-        const Half16 T = U == MASTER ? load16(master + i) : load16(p + i);
-        const Half16 G = load16(g + i);
-        const Half16 C = U == KAHAN ? load16(comp + i) : Half16{};
+        const Half16 T = U == MASTER ? load16(Unpacked{}, master + i) : load16(Unpacked{}, p + i);
+        const Half16 G = load16(Unpacked{}, g + i);
+        const Half16 C = U == KAHAN ? load16(Unpacked{}, comp + i) : Half16{};
         u8v qm[2], qv[2];
         load_codes(mq + i, qm[0], qm[1]);
         load_codes(vq + i, qv[0], qv[1]);
