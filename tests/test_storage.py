@@ -107,8 +107,7 @@ def test_every_isa_build_gives_the_same_bits(monkeypatch, nonfinite):
             for i in range(len(ps)):
                 pairs = [(ps[i], p0[i], "param")] + [(ss[i][k], s0[i][k], k) for k in ss[i]]
                 for x, y, what in pairs:
-                    assert torch.equal(x.isnan(), y.isnan()), f"{sid}: {isa} != {isa0} {what} {i}"
-                    assert torch.equal(x[~x.isnan()], y[~y.isnan()]), f"{sid}: {isa} != {isa0} {what} {i}"
+                    assert_equal_nan_aware(x, y, f"{sid}: {isa} != {isa0} {what} {i}")
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -301,6 +300,33 @@ def test_grad_scaler_fast_path_is_exact(storage, backend):
             assert torch.equal(value, _tensors(ob, b)[key]), key
 
 
+def assert_equal_nan_aware(x, y, msg):
+    """NaN in the same places (payloads may differ), the same bits everywhere else."""
+    assert torch.equal(x.isnan(), y.isnan()), f"{msg}: NaNs differ"
+    assert torch.equal(x[~x.isnan()], y[~y.isnan()]), msg
+
+
+def _three_steps_on_both_backends(storage, edit_grad=None, edit_state=None):
+    """Params and optimizer of the cpu and the torch backend after three steps from the
+    same start; edit_grad(step, grad) and edit_state(step, tensor) inject values."""
+    runs = []
+    for backend in ("cpu", "torch"):
+        params, opt = _make(storage, backend, "plain")
+        gen = torch.Generator().manual_seed(1)
+        for step in range(3):
+            for p in params:
+                p.grad = _grad(p.shape, storage.dtype, gen)
+                if edit_grad and p.numel() > 40:
+                    edit_grad(step, p.grad.view(-1))
+            opt.step()
+            for p in params:
+                for t in _tensors(opt, p).values():
+                    if edit_state and t.shape == p.shape and t.numel() > 40:  # not int8 scales
+                        edit_state(step, t)
+        runs.append((params, opt))
+    return runs
+
+
 @needs_cpu
 @pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
                                      and s.state_format != "int8"], ids=lambda s: s.id)
@@ -308,31 +334,17 @@ def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage):
     """Non-finite grads inside 16-wide groups and in the scalar tail: the same elements
     turn NaN/inf on both backends (NaN payloads may differ), the rest agrees bitwise.
     (int8 moments cannot hold a NaN: formats.md leaves that case to each backend.)"""
-    runs = []
-    for backend in ("cpu", "torch"):
-        params, opt = _make(storage, backend, "plain")
-        gen = torch.Generator().manual_seed(1)
-        for step in range(3):
-            for p in params:
-                g = _grad(p.shape, storage.dtype, gen)
-                if step == 1 and g.numel() > 40:
-                    flat = g.view(-1)
-                    flat[[3, 17, 31, -1]] = torch.tensor([float("nan"), float("inf"),
-                                                          -float("inf"), float("nan")]).to(g.dtype)
-                p.grad = g
-            opt.step()
-        runs.append((params, opt))
-    (pa, oa), (pb, ob) = runs
+    def edit_grad(step, flat):
+        if step == 1:
+            flat[[3, 17, 31, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"),
+                                                  float("nan")]).to(flat.dtype)
+
+    (pa, oa), (pb, ob) = _three_steps_on_both_backends(storage, edit_grad=edit_grad)
     for i, (a, b) in enumerate(zip(pa, pb)):
-        for x, y, what in [(a, b, "param")] + [
-            (oa.state[a][k], ob.state[b][k], k) for k in _tensors(oa, a) if k != "step"
-        ]:
-            if not x.is_floating_point():
-                assert torch.equal(x, y), f"param {i} {what}"
-                continue
-            assert torch.equal(torch.isnan(x), torch.isnan(y)), f"param {i} {what}: NaNs differ"
-            finite = ~torch.isnan(x)
-            assert torch.equal(x[finite], y[finite]), f"param {i} {what}"
+        assert_equal_nan_aware(a, b, f"param {i}")
+        for k in _tensors(oa, a):
+            if k != "step":
+                assert_equal_nan_aware(oa.state[a][k], ob.state[b][k], f"param {i} {k}")
     assert any(torch.isnan(p).any() for p in pa), "the non-finite grads should reach a param"
 
 
@@ -350,22 +362,12 @@ def test_cpu_kernel_keeps_nan_payloads_nan(storage):
     groups and in the scalar tail: every param they reach is NaN on both backends.
     (Stochastic rounding adds noise to the bits, NaN or not: formats.md.)"""
     payload = torch.tensor(NAN_PAYLOADS, dtype=torch.int32).view(torch.float32)
-    runs = []
-    for backend in ("cpu", "torch"):
-        params, opt = _make(storage, backend, "plain")
-        gen = torch.Generator().manual_seed(1)
-        for step in range(3):
-            for p in params:
-                p.grad = _grad(p.shape, storage.dtype, gen)
-            opt.step()
-            if step == 0:
-                for p in params:
-                    for t in _tensors(opt, p).values():
-                        if t.dtype == torch.float32 and t.shape == p.shape and t.numel() > 40:
-                            t.view(-1)[[3, 17, 31, -1]] = payload  # not int8 scales
-        runs.append(params)
-    pa, pb = runs
+
+    def edit_state(step, t):
+        if step == 0 and t.dtype == torch.float32:
+            t.view(-1)[[3, 17, 31, -1]] = payload
+
+    (pa, _), (pb, _) = _three_steps_on_both_backends(storage, edit_state=edit_state)
     for i, (a, b) in enumerate(zip(pa, pb)):
-        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"param {i}: NaNs differ"
-        assert torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)]), f"param {i}"
+        assert_equal_nan_aware(a, b, f"param {i}")
     assert sum(int(torch.isnan(p).sum()) for p in pa) >= 4, "the NaNs should reach the params"
