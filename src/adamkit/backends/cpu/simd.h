@@ -10,8 +10,8 @@
 // streams (fp32 moments, the master copy) load and store 128-bit halves into place.
 // float16 params convert with F16C (vcvtph2ps / vcvtps2ph: IEEE round to nearest even,
 // the bits from_f32<half> gives, NaN payloads aside) 8 at a time in memory order, so
-// their groups take every stream in memory order instead (`InOrder`): 2.4x slower than
-// torch's fused fp16 step before, when GCC vectorized the bit-level conversion.
+// their groups take every stream in memory order instead (`InOrder`). (GCC's vectorized
+// bit-level conversion had made float16 steps 2.4x slower than torch's fused one.)
 //
 // The arithmetic is common.h's: lerp, update, grad and the bf16 rounding are templates
 // that run on float and on the vector type alike, so the two paths agree bit for bit.
@@ -89,7 +89,8 @@ inline void store16(InOrder, half* p, __m128i lo, __m128i hi) {
 }
 
 // Whether a lane of a or b is NaN. A group whose values to round hold none (every group,
-// in a healthy run) rounds them without bf16_bits' NaN test: 1.25x the throughput on Zen 1.
+// in a healthy run) rounds them without bf16_bits' NaN test: 1.12-1.19x the throughput
+// on Zen 1 (benchmarks/kernel_ablation.py).
 inline bool any_nan(f8 a, f8 b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)); }
 inline u8v bf16_bits(f8 x, bool nan) { return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }
 
