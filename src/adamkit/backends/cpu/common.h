@@ -94,10 +94,21 @@ template <> inline half from_f32<half>(float x) {  // round to nearest even, as 
     const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
     return half(uint16_t(h | sign));
 }
+// The few helpers where float/uint32_t and the 8-lane f8/u8v differ (simd.h runs the
+// same templates on both).
 inline uint32_t when(bool m, uint32_t v) { return m ? v : 0u; }
+inline float float_from_small(uint32_t x) { return float(int32_t(x)); }  // x < 2^31
+inline float abs_(float x) { return std::fabs(x); }
+inline float floor_(float x) { return std::floor(x); }
+inline float copysign_(float x, float s) { return std::copysign(x, s); }
 #if defined(__AVX__)
 typedef int32_t i8v __attribute__((vector_size(32)));
+inline f8 float_of(u8v u) { return reinterpret_cast<f8>(u); }
 inline u8v when(i8v m, uint32_t v) { return reinterpret_cast<u8v>(m) & v; }
+inline f8 float_from_small(u8v x) { return __builtin_convertvector(reinterpret_cast<i8v>(x), f8); }
+inline f8 abs_(f8 x) { return float_of(bits_of(x) & 0x7FFFFFFFu); }
+inline f8 floor_(f8 x) { return _mm256_floor_ps(x); }
+inline f8 copysign_(f8 x, f8 s) { return float_of((bits_of(x) & 0x7FFFFFFFu) | (bits_of(s) & 0x80000000u)); }
 #endif
 
 // bf16 bits of x, not NaN, rounded to nearest even: u + 0x7FFF + lsb, written as
@@ -181,11 +192,16 @@ template <class F, class U> inline U stochastic_bf16_bits(F x, U r) {
 inline bf16 round_stochastic(float x, uint32_t r, bf16*) {
     return bf16{uint16_t(stochastic_bf16_bits(x, r))};
 }
+// x rounded stochastically to a float16 value, as float32 (so converting it is exact):
+// 13 dropped bits against r's low 13, in the normal range or in steps of 2^-24 below it.
+template <class F, class U> inline F stochastic_half_value(F x, U r) {
+    const F normal = float_of((bits_of(x) + (r & 0x1FFFu)) & 0xFFFFE000u);
+    const F k = floor_(abs_(x) * 0x1p24f + float_from_small(r & 0x1FFFu) * 0x1p-13f);
+    const F sub = copysign_(k * 0x1p-24f, x);
+    return abs_(x) >= 0x1p-14f ? normal : sub;
+}
 inline half round_stochastic(float x, uint32_t r, half*) {
-    const float normal = float_of((bits_of(x) + (r & 0x1FFFu)) & 0xFFFFE000u);
-    const float k = std::floor(std::fabs(x) * 0x1p24f + float(r & 0x1FFFu) * 0x1p-13f);
-    const float sub = std::copysign(k * 0x1p-24f, x);
-    return from_f32<half>(std::fabs(x) >= 0x1p-14f ? normal : sub);  // exact: no rounding
+    return from_f32<half>(stochastic_half_value(x, r));
 }
 inline float round_stochastic(float x, uint32_t, float*) { return x; }
 
@@ -232,14 +248,9 @@ struct Codec {
 // The codec is written for float/uint32_t and for f8/u8v alike (simd.h encodes 16 codes
 // at a time); these few helpers are where the two differ.
 inline uint32_t trunc_u32(float x) { return uint32_t(int32_t(x)); }  // |x| < 2^31
-inline float float_from_small(uint32_t x) { return float(int32_t(x)); }  // x < 2^31
-inline float abs_(float x) { return std::fabs(x); }
 #if defined(__AVX__)
-inline f8 float_of(u8v u) { return reinterpret_cast<f8>(u); }
 // AVX2 converts float↔int32 only: through int32, which holds every value used here.
 inline u8v trunc_u32(f8 x) { return reinterpret_cast<u8v>(__builtin_convertvector(x, i8v)); }
-inline f8 float_from_small(u8v x) { return __builtin_convertvector(reinterpret_cast<i8v>(x), f8); }
-inline f8 abs_(f8 x) { return float_of(bits_of(x) & 0x7FFFFFFFu); }
 #endif
 
 // Nearest code (ties to even) of y ≥ 0 in the E?M3 map with bias B, capped at cmax.

@@ -1,5 +1,5 @@
 // Explicit 16-wide groups for bfloat16 params (bf16 or fp32 moments, every update
-// policy) and float16 params (nearest, kahan, master): GCC's own vectorization of the
+// policy) and float16 params (every policy too): GCC's own vectorization of the
 // per-element loop
 // widens and narrows bf16 one element at a time in effect (zero-extend, shift, pack,
 // permute, spills), which made these steps compute-bound at a third of the float32
@@ -197,13 +197,20 @@ inline void write16(const Consts& c, const Direction16& s, bf16* p, bf16* comp, 
     if constexpr (U == KAHAN) store16(Unpacked{}, comp + i, cb[0], cb[1]);
 }
 
-// float16 params (nearest, kahan, master; stochastic rounding stays in the scalar loop).
+// float16 params, in memory order.
 template <int U>
 inline void write16(const Consts& c, const Direction16& s, half* p, half* comp, float* master,
-                    int64_t i, uint32_t) {
-    static_assert(U != STOCHASTIC, "float16 stochastic rounding runs in the scalar loop");
+                    int64_t i, uint32_t key) {
     const f8 xs[2] = {apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1])};
-    const __m128i pb[2] = {half_bits(xs[0]), half_bits(xs[1])};
+    __m128i pb[2];
+    for (int h = 0; h < 2; ++h) {
+        if constexpr (U == STOCHASTIC) {  // its value is a float16: converting it is exact
+            const u8v index = uint32_t(i + 8 * h) + u8v{0, 1, 2, 3, 4, 5, 6, 7};
+            pb[h] = half_bits(stochastic_half_value(xs[h], mix32(index ^ key)));
+        } else {
+            pb[h] = half_bits(xs[h]);
+        }
+    }
     if constexpr (U == MASTER) store16(InOrder{}, master + i, xs[0], xs[1]);
     store16(InOrder{}, p + i, pb[0], pb[1]);
     if constexpr (U == KAHAN)
