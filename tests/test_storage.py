@@ -355,12 +355,12 @@ NAN_PAYLOADS = [0x7FFFFFFF, -1, 0x7F800001, 0x7FC0FFFF]  # -1: 0xFFFFFFFF; 0x7F8
 
 @needs_cpu
 @pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
-                                     and (s.state_format == "fp32" or s.param_update == "master")
-                                     and s.param_update != "stochastic"], ids=lambda s: s.id)
+                                     and (s.state_format == "fp32" or s.param_update == "master")],
+                         ids=lambda s: s.id)
 def test_cpu_kernel_keeps_nan_payloads_nan(storage):
     """NaNs with payload bits in float32 state (a moment, the master copy), inside 16-wide
-    groups and in the scalar tail: every param they reach is NaN on both backends.
-    (Stochastic rounding adds noise to the bits, NaN or not: formats.md.)"""
+    groups and in the scalar tail: every param they reach is NaN on both backends, under
+    every rounding policy (stochastic rounding too: formats.md rounds a NaN to nearest)."""
     payload = torch.tensor(NAN_PAYLOADS, dtype=torch.int32).view(torch.float32)
 
     def edit_state(step, t):
@@ -370,4 +370,5 @@ def test_cpu_kernel_keeps_nan_payloads_nan(storage):
     (pa, _), (pb, _) = _three_steps_on_both_backends(storage, edit_state=edit_state)
     for i, (a, b) in enumerate(zip(pa, pb)):
         assert_equal_nan_aware(a, b, f"param {i}")
-    assert sum(int(torch.isnan(p).sum()) for p in pa) >= 4, "the NaNs should reach the params"
+        if a.numel() > 40:
+            assert a.detach().view(-1)[[3, 17, 31, -1]].isnan().all(), f"param {i}: a NaN was lost"

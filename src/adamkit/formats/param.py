@@ -89,7 +89,9 @@ def round_stochastic(x: Tensor, r: Tensor, dtype: torch.dtype) -> Tensor:
     if dtype == torch.bfloat16:
         u = (u + (r & 0xFFFF)) & 0xFFFF0000
         high = u >> 16  # the bfloat16 bits, built directly (no float conversion)
-        return torch.where(high >= 2**15, high - 2**16, high).to(torch.int16).view(torch.bfloat16)
+        sr = torch.where(high >= 2**15, high - 2**16, high).to(torch.int16).view(torch.bfloat16)
+        # A NaN's payload would carry into exponent and sign: round it to nearest instead.
+        return torch.where(x.isnan(), x.to(torch.bfloat16), sr)
     if dtype == torch.float16:
         # Normal float16: 10 mantissa bits, so 13 float32 bits are dropped; the result has
         # 10 mantissa bits and converts to float16 exactly.

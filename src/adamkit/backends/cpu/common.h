@@ -189,8 +189,8 @@ template <class U> inline U mix32(U x) {
 template <class F, class U> inline U stochastic_bf16_bits(F x, U r) {
     return ((bits_of(x) + (r & 0xFFFFu)) & 0xFFFF0000u) >> 16;
 }
-inline bf16 round_stochastic(float x, uint32_t r, bf16*) {
-    return bf16{uint16_t(stochastic_bf16_bits(x, r))};
+inline bf16 round_stochastic(float x, uint32_t r, bf16*) {  // a NaN to nearest (formats.md)
+    return bf16{uint16_t(x != x ? bf16_bits(x) : stochastic_bf16_bits(x, r))};
 }
 // x rounded stochastically to a float16 value, as float32 (so converting it is exact):
 // 13 dropped bits against r's low 13, in the normal range or in steps of 2^-24 below it.

@@ -186,7 +186,8 @@ inline void write16(const Consts& c, const Direction16& s, bf16* p, bf16* comp, 
         const f8 x = xs[h];
         if constexpr (U == STOCHASTIC) {
             const u8v index = h ? indices_hi(uint32_t(i)) : indices_lo(uint32_t(i));
-            pb[h] = stochastic_bf16_bits(x, mix32(index ^ key));
+            const u8v sr = stochastic_bf16_bits(x, mix32(index ^ key));
+            pb[h] = nan ? (x != x ? bf16_bits(x) : sr) : sr;  // a NaN to nearest (formats.md)
         } else {
             pb[h] = bf16_bits(x, nan);
         }
