@@ -94,7 +94,7 @@ int main() {
     const Hyper h{0.9f, 0.999f, 0.1f, 0.001f, 1e-8f, 0.f, 1.f, 1e-3f, 0.0447f, 1.f, 0, 0};
     const Consts c(h);
     auto bf16_run = [&](auto U) {
-        return best_ns([&] { run16<bf16, decltype(U)::value, false>(c, d.p.data(), d.g.data(), d.m.data(), d.v.data(),
+        return best_ns([&] { run16<bf16, bf16, decltype(U)::value, false>(c, d.p.data(), d.g.data(), d.m.data(), d.v.data(),
                                                                    nullptr, d.comp.data(), d.master.data(), 7u, 0, n); },
                        n, 20000, 7);
     };

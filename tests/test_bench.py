@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -59,19 +61,37 @@ def test_unwritable_out_is_a_clean_error(tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
-def test_kernel_ablation_edits_still_match_the_kernel_sources():
-    """benchmarks/kernel_ablation.py removes pieces of the kernel by editing copies of its
-    headers; an edit that no longer matches would silently drop its row from RESULTS."""
+def _kernel_ablation():
     import importlib.util
-    from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     spec = importlib.util.spec_from_file_location("kernel_ablation", root / "benchmarks" / "kernel_ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_kernel_ablation_edits_still_match_the_kernel_sources():
+    """benchmarks/kernel_ablation.py removes pieces of the kernel by editing copies of its
+    headers; an edit that no longer matches would silently drop its row from RESULTS."""
+    ablation = _kernel_ablation()
     assert ablation.VARIANTS["as built"] == [] and len(ablation.VARIANTS) > 1
     for name, edits in ablation.VARIANTS.items():
         for header, old, new in edits:
             text = (ablation.KERNEL / header).read_text()
             assert text.count(old) == 1, f"{name}: its edit of {header} no longer matches once"
             assert old != new, name
+
+
+def _has_avx2() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " avx2" in cpuinfo.read_text()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or not _has_avx2(), reason="needs g++ and AVX2")
+def test_kernel_ablation_driver_still_compiles_against_the_kernel(tmp_path):
+    """Its C++ driver calls the kernel's templates directly; a changed signature must
+    fail here, not in the next benchmark session."""
+    ablation = _kernel_ablation()
+    exe = ablation.build("as built", [], tmp_path)
+    assert exe.exists()
