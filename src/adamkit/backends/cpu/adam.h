@@ -97,11 +97,8 @@ struct Step {
         *vsc = vcod.scale;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-            const uint8_t qm = encode_m(mbuf[i], mcod), qv = encode_v(vbuf[i], vcod);
-            mq[i] = qm;  // uint8_t stores may alias anything: decode from the registers
-            vq[i] = qv;
-            mbuf[i] = decode_m(qm, mcod.scale);
-            vbuf[i] = decode_v(qv, vcod.scale);
+            mq[i] = encode_m(mbuf[i], mcod, mbuf[i]);  // and the moments as stored
+            vq[i] = encode_v(vbuf[i], vcod, vbuf[i]);
         }
         if constexpr (AMSGRAD) {
             const float vmscale = *vmsc;
@@ -116,8 +113,7 @@ struct Step {
             *vmsc = xcod.scale;
 #pragma omp simd
             for (int64_t i = 0; i < n; ++i) {
-                vmq[i] = encode_v(vbuf[i], xcod);
-                vbuf[i] = decode_v(vmq[i], xcod.scale);
+                vmq[i] = encode_v(vbuf[i], xcod, vbuf[i]);
             }
         }
 #pragma omp simd

@@ -253,21 +253,6 @@ inline uint32_t trunc_u32(float x) { return uint32_t(int32_t(x)); }  // |x| < 2^
 inline u8v trunc_u32(f8 x) { return reinterpret_cast<u8v>(__builtin_convertvector(x, i8v)); }
 #endif
 
-// Nearest code (ties to even) of y ≥ 0 in the E?M3 map with bias B, capped at cmax.
-template <int B, class F> inline auto encode_magnitude(F y, uint32_t cmax) {
-    // Subnormal range: c = round_half_even(y·2^(B+2)) ∈ [0, 8]; the magic constant makes the
-    // float addition round to an integer (exact for values < 2^22).
-    const F s = y * float(1 << (B + 2));
-    const auto sub = trunc_u32((s + 0x1.8p23f) - 0x1.8p23f);
-    // Normal range: round the float to 3 mantissa bits (RNE); its exponent and those bits
-    // are u >> 20 = 8·(e + 127) + f, so the code 8·(e + B) + f is that minus 8·(127 − B).
-    auto u = bits_of(y);
-    u += 0x7FFFFu + ((u >> 20) & 1u);
-    const auto normal = (u >> 20) - uint32_t(8 * (127 - B));
-    const auto c = y < float_of(uint32_t(127 + 1 - B) << 23) ? sub : normal;
-    return c < cmax ? c : cmax;
-}
-
 template <int B, class U> inline auto decode_magnitude(U c) {
     const U e = c >> 3, f = c & 7u;
     const auto normal = float_of((c << 20) + (uint32_t(127 - B) << 23));  // e+127−B, f
@@ -275,25 +260,60 @@ template <int B, class U> inline auto decode_magnitude(U c) {
     return e == 0u ? sub : normal;
 }
 
+// Nearest code (ties to even) of y ≥ 0 in the E?M3 map with bias B, capped at cmax; and
+// in `value` that code's magnitude, decode_magnitude(code), from the encoder's own
+// intermediate results: the kernel uses moments as stored, and decoding each code again
+// was a fifth of an int8 step (benchmarks/kernel_ablation.py).
+template <int B, class F> inline auto encode_magnitude(F y, uint32_t cmax, F& value) {
+    // Subnormal range: c = round_half_even(y·2^(B+2)) ∈ [0, 8]; the magic constant makes the
+    // float addition round to an integer (exact for values < 2^22). Its value is c·2^-(B+2)
+    // (c = 8 is the first normal code, 2^(1−B): the same).
+    const F rounded = (y * float(1 << (B + 2)) + 0x1.8p23f) - 0x1.8p23f;
+    const auto sub = trunc_u32(rounded);
+    // Normal range: round the float to 3 mantissa bits (RNE); its exponent and those bits
+    // are u >> 20 = 8·(e + 127) + f, so the code 8·(e + B) + f is that minus 8·(127 − B),
+    // and its value is the rounded float itself.
+    auto u = bits_of(y);
+    u += 0x7FFFFu + ((u >> 20) & 1u);
+    const auto normal = (u >> 20) - uint32_t(8 * (127 - B));
+    const auto is_sub = y < float_of(uint32_t(127 + 1 - B) << 23);
+    const auto c = is_sub ? sub : normal;
+    const auto in_range = c < cmax;  // else (also for NaN and ∞) the largest code
+    value = in_range ? (is_sub ? rounded * float_of(uint32_t(127 - B - 2) << 23) : float_of(u & 0xFFF00000u))
+                     : F{} + decode_magnitude<B>(cmax);
+    return in_range ? c : cmax;
+}
+
 // Codes in the low bits of uint32 lanes: sign in bit 7 for m (never on a zero code).
-template <class F> inline auto encode_m_bits(F x, const Codec& k) {
-    const auto c = encode_magnitude<7>(abs_(x) * k.inv, 127u);
-    return c | when((x < 0.f) & (c != 0u), 128u);
+// The encoders also give the value as stored (what the decoder returns for that code).
+template <class F> inline auto encode_m_bits(F x, const Codec& k, F& stored_value) {
+    F mag;
+    const auto c = encode_magnitude<7>(abs_(x) * k.inv, 127u, mag);
+    const auto q = c | when((x < 0.f) & (c != 0u), 128u);
+    stored_value = (q & 128u) != 0u ? -(mag * k.scale) : mag * k.scale;
+    return q;
 }
 template <class U> inline auto decode_m_bits(U q, float scale) {
     const auto x = decode_magnitude<7>(q & 127u) * scale;
     return (q & 128u) != 0u ? -x : x;
 }
-template <class F> inline auto encode_v_bits(F x, const Codec& k) {
-    return encode_magnitude<15>(x * k.inv, 255u);
+template <class F> inline auto encode_v_bits(F x, const Codec& k, F& stored_value) {
+    F mag;
+    const auto c = encode_magnitude<15>(x * k.inv, 255u, mag);
+    stored_value = mag * k.scale;
+    return c;
 }
 template <class U> inline auto decode_v_bits(U q, float scale) {
     return decode_magnitude<15>(q) * scale;
 }
 
-inline uint8_t encode_m(float x, const Codec& k) { return uint8_t(encode_m_bits(x, k)); }
+inline uint8_t encode_m(float x, const Codec& k, float& stored_value) {
+    return uint8_t(encode_m_bits(x, k, stored_value));
+}
 inline float decode_m(uint8_t q, float scale) { return decode_m_bits(uint32_t(q), scale); }
-inline uint8_t encode_v(float x, const Codec& k) { return uint8_t(encode_v_bits(x, k)); }
+inline uint8_t encode_v(float x, const Codec& k, float& stored_value) {
+    return uint8_t(encode_v_bits(x, k, stored_value));
+}
 inline float decode_v(uint8_t q, float scale) { return decode_v_bits(uint32_t(q), scale); }
 
 }  // namespace

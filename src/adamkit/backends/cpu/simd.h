@@ -124,12 +124,30 @@ struct Direction16 {  // after stage 2
     f8 th[2], d[2];
 };
 
+// Software prefetch of every stream read, PREFETCH_AHEAD elements ahead (a prefetch past
+// a tensor's end is harmless: it never faults). The hardware prefetcher alone left the
+// 16-lane loops waiting on memory once both cores stream: 3-9% faster bf16 and float16
+// steps on Zen 3 with it (16.8M params, interleaved A/B in one process; 256 ahead did as
+// well as 1024; stochastic rounding, the most compute per element, unchanged).
+constexpr int64_t PREFETCH_AHEAD = 256;
+template <int U, class Pt, class St>
+inline void prefetch(const Pt* p, const Pt* g, const St* m, const St* v, const Pt* comp,
+                     const float* master, int64_t i) {
+    const auto at = [](const void* x) { _mm_prefetch(static_cast<const char*>(x), _MM_HINT_T0); };
+    at(U == MASTER ? static_cast<const void*>(master + i) : p + i);
+    at(g + i);
+    if constexpr (U == KAHAN) at(comp + i);
+    at(m + i);
+    at(v + i);
+}
+
 // Stage 1, as Step::run's scalar loop (adam.h) up to the stored moments.
 template <class Pt, class St, int U, bool AMSGRAD>
 inline Moments16 moments16(const Consts& c, const Pt* p, const Pt* g, St* m, St* v, St* vm,
                            const Pt* comp, const float* master, int64_t i) {
     using S = Store<St>;
     const LayoutOf<Pt> L;
+    prefetch<U>(p, g, m, v, comp, master, i + PREFETCH_AHEAD);
     const Half16 P = U == MASTER ? load16(L, master + i) : load16(L, p + i);
     const Half16 G = load16(L, g + i), M = load16(L, m + i), V = load16(L, v + i);
     const Half16 C = U == KAHAN ? load16(L, comp + i) : Half16{};
@@ -280,6 +298,9 @@ inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, 
     const float mscale = *msc, vscale = *vsc;
     for (int k = 0; k < 16; ++k) {
         const int64_t i = b0 + 16 * k;
+        // The next block: a block is three passes, well over a thousand micro-ops, so the
+        // out-of-order window never reaches its loads (8% faster fp32 int8 steps on Zen 3).
+        prefetch<U>(p, g, mq, vq, comp, master, i + BLOCK);
         const Half16 T = U == MASTER ? load16(Unpacked{}, master + i) : load16(Unpacked{}, p + i);
         const Half16 G = load16(Unpacked{}, g + i);
         const Half16 C = U == KAHAN ? load16(Unpacked{}, comp + i) : Half16{};
@@ -304,14 +325,13 @@ inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, 
     *vsc = vcod.scale;
     for (int k = 0; k < 16; ++k) {
         const int64_t i = b0 + 16 * k;
-        const u8v ma = encode_m_bits(mb[2 * k], mcod), mh = encode_m_bits(mb[2 * k + 1], mcod);
-        const u8v va = encode_v_bits(vb[2 * k], vcod), vh = encode_v_bits(vb[2 * k + 1], vcod);
+        // The moments become their values as stored, in place.
+        const u8v ma = encode_m_bits(mb[2 * k], mcod, mb[2 * k]);
+        const u8v mh = encode_m_bits(mb[2 * k + 1], mcod, mb[2 * k + 1]);
+        const u8v va = encode_v_bits(vb[2 * k], vcod, vb[2 * k]);
+        const u8v vh = encode_v_bits(vb[2 * k + 1], vcod, vb[2 * k + 1]);
         store_codes(mq + i, ma, mh);
         store_codes(vq + i, va, vh);
-        mb[2 * k] = decode_m_bits(ma, mcod.scale);
-        mb[2 * k + 1] = decode_m_bits(mh, mcod.scale);
-        vb[2 * k] = decode_v_bits(va, vcod.scale);
-        vb[2 * k + 1] = decode_v_bits(vh, vcod.scale);
     }
     for (int k = 0; k < 16; ++k) {
         const Direction16 d = {{xb[2 * k], xb[2 * k + 1]},
