@@ -128,6 +128,10 @@ CONTENDERS: list[Contender] = [
     Contender("adamkit cpu fp16 kahan", "adamkit", F16,
               _adamkit(backend="cpu", param_update="kahan"), _traffic(2, 4, extra=2),
               needs=("param_update",)),
+    # The same 14 B/param as torch: float16 params with bf16 moments.
+    Contender("adamkit cpu fp16 bf16-state", "adamkit", F16,
+              _adamkit(backend="cpu", param_update="nearest", state_format="bf16"), _traffic(2, 2),
+              needs=("param_update", "state_format")),
     Contender("torch fused fp16", "torch", F16, _torch(fused=True), _traffic(2, 2)),
     # 8-bit block-quantized state.
     Contender("adamkit cpu fp32 int8", "adamkit", F32, _adamkit(backend="cpu", state_format="int8"),
