@@ -35,7 +35,7 @@ struct Step {
                 const int64_t n = hi - b0 < BLOCK ? hi - b0 : BLOCK;
                 const int64_t blk = b0 / BLOCK;
 #if defined(ADAMKIT_SIMD16)
-                if constexpr (!AMSGRAD && !std::is_same_v<P, half>) {
+                if constexpr (!AMSGRAD) {
                     if (n == BLOCK) {
                         block16<P, U>(c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t] + blk,
                                       static_cast<uint8_t*>(v), a.exp_avg_sq_scales[t] + blk,

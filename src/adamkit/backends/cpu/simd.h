@@ -276,18 +276,33 @@ int64_t run16(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* com
 
 // ---- int8 moments: one whole block (BLOCK = 256 = 16 groups) at a time -------------------
 // Step::block's three passes (adam.h) on 16 lanes: decode and step, block maxima; encode
-// and decode as stored; write the params. Codes are widened byte → 16 bit in order, then
-// interleaved with zeros like bf16, so they come in the same unpack order as every stream.
-inline void load_codes(const uint8_t* q, u8v& lo, u8v& hi) {
+// (which also gives the values as stored); write the params. The codes follow the lane
+// order of the params: for bf16 and float32 params, widened byte → 16 bit in order, then
+// interleaved with zeros like bf16 (unpack order); for float16 params, in memory order.
+template <class P> using BlockLayout = std::conditional_t<std::is_same_v<P, half>, InOrder, Unpacked>;
+
+inline void load_codes(Unpacked, const uint8_t* q, u8v& lo, u8v& hi) {
     const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
     const __m256i z = _mm256_setzero_si256();
     lo = reinterpret_cast<u8v>(_mm256_unpacklo_epi16(w, z));
     hi = reinterpret_cast<u8v>(_mm256_unpackhi_epi16(w, z));
 }
-inline void store_codes(uint8_t* q, u8v lo, u8v hi) {
-    const __m256i w = _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
+inline void load_codes(InOrder, const uint8_t* q, u8v& lo, u8v& hi) {
+    lo = reinterpret_cast<u8v>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+    hi = reinterpret_cast<u8v>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
+}
+// packus_epi32 interleaves 128-bit lanes ({lo 0-3, hi 0-3 | lo 4-7, hi 4-7}): that is
+// unpack order undone; memory order needs the qwords put back first.
+inline void store_codes16(uint8_t* q, __m256i w) {
     const __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm256_castsi256_si128(b));
+}
+inline void store_codes(Unpacked, uint8_t* q, u8v lo, u8v hi) {
+    store_codes16(q, _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi)));
+}
+inline void store_codes(InOrder, uint8_t* q, u8v lo, u8v hi) {
+    const __m256i w = _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
+    store_codes16(q, _mm256_permute4x64_epi64(w, 0xD8));
 }
 // max over lanes, as the scalar loop's running std::max from 0 (a NaN never enters).
 inline float max_lanes(f8 x) {
@@ -299,6 +314,7 @@ inline float max_lanes(f8 x) {
 template <class P, int U>
 inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
                     float* vsc, P* comp, float* master, uint32_t key, int64_t b0) {
+    const BlockLayout<P> L;
     f8 mb[32], vb[32], xb[32];
     f8 mabs = {}, vabs = {};
     const float mscale = *msc, vscale = *vsc;
@@ -307,12 +323,12 @@ inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, 
         // The next block: a block is three passes, well over a thousand micro-ops, so the
         // out-of-order window never reaches its loads (8% faster fp32 int8 steps on Zen 3).
         prefetch<U>(p, g, mq, vq, comp, master, i + BLOCK);
-        const Half16 T = U == MASTER ? load16(Unpacked{}, master + i) : load16(Unpacked{}, p + i);
-        const Half16 G = load16(Unpacked{}, g + i);
-        const Half16 C = U == KAHAN ? load16(Unpacked{}, comp + i) : Half16{};
+        const Half16 T = U == MASTER ? load16(L, master + i) : load16(L, p + i);
+        const Half16 G = load16(L, g + i);
+        const Half16 C = U == KAHAN ? load16(L, comp + i) : Half16{};
         u8v qm[2], qv[2];
-        load_codes(mq + i, qm[0], qm[1]);
-        load_codes(vq + i, qv[0], qv[1]);
+        load_codes(L, mq + i, qm[0], qm[1]);
+        load_codes(L, vq + i, qv[0], qv[1]);
         const f8 ts[2] = {T.lo, T.hi}, gs[2] = {G.lo, G.hi}, cs[2] = {C.lo, C.hi};
         for (int h = 0; h < 2; ++h) {
             const f8 th = U == KAHAN ? ts[h] + cs[h] : ts[h];
@@ -336,8 +352,8 @@ inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, 
         const u8v mh = encode_m_bits(mb[2 * k + 1], mcod, mb[2 * k + 1]);
         const u8v va = encode_v_bits(vb[2 * k], vcod, vb[2 * k]);
         const u8v vh = encode_v_bits(vb[2 * k + 1], vcod, vb[2 * k + 1]);
-        store_codes(mq + i, ma, mh);
-        store_codes(vq + i, va, vh);
+        store_codes(L, mq + i, ma, mh);
+        store_codes(L, vq + i, va, vh);
     }
     for (int k = 0; k < 16; ++k) {
         const Direction16 d = {{xb[2 * k], xb[2 * k + 1]},
