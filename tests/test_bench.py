@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from adamkit import bench
+from adamkit.backends.cpu import library
 from adamkit.bench import suite
 
 
@@ -83,12 +84,8 @@ def test_kernel_ablation_edits_still_match_the_kernel_sources():
             assert old != new, name
 
 
-def _has_avx2() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and " avx2" in cpuinfo.read_text()
-
-
-@pytest.mark.skipif(shutil.which("g++") is None or not _has_avx2(), reason="needs g++ and AVX2")
+@pytest.mark.skipif(shutil.which("g++") is None or "avx2" not in library.isa_candidates(),
+                    reason="needs g++ and AVX2")
 def test_kernel_ablation_driver_still_compiles_against_the_kernel(tmp_path):
     """Its C++ driver calls the kernel's templates directly; a changed signature must
     fail here, not in the next benchmark session."""
