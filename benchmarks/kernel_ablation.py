@@ -104,8 +104,9 @@ int main() {
         const T* g = std::is_same_v<T, float> ? (const T*)d.gf.data() : (const T*)d.g.data();
         return best_ns([&] {
             for (int64_t b0 = 0; b0 < n; b0 += 256)
-                block16<T, decltype(U)::value>(c, p, g, d.mq.data(), d.ms.data() + b0 / 256, d.vq.data(),
-                                               d.vs.data() + b0 / 256, (T*)d.comp.data(), d.master.data(), 7u, b0);
+                block16<T, decltype(U)::value, false>(c, p, g, d.mq.data(), d.ms.data() + b0 / 256, d.vq.data(),
+                                                      d.vs.data() + b0 / 256, nullptr, nullptr, (T*)d.comp.data(),
+                                                      d.master.data(), 7u, b0);
         }, n, 10000, 7);
     };
     using I = std::integral_constant<int, NEAREST>;

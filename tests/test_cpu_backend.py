@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +217,29 @@ def test_low_precision_params_with_float32_state_match_reference(param_dtype, am
     for ka, kb in zip(runs["cpu"][1], runs["reference"][1]):
         for a, b in zip(ka, kb):
             assert_close_scaled(a, b, *REFERENCE_TOL[torch.float32])
+
+
+def _check_int8_encoder(tmp_path, stride: int) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parent.parent
+    exe = tmp_path / "check_int8_encoder"
+    subprocess.run(["g++", "-std=c++17", "-O2", "-fno-math-errno", "-fno-trapping-math",
+                    "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c",
+                    f"-I{library.HERE}", str(root / "tools" / "check_int8_encoder.cpp"),
+                    "-o", str(exe)], check=True, timeout=300)
+    return subprocess.run([str(exe), str(stride)], capture_output=True, text=True, timeout=3600)
+
+
+needs_gxx_avx2 = pytest.mark.skipif(
+    shutil.which("g++") is None or "avx2" not in library.isa_candidates(),
+    reason="needs g++ and AVX2")
+
+
+@needs_gxx_avx2
+@pytest.mark.parametrize("stride", [257, pytest.param(1, marks=pytest.mark.slow)])
+def test_int8_encoders_equal_the_spec_on_every_float(tmp_path, stride):
+    """tools/check_int8_encoder.cpp: the kernel's encoders (one float and 8 lanes) against
+    formats.md's steps, bit for bit, on every `stride`-th float32 pattern and several
+    block maxima (stride 1: all 2^32, ~25 minutes)."""
+    done = _check_int8_encoder(tmp_path, stride)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " 0 mismatches" in done.stdout

@@ -35,13 +35,13 @@ struct Step {
                 const int64_t n = hi - b0 < BLOCK ? hi - b0 : BLOCK;
                 const int64_t blk = b0 / BLOCK;
 #if defined(ADAMKIT_SIMD16)
-                if constexpr (!AMSGRAD) {
-                    if (n == BLOCK) {
-                        block16<P, U>(c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t] + blk,
-                                      static_cast<uint8_t*>(v), a.exp_avg_sq_scales[t] + blk,
-                                      comp, master, key, b0);
-                        continue;
-                    }
+                if (n == BLOCK) {
+                    block16<P, U, AMSGRAD>(c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t] + blk,
+                                           static_cast<uint8_t*>(v), a.exp_avg_sq_scales[t] + blk,
+                                           static_cast<uint8_t*>(vmax),
+                                           AMSGRAD ? a.max_exp_avg_sq_scales[t] + blk : nullptr,
+                                           comp, master, key, b0);
+                    continue;
                 }
 #endif
                 block(c, p + b0, g + b0, static_cast<uint8_t*>(m) + b0, a.exp_avg_scales[t] + blk,

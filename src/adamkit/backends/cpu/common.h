@@ -260,48 +260,51 @@ template <int B, class U> inline auto decode_magnitude(U c) {
     return e == 0u ? sub : normal;
 }
 
-// Nearest code (ties to even) of y ≥ 0 in the E?M3 map with bias B, capped at cmax; and
-// in `value` that code's magnitude, decode_magnitude(code), from the encoder's own
-// intermediate results: the kernel uses moments as stored, and decoding each code again
-// was a fifth of an int8 step (benchmarks/kernel_ablation.py).
-template <int B, class F> inline auto encode_magnitude(F y, uint32_t cmax, F& value) {
-    // Subnormal range: c = round_half_even(y·2^(B+2)) ∈ [0, 8]; the magic constant makes the
-    // float addition round to an integer (exact for values < 2^22). Its value is c·2^-(B+2)
-    // (c = 8 is the first normal code, 2^(1−B): the same).
-    const F rounded = (y * float(1 << (B + 2)) + 0x1.8p23f) - 0x1.8p23f;
-    const auto sub = trunc_u32(rounded);
-    // Normal range: round the float to 3 mantissa bits (RNE); its exponent and those bits
-    // are u >> 20 = 8·(e + 127) + f, so the code 8·(e + B) + f is that minus 8·(127 − B),
-    // and its value is the rounded float itself.
-    auto u = bits_of(y);
-    u += 0x7FFFFu + ((u >> 20) & 1u);
-    const auto normal = (u >> 20) - uint32_t(8 * (127 - B));
-    const auto is_sub = y < float_of(uint32_t(127 + 1 - B) << 23);
-    const auto c = is_sub ? sub : normal;
-    const auto in_range = c < cmax;  // else (also for NaN and ∞) the largest code
-    value = in_range ? (is_sub ? rounded * float_of(uint32_t(127 - B - 2) << 23) : float_of(u & 0xFFF00000u))
-                     : F{} + decode_magnitude<B>(cmax);
-    return in_range ? c : cmax;
+// y ≥ 0 rounded (to nearest even) onto the E?M3 map with bias B, capped at the value of
+// code cmax (also for NaN and ∞): the magnitude as stored, without forming the code.
+template <int B, class F> inline F round_to_map(F y, uint32_t cmax) {
+    // The map's grid near y has spacing 2^(E−3), E = y's exponent, and 2^(−B−2) below
+    // the smallest normal 2^(1−B). Adding big = 1.5·2^(E+20) (E at least 1−B) puts that
+    // spacing at big's last bit, so the float addition rounds y onto the grid and the
+    // subtraction is exact.
+    constexpr uint32_t min_normal = uint32_t(128 - B) << 23;
+    const auto e = bits_of(y) & 0x7F800000u;
+    const F big = float_of((e > min_normal ? e : min_normal) + ((20u << 23) | 0x400000u));
+    const F r = (y + big) - big;
+    // From halfway between the largest code's value (mantissa 7, odd: that tie rounds
+    // up) and the next power of two, and for NaN and ∞: the largest code's value.
+    const float top = decode_magnitude<B>(cmax);
+    return y < float_of(bits_of(top) + 0x80000u) ? r : F{} + top;
+}
+
+// The code of a magnitude on the map: below 2^(1−B), r·2^(B+2) ∈ [0, 8); above, r's
+// exponent and 3 mantissa bits, u >> 20 = 8·(E + 127) + f, rebiased to 8·(E + B) + f.
+template <int B, class F> inline auto code_of(F r) {
+    return r < float_of(uint32_t(128 - B) << 23) ? trunc_u32(r * float(1 << (B + 2)))
+                                                 : (bits_of(r) >> 20) - uint32_t(8 * (127 - B));
 }
 
 // Codes in the low bits of uint32 lanes: sign in bit 7 for m (never on a zero code).
-// The encoders also give the value as stored (what the decoder returns for that code).
+// The encoders also give the value as stored (what the decoder returns for that code),
+// from their own intermediate results: the kernel uses moments as stored, and decoding
+// each code again was a fifth of an int8 step (benchmarks/kernel_ablation.py).
 template <class F> inline auto encode_m_bits(F x, const Codec& k, F& stored_value) {
-    F mag;
-    const auto c = encode_magnitude<7>(abs_(x) * k.inv, 127u, mag);
-    const auto q = c | when((x < 0.f) & (c != 0u), 128u);
-    stored_value = (q & 128u) != 0u ? -(mag * k.scale) : mag * k.scale;
-    return q;
+    const F xs = x * k.inv;  // |xs| = |x|·inv: rounding is symmetric
+    const F mag = round_to_map<7>(abs_(xs), 127u);
+    // Negative with a nonzero code: |xs| above 2^-10, half the smallest magnitude 2^-9
+    // (the tie rounds to 0); false for NaN.
+    const auto neg = xs < -0x1p-10f;
+    stored_value = float_of(bits_of(mag) ^ when(neg, 0x80000000u)) * k.scale;
+    return code_of<7>(mag) | when(neg, 128u);
 }
 template <class U> inline auto decode_m_bits(U q, float scale) {
     const auto x = decode_magnitude<7>(q & 127u) * scale;
     return (q & 128u) != 0u ? -x : x;
 }
 template <class F> inline auto encode_v_bits(F x, const Codec& k, F& stored_value) {
-    F mag;
-    const auto c = encode_magnitude<15>(x * k.inv, 255u, mag);
+    const F mag = round_to_map<15>(x * k.inv, 255u);
     stored_value = mag * k.scale;
-    return c;
+    return code_of<15>(mag);
 }
 template <class U> inline auto decode_v_bits(U q, float scale) {
     return decode_magnitude<15>(q) * scale;

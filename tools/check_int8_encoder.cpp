@@ -1,0 +1,126 @@
+// The CPU kernel's int8 encoders (common.h: encode_m_bits, encode_v_bits, on float and
+// on 8 lanes) against docs/design/formats.md's encode, written here step by step as the
+// page states it, for every float32 bit pattern x and several block maxima: the code
+// and the value as stored (±value(c)·scale) must be equal bit for bit. Also the 16-lane
+// m decoder (simd.h: decode_m16, through F16C) for every code, in both lane orders.
+//
+// The kernel rounds onto the code map by a float addition (round_to_map) instead of the
+// page's two integer paths; this is the proof that the two agree everywhere, not only
+// on the values a test happens to draw.
+//
+//   g++ -std=c++17 -O2 -fno-math-errno -fno-trapping-math -ffp-contract=off -mavx2 -mfma \
+//       -mf16c -Isrc/adamkit/backends/cpu tools/check_int8_encoder.cpp -o /tmp/check && /tmp/check
+//
+// An optional argument checks every k-th bit pattern only (tests/test_formats.py runs a
+// sample; the whole check takes about 25 minutes on one core). Exit status 1 on a mismatch.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "common.h"
+#include "simd.h"
+
+namespace spec {
+
+// value(c) = F·2^(−b−2) if E == 0 else (8 + F)·2^(E−b−3)
+float value(uint32_t c, int b) {
+    const uint32_t e = c >> 3, f = c & 7u;
+    return e == 0 ? std::ldexp(float(f), -b - 2) : std::ldexp(float(8 + f), int(e) - b - 3);
+}
+
+uint32_t code(float y, int b, uint32_t cmax) {
+    uint32_t c;
+    if (y < std::ldexp(1.f, 1 - b)) {
+        c = uint32_t(std::nearbyint(y * std::ldexp(1.f, b + 2)));  // half to even
+    } else {
+        uint32_t u = bits_of(y);
+        u += 0x7FFFFu + ((u >> 20) & 1u);
+        c = ((((u >> 23) - 127u + uint32_t(b)) << 3) | ((u >> 20) & 7u));
+    }
+    return c < cmax ? c : cmax;
+}
+
+uint32_t encode_m(float x, const Codec& k, float& stored) {
+    const uint32_t c = code(std::fabs(x) * k.inv, 7, 127u);
+    const bool neg = x < 0.f && c > 0;
+    stored = neg ? -(value(c, 7) * k.scale) : value(c, 7) * k.scale;
+    return c | (neg ? 128u : 0u);
+}
+
+uint32_t encode_v(float x, const Codec& k, float& stored) {
+    const uint32_t c = code(x * k.inv, 15, 255u);
+    stored = value(c, 15) * k.scale;
+    return c;
+}
+
+}  // namespace spec
+
+long mismatches = 0;
+
+void report(char which, float absmax, float x, uint32_t want, float want_value, uint32_t got,
+            float got_value, const char* path) {
+    if (mismatches++ < 10)
+        std::printf("%c absmax=%a x=%a (%s): code %u value %a, formats.md: code %u value %a\n",
+                    which, absmax, x, path, got, got_value, want, want_value);
+}
+
+template <bool M>
+void check(float absmax, uint64_t stride) {
+    const Codec k(absmax, M ? M_MAX : V_MAX);
+    for (uint64_t base = 0; base < (1ull << 32); base += 8 * stride) {
+        u8v bits;
+        for (int j = 0; j < 8; ++j) bits[j] = uint32_t(base + j * stride);
+        const f8 x = float_of(bits);
+        f8 lanes_value;
+        const u8v lanes = M ? encode_m_bits(x, k, lanes_value) : encode_v_bits(x, k, lanes_value);
+        for (int j = 0; j < 8; ++j) {
+            // v ≥ 0: a negative v is never encoded (−0 and NaNs of either sign are).
+            if (!M && (bits[j] >> 31) && bits[j] != 0x80000000u && x[j] == x[j]) continue;
+            float want_value, got_value;
+            const uint32_t want = M ? spec::encode_m(x[j], k, want_value) : spec::encode_v(x[j], k, want_value);
+            const uint32_t got = M ? encode_m_bits(x[j], k, got_value) : encode_v_bits(x[j], k, got_value);
+            if (got != want || bits_of(got_value) != bits_of(want_value))
+                report(M ? 'm' : 'v', absmax, x[j], want, want_value, got, got_value, "float");
+            if (lanes[j] != want || bits_of(lanes_value[j]) != bits_of(want_value))
+                report(M ? 'm' : 'v', absmax, x[j], want, want_value, lanes[j], lanes_value[j], "8 lanes");
+        }
+    }
+}
+
+// Every m code, 16 at a time, in both lane orders, against ±value(c)·scale.
+template <class L>
+void check_decode_m16(L layout, const int* lane_element, float scale) {
+    for (int c0 = 0; c0 < 256; c0 += 16) {
+        uint8_t q[16];
+        for (int j = 0; j < 16; ++j) q[j] = uint8_t(c0 + j);
+        const Half16 x = decode_m16(layout, q, scale);
+        for (int j = 0; j < 16; ++j) {
+            const uint32_t code = q[lane_element[j]];
+            const float magnitude = spec::value(code & 127u, 7) * scale;
+            const float want = code & 128u ? -magnitude : magnitude;
+            const float got = j < 8 ? x.lo[j] : x.hi[j - 8];
+            // (A NaN scale or 0·∞ gives NaN, whose sign IEEE 754 leaves open.)
+            if (bits_of(got) != bits_of(want) && !(got != got && want != want))
+                report('d', scale, float(code), code, want, code, got, "decode_m16");
+        }
+    }
+}
+
+int main(int argc, char** argv) {
+    const int unpacked[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+    const int in_order[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (float scale : {1.f, 0x1p-126f, 3.7e-3f, 1e37f, 3.4e38f, 1e-45f, INFINITY, NAN}) {
+        check_decode_m16(Unpacked{}, unpacked, scale);
+        check_decode_m16(InOrder{}, in_order, scale);
+    }
+    const uint64_t stride = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 1;
+    // Block maxima: code-map maxima (inv = 1), ordinary, tiny, huge, below the floor, zero.
+    const float absmaxes[] = {480.f, 122880.f, 1.0f, 3.3e-20f, 7.1e37f, 1e-38f, 0.f};
+    for (float a : absmaxes) {
+        check<true>(a, stride);
+        check<false>(a, stride);
+    }
+    std::printf("int8 encoders (and decode_m16) vs formats.md, every %llu-th float32 x, %zu block maxima: %ld mismatches\n",
+                (unsigned long long)stride, sizeof(absmaxes) / sizeof(float), mismatches);
+    return mismatches != 0;
+}
