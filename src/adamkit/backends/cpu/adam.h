@@ -58,7 +58,9 @@ struct Step {
             St* vm = static_cast<St*>(vmax);
             int64_t first = lo;  // the scalar loop takes what 16-wide groups leave
 #if defined(ADAMKIT_SIMD16)
-            if constexpr (std::is_same_v<P, bf16> || std::is_same_v<P, half>)
+            // float32 params with float32 moments stay with GCC's loop: memory-bound, and
+            // software prefetch made it slower (RESULTS.md).
+            if constexpr (std::is_same_v<P, bf16> || std::is_same_v<P, half> || std::is_same_v<St, bf16>)
                 first = run16<P, St, U, AMSGRAD>(c, p, g, ms, vs, vm, comp, master, key, lo, hi);
 #endif
 #pragma omp simd

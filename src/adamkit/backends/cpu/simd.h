@@ -1,6 +1,6 @@
 // Explicit 16-wide groups for bfloat16 params (bf16 or fp32 moments, every update
-// policy) and float16 params (every policy too): GCC's own vectorization of the
-// per-element loop
+// policy), float16 params (every policy too) and float32 params with bf16 moments:
+// GCC's own vectorization of the per-element loop
 // widens and narrows bf16 one element at a time in effect (zero-extend, shift, pack,
 // permute, spills), which made these steps compute-bound at a third of the float32
 // step's speed on AVX2. Here one 32-byte load holds 16 values; interleaving it with zeros
@@ -195,8 +195,17 @@ ADAMKIT_INLINE Direction16 direction16(const Consts& c, const Moments16& s) {
 }
 
 // Stage 3: θ_new, rounded to the param by the update policy, and stored.
-ADAMKIT_INLINE void write16(const Consts& c, const Direction16& s, float* p, int64_t i) {
-    store16(Unpacked{}, p + i, apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1]));  // float32: nearest
+// float32 params (nearest only): in the group's lane order, unpack order beside int8 codes
+// (block16), memory order beside bf16 moments (run16).
+template <class L>
+ADAMKIT_INLINE void write16(L layout, const Consts& c, const Direction16& s, float* p, int64_t i) {
+    store16(layout, p + i, apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1]));
+}
+template <int U>
+ADAMKIT_INLINE void write16(const Consts& c, const Direction16& s, float* p, float*, float*, int64_t i,
+                            uint32_t) {
+    static_assert(U == NEAREST, "float32 params are updated to nearest only");
+    write16(InOrder{}, c, s, p, i);
 }
 
 template <int U>
@@ -391,7 +400,7 @@ inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, 
         const Direction16 d = {{xb[2 * k], xb[2 * k + 1]},
                                {direction(c, mb[2 * k], vb[2 * k]),
                                 direction(c, mb[2 * k + 1], vb[2 * k + 1])}};
-        if constexpr (std::is_same_v<P, float>) write16(c, d, p, b0 + 16 * k);
+        if constexpr (std::is_same_v<P, float>) write16(L, c, d, p, b0 + 16 * k);
         else write16<U>(c, d, p, comp, master, b0 + 16 * k, key);
     }
 }
