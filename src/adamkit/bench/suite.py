@@ -99,6 +99,9 @@ CONTENDERS: list[Contender] = [
     # float32 params, float32 state: 28 B/param.
     Contender("adamkit cpu fp32", "adamkit", F32, _adamkit(backend="cpu"), _traffic(4, 4), quick=True),
     Contender("torch fused fp32", "torch", F32, _torch(fused=True), _traffic(4, 4), quick=True),
+    # float32 params with bf16 moments: 20 B/param, 4 of state.
+    Contender("adamkit cpu fp32 bf16-state", "adamkit", F32,
+              _adamkit(backend="cpu", state_format="bf16"), _traffic(4, 2), needs=("state_format",)),
     Contender("torch foreach fp32", "torch", F32, _torch(foreach=True), _traffic(4, 4)),
     Contender("torch for-loop fp32", "torch", F32, _torch(foreach=False), _traffic(4, 4)),
     # bfloat16 params, bfloat16 state (torch's behaviour): 14 B/param.
