@@ -11,11 +11,18 @@
 //   g++ -std=c++17 -O2 -fno-math-errno -fno-trapping-math -ffp-contract=off -mavx2 -mfma \
 //       -mf16c -Isrc/adamkit/backends/cpu tools/check_int8_encoder.cpp -o /tmp/check && /tmp/check
 //
-// An optional argument checks every k-th bit pattern only (tests/test_formats.py runs a
-// sample; the whole check takes about 25 minutes on one core). Exit status 1 on a mismatch.
+// An optional argument k checks every k-th bit pattern only, plus a fixed list of edge
+// values (tests/test_cpu_backend.py runs k = 257; the whole check takes about 25 minutes
+// on one core). Exit status 1 on a mismatch.
+//
+// Why this covers every block: the code depends on x only through y = |x|·inv (m) or
+// x·inv (v), and the value as stored only on the code and the scale. With the block
+// maxima 480 (m) and 122880 (v), inv = 1, so y runs through every float32 pattern; the
+// other maxima check the inv and scale multiplications around it.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #include "common.h"
 #include "simd.h"
@@ -64,12 +71,39 @@ void report(char which, float absmax, float x, uint32_t want, float want_value, 
                     which, absmax, x, path, got, got_value, want, want_value);
 }
 
+// Where the recipe branches, rounds a tie, or caps, each ±1 ulp, whatever the stride:
+// ±0, ±∞, NaNs of both signs, float32 subnormals, every code's value and the midpoints
+// between neighbouring codes (both maps, times the scale of the block under test).
+std::vector<uint32_t> edge_values(float scale) {
+    std::vector<uint32_t> out = {0u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u,
+                                 0xFFC00000u, 0x7F800001u, 0xFFFFFFFFu, 1u, 0x807FFFFFu};
+    for (int b : {7, 15}) {
+        for (uint32_t c = 0; c < 256; ++c) {
+            const float here = spec::value(c, b), next = spec::value(c + 1, b);
+            for (float y : {here, (here + next) / 2, std::ldexp(1.f, 1 - b), std::ldexp(1.f, -b - 3)}) {
+                for (float x : {y * scale, -y * scale}) {
+                    for (int d = -1; d <= 1; ++d) out.push_back(bits_of(x) + uint32_t(d));
+                }
+            }
+        }
+    }
+    return out;
+}
+
 template <bool M>
 void check(float absmax, uint64_t stride) {
     const Codec k(absmax, M ? M_MAX : V_MAX);
-    for (uint64_t base = 0; base < (1ull << 32); base += 8 * stride) {
+    std::vector<uint32_t> edges = edge_values(k.scale);
+    while (edges.size() % 8) edges.push_back(0u);
+    const uint64_t n_edges = edges.size() / 8;
+    for (uint64_t step = 0, base = 0; base < (1ull << 32); ++step) {
         u8v bits;
-        for (int j = 0; j < 8; ++j) bits[j] = uint32_t(base + j * stride);
+        if (step < n_edges) {
+            for (int j = 0; j < 8; ++j) bits[j] = edges[8 * step + j];
+        } else {
+            for (int j = 0; j < 8; ++j) bits[j] = uint32_t(base + j * stride);
+            base += 8 * stride;
+        }
         const f8 x = float_of(bits);
         f8 lanes_value;
         const u8v lanes = M ? encode_m_bits(x, k, lanes_value) : encode_v_bits(x, k, lanes_value);
@@ -120,7 +154,7 @@ int main(int argc, char** argv) {
         check<true>(a, stride);
         check<false>(a, stride);
     }
-    std::printf("int8 encoders (and decode_m16) vs formats.md, every %llu-th float32 x, %zu block maxima: %ld mismatches\n",
+    std::printf("int8 encoders (and decode_m16) vs formats.md, edge values and every %llu-th float32 x, %zu block maxima: %ld mismatches\n",
                 (unsigned long long)stride, sizeof(absmaxes) / sizeof(float), mismatches);
     return mismatches != 0;
 }

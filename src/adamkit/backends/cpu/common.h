@@ -265,8 +265,10 @@ template <int B, class U> inline auto decode_magnitude(U c) {
 template <int B, class F> inline F round_to_map(F y, uint32_t cmax) {
     // The map's grid near y has spacing 2^(E−3), E = y's exponent, and 2^(−B−2) below
     // the smallest normal 2^(1−B). Adding big = 1.5·2^(E+20) (E at least 1−B) puts that
-    // spacing at big's last bit, so the float addition rounds y onto the grid and the
-    // subtraction is exact.
+    // spacing at big's last bit (which is 0, so a tie goes to the even grid point, as
+    // formats.md's +0x7FFFF + lsb), so the float addition rounds y onto the grid and the
+    // subtraction is exact. (For y ≥ 2^107, ∞ and NaN the exponent sum overflows and r is
+    // garbage; the cap below replaces it.)
     constexpr uint32_t min_normal = uint32_t(128 - B) << 23;
     const auto e = bits_of(y) & 0x7F800000u;
     const F big = float_of((e > min_normal ? e : min_normal) + ((20u << 23) | 0x400000u));
