@@ -1,12 +1,21 @@
-"""Small models and a lockstep runner shared by the parity tests."""
+"""Small models and a lockstep runner shared by the parity tests, and shared skip marks."""
 
 from __future__ import annotations
 
 import copy
+import shutil
 from typing import Callable
 
+import pytest
 import torch
 from torch import nn
+
+from adamkit.backends.cpu import library
+
+# Tests that compile C++ against the kernel headers for AVX2 (tools/, benchmarks/).
+needs_gxx_avx2 = pytest.mark.skipif(
+    shutil.which("g++") is None or "avx2" not in library.isa_candidates(),
+    reason="needs g++ and AVX2")
 
 
 class TinyMLP(nn.Module):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
 from adamkit import bench
-from adamkit.backends.cpu import library
 from adamkit.bench import suite
+from helpers import needs_gxx_avx2
 
 
 @pytest.fixture
@@ -84,8 +83,7 @@ def test_kernel_ablation_edits_still_match_the_kernel_sources():
             assert old != new, name
 
 
-@pytest.mark.skipif(shutil.which("g++") is None or "avx2" not in library.isa_candidates(),
-                    reason="needs g++ and AVX2")
+@needs_gxx_avx2
 def test_kernel_ablation_driver_still_compiles_against_the_kernel(tmp_path):
     """Its C++ driver calls the kernel's templates directly; a changed signature must
     fail here, not in the next benchmark session."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ import torch
 import adamkit
 from adamkit.backends import cpu
 from adamkit.backends.cpu import library
-from helpers import assert_close_scaled
+from helpers import assert_close_scaled, needs_gxx_avx2
 from registry import REFERENCE_TOL
 
 needs_kernels = pytest.mark.skipif(
@@ -223,15 +222,11 @@ def _check_int8_encoder(tmp_path, stride: int) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parent.parent
     exe = tmp_path / "check_int8_encoder"
     subprocess.run(["g++", "-std=c++17", "-O2", "-fno-math-errno", "-fno-trapping-math",
-                    "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c",
+                    "-ffp-contract=off", *library.ISA_FLAGS["avx2"],
                     f"-I{library.HERE}", str(root / "tools" / "check_int8_encoder.cpp"),
                     "-o", str(exe)], check=True, timeout=300)
     return subprocess.run([str(exe), str(stride)], capture_output=True, text=True, timeout=3600)
 
-
-needs_gxx_avx2 = pytest.mark.skipif(
-    shutil.which("g++") is None or "avx2" not in library.isa_candidates(),
-    reason="needs g++ and AVX2")
 
 
 @needs_gxx_avx2
