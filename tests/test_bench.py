@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,42 @@ def test_quick_run_records_every_measure(tiny, tmp_path, capsys):
         assert r["bytes_per_param"] == 28  # p, m, v read and written, g read: 7 × 4 bytes
         assert r["state_bytes_per_param"] == pytest.approx(8.0)  # measured from the state
         assert 0 < r["bandwidth_fraction"] and r["bandwidth_Bps"] > 0
+        # the best pattern's median, and its best sample beside it
+        assert r["bandwidth_Bps"] == max(r["bandwidth_patterns_Bps"]["median"].values())
+        assert r["bandwidth_peak_Bps"] == max(r["bandwidth_patterns_Bps"]["peak"].values())
+        assert r["bandwidth_peak_Bps"] >= r["bandwidth_Bps"]
+        assert r["bandwidth_fraction_of_peak"] == pytest.approx(
+            r["bandwidth_fraction"] * r["bandwidth_Bps"] / r["bandwidth_peak_Bps"])
     assert results["torch fused fp32"]["speedup_vs_torch_fused"] == pytest.approx(1.0)
     [ratio] = payload["comparisons"]
     assert ratio["speedup"] == pytest.approx(
         results["torch fused fp32"]["ms_per_step"] / results["adamkit cpu fp32"]["ms_per_step"])
     assert "adamkit cpu fp32" in capsys.readouterr().out
     assert payload["machine"]["torch_threads"] >= 1
+
+
+def test_bandwidth_probe_takes_turns_with_the_steps():
+    """The probe is timed inside the interleaved rounds, steps_per_round samples of every
+    pattern per round, and reports the median and the best of them."""
+    from adamkit.bench import measure
+
+    probe = measure.BandwidthProbe(3 * 2**20)
+    calls = []
+
+    class Fake:
+        def step(self):
+            calls.append(len(probe.times["triad"]))
+
+    measure.interleave([Fake(), probe], rounds=3, steps_per_round=2)
+    assert {len(t) for t in probe.times.values()} == {6}
+    assert len(calls) == 6 and calls[:2] == [0, 0]  # round 0: the fake first, then the probe
+    n = 3 * 2**20 // 4
+    nbytes = {"read+write": 8 * n, "2 reads + write": 12 * (n // 2), "triad": 12 * (n // 3),
+              "3 reads + write": 16 * (n // 4)}
+    for name, rate in probe.rates().items():
+        assert rate == pytest.approx(nbytes[name] / statistics.median(probe.times[name]))
+        assert probe.peak_rates()[name] == pytest.approx(nbytes[name] / min(probe.times[name]))
+        assert probe.peak_rates()[name] >= rate > 0
 
 
 def test_traffic_model():

@@ -1,7 +1,7 @@
 """``adamkit bench``: adamkit against torch.optim and peers, side by side, on this machine.
 
 Every optimizer of a config and dtype runs in one process, interleaved round-robin, on
-the same parameter layout; the memory bandwidth is measured in the same run. For each:
+the same parameter layout; the memory bandwidth is measured in the same rounds. For each:
 ms/step, Mparam/s, the bytes per param its storage must move, the fraction of the
 measured bandwidth that makes, its measured state bytes per param, its first step
 (allocation, library loading, compilation) and its speed relative to torch's fused
@@ -78,19 +78,21 @@ def run_config(config: str, contenders: list[Contender], rounds: int, steps: int
         group = [c for c in contenders if c.dtype == dtype]
         # Same footprint as param + grad + two moments of this dtype (torch's layout).
         footprint = 4 * n * torch.empty((), dtype=dtype).element_size()
-        bw_before = measure.bandwidth(footprint)
         grads = measure.grads_for(shapes, dtype)
         runs = []
         for c in group:
             log(f"  {config}: first step of {c.name} ...")
             runs.append(measure.start(c, shapes, grads))
-        measure.interleave(runs, rounds, steps)
+        probe = measure.BandwidthProbe(footprint)
+        measure.interleave([*runs, probe], rounds, steps)
         del grads
+        # The best pattern's median: the same statistic, over the same minutes, as the steps.
+        rates, peaks = probe.rates(), probe.peak_rates()
+        bw, peak = max(rates.values()), max(peaks.values())
+        del probe
         gc.collect()
-        bw_after = measure.bandwidth(footprint)
-        # The best pattern, best of before and after: the ceiling is not underestimated.
-        bw = max(max(bw_before.values()), max(bw_after.values()))
-        log(f"  {config} {dtype}: bandwidth {bw / 1e9:.1f} GB/s over {footprint / 2**20:.0f} MiB")
+        log(f"  {config} {dtype}: bandwidth {bw / 1e9:.1f} GB/s (best sample {peak / 1e9:.1f}) "
+            f"over {footprint / 2**20:.0f} MiB")
         for run in runs:
             results.append({
                 "config": config, "optimizer": run.contender.name, "library": run.contender.library,
@@ -99,7 +101,8 @@ def run_config(config: str, contenders: list[Contender], rounds: int, steps: int
                 "bytes_per_param": run.contender.bytes_per_param,
                 "state_bytes_per_param": run.state_bytes_per_param(),
                 "first_step_s": run.first_step_s, "steps_timed": len(run.times),
-                "bandwidth_Bps": bw, "bandwidth_patterns_Bps": {"before": bw_before, "after": bw_after},
+                "bandwidth_Bps": bw, "bandwidth_peak_Bps": peak,
+                "bandwidth_patterns_Bps": {"median": rates, "peak": peaks},
             })
         del runs
         gc.collect()
@@ -111,6 +114,7 @@ def _annotate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         rate = r["bytes_per_param"] * r["n_params"] / (r["ms_per_step"] / 1e3)
         r["bandwidth_fraction"] = rate / r["bandwidth_Bps"]
+        r["bandwidth_fraction_of_peak"] = rate / r["bandwidth_peak_Bps"]
         short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(r["dtype"], r["dtype"])
         fused = by_name.get((r["config"], f"torch fused {short}"))
         r["speedup_vs_torch_fused"] = fused["ms_per_step"] / r["ms_per_step"] if fused else None

@@ -1,9 +1,9 @@
 """Measuring: the machine's memory bandwidth, and optimizer steps, interleaved.
 
-Bandwidth is measured in the same process and run as the optimizers, with torch's own
-multi-threaded elementwise kernels, on buffers whose total size is the optimizers' own
+Bandwidth is measured in the same process and rounds as the optimizers, with torch's own
+multi-threaded elementwise kernels, on one buffer whose size is the optimizers' own
 working set (param, grad and both moments), so that both see the same level of the
-memory hierarchy (a large L3 cache holds small configs):
+memory hierarchy (a large L3 cache holds small configs). Four patterns:
 
 * ``read+write``: ``a.mul_(s)``: one stream read and written in place (8 B/element);
 * ``2 reads + write``: ``a.add_(b)``: in place, as an optimizer updates its state;
@@ -12,13 +12,17 @@ memory hierarchy (a large L3 cache holds small configs):
 * ``3 reads + write``: ``a.addcmul_(b, c)``: more reads than writes, as Adam (4 streams
   read, 3 written) does; where reads stream faster than writes this is the highest.
 
-The best of them is the bandwidth an Adam step is held against: Adam reads and writes
-its param and moments in place, and only reads the grad.
+The probe takes its turn in the interleaved rounds like one more optimizer, and its
+rate is the median over its samples, the statistic the steps get: on a machine whose
+speed drifts between minutes (other tenants), a bandwidth measured at other moments, or
+its best sample against the steps' median, would describe another machine. The best
+pattern is the bandwidth an Adam step is held against (Adam reads and writes its param
+and moments in place, and only reads the grad); the best single sample (``peak``) is
+recorded beside it.
 """
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,35 +32,44 @@ import torch
 from .suite import Contender
 
 
-def _best_rate(fn, nbytes: float, reps: int) -> float:
-    fn()  # touch the pages
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return nbytes / min(times)
+class BandwidthProbe:
+    """The four patterns over one float32 buffer of ``footprint_bytes``; each ``step``
+    times every pattern once. Its buffers are views of the one allocation, so the probe
+    adds the footprint once to the run's memory."""
 
+    def __init__(self, footprint_bytes: int) -> None:
+        buf = torch.rand(footprint_bytes // 4)  # touches every page before any timing
+        n = buf.numel()
 
-def bandwidth(footprint_bytes: int, reps: int = 10) -> dict[str, float]:
-    """Measured bytes/second of three patterns, each over buffers totalling footprint_bytes."""
-    rates = {}
-    n = footprint_bytes // 4
-    a = torch.rand(n)
-    rates["read+write"] = _best_rate(lambda: a.mul_(1.0000001), 8.0 * n, reps)
-    n = footprint_bytes // 8
-    a, b = torch.rand(n), torch.rand(n)
-    rates["2 reads + write"] = _best_rate(lambda: a.add_(b), 12.0 * n, reps)
-    n = footprint_bytes // 12
-    a, b, c = torch.rand(n), torch.rand(n), torch.rand(n)
-    rates["triad"] = _best_rate(lambda: torch.add(b, c, alpha=0.5, out=a), 12.0 * n, reps)
-    n = footprint_bytes // 16
-    a, b, c = torch.rand(n), torch.rand(n), torch.rand(n)
-    # Adam reads more streams than it writes; on some machines reads stream faster.
-    rates["3 reads + write"] = _best_rate(lambda: a.addcmul_(b, c), 16.0 * n, reps)
-    del a, b, c
-    gc.collect()
-    return rates
+        def part(k: int, of: int) -> torch.Tensor:  # the k-th of `of` equal slices
+            return buf[k * (n // of):(k + 1) * (n // of)]
+
+        a2, b2 = part(0, 2), part(1, 2)
+        a3, b3, c3 = part(0, 3), part(1, 3), part(2, 3)
+        a4, b4, c4 = part(0, 4), part(1, 4), part(2, 4)
+        # (work, bytes it moves); the values only grow, slowly: finite for thousands of rounds
+        self.patterns = {
+            "read+write": (lambda: buf.mul_(1.0000001), 8.0 * n),
+            "2 reads + write": (lambda: a2.add_(b2), 12.0 * a2.numel()),
+            "triad": (lambda: torch.add(b3, c3, alpha=0.5, out=a3), 12.0 * a3.numel()),
+            # Adam reads more streams than it writes; on some machines reads stream faster.
+            "3 reads + write": (lambda: a4.addcmul_(b4, c4), 16.0 * a4.numel()),
+        }
+        self.times: dict[str, list[float]] = {name: [] for name in self.patterns}
+
+    def step(self) -> None:
+        for name, (work, _) in self.patterns.items():
+            t0 = time.perf_counter()
+            work()
+            self.times[name].append(time.perf_counter() - t0)
+
+    def rates(self) -> dict[str, float]:
+        """Bytes/second of each pattern: its median sample."""
+        return {k: nbytes / statistics.median(self.times[k]) for k, (_, nbytes) in self.patterns.items()}
+
+    def peak_rates(self) -> dict[str, float]:
+        """Bytes/second of each pattern: its best sample."""
+        return {k: nbytes / min(self.times[k]) for k, (_, nbytes) in self.patterns.items()}
 
 
 @dataclass
@@ -102,9 +115,10 @@ def start(contender: Contender, shapes, grads: list[torch.Tensor], seed: int = 0
     return Run(contender, params, optimizer, time.perf_counter() - t0)
 
 
-def interleave(runs: list[Run], rounds: int, steps_per_round: int) -> None:
+def interleave(runs: list, rounds: int, steps_per_round: int) -> None:
     """Round-robin with a rotating order, so drift in the machine's state (frequency,
-    other load) spreads over every contender instead of landing on one."""
+    other load) spreads over every contender instead of landing on one. Each of ``runs``
+    (a Run, or the BandwidthProbe) steps ``steps_per_round`` times per round."""
     for r in range(rounds):
         k = r % len(runs)
         for run in runs[k:] + runs[:k]:

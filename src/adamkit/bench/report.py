@@ -35,8 +35,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-HEADER = ("config", "optimizer", "ms/step", "Mparam/s", "B/param", "bw GB/s", "% bw", "state B/param",
-          "first step s", "vs torch")
+HEADER = ("config", "optimizer", "ms/step", "Mparam/s", "B/param", "bw GB/s", "% bw", "% peak bw",
+          "state B/param", "first step s", "vs torch")
 
 
 def rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -46,7 +46,7 @@ def rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         out.append((
             r["config"], r["optimizer"], f"{r['ms_per_step']:.2f}", f"{r['mparams_per_s']:.0f}",
             f"{r['bytes_per_param']:.2f}", f"{r['bandwidth_Bps'] / 1e9:.1f}",
-            f"{100 * r['bandwidth_fraction']:.0f}%",
+            f"{100 * r['bandwidth_fraction']:.0f}%", f"{100 * r['bandwidth_fraction_of_peak']:.0f}%",
             f"{r['state_bytes_per_param']:.2f}", f"{r['first_step_s']:.3f}", ratio,
         ))
     return out
@@ -89,7 +89,8 @@ def save_chart(path: Path, results: list[dict[str, Any]]) -> bool:
         ax.axvline(100, color="k", lw=0.8, ls="--")
         ax.invert_yaxis()
         ax.set_xlim(0, 130)
-        ax.set_title(f"{config}: % of measured memory bandwidth (bytes moved / time)", fontsize=9)
+        ax.set_title(f"{config}: % of the memory bandwidth measured in the same rounds "
+                     "(bytes moved / time, medians)", fontsize=9)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
