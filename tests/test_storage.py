@@ -69,6 +69,17 @@ def test_cpu_kernel_equals_torch_backend_bitwise(storage, variant):
         assert oa.state[a]["param_update"] == storage.param_update
 
 
+def test_bias_corrected_variant_reaches_the_path_without_division():
+    """The kernel drops ÷√bc2 where √bc2 is 1 in float32 (common.h, BC2_ONE); the
+    "bias-corrected" variant's 5 steps take both paths: 1-3 divide, 4-5 do not."""
+    from adamkit.hyperparams import step_scalars
+
+    opt = adamkit.Adam([torch.zeros(1)], **STORAGE_VARIANTS["bias-corrected"])
+    as_f32 = [torch.tensor(step_scalars(opt.param_groups[0], t).bias_correction2_sqrt,
+                           dtype=torch.float32).item() for t in range(1, 6)]
+    assert [x == 1.0 for x in as_f32] == [False, False, False, True, True]
+
+
 @needs_cpu
 @pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nonfinite"])
 def test_every_isa_build_gives_the_same_bits(monkeypatch, nonfinite):
@@ -306,14 +317,14 @@ def assert_equal_nan_aware(x, y, msg):
     assert torch.equal(x[~x.isnan()], y[~y.isnan()]), msg
 
 
-def _three_steps_on_both_backends(storage, edit_grad=None, edit_state=None):
-    """Params and optimizer of the cpu and the torch backend after three steps from the
+def _five_steps_on_both_backends(storage, variant, edit_grad=None, edit_state=None):
+    """Params and optimizer of the cpu and the torch backend after five steps from the
     same start; edit_grad(step, grad) and edit_state(step, tensor) inject values."""
     runs = []
     for backend in ("cpu", "torch"):
-        params, opt = _make(storage, backend, "plain")
+        params, opt = _make(storage, backend, variant)
         gen = torch.Generator().manual_seed(1)
-        for step in range(3):
+        for step in range(5):
             for p in params:
                 p.grad = _grad(p.shape, storage.dtype, gen)
                 if edit_grad and p.numel() > 40:
@@ -330,7 +341,8 @@ def _three_steps_on_both_backends(storage, edit_grad=None, edit_state=None):
 @needs_cpu
 @pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
                                      and s.state_format != "int8"], ids=lambda s: s.id)
-def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage):
+@pytest.mark.parametrize("variant", ["plain", "bias-corrected"])
+def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage, variant):
     """Non-finite grads inside 16-wide groups and in the scalar tail: the same elements
     turn NaN/inf on both backends (NaN payloads may differ), the rest agrees bitwise.
     (int8 moments cannot hold a NaN: formats.md leaves that case to each backend.)"""
@@ -339,7 +351,7 @@ def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage):
             flat[[3, 17, 31, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"),
                                                   float("nan")]).to(flat.dtype)
 
-    (pa, oa), (pb, ob) = _three_steps_on_both_backends(storage, edit_grad=edit_grad)
+    (pa, oa), (pb, ob) = _five_steps_on_both_backends(storage, variant, edit_grad=edit_grad)
     for i, (a, b) in enumerate(zip(pa, pb)):
         assert_equal_nan_aware(a, b, f"param {i}")
         for k in _tensors(oa, a):
@@ -357,7 +369,8 @@ NAN_PAYLOADS = [0x7FFFFFFF, -1, 0x7F800001, 0x7FC0FFFF]  # -1: 0xFFFFFFFF; 0x7F8
 @pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
                                      and (s.state_format == "fp32" or s.param_update == "master")],
                          ids=lambda s: s.id)
-def test_cpu_kernel_keeps_nan_payloads_nan(storage):
+@pytest.mark.parametrize("variant", ["plain", "bias-corrected"])
+def test_cpu_kernel_keeps_nan_payloads_nan(storage, variant):
     """NaNs with payload bits in float32 state (a moment, the master copy), inside 16-wide
     groups and in the scalar tail: every param they reach is NaN on both backends, under
     every rounding policy (stochastic rounding too: formats.md rounds a NaN to nearest)."""
@@ -367,7 +380,7 @@ def test_cpu_kernel_keeps_nan_payloads_nan(storage):
         if step == 0 and t.dtype == torch.float32:
             t.view(-1)[[3, 17, 31, -1]] = payload
 
-    (pa, _), (pb, _) = _three_steps_on_both_backends(storage, edit_state=edit_state)
+    (pa, _), (pb, _) = _five_steps_on_both_backends(storage, variant, edit_state=edit_state)
     for i, (a, b) in enumerate(zip(pa, pb)):
         assert_equal_nan_aware(a, b, f"param {i}")
         if a.numel() > 40:

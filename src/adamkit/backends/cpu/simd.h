@@ -191,8 +191,10 @@ ADAMKIT_INLINE Moments16 moments16(const Consts& c, const Pt* p, const Pt* g, St
 }
 
 // Stage 2: m / (√v / √bc2 + ε).
+template <bool BC2_ONE>
 ADAMKIT_INLINE Direction16 direction16(const Consts& c, const Moments16& s) {
-    return {{s.th[0], s.th[1]}, {direction(c, s.m[0], s.v[0]), direction(c, s.m[1], s.v[1])}};
+    return {{s.th[0], s.th[1]},
+            {direction<BC2_ONE>(c, s.m[0], s.v[0]), direction<BC2_ONE>(c, s.m[1], s.v[1])}};
 }
 
 // Stage 3: θ_new, rounded to the param by the update policy, and stored.
@@ -256,7 +258,7 @@ ADAMKIT_INLINE void write16(const Consts& c, const Direction16& s, half* p, half
 
 // Whole 16-element groups of [lo, hi), software-pipelined; returns where the scalar loop
 // takes over. Groups never overlap, so the stages' reads and writes are independent.
-template <class Pt, class St, int U, bool AMSGRAD>
+template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = false>
 int64_t run16(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* comp,
               float* master, uint32_t key, int64_t lo, int64_t hi) {
     const int64_t n = (hi - lo) / 16;
@@ -269,18 +271,18 @@ int64_t run16(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* com
     };
     Moments16 a = moments(lo);
     if (n == 1) {
-        write(direction16(c, a), lo);
+        write(direction16<BC2_ONE>(c, a), lo);
         return lo + 16;
     }
-    Direction16 b = direction16(c, a);
+    Direction16 b = direction16<BC2_ONE>(c, a);
     a = moments(lo + 16);
     for (int64_t k = 2; k < n; ++k) {
         write(b, lo + 16 * (k - 2));
-        b = direction16(c, a);
+        b = direction16<BC2_ONE>(c, a);
         a = moments(lo + 16 * k);
     }
     write(b, lo + 16 * (n - 2));
-    write(direction16(c, a), lo + 16 * (n - 1));
+    write(direction16<BC2_ONE>(c, a), lo + 16 * (n - 1));
     return lo + 16 * n;
 }
 
@@ -335,7 +337,7 @@ inline float max_lanes(f8 x) {
     return m;
 }
 
-template <class P, int U, bool AMSGRAD>
+template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
 inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
                     float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
                     int64_t b0) {
@@ -402,8 +404,8 @@ inline void block16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, 
     }
     for (int k = 0; k < 16; ++k) {
         const Direction16 d = {{thb[2 * k], thb[2 * k + 1]},
-                               {direction(c, mb[2 * k], vb[2 * k]),
-                                direction(c, mb[2 * k + 1], vb[2 * k + 1])}};
+                               {direction<BC2_ONE>(c, mb[2 * k], vb[2 * k]),
+                                direction<BC2_ONE>(c, mb[2 * k + 1], vb[2 * k + 1])}};
         if constexpr (std::is_same_v<P, float>) write16(L, c, d, p, b0 + 16 * k);
         else write16<U>(c, d, p, comp, master, b0 + 16 * k, key);
     }
