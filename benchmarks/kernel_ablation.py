@@ -32,13 +32,13 @@ FLAGS = ["-std=c++17", "-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-con
 # name: [(header, text in it, replacement)]; an empty list is the kernel as built.
 VARIANTS = {
     "as built": [],
-    "no √, no divisions": [("common.h", "    const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;\n    return m / denom;",
-                            "    return m * (v + c.eps);")],
+    "no √, no divisions": [("common.h", "const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;\n        return m / denom;",
+                            "return m * (v + c.eps);")],
     "√ and one division (÷√bc2 as ×)": [("common.h", "sqrt_(v) / c.bc2_sqrt + c.eps", "sqrt_(v) * c.bc2_sqrt + c.eps")],
-    "÷√bc2 exact by reciprocal + 2 FMA (Markstein)": [("common.h", "    const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;",
-        "    const F x = sqrt_(v), rb = F{} + 1.f / c.bc2_sqrt, b = F{} + c.bc2_sqrt;\n"
-        "    const F q = x * rb, e = _mm256_fnmadd_ps(q, b, x), q1 = _mm256_fmadd_ps(e, rb, q);\n"
-        "    const F denom = (q1 != q1 ? q : q1) + c.eps;")],
+    "÷√bc2 exact by reciprocal + 2 FMA (Markstein)": [("common.h", "const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;",
+        "const F x = sqrt_(v), rb = F{} + 1.f / c.bc2_sqrt, b = F{} + c.bc2_sqrt;\n"
+        "        const F q = x * rb, e = _mm256_fnmadd_ps(q, b, x), q1 = _mm256_fmadd_ps(e, rb, q);\n"
+        "        const F denom = (q1 != q1 ? q : q1) + c.eps;")],
     "bf16 rounding by truncation": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
                                     "{ return bits_of(x) >> 16; }")],
     "NaN test in every group": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",

@@ -69,15 +69,21 @@ def test_cpu_kernel_equals_torch_backend_bitwise(storage, variant):
         assert oa.state[a]["param_update"] == storage.param_update
 
 
-def test_bias_corrected_variant_reaches_the_path_without_division():
-    """The kernel drops ÷√bc2 where √bc2 is 1 in float32 (common.h, BC2_ONE); the
-    "bias-corrected" variant's 5 steps take both paths: 1-3 divide, 4-5 do not."""
+def test_late_steps_variant_hands_the_kernel_bc2_sqrt_one_from_step_4():
+    """The kernel drops ÷√bc2 where the float32 it receives is exactly 1 (common.h,
+    BC2_ONE); the "late-steps" variant's 5 steps take both paths: 1-3 divide, 4-5 do not."""
     from adamkit.hyperparams import step_scalars
 
-    opt = adamkit.Adam([torch.zeros(1)], **STORAGE_VARIANTS["bias-corrected"])
-    as_f32 = [torch.tensor(step_scalars(opt.param_groups[0], t).bias_correction2_sqrt,
-                           dtype=torch.float32).item() for t in range(1, 6)]
-    assert [x == 1.0 for x in as_f32] == [False, False, False, True, True]
+    opt = adamkit.Adam([torch.zeros(1)], **STORAGE_VARIANTS["late-steps"])
+    group = opt.param_groups[0]
+    as_passed = [library.Hyper(bc2_sqrt=step_scalars(group, t).bias_correction2_sqrt).bc2_sqrt
+                 for t in range(1, 6)]
+    assert [x == 1.0 for x in as_passed] == [False, False, False, True, True]
+
+
+# The step (index from 0) at which the NaN tests inject non-finite values: for "late-steps"
+# the first step without ÷√bc2, so that they enter the kernel on that path.
+INJECT_AT = {"plain": 1, "late-steps": 3}
 
 
 @needs_cpu
@@ -341,13 +347,13 @@ def _five_steps_on_both_backends(storage, variant, edit_grad=None, edit_state=No
 @needs_cpu
 @pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
                                      and s.state_format != "int8"], ids=lambda s: s.id)
-@pytest.mark.parametrize("variant", ["plain", "bias-corrected"])
+@pytest.mark.parametrize("variant", list(INJECT_AT))
 def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage, variant):
     """Non-finite grads inside 16-wide groups and in the scalar tail: the same elements
     turn NaN/inf on both backends (NaN payloads may differ), the rest agrees bitwise.
     (int8 moments cannot hold a NaN: formats.md leaves that case to each backend.)"""
     def edit_grad(step, flat):
-        if step == 1:
+        if step == INJECT_AT[variant]:
             flat[[3, 17, 31, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"),
                                                   float("nan")]).to(flat.dtype)
 
@@ -369,15 +375,15 @@ NAN_PAYLOADS = [0x7FFFFFFF, -1, 0x7F800001, 0x7FC0FFFF]  # -1: 0xFFFFFFFF; 0x7F8
 @pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
                                      and (s.state_format == "fp32" or s.param_update == "master")],
                          ids=lambda s: s.id)
-@pytest.mark.parametrize("variant", ["plain", "bias-corrected"])
+@pytest.mark.parametrize("variant", list(INJECT_AT))
 def test_cpu_kernel_keeps_nan_payloads_nan(storage, variant):
     """NaNs with payload bits in float32 state (a moment, the master copy), inside 16-wide
     groups and in the scalar tail: every param they reach is NaN on both backends, under
     every rounding policy (stochastic rounding too: formats.md rounds a NaN to nearest)."""
     payload = torch.tensor(NAN_PAYLOADS, dtype=torch.int32).view(torch.float32)
 
-    def edit_state(step, t):
-        if step == 0 and t.dtype == torch.float32:
+    def edit_state(step, t):  # after the step before INJECT_AT: the next step reads them
+        if step == INJECT_AT[variant] - 1 and t.dtype == torch.float32:
             t.view(-1)[[3, 17, 31, -1]] = payload
 
     (pa, _), (pb, _) = _five_steps_on_both_backends(storage, variant, edit_state=edit_state)

@@ -46,14 +46,13 @@ class BandwidthProbe:
 
         a2, b2 = part(0, 2), part(1, 2)
         a3, b3, c3 = part(0, 3), part(1, 3), part(2, 3)
-        a4, b4, c4 = part(0, 4), part(1, 4), part(2, 4)
         # (work, bytes it moves); the values only grow, slowly: finite for thousands of rounds
         self.patterns = {
             "read+write": (lambda: buf.mul_(1.0000001), 8.0 * n),
             "2 reads + write": (lambda: a2.add_(b2), 12.0 * a2.numel()),
             "triad": (lambda: torch.add(b3, c3, alpha=0.5, out=a3), 12.0 * a3.numel()),
             # Adam reads more streams than it writes; on some machines reads stream faster.
-            "3 reads + write": (lambda: a4.addcmul_(b4, c4), 16.0 * a4.numel()),
+            "3 reads + write": (lambda: a3.addcmul_(b3, c3), 16.0 * a3.numel()),
         }
         self.times: dict[str, list[float]] = {name: [] for name in self.patterns}
 

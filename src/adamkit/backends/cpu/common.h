@@ -167,13 +167,17 @@ template <class F> inline F max_(F a, F b) { return a < b ? b : a; }
 // θ_new = decay·θ − step_size · m / (√v / √bc2 + ε), in two parts so that simd.h can
 // pipeline them: the direction m / (√v / √bc2 + ε), then its application to θ.
 // BC2_ONE: once √bc2 rounds to 1 in float32 (β2^t < 2^-24: after ~16,600 steps with
-// β2 = 0.999, 324 with 0.95), ÷√bc2 divides by 1, which is exact for every input, NaN and
-// ±∞ included: dropping it changes no bit and frees the divider, the busiest unit of a
-// bf16 or int8 step (7% faster at 16.8M params, interleaved A/B on Zen 3).
+// β2 = 0.999, ~166,000 with 0.9999, 324 with 0.95), ÷√bc2 divides by 1, which is exact
+// for every input, NaN and ±∞ included: dropping it changes no bit and frees the divider,
+// which √ and the two divisions keep busy (2-7% faster steps at 16.8M params for bf16,
+// kahan and int8, interleaved A/B on Zen 3; RESULTS.md).
 template <bool BC2_ONE = false, class F> inline F direction(const Consts& c, F m, F v) {
-    if constexpr (BC2_ONE) return m / (sqrt_(v) + c.eps);
-    const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;
-    return m / denom;
+    if constexpr (BC2_ONE) {
+        return m / (sqrt_(v) + c.eps);
+    } else {
+        const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;
+        return m / denom;
+    }
 }
 template <class F> inline F apply(const Consts& c, F th, F d) { return th * c.decay + c.neg_step * d; }
 template <class F> inline F update(const Consts& c, F th, F m, F v) {
