@@ -39,6 +39,13 @@ VARIANTS = {
         "const F x = sqrt_(v), rb = F{} + 1.f / c.bc2_sqrt, b = F{} + c.bc2_sqrt;\n"
         "        const F q = x * rb, e = _mm256_fnmadd_ps(q, b, x), q1 = _mm256_fmadd_ps(e, rb, q);\n"
         "        const F denom = (q1 != q1 ? q : q1) + c.eps;")],
+    # Late steps: the instantiation without ÷√bc2 the kernel takes once √bc2 is 1 (BC2_ONE),
+    # made the default that the driver's calls get.
+    "late steps (BC2_ONE: no ÷√bc2, exact)": [
+        ("simd.h", "template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = false>",
+         "template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = true>"),
+        ("simd.h", "template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>",
+         "template <class P, int U, bool AMSGRAD, bool BC2_ONE = true>")],
     "bf16 rounding by truncation": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
                                     "{ return bits_of(x) >> 16; }")],
     "NaN test in every group": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
