@@ -36,15 +36,13 @@ struct Step {
                 const int64_t blk = b0 / BLOCK;
 #if defined(ADAMKIT_SIMD16)
                 if (n == BLOCK) {
-                    const auto blk16 = [&](auto bc2_one) {
+                    with_bc2_one(c, [&](auto bc2_one) {
                         block16<P, U, AMSGRAD, decltype(bc2_one)::value>(
                             c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t] + blk,
                             static_cast<uint8_t*>(v), a.exp_avg_sq_scales[t] + blk,
                             static_cast<uint8_t*>(vmax), AMSGRAD ? a.max_exp_avg_sq_scales[t] + blk : nullptr,
                             comp, master, key, b0);
-                    };
-                    if (c.bc2_sqrt == 1.f) blk16(std::true_type{});
-                    else blk16(std::false_type{});
+                    });
                     continue;
                 }
 #endif
@@ -65,9 +63,10 @@ struct Step {
             // float32 params with float32 moments stay with GCC's loop: memory-bound, and
             // software prefetch made it slower (RESULTS.md).
             if constexpr (std::is_same_v<P, bf16> || std::is_same_v<P, half> || std::is_same_v<St, bf16>)
-                first = c.bc2_sqrt == 1.f
-                            ? run16<P, St, U, AMSGRAD, true>(c, p, g, ms, vs, vm, comp, master, key, lo, hi)
-                            : run16<P, St, U, AMSGRAD, false>(c, p, g, ms, vs, vm, comp, master, key, lo, hi);
+                first = with_bc2_one(c, [&](auto bc2_one) {
+                    return run16<P, St, U, AMSGRAD, decltype(bc2_one)::value>(c, p, g, ms, vs, vm, comp,
+                                                                              master, key, lo, hi);
+                });
 #endif
 #pragma omp simd
             for (int64_t i = first; i < hi; ++i) {

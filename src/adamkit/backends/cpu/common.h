@@ -179,6 +179,11 @@ template <bool BC2_ONE = false, class F> inline F direction(const Consts& c, F m
         return m / denom;
     }
 }
+// f(std::true_type{}) where √bc2 is 1 in float32 (the BC2_ONE instantiations), else
+// f(std::false_type{}): the one place that decides which path a call takes.
+template <class Fn> inline auto with_bc2_one(const Consts& c, Fn f) {
+    return c.bc2_sqrt == 1.f ? f(std::true_type{}) : f(std::false_type{});
+}
 template <class F> inline F apply(const Consts& c, F th, F d) { return th * c.decay + c.neg_step * d; }
 template <class F> inline F update(const Consts& c, F th, F m, F v) {
     return apply(c, th, direction(c, m, v));
