@@ -52,12 +52,12 @@ VARIANTS = {
                                  "{ return bf16_bits(x); }")],
     # The encoder also gives the stored value (session 5); without it: the codes only.
     "int8: no encode (codes = top bits)": [
-        ("simd.h", "        const u8v ma = encode_m_bits(mb[2 * k], mcod, mb[2 * k]);\n"
-                   "        const u8v mh = encode_m_bits(mb[2 * k + 1], mcod, mb[2 * k + 1]);\n"
-                   "        const u8v va = encode_v_bits(vb[2 * k], vcod, vb[2 * k]);\n"
-                   "        const u8v vh = encode_v_bits(vb[2 * k + 1], vcod, vb[2 * k + 1]);\n",
-         "        const u8v ma = bits_of(mb[2 * k]) >> 24, mh = bits_of(mb[2 * k + 1]) >> 24;\n"
-         "        const u8v va = bits_of(vb[2 * k]) >> 24, vh = bits_of(vb[2 * k + 1]) >> 24;\n")],
+        ("simd.h", "            const u8v ma = encode_m_bits(B.m[2 * k], mcod, B.m[2 * k]);\n"
+                   "            const u8v mh = encode_m_bits(B.m[2 * k + 1], mcod, B.m[2 * k + 1]);\n"
+                   "            const u8v va = encode_v_bits(B.v[2 * k], vcod, B.v[2 * k]);\n"
+                   "            const u8v vh = encode_v_bits(B.v[2 * k + 1], vcod, B.v[2 * k + 1]);\n",
+         "            const u8v ma = bits_of(B.m[2 * k]) >> 24, mh = bits_of(B.m[2 * k + 1]) >> 24;\n"
+         "            const u8v va = bits_of(B.v[2 * k]) >> 24, vh = bits_of(B.v[2 * k + 1]) >> 24;\n")],
     "no software prefetch": [("simd.h", "    at(U == MASTER ? static_cast<const void*>(master + i) : p + i);\n"
                                         "    at(g + i);\n"
                                         "    if constexpr (U == KAHAN) at(comp + i);\n"
@@ -110,10 +110,8 @@ int main() {
         T* p = std::is_same_v<T, float> ? (T*)d.pf.data() : (T*)d.p.data();
         const T* g = std::is_same_v<T, float> ? (const T*)d.gf.data() : (const T*)d.g.data();
         return best_ns([&] {
-            for (int64_t b0 = 0; b0 < n; b0 += 256)
-                block16<T, decltype(U)::value, false>(c, p, g, d.mq.data(), d.ms.data() + b0 / 256, d.vq.data(),
-                                                      d.vs.data() + b0 / 256, nullptr, nullptr, (T*)d.comp.data(),
-                                                      d.master.data(), 7u, b0);
+            blocks16<T, decltype(U)::value, false>(c, p, g, d.mq.data(), d.ms.data(), d.vq.data(), d.vs.data(),
+                                                   nullptr, nullptr, (T*)d.comp.data(), d.master.data(), 7u, 0, n);
         }, n, 10000, 7);
     };
     using I = std::integral_constant<int, NEAREST>;

@@ -31,21 +31,19 @@ struct Step {
         const Consts c(a.h);
         if constexpr (S == INT8) {
             float mbuf[BLOCK], vbuf[BLOCK], xbuf[BLOCK];
-            for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
+            int64_t b0 = lo;  // the scalar block loop takes a tensor's last, partial block
+#if defined(ADAMKIT_SIMD16)
+            b0 = lo + (hi - lo) / BLOCK * BLOCK;
+            with_bc2_one(c, [&](auto bc2_one) {
+                blocks16<P, U, AMSGRAD, decltype(bc2_one)::value>(
+                    c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t], static_cast<uint8_t*>(v),
+                    a.exp_avg_sq_scales[t], static_cast<uint8_t*>(vmax),
+                    AMSGRAD ? a.max_exp_avg_sq_scales[t] : nullptr, comp, master, key, lo, b0);
+            });
+#endif
+            for (; b0 < hi; b0 += BLOCK) {
                 const int64_t n = hi - b0 < BLOCK ? hi - b0 : BLOCK;
                 const int64_t blk = b0 / BLOCK;
-#if defined(ADAMKIT_SIMD16)
-                if (n == BLOCK) {
-                    with_bc2_one(c, [&](auto bc2_one) {
-                        block16<P, U, AMSGRAD, decltype(bc2_one)::value>(
-                            c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t] + blk,
-                            static_cast<uint8_t*>(v), a.exp_avg_sq_scales[t] + blk,
-                            static_cast<uint8_t*>(vmax), AMSGRAD ? a.max_exp_avg_sq_scales[t] + blk : nullptr,
-                            comp, master, key, b0);
-                    });
-                    continue;
-                }
-#endif
                 block(c, p + b0, g + b0, static_cast<uint8_t*>(m) + b0, a.exp_avg_scales[t] + blk,
                       static_cast<uint8_t*>(v) + b0, a.exp_avg_sq_scales[t] + blk,
                       AMSGRAD ? static_cast<uint8_t*>(vmax) + b0 : nullptr,
