@@ -198,7 +198,7 @@ ADAMKIT_INLINE Direction16 direction16(const Consts& c, const Moments16& s) {
 }
 
 // Stage 3: θ_new, rounded to the param by the update policy, and stored.
-// float32 params (nearest only), in the group's lane order: block16 takes int8 codes in
+// float32 params (nearest only), in the group's lane order: blocks16 takes int8 codes in
 // unpack order for float32 and bf16 params alike (one code path), so there they are
 // stored in that order; beside bf16 moments (run16) memory order, which needs no permute.
 template <class L>
