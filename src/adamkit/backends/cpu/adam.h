@@ -31,7 +31,9 @@ struct Step {
         const Consts c(a.h);
         if constexpr (S == INT8) {
             float mbuf[BLOCK], vbuf[BLOCK], xbuf[BLOCK];
-            int64_t b0 = lo;  // the scalar block loop takes a tensor's last, partial block
+            // The scalar block loop takes what blocks16 leaves: a tensor's last, partial
+            // block (every block in the generic build).
+            int64_t b0 = lo;
 #if defined(ADAMKIT_SIMD16)
             b0 = lo + (hi - lo) / BLOCK * BLOCK;
             with_bc2_one(c, [&](auto bc2_one) {

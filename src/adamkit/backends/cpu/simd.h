@@ -347,9 +347,9 @@ struct Block16 {
 // passes. For float32 and float16 params they are software-pipelined across blocks: the
 // param writes of block j−1 (√ and two divisions, the divider's work) run inside block
 // j's encoding loop (ALU work, no division), so the two overlap instead of taking turns:
-// 6–9% faster steps at 16.8M params (interleaved A/B, Zen 3). bf16 params write each
-// block right after encoding it: the same overlap made them 5–11% slower there (their
-// write adds the bf16 rounding, ALU work that competes with the encoding).
+// 6–10% faster int8 steps at 16.8M params (interleaved A/B, Zen 3). bf16 params write
+// each block right after encoding it: the same overlap made them 1–11% slower there
+// (their write adds the bf16 rounding, ALU work that competes with the encoding).
 template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
 inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
                      float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
