@@ -367,7 +367,7 @@ inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc,
     for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
         const int64_t blk = b0 / BLOCK;
         Block16& B = buf[blk & 1];
-        const Block16& prev = buf[~blk & 1];  // block b0 − BLOCK, encoded, not yet written
+        const Block16& prev = buf[~blk & 1];  // block b0 − BLOCK; with OVERLAP encoded, not yet written
         const bool has_prev = OVERLAP && b0 > lo;
         f8 mabs = {}, vabs = {};
         const float mscale = msc[blk], vscale = vsc[blk];
