@@ -64,11 +64,14 @@ class BandwidthProbe:
 
     def rates(self) -> dict[str, float]:
         """Bytes/second of each pattern: its median sample."""
-        return {k: nbytes / statistics.median(self.times[k]) for k, (_, nbytes) in self.patterns.items()}
+        return self._rates(statistics.median)
 
     def peak_rates(self) -> dict[str, float]:
         """Bytes/second of each pattern: its best sample."""
-        return {k: nbytes / min(self.times[k]) for k, (_, nbytes) in self.patterns.items()}
+        return self._rates(min)
+
+    def _rates(self, seconds) -> dict[str, float]:  # seconds: list of samples -> one
+        return {k: nbytes / seconds(self.times[k]) for k, (_, nbytes) in self.patterns.items()}
 
 
 @dataclass
