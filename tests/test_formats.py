@@ -145,9 +145,31 @@ def test_random_bits_follow_the_spec_chain():
     assert seed == policy.mix32(1234 ^ policy.mix32(5))
     key = policy.step_key(seed, 9)
     assert key == policy.mix32(seed ^ policy.mix32(9))
-    bits = policy.random_bits(10, key, torch.device("cpu"))
-    assert bits.tolist() == [policy.mix32(i ^ key) for i in range(10)]
+    bits = policy.random_bits(11, key, torch.device("cpu"))  # odd: the last pair is half used
+    halves = [policy.mix32((i >> 1) ^ key) >> (16 * (i % 2)) & 0xFFFF for i in range(11)]
+    assert bits.tolist() == halves
     assert policy.sr_seed(2**32 + 1234, 5) == seed  # only seed mod 2^32 matters
+
+
+def test_random_bits_are_uniform_and_neighbours_independent():
+    """Two elements share a hash, one half each: their bits must still look independent.
+    Over 2^18 elements each 16-bit value's top 4 bits fill 16 bins evenly (chi-square, 15
+    degrees of freedom: 60 is far beyond its 1e-6 tail), and the correlation of an element
+    with its pair partner, and with the next pair, is 0 within 6 standard errors
+    (1/sqrt(2^17)); bits that repeated a half, or a hash of i instead of i >> 1 with the
+    same half, fail both."""
+    n = 2**18
+    for key in (0, 0x9E3779B9, policy.step_key(policy.sr_seed(0, 3), 7)):
+        r = policy.random_bits(n, key, torch.device("cpu"))
+        assert int(r.min()) >= 0 and int(r.max()) < 2**16
+        counts = torch.bincount(r >> 12, minlength=16).double()
+        chi2 = float(((counts - n / 16) ** 2 / (n / 16)).sum())
+        assert chi2 < 60, chi2
+        u = r.double() / 2**16 - 0.5
+        pairs = u.view(-1, 2)
+        for a, b in ((pairs[:, 0], pairs[:, 1]), (pairs[:-1, 1], pairs[1:, 0])):
+            corr = float(torch.corrcoef(torch.stack((a, b)))[0, 1])
+            assert abs(corr) < 6 / math.sqrt(a.numel()), corr
 
 
 def _neighbours(x: torch.Tensor, dtype: torch.dtype):

@@ -62,9 +62,12 @@ def step_key(seed_of_param: int, step: int) -> int:
 
 
 def random_bits(numel: int, key: int, device: torch.device) -> Tensor:
-    """r_i = mix32((i mod 2^32) ^ key) for the flat indices i of a tensor (int64)."""
-    i = torch.arange(numel, dtype=torch.int64, device=device) & MASK
-    return mix32_tensor(i ^ key)
+    """16 random bits r_i for the flat indices i of a tensor (int64 in [0, 2^16)): the
+    hash h = mix32(((i >> 1) mod 2^32) ^ key) of each pair of elements, its low half for
+    the even element and its high half for the odd one."""
+    j = torch.arange((numel + 1) // 2, dtype=torch.int64, device=device) & MASK
+    h = mix32_tensor(j ^ key)
+    return torch.stack((h & 0xFFFF, h >> 16), dim=1).flatten()[:numel]
 
 
 # ---- stochastic rounding ----------------------------------------------------------------------

@@ -113,9 +113,23 @@ template <> struct Store<float> {
     static f8 value(f8 b) { return b; }
 };
 
-// Flat element indices of a group starting at `base`, in unpack order (stochastic keys).
-inline u8v indices_lo(uint32_t base) { return base + u8v{0, 1, 2, 3, 8, 9, 10, 11}; }
-inline u8v indices_hi(uint32_t base) { return base + u8v{4, 5, 6, 7, 12, 13, 14, 15}; }
+// sr_bits (common.h) of the 16 elements of a group starting at i (a multiple of 16, as
+// every group start is), in the layout's lane order: the 8 pair hashes, read as 16
+// 16-bit values, are the elements' random bits in memory order, so widening them as a
+// bf16 load is widened (Unpacked) or in order (InOrder) puts each where its element is.
+inline __m256i pair_hashes(int64_t i, uint32_t key) {
+    return reinterpret_cast<__m256i>(mix32((uint32_t(i >> 1) + u8v{0, 1, 2, 3, 4, 5, 6, 7}) ^ key));
+}
+inline void sr_bits16(Unpacked, int64_t i, uint32_t key, u8v (&r)[2]) {
+    const __m256i h = pair_hashes(i, key), z = _mm256_setzero_si256();
+    r[0] = reinterpret_cast<u8v>(_mm256_unpacklo_epi16(h, z));
+    r[1] = reinterpret_cast<u8v>(_mm256_unpackhi_epi16(h, z));
+}
+inline void sr_bits16(InOrder, int64_t i, uint32_t key, u8v (&r)[2]) {
+    const __m256i h = pair_hashes(i, key);
+    r[0] = reinterpret_cast<u8v>(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)));
+    r[1] = reinterpret_cast<u8v>(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)));
+}
 
 // The step in three stages, so that three groups are in flight at once (run16): the
 // moments of group k, the direction of group k−1, the param write of group k−2. Each
@@ -219,11 +233,12 @@ ADAMKIT_INLINE void write16(const Consts& c, const Direction16& s, bf16* p, bf16
     const f8 xs[2] = {apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1])};
     // Kahan's residual x − round(x) is NaN also where x is ±∞: x − x finds both.
     const bool nan = U == KAHAN ? any_nan(xs[0] - xs[0], xs[1] - xs[1]) : any_nan(xs[0], xs[1]);
+    u8v r[2];
+    if constexpr (U == STOCHASTIC) sr_bits16(Unpacked{}, i, key, r);
     for (int h = 0; h < 2; ++h) {
         const f8 x = xs[h];
         if constexpr (U == STOCHASTIC) {
-            const u8v index = h ? indices_hi(uint32_t(i)) : indices_lo(uint32_t(i));
-            const u8v sr = stochastic_bf16_bits(x, mix32(index ^ key));
+            const u8v sr = stochastic_bf16_bits(x, r[h]);
             pb[h] = nan ? (x != x ? bf16_bits(x) : sr) : sr;  // a NaN to nearest (formats.md)
         } else {
             pb[h] = bf16_bits(x, nan);
@@ -241,10 +256,11 @@ ADAMKIT_INLINE void write16(const Consts& c, const Direction16& s, half* p, half
                     int64_t i, uint32_t key) {
     const f8 xs[2] = {apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1])};
     __m128i pb[2];
+    u8v r[2];
+    if constexpr (U == STOCHASTIC) sr_bits16(InOrder{}, i, key, r);
     for (int h = 0; h < 2; ++h) {
         if constexpr (U == STOCHASTIC) {  // its value is a float16: converting it is exact
-            const u8v index = uint32_t(i + 8 * h) + u8v{0, 1, 2, 3, 4, 5, 6, 7};
-            pb[h] = half_bits(stochastic_half_value(xs[h], mix32(index ^ key)));
+            pb[h] = half_bits(stochastic_half_value(xs[h], r[h]));
         } else {
             pb[h] = half_bits(xs[h]);
         }
