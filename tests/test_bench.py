@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,14 +94,19 @@ def test_unwritable_out_is_a_clean_error(tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
-def _kernel_ablation():
+def _benchmark_script(name: str):
     import importlib.util
 
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("kernel_ablation", root / "benchmarks" / "kernel_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    return ablation
+    spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kernel_ablation():
+    return _benchmark_script("kernel_ablation")
 
 
 def test_kernel_ablation_edits_still_match_the_kernel_sources():
@@ -122,3 +128,42 @@ def test_kernel_ablation_driver_still_compiles_against_the_kernel(tmp_path):
     ablation = _kernel_ablation()
     exe = ablation.build("as built", [], tmp_path)
     assert exe.exists()
+
+
+@needs_gxx_avx2
+def test_stream_ceiling_kernel_moves_every_byte_of_every_stream(tmp_path):
+    """benchmarks/stream_ceiling.py's kernel is the ceiling only if it really reads every
+    byte of the grad and reads and writes every byte of the other streams: per 32
+    elements, the grad's 32-byte vectors XORed into one, added (64-bit lanes, wrapping) to
+    each written stream's vectors; the grad unchanged."""
+    import torch
+
+    ceiling = _benchmark_script("stream_ceiling")
+    lib = ceiling.build(tmp_path)
+    numel = 2 * ceiling.CHUNK
+    for storage in ceiling.STORAGES:
+        c = ceiling.Ceiling(lib, storage, 3, numel)
+        before = [[t.clone() for t in stream] for stream in c.rw]
+        grads = [g.clone() for g in c.grads]
+        c.step()
+        for t, g in enumerate(grads):
+            assert torch.equal(c.grads[t], g)
+            acc = g.view(torch.int64).view(-1, storage.grad_bytes, 4)  # per 32 elements: ZG vectors
+            acc = acc[:, 0].clone()
+            for j in range(1, storage.grad_bytes):
+                acc ^= g.view(torch.int64).view(-1, storage.grad_bytes, 4)[:, j]
+            for stream, old, z in zip(c.rw, before, storage.rw_bytes):
+                words = old[t].view(torch.int64).view(-1, z, 4)
+                expected = words + acc[:, None, :]
+                assert torch.equal(stream[t].view(torch.int64).view(-1, z, 4), expected), storage.name
+
+
+@needs_gxx_avx2
+def test_stream_ceiling_runs_and_reports_every_item():
+    """A tiny run: every storage gets a ceiling, a kernel and a step rate, and the probe."""
+    ceiling = _benchmark_script("stream_ceiling")
+    results = ceiling.measure(rounds=1, n_tensors=2, numel=ceiling.CHUNK)
+    assert set(results) == {s.name for s in ceiling.STORAGES}
+    for r in results.values():
+        assert set(r["GBps"]) == {"ceiling", "adamkit kernel", "adamkit step"}
+        assert all(v > 0 for v in r["GBps"].values()) and r["probe_GBps"] > 0
