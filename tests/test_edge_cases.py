@@ -134,9 +134,9 @@ def test_hooks_run():
 @pytest.mark.parametrize("make", [torch.optim.Adam, adamkit.Adam, adamkit.AdamW],
                          ids=["torch.optim.Adam", "adamkit.Adam", "adamkit.AdamW"])
 def test_step_hooks_behave_as_torch_optims(make):
-    """adamkit wraps step itself (step_hooks.py) instead of letting torch.optim wrap it:
-    global and per-optimizer hooks run once each, in torch's order, see (optimizer,
-    args, kwargs) with the optimizer first in args, and a pre-hook may swap the args."""
+    """Step hooks as torch.optim runs them: global and per-optimizer hooks once each, in
+    torch's order, seeing (optimizer, args, kwargs) with the optimizer first in args; a
+    pre-hook may swap the args, and a bad return value is torch's RuntimeError."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     p = torch.nn.Parameter(torch.randn(2))
@@ -169,8 +169,8 @@ def test_step_hooks_behave_as_torch_optims(make):
 
 @pytest.mark.parametrize("make,name", [(adamkit.Adam, "Adam"), (adamkit.AdamW, "AdamW")])
 def test_step_is_labelled_while_a_profiler_runs(make, name):
-    """torch.optim labels every step for the profiler; adamkit does so only while one
-    runs (the label costs ~0.3 ms with cold caches otherwise), under the same name."""
+    """Every step carries torch.optim's profiler label, once (torch wraps adamkit's step
+    as it wraps its own: a label of our own as well would show twice)."""
     p = torch.nn.Parameter(torch.randn(2))
     opt = make([p])
     p.grad = torch.ones(2)

@@ -21,7 +21,6 @@ from . import backends, formats
 from .formats import param as param_policy
 from .hyperparams import scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
-from .step_hooks import hooked
 
 # Group keys only torch.optim uses: dropped on load, adamkit's `backend` replaces them.
 _TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
@@ -213,7 +212,6 @@ class Adam(Optimizer):
             new.update(formats.state.zeros(p, "max_exp_avg_sq", fmt))
         return new
 
-    @hooked  # torch.optim's step hooks and profiler label (step_hooks.py)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
