@@ -138,6 +138,8 @@ class Ceiling:
     """One storage's streams as uint8 tensors, and the native kernel over them."""
 
     def __init__(self, lib: ctypes.CDLL, storage: Storage, n_tensors: int, numel: int) -> None:
+        if numel <= 0 or numel % CHUNK:  # the kernel walks whole chunks only
+            raise ValueError(f"numel must be a positive multiple of {CHUNK}, not {numel}")
         def tensors(z: int) -> list[torch.Tensor]:
             return [torch.randint(0, 256, (numel * z,), dtype=torch.uint8) for _ in range(n_tensors)]
 

@@ -158,6 +158,14 @@ def test_stream_ceiling_kernel_moves_every_byte_of_every_stream(tmp_path):
                 assert torch.equal(stream[t].view(torch.int64).view(-1, z, 4), expected), storage.name
 
 
+def test_stream_ceiling_refuses_sizes_it_would_not_cover_whole():
+    """The kernel walks whole chunks: a tail would be skipped and its rate overstated."""
+    ceiling = _benchmark_script("stream_ceiling")
+    for numel in (0, ceiling.CHUNK - 1, ceiling.CHUNK + 32):
+        with pytest.raises(ValueError, match="multiple of"):
+            ceiling.Ceiling(None, ceiling.STORAGES[0], 1, numel)
+
+
 @needs_gxx_avx2
 def test_stream_ceiling_runs_and_reports_every_item():
     """A tiny run: every storage gets a ceiling, a kernel and a step rate, and the probe."""

@@ -84,7 +84,8 @@ def _as_int32(u: Tensor) -> Tensor:
 
 
 def round_stochastic(x: Tensor, r: Tensor, dtype: torch.dtype) -> Tensor:
-    """x (float32) rounded to ``dtype`` up or down at random with the 32-bit values r.
+    """x (float32) rounded to ``dtype`` up or down at random with the 16-bit values r
+    (``random_bits``; only their low 16 bits, 13 for float16, are read).
 
     Adding r's low bits to the bits that rounding drops and truncating carries into the
     kept bits with probability (dropped part)/ulp: unbiased, E[SR(x)] = x."""
