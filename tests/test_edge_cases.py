@@ -210,3 +210,127 @@ def test_zero_dim_and_empty_params():
     opt.step()
     assert p0.item() == pytest.approx(0.9, rel=1e-6)
     assert opt.state[pe]["exp_avg"].shape == (0, 3)
+
+
+# ---- what a cached plan and the native kernel must not take on trust -------------------------
+
+
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for p, st in opt.state.items()})
+
+
+def _assert_unchanged(opt, params, snap):
+    before_p, before_s = snap
+    for p, b in zip(params, before_p):
+        assert torch.equal(p.detach(), b)
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, before_s[id(p)][k]), k
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_param_sliced_in_place_raises_and_changes_nothing(backend):
+    """`p.data = p.data[:8]` keeps p's address and contiguity; its state still has the
+    old shape. torch.optim raises (RuntimeError); so must adamkit, cached plan or not,
+    instead of running the kernel over the old size (which read past the new grad)."""
+    emb = torch.nn.Embedding(4096, 4)
+    other = torch.nn.Parameter(torch.randn(8))
+    opt = adamkit.Adam([emb.weight, other], lr=0.1, backend=backend)
+    for _ in range(2):
+        emb.weight.grad, other.grad = torch.ones(4096, 4), torch.ones(8)
+        opt.step()
+    emb.weight.data = emb.weight.data[:8]
+    emb.weight.grad, other.grad = torch.ones(8, 4), torch.ones(8)
+    snap = _snapshot(opt, [emb.weight, other])
+    with pytest.raises(RuntimeError, match="resized in place"):
+        opt.step()
+    _assert_unchanged(opt, [emb.weight, other], snap)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_grad_of_another_dtype_raises_as_torch_optim_does(backend):
+    """torch.optim fails on a grad whose dtype is not its param's; the kernel would read
+    it as the param's dtype (past its end for a narrower grad). `.grad.data =` skips the
+    grad setter's own check, and the cached plan must notice it too."""
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = adamkit.Adam([p], backend=backend)
+    for _ in range(2):
+        p.grad = torch.randn(64)
+        opt.step()
+    p.grad.data = torch.randn(64, dtype=torch.float16)
+    snap = _snapshot(opt, [p])
+    with pytest.raises(RuntimeError, match="dtype"):
+        opt.step()
+    _assert_unchanged(opt, [p], snap)
+    with pytest.raises(RuntimeError):
+        torch.optim.Adam([p]).step()
+
+
+@pytest.mark.parametrize("state_format", ["bf16", "fp32", "int8"])
+def test_model_half_after_bf16_training_converts_the_kahan_buffer(state_format):
+    """`model.half()` keeps the Parameter objects and the state's tags; the Kahan buffer
+    is bfloat16 still and must become float16, as a checkpoint conversion makes it, not
+    be read by the kernel as float16 bits (that moved weights by 0.7 at lr 1e-3)."""
+    results = {}
+    for backend in ("cpu", "torch"):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(64, 64).to(torch.bfloat16)
+        opt = adamkit.Adam(m.parameters(), lr=1e-3, backend=backend, state_format=state_format,
+                           int8_min_size=0)
+        x = torch.randn(8, 64)
+        for _ in range(3):
+            opt.zero_grad()
+            m(x.bfloat16()).float().pow(2).mean().backward()
+            opt.step()
+        m.half()
+        w0 = m.weight.detach().float().clone()
+        opt.zero_grad()
+        m(x.half()).float().pow(2).mean().backward()
+        opt.step()
+        assert opt.state[m.weight]["kahan_comp"].dtype == torch.float16
+        assert (m.weight.detach().float() - w0).abs().max() < 2e-3  # lr-sized, not 0.7
+        results[backend] = m.weight.detach().clone()
+    assert torch.equal(results["cpu"], results["torch"])
+
+
+def test_a_sparse_grad_beside_the_kernel_raises_before_any_update():
+    """A param the cpu bucket hands to the torch backend (non-contiguous) gets a sparse
+    grad: the cached step must raise before the kernel updates the others."""
+    a = torch.nn.Parameter(torch.zeros(6, 4).t())  # non-contiguous: the bucket's torch rest
+    b = torch.nn.Parameter(torch.zeros(8))
+    opt = adamkit.Adam([b, a], lr=0.1, backend="cpu")
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(4, 6), torch.ones(8)
+        opt.step()
+    a.grad, b.grad = torch.ones(4, 6).to_sparse(), torch.ones(8)
+    snap = _snapshot(opt, [a, b])
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    _assert_unchanged(opt, [a, b], snap)
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
+@pytest.mark.parametrize("make_params", ["duplicate", "overlapping views"])
+def test_params_sharing_memory_update_one_after_another(make_params):
+    """A param listed twice (deprecated, torch warns) or two params viewing one storage
+    would be updated by the kernel's threads at once: nondeterministic. They run one
+    after another instead, bit for bit as on the torch backend, every time."""
+    def run(backend):
+        base = torch.linspace(-1, 1, 1 << 17)
+        if make_params == "duplicate":
+            p = torch.nn.Parameter(base)
+            params = [p, p]
+        else:
+            params = [torch.nn.Parameter(base[: 3 << 15]), torch.nn.Parameter(base[1 << 15:])]
+        opt = adamkit.Adam(params, lr=1e-2, backend=backend)
+        for t in range(3):
+            for q in params:
+                q.grad = torch.sin(torch.arange(q.numel()) * (t + 1.0))
+            opt.step()
+        return torch.cat([q.detach().flatten() for q in params])
+    reference = run("torch")
+    for _ in range(3):
+        assert torch.equal(run("cpu"), reference)

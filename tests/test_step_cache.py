@@ -117,8 +117,9 @@ def _swap_a_param(k, params, opt):
 
 
 def _recast_a_param(k, params, opt):
-    if k == 3:  # float64 (torch backend) to float32, as model.float() does
+    if k == 3:  # float64 (torch backend) to float32, grad too, as model.float() does
         params[3].data = params[3].data.float()
+        params[3].grad = params[3].grad.float()
 
 
 def _drop_a_state_key(k, params, opt):

@@ -186,6 +186,14 @@ class Adam(Optimizer):
                     raise RuntimeError(
                         "Adam does not support sparse gradients, please consider SparseAdam instead"
                     )
+                # torch.optim fails on these too, inside its first op; a fused kernel would
+                # read the grad as the param's dtype and size instead.
+                if p.grad.dtype != p.dtype:
+                    raise RuntimeError(f"expected a grad of dtype {p.dtype} for a param of that "
+                                       f"dtype, but got dtype {p.grad.dtype}")
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"the grad's shape {tuple(p.grad.shape)} does not match "
+                                       f"its param's shape {tuple(p.shape)}")
             work.append((group, params))
         return work
 
@@ -201,9 +209,14 @@ class Adam(Optimizer):
             seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": torch.tensor(0.0, dtype=scalar_dtype()),
                    **formats.fresh_state(p, fmt, update, group["amsgrad"], seed)}
-        elif state.get("state_format") != fmt or state.get("param_update") != update:
+        elif (state.get("state_format") != fmt or state.get("param_update") != update
+              or _buffer_stale(state, p, update)):
+            if isinstance(state.get("exp_avg"), Tensor) and state["exp_avg"].shape != p.shape:
+                raise _reshaped(state, p)
             seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
+        elif state["exp_avg"].shape != p.shape:
+            raise _reshaped(state, p)
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
             new = dict(state)
         else:
@@ -387,3 +400,16 @@ class Adam(Optimizer):
         except ValueError as exc:
             raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
         return {"step": torch.tensor(float(saved["step"]), dtype=scalar_dtype()), **converted}
+
+
+def _buffer_stale(state: dict[str, Any], p: Tensor, update: str) -> bool:
+    """A Kahan buffer of another dtype than its param (``model.half()`` after bf16
+    training keeps the params' identity and state tags): converted like a checkpoint."""
+    comp = state.get("kahan_comp") if update == "kahan" else None
+    return isinstance(comp, Tensor) and comp.dtype != p.dtype
+
+
+def _reshaped(state: dict[str, Any], p: Tensor) -> RuntimeError:
+    return RuntimeError(f"the state of a param of shape {tuple(p.shape)} has shape "
+                        f"{tuple(state['exp_avg'].shape)}: was the param resized in place after "
+                        "its state was created?")

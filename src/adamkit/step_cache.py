@@ -10,7 +10,8 @@ while
 * no param group was added or changed its storage settings, no state dict or state
   tensor was replaced, added or removed (identity checks, not values: the state
   mapping's keys and values in order; each bucket's state tensors by address);
-* the same params have grads, and those are dense and contiguous;
+* the same params have grads, and those are dense and contiguous, of their param's
+  dtype and size (a param sliced in place keeps its address);
 * the params and state tensors keep their storage (data pointers: `.data =` keeps a
   tensor's identity), layout and dtype, and every step counter still reads what the last
   step left (a counter edited by hand sends the step down the full path).
@@ -138,6 +139,9 @@ class StepCache:
             else:
                 if any(p.dtype != cb.dtype for p in b.params) or any(g.is_sparse for g in grads):
                     return False
+                if any(g.dtype != p.dtype or g.shape != p.shape or m.shape != p.shape
+                       for p, g, m in zip(b.params, grads, b.exp_avgs)):
+                    return False  # the full path raises, before anything changes
                 if not _steps_read(b, range(len(b.params)), cb.t):
                     return False
                 b.grads = grads

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import operator
 from array import array
 
 import torch
@@ -32,6 +33,7 @@ STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.uint8}
 UPDATES = {"nearest": 0, "kahan": 1, "master": 2, "stochastic": 3}
 EXTRA_KEY = {"kahan": "kahan_comp", "master": "master_param"}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
+_NBYTES = operator.attrgetter("nbytes")
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,9 +41,30 @@ def _library():
     return library.load()
 
 
-def _fits(tensors, fmt: str) -> bool:
-    return (fmt in STATE_FORMATS and tensors[2].dtype == STORAGE[fmt]
+def _fits(tensors, fmt: str, policy: str) -> bool:
+    """Whether the kernel can run (param, grad, m, v, max v, buffer): all contiguous, the
+    grad of the param's dtype and size, a Kahan buffer of the param's dtype and a master
+    copy float32 (the kernel reads them as such), the moments in the format's storage."""
+    p, g, m, _, _, extra = tensors
+    buffer_dtype = p.dtype if policy == "kahan" else torch.float32
+    return (fmt in STATE_FORMATS and m.dtype == STORAGE[fmt] and g.dtype == p.dtype
+            and g.numel() == p.numel() and (extra is None or extra.dtype == buffer_dtype)
             and all(t is None or t.is_contiguous() for t in tensors))
+
+
+def _overlapping(params, idx: list[int]) -> set[int]:
+    """Those of params[idx] whose memory overlaps another's: the kernel's threads would
+    update it concurrently (a param listed twice, or views of one storage), so they run
+    one after another on the torch backend, as torch.optim runs them."""
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), i)
+                   for i in idx for p in (params[i],) if p.numel())
+    shared, end, owner = set(), -1, None
+    for lo, hi, i in spans:
+        if lo < end:
+            shared.update((i, owner))
+        if hi > end:
+            end, owner = hi, i
+    return shared
 
 
 class CpuBackend:
@@ -91,18 +114,24 @@ class PreparedBucket:
         rows = {name: [] for name in library.POINTER_ROWS}
         pointer_rows = [rows[name] for name in library.POINTER_ROWS[:6]]
         scale_rows = [rows[name] for name in library.POINTER_ROWS[6:9]]
-        numels, seeds, self.fast, self.rest = [], [], [], []
+        numels, seeds, candidates = [], [], []
         for i, p in enumerate(bucket.params):
             st = bucket.states[i]
             vmax = bucket.max_exp_avg_sqs[i] if bucket.max_exp_avg_sqs else None
             extra = st[extra_key] if extra_key else None
             members = (p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], vmax, extra)
             step = steps[i]
-            if not _fits(members, bucket.state_format) or (
-                    step is not None and (step.dtype != step_dtype or not step.is_contiguous())):
-                self.rest.append(i)
+            if _fits(members, bucket.state_format, policy) and (
+                    step is None or (step.dtype == step_dtype and step.is_contiguous())):
+                candidates.append((i, members, step))
+        shared = _overlapping(bucket.params, [i for i, _, _ in candidates])
+        self.fast = [i for i, _, _ in candidates if i not in shared]
+        fast = set(self.fast)
+        self.rest = [i for i in range(len(bucket.params)) if i not in fast]
+        for i, members, step in candidates:
+            if i in shared:
                 continue
-            self.fast.append(i)
+            p, st = members[0], bucket.states[i]
             for row, t in zip(pointer_rows, members):
                 row.append(0 if t is None else t.data_ptr())
             for row, key in zip(scale_rows, SCALE_KEYS):
@@ -119,6 +148,9 @@ class PreparedBucket:
         table.extend([0] * (n + 1))  # chunk_start scratch
         self.seeds = array("I", seeds)
         self.param_ptrs = rows["params"]
+        # A grad of another size or dtype (a param sliced in place, `.grad.data =`) would
+        # be read past its end: refresh compares the grads' bytes with the params'.
+        self.grad_nbytes = [p.numel() * p.element_size() for p in self.kernel_params]
         base = table.buffer_info()[0]
         self.args = library.StepArgs(
             n_tensors=n,
@@ -137,9 +169,12 @@ class PreparedBucket:
     def refresh(self, grads: list[Tensor]) -> bool:
         """Take this step's grads (parallel to bucket.params). False when the table no
         longer describes the tensors (a param was given new storage, a grad is not dense
-        and contiguous): then nothing is changed and the caller prepares anew."""
+        and contiguous or not of the planned size and dtype, a grad the torch backend
+        would run is sparse): then nothing is changed and the caller prepares anew."""
         params = self.bucket.params
         if self.rest:
+            if any(grads[i].is_sparse for i in self.rest):  # the full path raises on it
+                return False
             params, kernel_grads = [params[i] for i in self.fast], [grads[i] for i in self.fast]
         else:
             kernel_grads = grads
@@ -147,6 +182,8 @@ class PreparedBucket:
             if not all(map(Tensor.is_contiguous, kernel_grads)):
                 return False
         except RuntimeError:  # sparse grads have no strides
+            return False
+        if list(map(_NBYTES, kernel_grads)) != self.grad_nbytes:
             return False
         if list(map(Tensor.data_ptr, params)) != self.param_ptrs:
             return False
