@@ -155,10 +155,23 @@ def _mutations():
     def bad_lr(sd):
         sd["param_groups"][0]["lr"] = -1.0
 
-    def bad_backend(sd):
-        sd["param_groups"][0]["backend"] = "nope"
+    def bad_betas(sd):
+        sd["param_groups"][0]["betas"] = (1.5, 0.999)
 
-    return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr, bad_backend]
+    return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr, bad_betas]
+
+
+def test_backend_is_the_loading_optimizers_not_the_checkpoints():
+    """Where a step runs belongs to the machine, as the storage keys belong to the loading
+    optimizer: a checkpoint saved with backend="reference" (or a name this install does
+    not know) loads into an optimizer configured with "cpu" and runs there."""
+    model, opt = _trained()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["backend"] = "nope"
+    other = adamkit.Adam(model.parameters(), lr=1e-3, backend="torch")
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["backend"] == "torch"
+    assert other.state_dict()["param_groups"][0]["backend"] == "torch"
 
 
 @pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)

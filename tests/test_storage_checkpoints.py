@@ -177,6 +177,26 @@ def test_adamkit_to_torch_optim_and_back():
     assert torch.equal(st["exp_avg"], saved["state"][0]["exp_avg"]) and float(st["step"]) == 4
 
 
+def test_int8_state_through_torch_optim_is_refused_and_changes_nothing():
+    """torch.optim casts adamkit's int8 codes (uint8) to the param dtype and its tags to
+    generator strings when it loads them; read as untagged state those codes would be
+    taken for moments (values 0-255). Refused with a clear error, state untouched."""
+    params = _params(torch.float32)
+    opt = adamkit.Adam(params, lr=1e-2, state_format="int8", int8_min_size=0)
+    _train(params, opt, 2)
+    theirs = torch.optim.Adam(params, lr=1e-2)
+    theirs.load_state_dict(_save_load(opt.state_dict()))
+    saved = _save_load(theirs.state_dict())
+    assert saved["state"][0]["exp_avg"].dtype == torch.float32  # torch's cast
+    back = adamkit.Adam(params, lr=1e-2)
+    _train(params, back, 1)
+    before = {k: v.clone() for k, v in back.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match="int8 codes that passed through torch.optim"):
+        back.load_state_dict(saved)
+    after = back.state[params[0]]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def _mutations():
     def unknown_format(sd):
         sd["state"][0]["state_format"] = "int4"

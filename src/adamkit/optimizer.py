@@ -333,7 +333,8 @@ class Adam(Optimizer):
         """Load a state dict of adamkit or torch.optim.Adam/AdamW.
 
         Hyperparameters come from the state dict; storage (``state_format``,
-        ``param_update``, ``seed``, ``int8_min_size``) is this optimizer's: each param's
+        ``param_update``, ``seed``, ``int8_min_size``) and ``backend`` (where it runs: a
+        property of this machine, not of the run) are this optimizer's: each param's
         saved state says its own format, and is converted into the configured one
         (fp32/bf16/int8 into one another, torch.optim's into kahan or master, kahan or
         master into nearest; docs/design/formats.md, "Checkpoints").
@@ -364,7 +365,8 @@ class Adam(Optimizer):
         index = 0
         for group, saved in zip(self.param_groups, saved_groups):
             fallback = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            storage = {k: group[k] for k in formats.GROUP_DEFAULTS}  # configured, not saved
+            # configured, not saved
+            storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
             new_group = {**saved, **storage, "params": group["params"]}
             if "param_names" in group and "param_names" not in saved:
                 new_group["param_names"] = group["param_names"]

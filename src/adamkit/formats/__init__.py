@@ -97,6 +97,13 @@ def saved_formats(saved: dict[str, Any]) -> tuple[str, str]:
     (moments cast to the param dtype), so it is read as untagged too."""
     fmt, update = saved.get("state_format"), saved.get("param_update")
     if fmt is None or (isinstance(fmt, str) and fmt.startswith("<generator object")):
+        scaled = [f"{m}_scale" for m in state.MOMENTS if f"{m}_scale" in saved]
+        if scaled:  # adamkit's int8 state, its tags and dtypes lost in torch.optim
+            got = saved.get("exp_avg")
+            got = got.dtype if isinstance(got, Tensor) else type(got).__name__
+            raise ValueError(f"untagged state with {scaled[0]}: int8 codes that passed through "
+                             f"torch.optim's load_state_dict (codes now {got}, tags lost) "
+                             "cannot be read as moments; load adamkit's own checkpoint")
         moment = saved.get("exp_avg")
         if not isinstance(moment, Tensor) or moment.dtype not in _DTYPE_FORMAT:
             got = moment.dtype if isinstance(moment, Tensor) else type(moment).__name__
