@@ -209,14 +209,12 @@ class Adam(Optimizer):
             seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": torch.tensor(0.0, dtype=scalar_dtype()),
                    **formats.fresh_state(p, fmt, update, group["amsgrad"], seed)}
+        elif (error := _reshaped(state, p)) is not None:
+            raise error
         elif (state.get("state_format") != fmt or state.get("param_update") != update
               or _buffer_stale(state, p, update)):
-            if isinstance(state.get("exp_avg"), Tensor) and state["exp_avg"].shape != p.shape:
-                raise _reshaped(state, p)
             seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
-        elif state["exp_avg"].shape != p.shape:
-            raise _reshaped(state, p)
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
             new = dict(state)
         else:
@@ -411,7 +409,12 @@ def _buffer_stale(state: dict[str, Any], p: Tensor, update: str) -> bool:
     return isinstance(comp, Tensor) and comp.dtype != p.dtype
 
 
-def _reshaped(state: dict[str, Any], p: Tensor) -> RuntimeError:
+def _reshaped(state: dict[str, Any], p: Tensor) -> RuntimeError | None:
+    """The error for a state whose moments no longer have their param's shape (a param
+    resized in place keeps its identity; torch.optim fails in its first op), or None."""
+    m = state.get("exp_avg")
+    if not isinstance(m, Tensor) or m.shape == p.shape:
+        return None
     return RuntimeError(f"the state of a param of shape {tuple(p.shape)} has shape "
-                        f"{tuple(state['exp_avg'].shape)}: was the param resized in place after "
-                        "its state was created?")
+                        f"{tuple(m.shape)}: was the param resized in place after its state "
+                        "was created?")
