@@ -176,6 +176,9 @@ BAD = {
     "unknown backend": ["train", "--backend", "abacus", "--steps", "1"],
     "unknown state format": ["train", "--state-format", "no-such-format", "--steps", "1"],
     "unknown param update": ["train", "--param-update", "no-such-mode", "--steps", "1"],
+    "seed too large": ["train", "--seed", "99999999999999999999", "--steps", "1"],
+    "negative seed": ["train", "--seed", "-1", "--steps", "1"],
+    "compare key twice": ["train", "--compare", "adam:lr=0.01:lr=0.02"],
     "viz not png": ["viz", "--out", "picture.txt"],
     "viz no dir": ["viz", "--out", "no/such/dir/v.png"],
 }

@@ -334,3 +334,69 @@ def test_params_sharing_memory_update_one_after_another(make_params):
     reference = run("torch")
     for _ in range(3):
         assert torch.equal(run("cpu"), reference)
+
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("make,group_value", [(adamkit.Adam, True), (adamkit.AdamW, False)],
+                         ids=["Adam-group-decoupled", "AdamW-group-coupled"])
+def test_a_groups_decoupled_weight_decay_key_is_honoured(backend, make, group_value):
+    """torch's per-group `decoupled_weight_decay` sets that group's decay mode, as in
+    torch.optim (it was ignored: the other mode's math ran)."""
+    def run(factory):
+        p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        opt = factory([{"params": [p]}, {"params": [q], "decoupled_weight_decay": group_value}])
+        for _ in range(3):
+            p.grad, q.grad = torch.full((3,), 0.1), torch.full((3,), 0.1)
+            opt.step()
+        return torch.cat([p.detach(), q.detach()]), opt
+    torch_cls = torch.optim.Adam if make is adamkit.Adam else torch.optim.AdamW
+    theirs, _ = run(lambda groups: torch_cls(groups, lr=0.1, weight_decay=0.5))
+    ours, opt = run(lambda groups: make(groups, lr=0.1, weight_decay=0.5, backend=backend))
+    assert_close_scaled(ours, theirs, *TORCH_PARITY_TOL[torch.float32])
+    assert opt.state_dict()["param_groups"][1]["decoupled_weight_decay"] is group_value
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_group_edited_into_an_invalid_one_raises_before_any_update(backend):
+    """decouple_lr switched on by hand without a max_lr: the step must fail before the
+    first group's params move (it raised mid-step, with one group already updated)."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.AdamW([{"params": [p]}, {"params": [q]}], lr=1e-2, weight_decay=1e-4,
+                        backend=backend)
+    for _ in range(2):
+        p.grad, q.grad = torch.ones(3), torch.ones(3)
+        opt.step()
+    opt.param_groups[1]["decouple_lr"] = True
+    snap = _snapshot(opt, [p, q])
+    with pytest.raises(ValueError, match="max_lr"):
+        opt.step()
+    _assert_unchanged(opt, [p, q], snap)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_functional_moments_of_the_wrong_size_raise_instead_of_being_overrun(backend):
+    """adamkit.functional takes the caller's moments: one shorter than its param was
+    written past its end by the cpu kernel (a segfault at 1M elements)."""
+    from adamkit.functional import adam_step
+
+    big = torch.zeros(8)
+    p, g = torch.ones(3), torch.ones(3)
+    with pytest.raises(RuntimeError):
+        adam_step([p], [g], [big[:2]], [torch.zeros(2)], step=1, lr=0.1, backend=backend)
+    assert torch.equal(big, torch.zeros(8))
+
+
+def test_functional_moments_of_two_dtypes_match_the_torch_backend():
+    """A float16 exp_avg_sq beside a bfloat16 exp_avg was read as bfloat16 by the kernel."""
+    from adamkit.functional import adam_step
+
+    out = {}
+    for backend in ("cpu", "torch"):
+        p, g = torch.ones(5, dtype=torch.bfloat16), torch.full((5,), 0.5, dtype=torch.bfloat16)
+        m = torch.full((5,), 0.1, dtype=torch.bfloat16)
+        v = torch.full((5,), 0.5, dtype=torch.float16)
+        adam_step([p], [g], [m], [v], step=2, lr=0.1, backend=backend)
+        out[backend] = (p, m, v)
+    for a, b in zip(out["cpu"], out["torch"]):
+        assert torch.equal(a, b)

@@ -89,3 +89,28 @@ def test_torch_flags_are_accepted_for_drop_in_use():
     with pytest.raises(RuntimeError, match="cannot be `True` together"):
         adamkit.Adam([p], foreach=True, fused=True)
     assert adamkit.Adam([p], decoupled_weight_decay=True).param_groups[0]["decouple_wd"]
+
+
+
+@pytest.mark.parametrize("betas", [(0, 0.9), (0.9, torch.tensor(0.99))], ids=["int", "mixed"])
+def test_betas_of_mixed_kinds_raise_torchs_error(betas):
+    p = [torch.nn.Parameter(torch.randn(2))]
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.Adam(p, betas=betas)
+    with pytest.raises(ValueError) as ours:
+        adamkit.Adam(p, betas=betas)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("make", [adamkit.Adam, adamkit.AdamW])
+def test_torchs_capturable_and_differentiable_flags(make):
+    """Accepted as False, as drop-in code passes them; True is refused clearly (CUDA-graph
+    capture and differentiating through the step are torch.optim's); fused with
+    differentiable gives torch's own error."""
+    p = [torch.nn.Parameter(torch.randn(2))]
+    make(p, capturable=False, differentiable=False)
+    for flag in ("capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"{flag}=True"):
+            make(p, **{flag: True})
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        make(p, fused=True, differentiable=True)

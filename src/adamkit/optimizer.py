@@ -51,7 +51,8 @@ class Adam(Optimizer):
         eps: added to √v̂ for numerical stability. Default 1e-8.
         weight_decay: λ. Default 0.
         amsgrad: normalise by the running max of v (Reddi et al., 2018). Default False.
-        decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym.
+        decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym,
+            also as a group key.
         decouple_lr: fully decoupled decay, scaled by lr/max_lr.
         max_lr: the lr that the decay of ``decouple_lr`` is relative to.
         maximize: maximise the objective instead of minimising it.
@@ -59,6 +60,9 @@ class Adam(Optimizer):
             oracle, slow) or "torch" (foreach ops, any device).
         foreach, fused: torch's flags, accepted for drop-in use: ``foreach=True`` asks for
             the "torch" backend, ``fused=True`` for the fastest ("auto").
+        capturable, differentiable: torch's flags, accepted as False; True raises
+            ValueError (CUDA-graph capture and differentiating through the step are
+            torch.optim's).
         state_format: how the moments are stored (docs/precision.md): ``None`` (default:
             like the param, as torch; float16 params get "fp32"), "fp32" (8 bytes per
             param), "bf16" (4) or "int8" (block-scaled 8-bit floats, about 2.03).
@@ -105,11 +109,16 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         state_format: str | None = None,
         param_update: str | None = None,
         seed: int = 0,
         int8_min_size: int = 4096,
     ) -> None:
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        _refuse_torch_only(capturable=capturable, differentiable=differentiable)
         if decoupled_weight_decay is not None:
             decouple_wd = decouple_wd or bool(decoupled_weight_decay)
         if foreach and fused:
@@ -138,6 +147,9 @@ class Adam(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameters are validated before anything is stored."""
+        if param_group.get("decoupled_weight_decay") is not None:  # torch's name, per group
+            param_group = {**param_group, "decouple_wd": bool(param_group["decoupled_weight_decay"])}
+        param_group = {k: v for k, v in param_group.items() if k != "decoupled_weight_decay"}
         group = {**self.defaults, **param_group}
         if group["decouple_lr"] and group["max_lr"] is None:
             lr = group["lr"]
@@ -177,7 +189,8 @@ class Adam(Optimizer):
         Raises before anything is changed."""
         work, offset = [], 0
         for group in self.param_groups:
-            formats.validate(group)  # a group edited by hand after construction
+            validate_group(group)  # a group edited by hand after construction
+            formats.validate(group)
             params = [(offset + j, p, j) for j, p in enumerate(group["params"])
                       if p.grad is not None]
             offset += len(group["params"])
@@ -259,10 +272,11 @@ class Adam(Optimizer):
                 backend = backends.resolve(group["backend"], device, dtype)
                 ps = [p for _, p in members]
                 plans.append((group_index, group, [pos for pos, _ in members], t, ps, fmt,
-                              update, backend, [pending[p] for p in ps]))
+                              update, backend, [pending[p] for p in ps],
+                              scalars_for(group, t, grad_scale_inv)))
 
         done = []
-        for group_index, group, positions, t, ps, fmt, update, backend, new_states in plans:
+        for group_index, group, positions, t, ps, fmt, update, backend, new_states, s in plans:
             for p, new in zip(ps, new_states):
                 if new is not None:
                     self.state[p] = new
@@ -279,7 +293,7 @@ class Adam(Optimizer):
                 param_update=update,
                 steps=[s["step"] for s in states],
             )
-            prepared = run_bucket(backend, bucket, scalars_for(group, t, grad_scale_inv))
+            prepared = run_bucket(backend, bucket, s)
             done.append(CachedBucket(group_index, group, positions, t, backend, bucket, prepared))
         return done
 
@@ -400,6 +414,15 @@ class Adam(Optimizer):
         except ValueError as exc:
             raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
         return {"step": torch.tensor(float(saved["step"]), dtype=scalar_dtype()), **converted}
+
+
+def _refuse_torch_only(**flags: bool) -> None:
+    """torch.optim's flags adamkit accepts for drop-in code but cannot honour when set:
+    CUDA-graph capture and a step autograd can differentiate through."""
+    for name, value in flags.items():
+        if value:
+            raise ValueError(f"adamkit does not support {name}=True (torch.optim.Adam does); "
+                             f"use torch.optim for it, or leave {name} False")
 
 
 def _buffer_stale(state: dict[str, Any], p: Tensor, update: str) -> bool:

@@ -145,10 +145,14 @@ class StepCache:
                 if not _steps_read(b, range(len(b.params)), cb.t):
                     return False
                 b.grads = grads
+        try:  # before any bucket runs: a group edited into an invalid one re-plans, and
+            # the full path raises its validation error with nothing changed
+            scalars = [scalars_for(cb.group, cb.t + 1, grad_scale_inv) for cb in self.buckets]
+        except (TypeError, ValueError, ZeroDivisionError):
+            return False
         # Everything holds: run. Nothing above changed the optimizer.
-        for cb in self.buckets:
-            run_bucket(cb.backend, cb.bucket, scalars_for(cb.group, cb.t + 1, grad_scale_inv),
-                       cb.prepared)
+        for cb, s in zip(self.buckets, scalars):
+            run_bucket(cb.backend, cb.bucket, s, cb.prepared)
             cb.bucket.grads = []
             cb.t += 1
         return True

@@ -29,6 +29,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """torch.manual_seed takes 0 <= seed < 2^64; larger ones failed with a traceback."""
+    value = _number(int, text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _number(float, text)
     if not 0.0 < value < math.inf:
@@ -71,6 +79,8 @@ def parse_compare(text: str) -> list[tuple[str, dict]]:
         config = {"optimizer": name}
         for setting in settings:
             key, sep, value = setting.partition("=")
+            if key in config:
+                raise CliError(f"--compare: {key} given twice in {item!r}")
             if not sep or key not in COMPARE_KEYS:
                 raise CliError(f"--compare: bad setting {setting!r} in {item!r}; use key=value with key one of "
                                f"{', '.join(COMPARE_KEYS)}")
@@ -98,7 +108,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {lrs})")
     p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {DEFAULTS['steps']})")
     p.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default {DEFAULTS['batch_size']})")
-    p.add_argument("--seed", type=int, help=f"seed of init and data order (default {DEFAULTS['seed']})")
+    p.add_argument("--seed", type=seed_int, help=f"seed of init and data order (default {DEFAULTS['seed']})")
     p.add_argument("--dtype", type=dtype_name, help="dtype of the model's params: fp32 (default) or bf16")
     p.add_argument("--weight-decay", type=non_negative_float, help="passed to the optimizer (default: its own)")
     p.add_argument("--backend", help="adamkit backend (passed to adamkit only when given)")

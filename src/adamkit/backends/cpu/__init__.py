@@ -45,11 +45,15 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
     """Whether the kernel can run (param, grad, m, v, max v, buffer): all contiguous, the
     grad of the param's dtype and size, a Kahan buffer of the param's dtype and a master
     copy float32 (the kernel reads them as such), the moments in the format's storage."""
-    p, g, m, _, _, extra = tensors
+    p, g, m, v, vmax, extra = tensors
+    if fmt not in STATE_FORMATS or g.dtype != p.dtype:
+        return False
+    moments_fit = all(t.dtype == STORAGE[fmt] for t in (m, v, vmax) if t is not None)
     buffer_dtype = p.dtype if policy == "kahan" else torch.float32
-    return (fmt in STATE_FORMATS and m.dtype == STORAGE[fmt] and g.dtype == p.dtype
-            and g.numel() == p.numel() and (extra is None or extra.dtype == buffer_dtype)
-            and all(t is None or t.is_contiguous() for t in tensors))
+    n = p.numel()  # the kernel walks n elements of every stream (functional API callers
+    # pass their own moments: a shorter one would be written past its end)
+    return (moments_fit and (extra is None or extra.dtype == buffer_dtype)
+            and all(t is None or (t.numel() == n and t.is_contiguous()) for t in tensors))
 
 
 def _overlapping(params, idx: list[int]) -> set[int]:
