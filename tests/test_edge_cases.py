@@ -400,3 +400,28 @@ def test_functional_moments_of_two_dtypes_match_the_torch_backend():
         out[backend] = (p, m, v)
     for a, b in zip(out["cpu"], out["torch"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", ["grad None", "sparse grad", "int params", "step True", "late misfit"])
+def test_functional_checks_every_tensor_before_updating_any(bad):
+    """A bad entry anywhere in the lists raises before any param moves."""
+    from adamkit.functional import adam_step
+
+    ps = [torch.ones(3), torch.ones(3)]
+    gs = [torch.ones(3), torch.ones(3)]
+    ms, vs = [torch.zeros(3), torch.zeros(3)], [torch.zeros(3), torch.zeros(3)]
+    step = 1
+    if bad == "grad None":
+        gs[1] = None
+    elif bad == "sparse grad":
+        gs[1] = torch.ones(3).to_sparse()
+    elif bad == "int params":
+        ps[1] = torch.ones(3, dtype=torch.int64)
+        gs[1] = torch.ones(3, dtype=torch.int64)
+    elif bad == "step True":
+        step = True
+    else:
+        vs[1] = torch.zeros(4)
+    with pytest.raises((TypeError, ValueError, RuntimeError)):
+        adam_step(ps, gs, ms, vs, step=step, lr=0.1)
+    assert torch.equal(ps[0], torch.ones(3)) and torch.equal(ms[0], torch.zeros(3))

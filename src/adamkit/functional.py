@@ -46,8 +46,8 @@ def adam_step(
     stored) and params update "nearest"; the optimizer classes offer int8 moments and
     the other update policies, which need state beyond these lists.
     """
-    if step < 1:
-        raise ValueError(f"step counts from 1, got {step}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step is an int counted from 1, got {step!r}")
     group = dict(
         lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
         maximize=maximize, decouple_wd=decouple_wd, decouple_lr=decouple_lr,
@@ -60,6 +60,7 @@ def adam_step(
     columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     if len({len(c) for c in columns}) != 1:
         raise ValueError("params, grads and state lists must have the same length")
+    _check_tensors(columns)
     by_kind: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         by_kind.setdefault((p.device, p.dtype, formats.format_of(exp_avgs[i])), []).append(i)
@@ -73,3 +74,27 @@ def adam_step(
         )
         with torch.no_grad():
             backends.resolve(backend, device, dtype).step(bucket, scalars)
+
+
+def _check_tensors(columns: list[list[Tensor]]) -> None:
+    """Every tensor checked before any is updated (a bad one late in the lists used to
+    fail after the earlier params had moved): floating params, grads dense and of their
+    param's dtype and shape, state of the param's shape (RuntimeError, as torch.optim's
+    ops raise on these)."""
+    params, grads, *states = columns
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if not isinstance(p, Tensor) or not isinstance(g, Tensor):
+            raise TypeError(f"params[{i}] and grads[{i}] must be tensors, got "
+                            f"{type(p).__name__} and {type(g).__name__}")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise RuntimeError(f"params[{i}] has dtype {p.dtype}: Adam updates floating-point tensors")
+        if g.is_sparse:
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        if g.dtype != p.dtype or g.shape != p.shape:
+            raise RuntimeError(f"grads[{i}] ({g.dtype}, shape {tuple(g.shape)}) does not match "
+                               f"params[{i}] ({p.dtype}, shape {tuple(p.shape)})")
+        for name, column in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), states):
+            t = column[i]
+            if not isinstance(t, Tensor) or t.shape != p.shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise RuntimeError(f"{name}[{i}] has shape {got}, params[{i}] {tuple(p.shape)}")
