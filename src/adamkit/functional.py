@@ -88,11 +88,7 @@ def _check_tensors(columns: list[list[Tensor]]) -> None:
                             f"{type(p).__name__} and {type(g).__name__}")
         if not (p.is_floating_point() or p.is_complex()):
             raise RuntimeError(f"params[{i}] has dtype {p.dtype}: Adam updates floating-point tensors")
-        if g.is_sparse:
-            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-        if g.dtype != p.dtype or g.shape != p.shape:
-            raise RuntimeError(f"grads[{i}] ({g.dtype}, shape {tuple(g.shape)}) does not match "
-                               f"params[{i}] ({p.dtype}, shape {tuple(p.shape)})")
+        backends.check_grad(p, g, f"grads[{i}]")
         for name, column in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), states):
             t = column[i]
             if not isinstance(t, Tensor) or t.shape != p.shape:

@@ -195,18 +195,7 @@ class Adam(Optimizer):
                       if p.grad is not None]
             offset += len(group["params"])
             for _, p, _ in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "Adam does not support sparse gradients, please consider SparseAdam instead"
-                    )
-                # torch.optim fails on these too, inside its first op; a fused kernel would
-                # read the grad as the param's dtype and size instead.
-                if p.grad.dtype != p.dtype:
-                    raise RuntimeError(f"expected a grad of dtype {p.dtype} for a param of that "
-                                       f"dtype, but got dtype {p.grad.dtype}")
-                if p.grad.shape != p.shape:
-                    raise RuntimeError(f"the grad's shape {tuple(p.grad.shape)} does not match "
-                                       f"its param's shape {tuple(p.shape)}")
+                backends.check_grad(p, p.grad)
             work.append((group, params))
         return work
 

@@ -80,6 +80,17 @@ AUTO_ORDER = ("cpu", "triton", "torch")
 NAMES = ("auto", *BACKENDS)
 
 
+def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
+    """torch.optim's errors for a grad no step can take (RuntimeError; torch raises them
+    from its first op): sparse, or not of its param's dtype and shape. A fused kernel
+    would read such a grad as the param's dtype and size."""
+    if grad.is_sparse:
+        raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+    if grad.dtype != p.dtype or grad.shape != p.shape:
+        raise RuntimeError(f"{label} of dtype {grad.dtype} and shape {tuple(grad.shape)} does not "
+                           f"match its param's dtype {p.dtype} and shape {tuple(p.shape)}")
+
+
 def check_name(name: object) -> None:
     if name not in NAMES:
         valid = ", ".join(repr(n) for n in NAMES)
