@@ -114,3 +114,14 @@ def test_torchs_capturable_and_differentiable_flags(make):
             make(p, **{flag: True})
     with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
         make(p, fused=True, differentiable=True)
+
+
+
+def test_foreach_with_another_explicit_backend_is_an_error():
+    """foreach=True means the torch backend; an explicit other backend beside it was
+    replaced silently."""
+    p = torch.nn.Parameter(torch.randn(2))
+    assert adamkit.Adam([p], foreach=True, backend="torch").param_groups[0]["backend"] == "torch"
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="foreach=True"):
+            adamkit.Adam([p], foreach=True, backend=backend)

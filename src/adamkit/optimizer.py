@@ -59,7 +59,8 @@ class Adam(Optimizer):
         backend: where the step runs: "auto" (fastest available), "reference" (the float64
             oracle, slow) or "torch" (foreach ops, any device).
         foreach, fused: torch's flags, accepted for drop-in use: ``foreach=True`` asks for
-            the "torch" backend, ``fused=True`` for the fastest ("auto").
+            the "torch" backend (with another explicit ``backend``: ValueError),
+            ``fused=True`` for the fastest ("auto").
         capturable, differentiable: torch's flags, accepted as False; True raises
             ValueError (CUDA-graph capture and differentiating through the step are
             torch.optim's).
@@ -124,6 +125,9 @@ class Adam(Optimizer):
         if foreach and fused:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if foreach:
+            if backend not in ("auto", "torch"):  # it would be replaced without a word
+                raise ValueError(f"foreach=True asks for the 'torch' backend, but backend={backend!r} "
+                                 "was given too; pass one of them")
             backend = "torch"
         defaults = dict(
             lr=lr,
