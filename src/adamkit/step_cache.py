@@ -137,11 +137,12 @@ class StepCache:
                                  and all(b.params[i].dtype == cb.dtype for i in rest)):
                     return False
             else:
-                if any(p.dtype != cb.dtype for p in b.params) or any(g.is_sparse for g in grads):
-                    return False
-                if any(g.dtype != p.dtype or g.shape != p.shape or m.shape != p.shape
+                # Recast params re-plan; sparse or misfit grads and resized params too,
+                # and the full path raises on them before anything changes.
+                if any(p.dtype != cb.dtype or g.is_sparse or g.dtype != p.dtype
+                       or g.shape != p.shape or m.shape != p.shape
                        for p, g, m in zip(b.params, grads, b.exp_avgs)):
-                    return False  # the full path raises, before anything changes
+                    return False
                 if not _steps_read(b, range(len(b.params)), cb.t):
                     return False
                 b.grads = grads
