@@ -58,6 +58,23 @@ def test_decouple_lr_follows_scheduler_shape():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+def test_decouple_lr_takes_one_cycle_peak_as_max_lr():
+    """OneCycleLR writes its peak into the group's `max_lr` (the key decouple_lr reads):
+    the decay is then relative to that peak, so at the peak step it removes λ exactly."""
+    lam = 1e-3
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p], lr=1e-3, weight_decay=lam, decouple_lr=True, max_lr=5e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=10, pct_start=0.5)
+    assert opt.param_groups[0]["max_lr"] == 0.2
+    for _ in range(4):  # up to the peak (step 4 of 10 with pct_start=0.5: 0.5·10 − 1)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+    p.grad = torch.zeros(3)  # no Adam update: only the decay moves the param
+    before = p.detach().clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), before * (1 - lam), rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_grad_scaler_skips_step_on_inf_and_leaves_state(bad, backend):

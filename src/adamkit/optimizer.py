@@ -54,7 +54,8 @@ class Adam(Optimizer):
         decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym,
             also as a group key.
         decouple_lr: fully decoupled decay, scaled by lr/max_lr.
-        max_lr: the lr that the decay of ``decouple_lr`` is relative to.
+        max_lr: the lr that the decay of ``decouple_lr`` is relative to (``OneCycleLR``
+            writes its peak under this key).
         maximize: maximise the objective instead of minimising it.
         backend: where the step runs: "auto" (fastest available), "reference" (the float64
             oracle, slow) or "torch" (foreach ops, any device).
