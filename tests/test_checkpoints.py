@@ -196,3 +196,39 @@ def test_torch_fused_checkpoint_loads_with_cpu_step():
     opt.load_state_dict(t.state_dict())
     assert opt.state[p]["step"].device.type == "cpu" and float(opt.state[p]["step"]) == 1
     assert "fused" not in opt.param_groups[0]
+
+
+@pytest.mark.parametrize("make", [adamkit.Adam, torch.optim.Adam])
+def test_a_param_with_an_empty_state_entry_loads(make):
+    """Reading opt.state[p] (a defaultdict) before p's first step leaves `{}`, and
+    state_dict saves it; torch.optim loads that as a param without state, adamkit
+    refused its own checkpoint ("lacks one of 'step', ...")."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = make([a, b])
+    a.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[b].get("step") is None  # the lookup that creates {}
+    sd = _save_load(opt.state_dict())
+    assert sd["state"][1] == {}
+    fresh = adamkit.Adam([a, b])
+    fresh.load_state_dict(sd)
+    assert float(fresh.state[a]["step"]) == 1 and not fresh.state.get(b)
+    b.grad = torch.ones(2)
+    a.grad = torch.ones(3)
+    fresh.step()  # b starts its own state at its first step
+    assert float(fresh.state[b]["step"]) == 1 and float(fresh.state[a]["step"]) == 2
+
+
+def test_torchs_decay_key_wins_after_a_trip_through_torch():
+    """A checkpoint saved by adamkit carries decouple_wd and torch's
+    decoupled_weight_decay, equal. torch.optim reads and changes only its own key, so when
+    the two differ on load, torch's is the live one (the stale decouple_wd won)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    sd = adamkit.Adam([p], weight_decay=0.1).state_dict()
+    theirs = torch.optim.Adam([p])
+    theirs.load_state_dict(sd)
+    theirs.param_groups[0]["decoupled_weight_decay"] = True  # switched on in torch
+    ours = adamkit.Adam([p])
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.param_groups[0]["decouple_wd"] is True
+    assert ours.state_dict()["param_groups"][0]["decoupled_weight_decay"] is True

@@ -358,20 +358,48 @@ def test_a_groups_decoupled_weight_decay_key_is_honoured(backend, make, group_va
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_a_group_edited_into_an_invalid_one_raises_before_any_update(backend):
-    """decouple_lr switched on by hand without a max_lr: the step must fail before the
-    first group's params move (it raised mid-step, with one group already updated)."""
+@pytest.mark.parametrize("key, value, message", [
+    ("decouple_lr", True, "max_lr"),
+    ("eps", -1.0, "Invalid epsilon value"),
+    ("lr", -1.0, "Invalid learning rate"),
+    ("betas", (1.5, 0.9), "Invalid beta parameter at index 0"),
+    ("weight_decay", -0.5, "Invalid weight_decay value"),
+    ("lr", torch.tensor([1.0, 2.0]), "Tensor lr must be 1-element"),
+])
+def test_a_group_edited_into_an_invalid_one_raises_before_any_update(backend, key, value, message):
+    """A hyperparameter edited by hand into an invalid value after cached steps: the step
+    fails before the first group's params move (decouple_lr without max_lr raised
+    mid-step, with one group updated; eps=-1 ran from the cached plan and made -inf)."""
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
     opt = adamkit.AdamW([{"params": [p]}, {"params": [q]}], lr=1e-2, weight_decay=1e-4,
                         backend=backend)
-    for _ in range(2):
+    for _ in range(3):
         p.grad, q.grad = torch.ones(3), torch.ones(3)
         opt.step()
-    opt.param_groups[1]["decouple_lr"] = True
+    opt.param_groups[1][key] = value
     snap = _snapshot(opt, [p, q])
-    with pytest.raises(ValueError, match="max_lr"):
+    with pytest.raises(ValueError, match=message):
         opt.step()
     _assert_unchanged(opt, [p, q], snap)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_params_raise_as_torch_optim_does_and_change_nothing(backend, dtype):
+    """torch.optim's step fails on integer and bool params (its lerp has no such kernel);
+    adamkit truncated the update into them ([5, 7, 9] became [4, 8, 8])."""
+    p, g = torch.tensor([5, 7, 9]).to(dtype), torch.tensor([1, -1, 2]).to(dtype)
+    with pytest.raises(Exception):
+        q = p.clone()
+        q.grad = g.clone()
+        torch.optim.Adam([q], lr=1.0).step()
+    f = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([f, p], lr=1.0, backend=backend)
+    f.grad, p.grad = torch.ones(3), g
+    with pytest.raises(RuntimeError, match=f"dtype {dtype}"):
+        opt.step()
+    assert torch.equal(p, torch.tensor([5, 7, 9]).to(dtype)) and torch.equal(f, torch.ones(3))
+    assert not opt.state
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -19,6 +19,8 @@ BAD = [
     dict(betas=(0.9, 1.0)),
     dict(betas=(math.nan, 0.999)),
     dict(betas=(0.9, math.nan)),
+    dict(betas=(0.9, 1)),  # an int out of range: torch names the beta, not its kind
+    dict(betas=(1, 0.9)),
     dict(weight_decay=-0.1),
     dict(weight_decay=math.nan),
     dict(lr=torch.tensor([1e-3, 1e-3])),
@@ -125,3 +127,40 @@ def test_foreach_with_another_explicit_backend_is_an_error():
     for backend in ("cpu", "reference"):
         with pytest.raises(ValueError, match="foreach=True"):
             adamkit.Adam([p], foreach=True, backend=backend)
+
+
+def test_add_param_group_takes_a_dict_as_torch_does():
+    p = torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(TypeError) as theirs:
+        torch.optim.Adam([p]).add_param_group([torch.nn.Parameter(torch.randn(2))])
+    with pytest.raises(TypeError) as ours:
+        adamkit.Adam([p]).add_param_group([torch.nn.Parameter(torch.randn(2))])
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("make", [adamkit.Adam, torch.optim.Adam])
+def test_the_group_dict_passed_is_the_one_stored(make):
+    """torch.optim stores the caller's dict (defaults filled in), so later edits to it
+    reach the optimizer; adamkit stored a copy and ignored them (the param kept moving
+    after its group's lr was set to 0 through the caller's reference)."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    first = {"params": [a], "lr": 0.5}
+    opt = make([first])
+    second = {"params": [b], "lr": 0.1}
+    opt.add_param_group(second)
+    assert opt.param_groups[0] is first and opt.param_groups[1] is second
+    assert first["betas"] == (0.9, 0.999)  # defaults filled into the caller's dict
+    second["lr"] = 0.0
+    for _ in range(3):
+        a.grad, b.grad = torch.ones(2), torch.ones(2)
+        opt.step()
+    assert torch.equal(b.detach(), torch.ones(2)) and not torch.equal(a.detach(), torch.ones(2))
+
+
+def test_an_invalid_group_leaves_the_callers_dict_as_it_was():
+    opt = adamkit.Adam([torch.nn.Parameter(torch.ones(2))])
+    bad = {"params": [torch.nn.Parameter(torch.ones(2))], "lr": -1.0, "decoupled_weight_decay": True}
+    before = dict(bad)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.add_param_group(bad)
+    assert bad == before and len(opt.param_groups) == 1

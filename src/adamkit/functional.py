@@ -86,8 +86,6 @@ def _check_tensors(columns: list[list[Tensor]]) -> None:
         if not isinstance(p, Tensor) or not isinstance(g, Tensor):
             raise TypeError(f"params[{i}] and grads[{i}] must be tensors, got "
                             f"{type(p).__name__} and {type(g).__name__}")
-        if not (p.is_floating_point() or p.is_complex()):
-            raise RuntimeError(f"params[{i}] has dtype {p.dtype}: Adam updates floating-point tensors")
         backends.check_grad(p, g, f"grads[{i}]")
         for name, column in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), states):
             t = column[i]

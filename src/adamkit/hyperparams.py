@@ -34,14 +34,15 @@ def validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
-        raise ValueError("betas must be either both floats or both Tensors")
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= wd:
         raise ValueError(f"Invalid weight_decay value: {wd}")
+    # after the ranges, as torch: betas=(0.9, 1) names the beta, not its kind
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
     if group["decouple_lr"]:
         max_lr = group["max_lr"]
         if max_lr is None or not 0.0 < _scalar(max_lr) < math.inf:

@@ -151,25 +151,37 @@ class Adam(Optimizer):
     # ---- groups -------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its hyperparameters are validated before anything is stored."""
-        if param_group.get("decoupled_weight_decay") is not None:  # torch's name, per group
-            param_group = {**param_group, "decouple_wd": bool(param_group["decoupled_weight_decay"])}
-        param_group = {k: v for k, v in param_group.items() if k != "decoupled_weight_decay"}
+        """Add a group; its hyperparameters are validated before anything is stored.
+
+        As in torch.optim, the dict passed is the one stored (later edits to it reach
+        the optimizer), with the defaults filled in."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         group = {**self.defaults, **param_group}
-        if group["decouple_lr"] and group["max_lr"] is None:
+        if group.get("decoupled_weight_decay") is not None:  # torch's name, per group
+            group["decouple_wd"] = bool(group["decoupled_weight_decay"])
+        group.pop("decoupled_weight_decay", None)
+        fill_max_lr = group["decouple_lr"] and group["max_lr"] is None
+        if fill_max_lr:
             lr = group["lr"]
-            param_group = {**param_group, "max_lr": lr.item() if isinstance(lr, Tensor) else lr}
-            group["max_lr"] = param_group["max_lr"]
+            group["max_lr"] = lr.item() if isinstance(lr, Tensor) else lr
         validate_group(group)
         formats.validate(group)
         backends.check_name(group["backend"])
+        # Valid: only now is the caller's dict changed
+        if param_group.pop("decoupled_weight_decay", None) is not None:
+            param_group["decouple_wd"] = group["decouple_wd"]
+        if fill_max_lr:
+            param_group["max_lr"] = group["max_lr"]
         super().add_param_group(param_group)
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:
         """Give a loaded group (torch's or an older adamkit's) every key adamkit uses."""
-        if "decouple_wd" not in group:
-            group["decouple_wd"] = bool(group.get("decoupled_weight_decay", False))
-        group.pop("decoupled_weight_decay", None)
+        # adamkit saves both keys equal; where they differ the state dict went through
+        # torch.optim, which only reads and changes its own key
+        if "decoupled_weight_decay" in group:
+            group["decouple_wd"] = bool(group.pop("decoupled_weight_decay"))
+        group.setdefault("decouple_wd", False)
         for key in _TORCH_ONLY_KEYS:
             group.pop(key, None)
         for key, value in {**formats.GROUP_DEFAULTS, **fallback}.items():
@@ -382,7 +394,9 @@ class Adam(Optimizer):
             backends.check_name(new_group["backend"])
             new_groups.append(new_group)
             for saved_id, p in zip(saved["params"], group["params"]):
-                if saved_id in saved_state:
+                # `{}` is no state: reading opt.state[p] (a defaultdict) before p's
+                # first step saves one, and torch.optim loads it as a param without state
+                if saved_state.get(saved_id):
                     new_state[p] = self._load_param_state(
                         p, saved_state[saved_id], saved_id, new_group, index
                     )

@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor
 
 from . import backends
-from .hyperparams import step_scalars
+from .hyperparams import step_scalars, validate_group
 
 # Group keys that decide storage and backends; a change to any of them re-plans.
 _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min_size", "seed")
@@ -148,6 +148,8 @@ class StepCache:
                 b.grads = grads
         try:  # before any bucket runs: a group edited into an invalid one re-plans, and
             # the full path raises its validation error with nothing changed
+            for group in groups:
+                validate_group(group)
             scalars = [scalars_for(cb.group, cb.t + 1, grad_scale_inv) for cb in self.buckets]
         except (TypeError, ValueError, ZeroDivisionError):
             return False
