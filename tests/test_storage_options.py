@@ -141,3 +141,72 @@ def test_state_bytes_counts_every_param_and_small_int8_tensors_as_fp32():
     expected = (2 * 8192 + 2 * 4 * math.ceil(8192 / fmt_state.BLOCK)) + 2 * 4 * 100 + 2 * STEP
     assert opt.state_bytes() == expected
     assert opt.state_bytes(per_element=True) == pytest.approx(expected / 8292)
+
+
+def _master_opt(backend, n=300, **kwargs):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(n).bfloat16())
+    return p, adamkit.Adam([p], lr=1e-3, param_update="master", backend=backend, **kwargs)
+
+
+def _grad_step(opt, p, k):
+    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(k)).bfloat16()
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
+@pytest.mark.parametrize("write", ["no_grad", "load_state_dict", "init"])
+def test_master_follows_a_param_written_in_place(backend, write):
+    """With "master" the float32 copy is what the step updates; a write to p in place
+    (a model checkpoint loaded into it, nn.init, an in-place op) was undone by the next
+    step (p ← round(master)). Such a write bumps p's version counter: master restarts
+    from the new p, with the moments kept."""
+    p, opt = _master_opt(backend)
+    for k in range(3):  # cached steps, on the kernel's path
+        _grad_step(opt, p, k)
+    new = torch.full_like(p, 5.0)
+    if write == "no_grad":
+        with torch.no_grad():
+            p.copy_(new)
+    elif write == "load_state_dict":
+        holder = torch.nn.Module()
+        holder.w = p
+        holder.load_state_dict({"w": new})
+    else:
+        torch.nn.init.constant_(p, 5.0)
+    m_before = opt.state[p]["exp_avg"].clone()
+    _grad_step(opt, p, 3)
+    master = opt.state[p]["master_param"]
+    assert (master - 5.0).abs().max() <= 2e-3  # one Adam step of lr 1e-3 from 5.0
+    assert torch.equal(p, master.bfloat16())
+    assert not torch.equal(opt.state[p]["exp_avg"], torch.zeros_like(m_before))  # moments kept
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_master_follows_a_param_written_after_a_load(backend):
+    """Optimizer loaded first (master made from p then), the model's weights after it:
+    the first step starts from the loaded weights."""
+    p, opt = _master_opt(backend)
+    _grad_step(opt, p, 0)
+    sd = opt.state_dict()
+    q, fresh = _master_opt(backend)
+    fresh.load_state_dict(sd)
+    with torch.no_grad():
+        q.fill_(-2.0)
+    _grad_step(fresh, q, 1)
+    assert (fresh.state[q]["master_param"] + 2.0).abs().max() <= 2e-3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_master_is_not_reseeded_by_the_optimizers_own_steps(backend):
+    """The optimizer's own writes bump p's version too; a re-plan after cached steps must
+    not take them for a user's write (master would lose its low bits to p's rounding)."""
+    p, opt = _master_opt(backend)
+    q, ref = _master_opt(backend)
+    for k in range(7):
+        if k in (3, 5):  # a change that re-plans and alters no number
+            opt.param_groups[0]["int8_min_size"] += 1
+        _grad_step(opt, p, k)
+        _grad_step(ref, q, k)
+    assert torch.equal(opt.state[p]["master_param"], ref.state[q]["master_param"])
+    assert not torch.equal(opt.state[p]["master_param"], p.float())  # master holds more than p

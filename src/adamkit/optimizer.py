@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, formats
 from .formats import param as param_policy
@@ -234,6 +235,10 @@ class Adam(Optimizer):
               or _buffer_stale(state, p, update)):
             seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
+        elif update == "master" and self._master_moved(p):
+            # p was written in place since master was last in sync (model.load_state_dict,
+            # nn.init, an in-place op): the write is the new value, master restarts from it
+            new = {**state, "master_param": p.detach().to(torch.float32, copy=True)}
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
             new = dict(state)
         else:
@@ -255,11 +260,28 @@ class Adam(Optimizer):
             return loss  # GradScaler found an inf or NaN: skip the step, change nothing
 
         cache = getattr(self, "_step_cache", None)
-        if cache is not None and cache.try_step(self, grad_scale_inv):
-            return loss
+        if cache is not None:
+            if cache.try_step(self, grad_scale_inv):
+                return loss
+            cache.record_master_versions(self._master_versions())
         self._step_cache = None
         self._step_cache = StepCache(self, self._planned_step(grad_scale_inv))
         return loss
+
+    def _master_versions(self) -> WeakIdKeyDictionary:
+        """param → its version counter when its master copy was last in sync with it
+        (after a step wrote both, or a load made master). Not in checkpoints: a version
+        counter means nothing in another process."""
+        versions = getattr(self, "_master_sync", None)
+        if versions is None:
+            versions = self._master_sync = WeakIdKeyDictionary()
+        return versions
+
+    def _master_moved(self, p: Tensor) -> bool:
+        """Whether p was changed in place since its master copy was in sync. Writes
+        autograd sees bump the counter; writes through ``p.data`` do not."""
+        synced = self._master_versions().get(p)
+        return synced is not None and synced != p._version
 
     def _planned_step(self, grad_scale_inv: float) -> list[CachedBucket]:
         """The full step: plan every bucket, then run them; returns the plan for reuse."""
@@ -300,6 +322,10 @@ class Adam(Optimizer):
                 steps=[s["step"] for s in states],
             )
             prepared = run_bucket(backend, bucket, s)
+            if update == "master":
+                versions = self._master_versions()
+                for p in ps:
+                    versions[p] = p._version
             done.append(CachedBucket(group_index, group, positions, t, backend, bucket, prepared))
         return done
 
@@ -403,6 +429,10 @@ class Adam(Optimizer):
                 index += 1
 
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        versions = self._master_versions()
+        for p, st in new_state.items():
+            if "master_param" in st:
+                versions[p] = p._version
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

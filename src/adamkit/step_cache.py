@@ -15,6 +15,8 @@ while
 * the params and state tensors keep their storage (data pointers: `.data =` keeps a
   tensor's identity), layout and dtype, and every step counter still reads what the last
   step left (a counter edited by hand sends the step down the full path).
+* the params of "master" buckets have the version counters the last step left (a write
+  to p in place since then, which the full path takes as p's new value for master).
 
 Any miss runs the full plan (``Adam._planned_step``), which builds a new cache. The cache never
 holds a grad: between steps ``zero_grad`` must be able to free them.
@@ -36,6 +38,9 @@ from .hyperparams import step_scalars, validate_group
 _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min_size", "seed")
 
 
+_VERSION = operator.attrgetter("_version")
+
+
 def _same(xs: list, ys: list) -> bool:
     return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
 
@@ -53,6 +58,9 @@ class CachedBucket:
     # which catches a replaced tensor and one given new storage through `.data =`.
     key_rows: tuple = ()
     dtype: Any = None  # the params' dtype when planned
+    # "master" buckets: the params' version counters after this bucket's last step; one
+    # that moved was written in place, and the full path re-seeds its master copy
+    versions: list[int] | None = None
 
 
 def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float) -> Any:
@@ -89,6 +97,8 @@ class StepCache:
             rows = [(k, [st[k] for st in cb.bucket.states]) for k in keys]
             cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row))) for k, row in rows)
             cb.dtype = cb.bucket.params[0].dtype
+            if cb.bucket.param_update == "master":
+                cb.versions = list(map(_VERSION, cb.bucket.params))
             cb.bucket.grads = []
         # Per group, the positions of the params that had grads.
         self.masks = [sorted(i for cb in buckets if cb.group_index == k for i in cb.positions)
@@ -129,6 +139,8 @@ class StepCache:
                         return False
             except TypeError:
                 return False
+            if cb.versions is not None and list(map(_VERSION, b.params)) != cb.versions:
+                return False
             if cb.prepared is not None:
                 if not (cb.prepared.refresh(grads) and cb.prepared.steps_equal(cb.t)):
                     return False
@@ -156,9 +168,19 @@ class StepCache:
         # Everything holds: run. Nothing above changed the optimizer.
         for cb, s in zip(self.buckets, scalars):
             run_bucket(cb.backend, cb.bucket, s, cb.prepared)
+            if cb.versions is not None:
+                cb.versions = list(map(_VERSION, cb.bucket.params))
             cb.bucket.grads = []
             cb.t += 1
         return True
+
+    def record_master_versions(self, versions: Any) -> None:
+        """Hand the master buckets' last-step versions to the optimizer's record before
+        this cache is dropped, so the full path compares against the latest step."""
+        for cb in self.buckets:
+            if cb.versions is not None:
+                for p, v in zip(cb.bucket.params, cb.versions):
+                    versions[p] = v
 
 
 def _extra_keys(bucket: backends.Bucket) -> list[str]:
