@@ -251,16 +251,20 @@ def test_a_param_sliced_in_place_raises_and_changes_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_a_grad_of_another_dtype_raises_as_torch_optim_does(backend):
+@pytest.mark.parametrize("dtype, grad", [
+    (torch.float32, lambda: torch.randn(64, dtype=torch.float16)),  # fewer bytes
+    (torch.bfloat16, lambda: torch.randn(32)),  # as many bytes: float32 bits read as bf16
+], ids=["narrower", "same-bytes"])
+def test_a_grad_of_another_dtype_raises_as_torch_optim_does(backend, dtype, grad):
     """torch.optim fails on a grad whose dtype is not its param's; the kernel would read
     it as the param's dtype (past its end for a narrower grad). `.grad.data =` skips the
     grad setter's own check, and the cached plan must notice it too."""
-    p = torch.nn.Parameter(torch.randn(64))
+    p = torch.nn.Parameter(torch.randn(64).to(dtype))
     opt = adamkit.Adam([p], backend=backend)
     for _ in range(2):
-        p.grad = torch.randn(64)
+        p.grad = torch.randn(64).to(dtype)
         opt.step()
-    p.grad.data = torch.randn(64, dtype=torch.float16)
+    p.grad.data = grad()
     snap = _snapshot(opt, [p])
     with pytest.raises(RuntimeError, match="dtype"):
         opt.step()

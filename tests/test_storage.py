@@ -83,7 +83,9 @@ def test_late_steps_variant_hands_the_kernel_bc2_sqrt_one_from_step_4():
 
 # The step (index from 0) at which the NaN tests inject non-finite values: for "late-steps"
 # the first step without ÷√bc2, so that they enter the kernel on that path.
-INJECT_AT = {"plain": 1, "late-steps": 3}
+# The step whose grads get NaN/inf; with AMSGRAD after a step, so that the max of a NaN v
+# and an old finite max is taken (the kernel kept the old max, torch.maximum gives NaN).
+INJECT_AT = {"plain": 1, "late-steps": 3, "l2-amsgrad-max": 2}
 
 
 @needs_cpu
@@ -372,10 +374,12 @@ NAN_PAYLOADS = [0x7FFFFFFF, -1, 0x7F800001, 0x7FC0FFFF]  # -1: 0xFFFFFFFF; 0x7F8
 
 
 @needs_cpu
-@pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
-                                     and (s.state_format == "fp32" or s.param_update == "master")],
-                         ids=lambda s: s.id)
-@pytest.mark.parametrize("variant", list(INJECT_AT))
+@pytest.mark.parametrize("storage, variant", [
+    (s, v) for s in STORAGE for v in INJECT_AT
+    if s.dtype != torch.float32 and (s.state_format == "fp32" or s.param_update == "master")
+    # L2 decay carries a NaN θ into the moments: in int8 blocks formats.md leaves it open
+    and not (s.state_format == "int8" and v == "l2-amsgrad-max")
+], ids=lambda x: getattr(x, "id", x))
 def test_cpu_kernel_keeps_nan_payloads_nan(storage, variant):
     """NaNs with payload bits in float32 state (a moment, the master copy), inside 16-wide
     groups and in the scalar tail: every param they reach is NaN on both backends, under
@@ -391,3 +395,25 @@ def test_cpu_kernel_keeps_nan_payloads_nan(storage, variant):
         assert_equal_nan_aware(a, b, f"param {i}")
         if a.numel() > 40:
             assert a.detach().view(-1)[[3, 17, 31, -1]].isnan().all(), f"param {i}: a NaN was lost"
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_amsgrad_max_of_a_nan_v_is_nan_as_torch_optim(backend):
+    """torch.maximum(max v, v) is NaN where v is: the kernel's max kept the old max there
+    (float32 params, where the kernel and torch.optim are not bitwise: NaN-ness compared)."""
+    torch.manual_seed(0)
+    runs = []
+    for make in (lambda ps: torch.optim.Adam(ps, amsgrad=True),
+                 lambda ps: adamkit.Adam(ps, amsgrad=True, backend=backend)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 203))
+        opt = make([p])
+        for step in range(3):
+            g = torch.sin(torch.arange(203.0) + step)
+            if step == 1:
+                g[[3, 17, 31, 200]] = float("nan")
+            p.grad = g
+            opt.step()
+        runs.append(opt.state[p]["max_exp_avg_sq"])
+    theirs, ours = runs
+    assert theirs.isnan().sum() == 4
+    assert torch.equal(ours.isnan(), theirs.isnan())

@@ -229,8 +229,22 @@ def _mutations():
         sd["state"][0]["param_update"] = "stochastic"
         sd["state"][0]["sr_seed"] = torch.zeros(3, dtype=torch.int64)
 
+    # scales no encoder writes (they made NaN params, or v silently the block's max)
+    def negative_scale(sd):
+        sd["state"][0]["exp_avg_sq_scale"] = -sd["state"][0]["exp_avg_sq_scale"]
+
+    def nan_scale(sd):
+        sd["state"][0]["exp_avg_scale"][0] = float("nan")
+
+    def integer_scale(sd):
+        sd["state"][0]["exp_avg_sq_scale"] = sd["state"][0]["exp_avg_sq_scale"].long()
+
+    def integer_comp(sd):  # a buffer of param values in an integer dtype was cast in
+        sd["state"][0]["kahan_comp"] = sd["state"][0]["kahan_comp"].long()
+
     return [unknown_format, unknown_update, missing_scale, wrong_scale_shape, float_codes,
-            wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed]
+            wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed,
+            negative_scale, nan_scale, integer_scale, integer_comp]
 
 
 @pytest.mark.parametrize("target", ["bfloat16-int8-kahan", "bfloat16-fp32-master",
@@ -253,7 +267,8 @@ def test_unconvertible_checkpoint_raises_and_changes_nothing(mutate, target):
     if mutate.__name__ == "bad_sr_seed" and storage.param_update != "stochastic":
         target_opt.load_state_dict(bad)  # an sr_seed nobody reads is dropped, not checked
         return
-    if mutate.__name__ in ("missing_comp", "wrong_comp_shape_late") and storage.param_update == "stochastic":
+    if (mutate.__name__ in ("missing_comp", "wrong_comp_shape_late", "integer_comp")
+            and storage.param_update == "stochastic"):
         target_opt.load_state_dict(bad)  # kahan → stochastic drops the buffer unread
         return
     with pytest.raises(ValueError, match="loaded state for parameter"):
@@ -301,3 +316,23 @@ def test_optimizer_pickled_before_formats_still_steps():
     assert (st["state_format"], st["param_update"], float(st["step"])) == ("fp32", "kahan", 3.0)
     assert st["exp_avg"].dtype == torch.float32
     torch.testing.assert_close(st["exp_avg"], torch.full((10,), 0.9 * 0.5 + 0.1, dtype=torch.float32))
+
+
+def test_a_stochastic_seed_rounded_by_torch_optim_is_replaced_with_a_warning():
+    """torch.optim casts every state tensor but `step` to the param's dtype on load: a
+    32-bit sr_seed through a bfloat16 param comes back rounded (3950080511 as
+    3942645760), and the resumed run drew other bits without a word. Now the loading
+    optimizer's own seed replaces it, with a warning."""
+    params = _params(torch.bfloat16)
+    opt = adamkit.Adam(params, lr=1e-2, param_update="stochastic", seed=7)
+    _train(params, opt, 2)
+    theirs = torch.optim.Adam(params, lr=1e-2)
+    theirs.load_state_dict(_save_load(opt.state_dict()))
+    saved = _save_load(theirs.state_dict())
+    assert saved["state"][0]["sr_seed"].dtype == torch.bfloat16  # torch's cast
+    back = adamkit.Adam(params, lr=1e-2, param_update="stochastic", seed=11)
+    with pytest.warns(UserWarning, match="sr_seed of floating dtype"):
+        back.load_state_dict(saved)
+    for index, p in enumerate(params):
+        assert back.state[p]["sr_seed"].dtype == torch.int64
+        assert int(back.state[p]["sr_seed"]) == policy.sr_seed(11, index)

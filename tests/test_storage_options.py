@@ -210,3 +210,22 @@ def test_master_is_not_reseeded_by_the_optimizers_own_steps(backend):
         _grad_step(ref, q, k)
     assert torch.equal(opt.state[p]["master_param"], ref.state[q]["master_param"])
     assert not torch.equal(opt.state[p]["master_param"], p.float())  # master holds more than p
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_master_keeps_its_bits_where_an_in_place_write_left_p_as_it_was(backend):
+    """A write to some elements (a pruning mask) re-seeds those only: the others keep
+    master's extra bits, as does a write of p's own values (both p and master restored
+    by hand, or a broadcast of equal weights)."""
+    p, opt = _master_opt(backend)
+    for k in range(3):
+        _grad_step(opt, p, k)
+    master = opt.state[p]["master_param"].clone()
+    assert not torch.equal(master, p.float())
+    with torch.no_grad():
+        p[:10] = 0.0
+        p.copy_(p.clone())  # the same values again
+    opt.param_groups[0]["lr"] = 0.0  # a step that moves nothing: master as re-seeded
+    _grad_step(opt, p, 3)
+    now = opt.state[p]["master_param"]
+    assert torch.equal(now[:10], torch.zeros(10)) and torch.equal(now[10:], master[10:])

@@ -237,8 +237,9 @@ class Adam(Optimizer):
             new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
         elif update == "master" and self._master_moved(p):
             # p was written in place since master was last in sync (model.load_state_dict,
-            # nn.init, an in-place op): the write is the new value, master restarts from it
-            new = {**state, "master_param": p.detach().to(torch.float32, copy=True)}
+            # nn.init, an in-place op): where p is no longer master's rounding, the write is
+            # the new value and master restarts from it; elsewhere master keeps its bits
+            new = {**state, "master_param": param_policy.resync_master(p, state["master_param"])}
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
             new = dict(state)
         else:

@@ -18,6 +18,8 @@ Everything here is torch ops; the CPU kernel implements the same bits (common.h)
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -151,6 +153,13 @@ def write_back(p: Tensor, state: dict, update: str, theta: Tensor, key: int = 0)
         p.copy_(round_to(theta, p.dtype))
 
 
+def resync_master(p: Tensor, master: Tensor) -> Tensor:
+    """A new master after p was written in place: float32(p) where p differs from
+    round(master) (what the last step left there), master elsewhere."""
+    theta = p.detach().float()
+    return torch.where(p.detach() != master.to(p.dtype), theta, master)
+
+
 def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
                     seed_of_param: int) -> dict[str, Tensor]:
     """The buffers of policy ``dst`` from a saved state of policy ``src`` (formats.md,
@@ -159,7 +168,15 @@ def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
     A saved sr_seed is kept, so a resumed stochastic run draws the same bits."""
     if dst == "stochastic" and isinstance(saved.get("sr_seed"), torch.Tensor):
         _check(saved, "sr_seed", p, shape=())
-        return {"sr_seed": saved["sr_seed"].to(device="cpu", dtype=torch.int64, copy=True)}
+        if not saved["sr_seed"].is_floating_point():
+            return {"sr_seed": saved["sr_seed"].to(device="cpu", dtype=torch.int64, copy=True)}
+        # torch.optim casts every state tensor but `step` to the param's dtype on load,
+        # which rounds a 32-bit seed away: this optimizer's own seed replaces it
+        warnings.warn("a saved sr_seed of floating dtype (the state went through "
+                      "torch.optim.load_state_dict, which rounds it to the param's dtype) is "
+                      "ignored: stochastic rounding continues from this optimizer's seed",
+                      stacklevel=4)
+        return buffers(p, dst, seed_of_param)
     if dst not in BUFFERS:
         return buffers(p, dst, seed_of_param)
     if src == dst:
@@ -185,3 +202,5 @@ def _check(saved: dict, key: str, p: Tensor, shape: tuple | None = None) -> None
     if not isinstance(value, torch.Tensor) or value.shape != want:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else "missing"
         raise ValueError(f"{key} is {got}, expected a tensor of shape {tuple(want)}")
+    if shape is None and not value.is_floating_point():  # a buffer holds param values
+        raise ValueError(f"{key} has dtype {value.dtype}, expected a floating-point tensor")

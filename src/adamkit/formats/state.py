@@ -99,13 +99,15 @@ def encode(x: Tensor, cmap: CodeMap) -> tuple[Tensor, Tensor]:
     """(uint8 codes of x's shape, float32 scales): formats.md's "Encode a block".
 
     Every operation is one float32 operation of the spec, in its order, so that a fast
-    backend doing the same gets the same codes: absmax, inv = M / absmax (a division:
-    ``M / tensor`` in torch multiplies by a reciprocal, hence ``torch.div``), y = |x|·inv,
-    then the nearest code with ties to even."""
+    backend doing the same gets the same codes: absmax, inv = M / absmax and scale =
+    absmax / M (divisions by tensors: with a Python number torch may multiply by its
+    reciprocal, as CUDA does for ``tensor / scalar``), y = |x|·inv, then the nearest code
+    with ties to even."""
     blocks = _blocks(x.float())
     absmax = blocks.abs().amax(dim=1).clamp_min(cmap.floor)
-    inv = torch.div(torch.full_like(absmax, cmap.top), absmax)
-    scale = absmax / cmap.top
+    top = torch.full_like(absmax, cmap.top)
+    inv = torch.div(top, absmax)
+    scale = torch.div(absmax, top)
     y = blocks.abs() * inv[:, None]
     # Subnormal codes 0..8: y·2^(b+2) is exact (a power of two); round half to even.
     sub = torch.round(y * 2.0 ** (cmap.bias + 2)).to(torch.int32)
@@ -210,7 +212,12 @@ def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
                 f"{name} is int8 state but {name}_scale is missing or not of shape "
                 f"({n_blocks(p.numel())},) (one float32 per {BLOCK} elements)"
             )
-        scale = scale.to(device=p.device, dtype=torch.float32)
+        # An encoder only writes positive finite float32 scales (absmax is floored): any
+        # other is a damaged checkpoint, and would make NaN or wrong moments silently
+        if scale.dtype != torch.float32 or not bool(((scale > 0) & scale.isfinite()).all()):
+            raise ValueError(f"{name}_scale must hold positive finite float32 values "
+                             f"(one per block); got dtype {scale.dtype} and other values")
+        scale = scale.to(device=p.device)
         return decode(value.to(p.device), scale, CODE_MAPS[name])
     if not (value.is_floating_point() or value.is_complex()):
         raise ValueError(f"{name} has dtype {value.dtype}, which is no moment format")

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import operator
 from array import array
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -34,6 +35,7 @@ UPDATES = {"nearest": 0, "kahan": 1, "master": 2, "stochastic": 3}
 EXTRA_KEY = {"kahan": "kahan_comp", "master": "master_param"}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
 _NBYTES = operator.attrgetter("nbytes")
+_DTYPE = operator.attrgetter("dtype")
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,6 +157,7 @@ class PreparedBucket:
         # A grad of another size or dtype (a param sliced in place, `.grad.data =`) would
         # be read past its end: refresh compares the grads' bytes with the params'.
         self.grad_nbytes = [p.numel() * p.element_size() for p in self.kernel_params]
+        self.dtype = bucket.params[0].dtype
         base = table.buffer_info()[0]
         self.args = library.StepArgs(
             n_tensors=n,
@@ -187,7 +190,11 @@ class PreparedBucket:
                 return False
         except RuntimeError:  # sparse grads have no strides
             return False
+        # same bytes and dtype: the kernel reads exactly the planned elements (a grad
+        # reshaped through `.grad.data =` runs in memory order; assigning `.grad` checks)
         if list(map(_NBYTES, kernel_grads)) != self.grad_nbytes:
+            return False
+        if not all(map(operator.is_, map(_DTYPE, kernel_grads), repeat(self.dtype))):
             return False
         if list(map(Tensor.data_ptr, params)) != self.param_ptrs:
             return False

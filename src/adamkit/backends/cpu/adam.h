@@ -74,7 +74,7 @@ struct Step {
                 const float gi = grad(c, to_f32(g[i]), th);
                 const float mi = stored<St>(ms[i], lerp(c, load<St>(ms[i]), gi));
                 float vi = stored<St>(vs[i], c.beta2 * load<St>(vs[i]) + c.omb2 * gi * gi);
-                if constexpr (AMSGRAD) vi = stored<St>(vm[i], max_(load<St>(vm[i]), vi));
+                if constexpr (AMSGRAD) vi = stored<St>(vm[i], max_nan(load<St>(vm[i]), vi));
                 write_theta<P, U>(p, comp, master, i, update(c, th, mi, vi), key, 0);
             }
         }

@@ -163,6 +163,12 @@ template <class F> inline F lerp(const Consts& c, F m, F g) {
 
 // max as std::max(a, b): a unless a < b (so a NaN in a is kept).
 template <class F> inline F max_(F a, F b) { return a < b ? b : a; }
+// AMSGRAD's running max as torch.maximum: NaN if either is NaN (max_ kept the old max
+// where a NaN gradient made v NaN).
+template <class F> inline F max_nan(F a, F b) {
+    const F m = a < b ? b : a;
+    return b != b ? b : m;
+}
 
 // θ_new = decay·θ − step_size · m / (√v / √bc2 + ε), in two parts so that simd.h can
 // pipeline them: the direction m / (√v / √bc2 + ε), then its application to θ.

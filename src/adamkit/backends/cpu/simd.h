@@ -183,7 +183,7 @@ ADAMKIT_INLINE Moments16 moments16(const Consts& c, const Pt* p, const Pt* g, St
         mf[h] = lerp(c, ms[h], gi);
         vf[h] = c.beta2 * vs[h] + c.omb2 * gi * gi;
     }
-    // The max is NaN only where the old max was (max_ keeps its first argument).
+    // The max is NaN only where the old max or v is (max_nan).
     const bool nan = std::is_same_v<St, bf16> &&
                      (any_nan(mf[0], mf[1]) | any_nan(vf[0], vf[1]) | (AMSGRAD && any_nan(xs[0], xs[1])));
     typename S::Bits mb[2], vb[2], xb[2];
@@ -192,7 +192,7 @@ ADAMKIT_INLINE Moments16 moments16(const Consts& c, const Pt* p, const Pt* g, St
         vb[h] = S::round(vf[h], nan);
         f8 vi = S::value(vb[h]);
         if constexpr (AMSGRAD) {
-            xb[h] = S::round(max_(xs[h], vi), nan);
+            xb[h] = S::round(max_nan(xs[h], vi), nan);
             vi = S::value(xb[h]);
         }
         out.m[h] = S::value(mb[h]);
@@ -433,7 +433,7 @@ inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc,
                 u8v qvm[2];
                 load_codes(L, vmq + b0 + 16 * k, qvm[0], qvm[1]);
                 for (int h = 0; h < 2; ++h) {
-                    B.v[2 * k + h] = max_(decode_v_bits(qvm[h], vmscale), B.v[2 * k + h]);
+                    B.v[2 * k + h] = max_nan(decode_v_bits(qvm[h], vmscale), B.v[2 * k + h]);
                     vmabs = max_(vmabs, B.v[2 * k + h]);
                 }
             }
