@@ -253,3 +253,113 @@ def test_default_run_learns(tmp_path):
     rows = read_metrics(tmp_path / "metrics.csv")
     uniform = math.log(CharCorpus(load_text()).vocab_size)
     assert float(rows[-1]["val_loss"]) < uniform - 2.5
+
+
+# ---- found by review: paths, damaged checkpoints, interrupts, permissions --------------
+
+def _edit_checkpoint(path: Path, edit) -> None:
+    saved = torch.load(path, weights_only=True)
+    edit(saved)
+    torch.save(saved, path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s["config"].pop("dtype"),
+    lambda s: s.__setitem__("config", ["adam"]),
+    lambda s: s.__setitem__("step", "3"),
+    lambda s: s["config"].__setitem__("optimizer", "foo"),  # was trained as SGD
+    lambda s: s.__setitem__("step", 99),  # beyond --steps
+], ids=["no dtype", "config a list", "step a string", "unknown optimizer", "step too far"])
+def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, capsys, edit):
+    assert train(tmp_path) == 0
+    capsys.readouterr()
+    _edit_checkpoint(tmp_path / "checkpoint.pt", edit)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert train(tmp_path, "--resume") == 2
+    assert "checkpoint" in assert_one_line_error(capsys, 2)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.csv", "loss.png"])
+def test_an_output_name_taken_by_a_directory_fails_before_training(tmp_path, capsys, name):
+    """os.replace onto a directory failed with a traceback, after training to the first
+    save; a directory named checkpoint.pt also gave "does not exist" on --resume."""
+    (tmp_path / name).mkdir()
+    for extra in ((), ("--resume",), ("--overwrite",)):
+        assert train(tmp_path, *extra) == 2
+        assert "not a file" in assert_one_line_error(capsys, 2)
+
+
+def test_a_write_failing_mid_run_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """Disk full or a directory made read-only mid-run: one line, not a traceback."""
+    import adamkit.cli.files as files
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    assert train(tmp_path) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert "Traceback" not in err and last.startswith("adamkit train: error: cannot write")
+    assert "No space left on device" in last
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_point_to_resume(tmp_path, capsys, monkeypatch):
+    """With --overwrite the old run's checkpoint is still there; before this run's first
+    save there is nothing of it to resume (the message sent the user to --resume)."""
+    assert train(tmp_path) == 0
+    real_batch = CharCorpus.train_batch
+
+    def interrupt(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CharCorpus, "train_batch", interrupt)
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path), "--steps", "40", "--batch-size", "4",
+                 "--optimizer", "sgd", "--overwrite"]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "before this run's first checkpoint" in last and "--resume" not in last
+    monkeypatch.setattr(CharCorpus, "train_batch", real_batch)
+
+
+def test_ctrl_c_during_set_up_is_one_line(tmp_path, capsys, monkeypatch):
+    import adamkit.cli.trainer as trainer
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_optimizer", interrupt)
+    assert train(tmp_path) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == "adamkit train: interrupted"
+
+
+def test_output_files_follow_the_umask(tmp_path):
+    """mkstemp's 0600 stayed on every output file after the rename."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    import adamkit.cli.files as files
+
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == files._FILE_MODE == 0o666 & ~old
+
+
+def test_resuming_a_finished_run_says_nothing_was_written(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    capsys.readouterr()
+    before = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    assert train(tmp_path, "--resume") == 0
+    assert "nothing written" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_bench_refuses_a_selection_of_nothing_and_an_unusable_out_before_measuring(tmp_path, capsys):
+    assert main(["bench", "--only", "no-such-optimizer", "--out", str(tmp_path / "b")]) == 2
+    assert "no optimizer matches" in assert_one_line_error(capsys, 2)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["bench", "--quick", "--out", str(blocker)]) == 2
+    assert "not a directory" in assert_one_line_error(capsys, 2)

@@ -30,7 +30,7 @@ _TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
 class Adam(Optimizer):
     r"""Adam (Kingma & Ba, https://arxiv.org/abs/1412.6980), a drop-in for ``torch.optim.Adam``.
 
-    For each parameter θ with gradient g, at its step t (counted per parameter)::
+    For each parameter θ with gradient g, at its step t (counted per parameter):
 
         m ← β1·m + (1 − β1)·g              # betas=(β1, β2)
         v ← β2·v + (1 − β2)·g²
@@ -58,8 +58,9 @@ class Adam(Optimizer):
         max_lr: the lr that the decay of ``decouple_lr`` is relative to (``OneCycleLR``
             writes its peak under this key).
         maximize: maximise the objective instead of minimising it.
-        backend: where the step runs: "auto" (fastest available), "reference" (the float64
-            oracle, slow) or "torch" (foreach ops, any device).
+        backend: where the step runs: "auto" (fastest available), "cpu" (the fused native
+            kernels, CPU tensors), "torch" (foreach ops, any device) or "reference" (the
+            float64 oracle, slow).
         foreach, fused: torch's flags, accepted for drop-in use: ``foreach=True`` asks for
             the "torch" backend (with another explicit ``backend``: ValueError),
             ``fused=True`` for the fastest ("auto").
@@ -194,6 +195,8 @@ class Adam(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._step_cache = None  # it holds the replaced state tensors
+        for key in _TORCH_ONLY_KEYS:  # torch's __setstate__ adds `differentiable`
+            self.defaults.pop(key, None)
         for key, value in formats.GROUP_DEFAULTS.items():  # pickled before formats existed
             self.defaults.setdefault(key, value)
         for group in self.param_groups:

@@ -37,7 +37,7 @@ COMPARISONS = [
 def parse(argv: list[str] | None) -> argparse.Namespace:
     from ..cli import OneLineErrorParser  # a bad option is one line and exit code 2
 
-    ap = OneLineErrorParser(prog="adamkit bench", description=__doc__.split("\n\n")[0])
+    ap = OneLineErrorParser(prog="adamkit bench", description=__doc__.split("\n\n")[0].replace("``", ""))
     ap.add_argument("--quick", action="store_true", help="a small config and the main contenders (< 1 min)")
     ap.add_argument("--config", action="append", choices=[c for c in CONFIGS if c != "quick"],
                     help="parameter layout(s) to run (default: all)")
@@ -135,10 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 0
     configs = ["quick"] if args.quick else (args.config or ["64 tensors", "1024 tensors", "gpt2-small"])
     rounds = args.rounds or (3 if args.quick else 5)
+    # Before any measuring: a run that cannot save its results, or measures nothing, is
+    # reported now, not after minutes of work.
+    from ..cli.errors import CliError
+    from ..cli.files import writable_dir
+
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"adamkit bench: cannot write to {args.out}: {exc.strerror}", file=sys.stderr)
+        writable_dir(args.out)
+    except CliError as err:
+        print(f"adamkit bench: error: {err}", file=sys.stderr)
+        return 2
+    if not any(_selected(args, config)[0] for config in configs):
+        names = ", ".join(repr(text) for text in args.only) or "the options given"
+        print(f"adamkit bench: error: no optimizer matches {names} (names as in the table; "
+              "see RESULTS.md)", file=sys.stderr)
         return 2
     info = report.machine()
     print(f"machine: {info['cpu']}, {info['torch_threads']} torch threads, kernel {info['adamkit_cpu_kernel']}")
@@ -159,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {line}")
     payload = {"machine": info, "rounds": rounds, "steps_per_round": args.steps_per_round,
                "results": results, "comparisons": ratios, "skipped": skipped}
-    report.save_json(args.out / "bench.json", payload)
-    charted = report.save_chart(args.out / "bench.png", results)
+    try:
+        report.save_json(args.out / "bench.json", payload)
+        charted = report.save_chart(args.out / "bench.png", results)
+    except OSError as exc:  # the directory was writable at the start
+        print(f"adamkit bench: error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"\nwrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if charted else
                                                  " (no chart: pip install matplotlib)"))
     return 0

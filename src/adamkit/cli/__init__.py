@@ -54,3 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # always a single line
         print(f"adamkit {args.command}: error: {message}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # outside a training loop (set-up, plotting), which says more
+        print(f"adamkit {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -99,7 +99,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     lrs = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
     p = subparsers.add_parser(
         "train", help="train a small character-level transformer on Python's docs",
-        description=__doc__, epilog=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.replace("``", ""), epilog=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # Options that shape the run default to None: on --resume, "not given" means "as
     # the checkpoint says"; otherwise the defaults in trainer.DEFAULTS apply.
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     for r in runs:
         r.train(stop_at=args.stop_at)
     baseline = math.log(corpus.vocab_size)
-    if len(runs) > 1:
+    if args.compare is not None:  # one configuration too: the docs promise DIR/compare.png
         from .plots import plot_runs
 
         plot_runs({r.label: r.rows for r in runs}, args.out / "compare.png", baseline,
@@ -156,10 +156,12 @@ def run(args: argparse.Namespace) -> int:
     for r in runs:
         train_loss, val_loss = r.final_losses()
         val = "n/a" if val_loss is None else f"{val_loss:.3f}"
+        wrote = (f"wrote {r.out}/metrics.csv, loss.png, checkpoint.pt" if r.saved_this_session
+                 else f"already complete, nothing written to {r.out}")
         print(f"{r.label}: step {r.step}/{r.config.steps}, train loss {train_loss:.3f}, val loss {val} "
-              f"(uniform guess: {baseline:.3f}), {r.elapsed:.1f} s; wrote {r.out}/metrics.csv, loss.png, checkpoint.pt")
+              f"(uniform guess: {baseline:.3f}), {r.elapsed:.1f} s; {wrote}")
         if r.step == r.config.steps:
             print(f"--- sample from {r.label} ---\n{r.sample()}\n---")
-    if len(runs) > 1:
+    if args.compare is not None:
         print(f"curves of all runs: {args.out / 'compare.png'}")
     return 0

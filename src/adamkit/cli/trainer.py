@@ -62,17 +62,48 @@ class RunConfig:
         defaults. Resuming with an option that differs from the checkpoint's is an error:
         it would silently make a different run."""
         if saved is not None:
+            saved = _checked_config(saved, where)
             for key, value in given.items():
                 if value is not None and value != saved.get(key):
                     flag = "--" + key.replace("_", "-")
+                    made = f"with {flag} {saved[key]}" if saved[key] is not None else f"without {flag}"
                     raise CliError(
-                        f"the checkpoint in {where} was made with {flag} {saved.get(key)}, "
-                        f"not {value}; drop {flag} to resume it, or use another --out"
+                        f"the checkpoint in {where} was made {made}, not with {flag} {value}; "
+                        f"drop {flag} to resume it, or use another --out"
                     )
-            return cls(**{f.name: saved.get(f.name) for f in dataclasses.fields(cls)})
+            return cls(**saved)
         values = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
         values.setdefault("lr", DEFAULT_LR[values["optimizer"]])
         return cls(**values)
+
+
+def _checked_config(saved: object, where: Path) -> dict:
+    """A checkpoint's config as `adamkit train` writes it, or a one-line error (a
+    hand-edited or foreign checkpoint failed with tracebacks, or trained as SGD)."""
+    def fail(why: str):
+        raise CliError(f"the checkpoint in {where} does not fit adamkit train: its config {why}")
+
+    if not isinstance(saved, dict):
+        fail(f"is a {type(saved).__name__}, not a dict")
+    kinds = {"optimizer": OPTIMIZERS, "dtype": tuple(DTYPES), "steps": int, "lr": float,
+             "batch_size": int, "seed": int}
+    config = {}
+    for field in dataclasses.fields(RunConfig):
+        value, kind = saved.get(field.name), kinds.get(field.name)
+        if isinstance(kind, tuple):
+            ok = value in kind
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (field.name != "seed")
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and 0 < value < math.inf
+        elif field.name == "weight_decay":
+            ok = value is None or (isinstance(value, (int, float)) and 0 <= value < math.inf)
+        else:
+            ok = value is None or isinstance(value, str)
+        if not ok:
+            fail(f"has {field.name}={value!r}")
+        config[field.name] = value
+    return config
 
 
 def build_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
@@ -107,14 +138,20 @@ def lr_factor(steps: int):
 
 
 def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise CliError(f"nothing to resume: {path} does not exist")
+    if not path.is_file():
+        raise CliError(f"cannot resume: {path} is not a file")
     try:
         saved = torch.load(path, weights_only=True)
-        saved["config"], saved["step"]  # noqa: B018 - fail here if it is not ours
-        return saved
     except Exception as err:  # any unreadable file is the user's input, not our bug
-        raise CliError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}")
+        raise CliError(f"cannot read checkpoint {path} ({type(err).__name__}): is it one adamkit train wrote?")
+    if not isinstance(saved, dict) or "config" not in saved or "step" not in saved:
+        raise CliError(f"{path} is not a checkpoint of adamkit train (no config and step)")
+    step = saved["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CliError(f"{path} is not a checkpoint of adamkit train (step {step!r})")
+    return saved
 
 
 class Run:
@@ -124,6 +161,9 @@ class Run:
     def __init__(self, corpus: CharCorpus, out: Path, given: dict, *, resume: bool, overwrite: bool, label: str = "") -> None:
         self.corpus, self.out, self.label = corpus, out, label or given.get("optimizer") or ""
         self.checkpoint_path = out / CHECKPOINT
+        for name in (CHECKPOINT, "metrics.csv", "loss.png"):
+            if (out / name).exists() and not (out / name).is_file():
+                raise CliError(f"{out / name} is in the way of an output file: it is not a file")
         saved = load_checkpoint(self.checkpoint_path) if resume else None
         if saved is None and self.checkpoint_path.exists() and not overwrite:
             raise CliError(
@@ -143,6 +183,8 @@ class Run:
         # that setting up other runs in between (--compare) cannot change this one.
         self.global_rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         self.step, self.elapsed, self.rows = 0, 0.0, []
+        self.saved_step: int | None = None  # the step this run's checkpoint file holds
+        self.saved_this_session = False
         if saved is not None:
             try:
                 self._restore(saved)
@@ -172,11 +214,15 @@ class Run:
         self.global_rng = {"torch": saved["rng"]["torch"], "python": saved["rng"]["python"]}
         random.setstate(saved["rng"]["python"])  # fails now, not mid-run, if malformed
         self.step, self.elapsed, self.rows = saved["step"], saved["elapsed"], list(saved["metrics"])
+        if not 0 <= self.step <= self.config.steps or len(self.rows) != self.step:
+            raise ValueError(f"step {self.step} with {len(self.rows)} metric rows, of {self.config.steps} steps")
+        self.saved_step = self.step
 
     def save(self) -> None:
         """Checkpoint, metrics and plot, each replaced atomically, checkpoint first."""
         state = self._state()
         atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
+        self.saved_step, self.saved_this_session = self.step, True
         atomic_write(self.out / "metrics.csv", lambda f: f.write(metrics_csv(self.rows).encode()))
         plot_runs({self.label: self.rows}, self.out / "loss.png", math.log(self.corpus.vocab_size),
                   f"adamkit train: {self.label}, {self.config.steps} steps, {self.config.dtype}")
@@ -225,11 +271,14 @@ class Run:
                     start = now
                     self.save()
         except KeyboardInterrupt:
-            bar.close()
-            last = torch.load(self.checkpoint_path, weights_only=True)["step"] if self.checkpoint_path.exists() else 0
-            raise CliError(f"interrupted at step {self.step}; {self.checkpoint_path} holds step {last}, "
-                           "continue with --resume", exit_code=130) from None
-        bar.close()
+            bar.close()  # before the message, which must be the last line
+            if self.saved_step is None:  # a file there is another run's (--overwrite)
+                raise CliError(f"interrupted at step {self.step}, before this run's first checkpoint: "
+                               "nothing to resume", exit_code=130) from None
+            raise CliError(f"interrupted at step {self.step}; {self.checkpoint_path} holds step "
+                           f"{self.saved_step}, continue with --resume", exit_code=130) from None
+        finally:
+            bar.close()  # also on a failed write: the error line comes after the bar
 
     def final_losses(self) -> tuple[float, float | None]:
         """Mean train loss of the last 5% of steps, and the last validation loss."""

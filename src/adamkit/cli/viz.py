@@ -207,7 +207,7 @@ def draw(out: Path) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("viz", help="draw optimizer trajectories on 2-D test functions",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("adamkit-viz.png"), help="PNG to write (default adamkit-viz.png)")
     p.set_defaults(run=run)
     return p
