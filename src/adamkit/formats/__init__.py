@@ -25,7 +25,8 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # state_format=None: like the param; float16 state could not hold ε = 1e-8 nor small v.
 DEFAULT_STATE = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",
                  torch.float16: "fp32"}
-DEFAULT_UPDATE = "kahan"  # for bfloat16/float16 params; "nearest" reproduces torch
+DEFAULT_UPDATE = "kahan"  # for bfloat16/float16 params; "nearest" rounds as torch does
+# (not its bits: torch's foreach ops round bf16 state after every op, docs/precision.md)
 # A torch.optim (untagged) checkpoint's moments are plain tensors: their dtype is the format.
 _DTYPE_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64",
                  torch.float16: "fp16", torch.complex64: "fp32", torch.complex128: "fp64"}
