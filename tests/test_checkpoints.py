@@ -232,3 +232,21 @@ def test_torchs_decay_key_wins_after_a_trip_through_torch():
     ours.load_state_dict(theirs.state_dict())
     assert ours.param_groups[0]["decouple_wd"] is True
     assert ours.state_dict()["param_groups"][0]["decoupled_weight_decay"] is True
+
+
+def test_state_dict_post_hooks_see_the_whole_dict():
+    """torch.optim runs post-hooks inside its state_dict; adamkit added torch's decay key
+    after them, so a hook saw the dict without it (and one keeping torch's keys only made
+    adamkit raise KeyError)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.AdamW([p])
+    seen = []
+
+    def hook(optimizer, sd):
+        seen.append(sd["param_groups"][0].get("decoupled_weight_decay"))
+        sd["hooked"] = True
+        return sd
+
+    opt.register_state_dict_post_hook(hook)
+    sd = opt.state_dict()
+    assert seen == [True] and sd["hooked"] and sd["param_groups"][0]["decoupled_weight_decay"] is True

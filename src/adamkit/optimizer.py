@@ -9,7 +9,7 @@ bucket to its backend with scalars computed once.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from copy import deepcopy
 from typing import Any, Callable, Iterable
 
@@ -371,10 +371,20 @@ class Adam(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout and key names; ``decoupled_weight_decay`` mirrors ``decouple_wd``
-        so that torch.optim.Adam loads the same decay mode."""
-        sd = super().state_dict()
+        so that torch.optim.Adam loads the same decay mode. Post-hooks see the dict whole
+        (torch.optim runs them inside its state_dict, before the key was added)."""
+        hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = hooks
         for group in sd["param_groups"]:
             group["decoupled_weight_decay"] = bool(group["decouple_wd"])
+        for hook in hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
