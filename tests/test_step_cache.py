@@ -3,11 +3,15 @@ full plan's, and anything that invalidates the plan sends the step down the full
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import adamkit
 from adamkit import step_cache
@@ -257,3 +261,61 @@ def test_counters_of_two_dtypes_in_one_bucket_count_right():
     steps = [opt.state[p]["step"] for p in params]
     assert steps[2].dtype == torch.float64
     assert [float(s) for s in steps] == [5.0] * 4
+
+
+# ---- random sequences of edits: the cache against a run that plans every step ---------
+
+def _act(action, k, params, opt):
+    """One edit before step k (the same in both runs)."""
+    g0, g1 = opt.param_groups
+    if action == "skip_grad":
+        params[k % len(params)].grad = None
+    elif action == "lr":
+        g1["lr"] = 0.001 * (1 + k % 3)
+    elif action == "betas":
+        g1["betas"] = (0.8, 0.99) if k % 2 else (0.9, 0.999)
+    elif action == "amsgrad":
+        g1["amsgrad"] = not g1["amsgrad"]
+    elif action == "state_format":
+        g0["state_format"] = "fp32" if g0.get("state_format") in (None, "bf16") else "bf16"
+    elif action == "param_update":
+        g0["param_update"] = ("kahan", "master", "stochastic", "nearest")[k % 4]
+    elif action == "write_param":  # what model.load_state_dict does
+        with torch.no_grad():
+            params[1].mul_(0.5)
+    elif action == "data_swap":
+        params[2].data = params[2].data.clone()
+    elif action == "save_load":
+        opt.load_state_dict(opt.state_dict())
+    elif action == "maximize":
+        g0["maximize"] = not g0["maximize"]
+    elif action == "state_data_swap":  # the "move the optimizer to a device" recipe
+        for st_ in opt.state.values():
+            for value in st_.values():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    value.data = value.data.clone()
+
+
+ACTIONS = ["step", "skip_grad", "lr", "betas", "amsgrad", "state_format", "param_update",
+           "write_param", "data_swap", "save_load", "maximize", "state_data_swap"]
+
+
+def _sequence_run(actions, plan_every_step):
+    params = _model()
+    opt = _optimizer(params)
+    with mock.patch.object(step_cache.StepCache, "try_step", lambda *a: False) if plan_every_step \
+            else contextlib.nullcontext():
+        for k, action in enumerate(actions):
+            _grads(params, k)
+            _act(action, k, params, opt)
+            opt.step()
+    return params, opt
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(ACTIONS), min_size=3, max_size=9))
+def test_random_edit_sequences_match_planning_every_step(actions):
+    """Any sequence of the edits a training loop makes between steps (schedulers,
+    storage changes, frozen params, checkpoint reloads, writes into params) gives the
+    same bits with the cached plan as with a full plan at every step."""
+    _assert_same(_sequence_run(actions, False), _sequence_run(actions, True))
