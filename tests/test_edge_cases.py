@@ -361,6 +361,27 @@ def test_a_groups_decoupled_weight_decay_key_is_honoured(backend, make, group_va
     assert opt.state_dict()["param_groups"][1]["decoupled_weight_decay"] is group_value
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torchs_decay_key_set_on_a_live_group_switches_the_mode(backend):
+    """`group["decoupled_weight_decay"] = True` between steps, as code written for
+    torch.optim.Adam does: the next steps decay as AdamW (it was ignored, and state_dict
+    then overwrote it with the group's decouple_wd)."""
+    def run(make):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = make([p])
+        for k in range(4):
+            if k == 2:
+                opt.param_groups[0]["decoupled_weight_decay"] = True
+            p.grad = torch.full((3,), 0.1)
+            opt.step()
+        return p.detach(), opt
+    theirs, _ = run(lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.5))
+    ours, opt = run(lambda ps: adamkit.Adam(ps, lr=0.1, weight_decay=0.5, backend=backend))
+    assert_close_scaled(ours, theirs, *TORCH_PARITY_TOL[torch.float32])
+    assert opt.param_groups[0]["decouple_wd"] is True
+    assert opt.state_dict()["param_groups"][0]["decoupled_weight_decay"] is True
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("key, value, message", [
     ("decouple_lr", True, "max_lr"),

@@ -210,6 +210,8 @@ class Adam(Optimizer):
         Raises before anything is changed."""
         work, offset = [], 0
         for group in self.param_groups:
+            if "decoupled_weight_decay" in group:  # torch's name, set on a live group
+                group["decouple_wd"] = bool(group.pop("decoupled_weight_decay"))
             validate_group(group)  # a group edited by hand after construction
             formats.validate(group)
             params = [(offset + j, p, j) for j, p in enumerate(group["params"])

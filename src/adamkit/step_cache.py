@@ -37,7 +37,9 @@ from . import backends
 from .hyperparams import step_scalars, validate_group
 
 # Group keys that decide storage and backends; a change to any of them re-plans.
-_STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min_size", "seed")
+_STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min_size", "seed",
+                 # torch's name for decouple_wd, set on a live group: the full path takes it
+                 "decoupled_weight_decay")
 
 
 _VERSION = operator.attrgetter("_version")
