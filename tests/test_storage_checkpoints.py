@@ -177,16 +177,21 @@ def test_adamkit_to_torch_optim_and_back():
     assert torch.equal(st["exp_avg"], saved["state"][0]["exp_avg"]) and float(st["step"]) == 4
 
 
+def _through_torch_optim(params, opt):
+    """opt's state dict after two steps, loaded into torch.optim.Adam and saved by it."""
+    _train(params, opt, 2)
+    theirs = torch.optim.Adam(params, lr=1e-2)
+    theirs.load_state_dict(_save_load(opt.state_dict()))
+    return _save_load(theirs.state_dict())
+
+
 def test_int8_state_through_torch_optim_is_refused_and_changes_nothing():
     """torch.optim casts adamkit's int8 codes (uint8) to the param dtype and its tags to
     generator strings when it loads them; read as untagged state those codes would be
     taken for moments (values 0-255). Refused with a clear error, state untouched."""
     params = _params(torch.float32)
-    opt = adamkit.Adam(params, lr=1e-2, state_format="int8", int8_min_size=0)
-    _train(params, opt, 2)
-    theirs = torch.optim.Adam(params, lr=1e-2)
-    theirs.load_state_dict(_save_load(opt.state_dict()))
-    saved = _save_load(theirs.state_dict())
+    saved = _through_torch_optim(params, adamkit.Adam(params, lr=1e-2, state_format="int8",
+                                                      int8_min_size=0))
     assert saved["state"][0]["exp_avg"].dtype == torch.float32  # torch's cast
     back = adamkit.Adam(params, lr=1e-2)
     _train(params, back, 1)
@@ -324,11 +329,7 @@ def test_a_stochastic_seed_rounded_by_torch_optim_is_replaced_with_a_warning():
     3942645760), and the resumed run drew other bits without a word. Now the loading
     optimizer's own seed replaces it, with a warning."""
     params = _params(torch.bfloat16)
-    opt = adamkit.Adam(params, lr=1e-2, param_update="stochastic", seed=7)
-    _train(params, opt, 2)
-    theirs = torch.optim.Adam(params, lr=1e-2)
-    theirs.load_state_dict(_save_load(opt.state_dict()))
-    saved = _save_load(theirs.state_dict())
+    saved = _through_torch_optim(params, adamkit.Adam(params, lr=1e-2, param_update="stochastic", seed=7))
     assert saved["state"][0]["sr_seed"].dtype == torch.bfloat16  # torch's cast
     back = adamkit.Adam(params, lr=1e-2, param_update="stochastic", seed=11)
     with pytest.warns(UserWarning, match="sr_seed of floating dtype"):

@@ -160,9 +160,7 @@ class Adam(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         group = {**self.defaults, **param_group}
-        if group.get("decoupled_weight_decay") is not None:  # torch's name, per group
-            group["decouple_wd"] = bool(group["decoupled_weight_decay"])
-        group.pop("decoupled_weight_decay", None)
+        _take_torch_decay_key(group)
         fill_max_lr = group["decouple_lr"] and group["max_lr"] is None
         if fill_max_lr:
             lr = group["lr"]
@@ -171,8 +169,7 @@ class Adam(Optimizer):
         formats.validate(group)
         backends.check_name(group["backend"])
         # Valid: only now is the caller's dict changed
-        if param_group.pop("decoupled_weight_decay", None) is not None:
-            param_group["decouple_wd"] = group["decouple_wd"]
+        _take_torch_decay_key(param_group)
         if fill_max_lr:
             param_group["max_lr"] = group["max_lr"]
         super().add_param_group(param_group)
@@ -181,8 +178,7 @@ class Adam(Optimizer):
         """Give a loaded group (torch's or an older adamkit's) every key adamkit uses."""
         # adamkit saves both keys equal; where they differ the state dict went through
         # torch.optim, which only reads and changes its own key
-        if "decoupled_weight_decay" in group:
-            group["decouple_wd"] = bool(group.pop("decoupled_weight_decay"))
+        _take_torch_decay_key(group)
         group.setdefault("decouple_wd", False)
         for key in _TORCH_ONLY_KEYS:
             group.pop(key, None)
@@ -210,8 +206,7 @@ class Adam(Optimizer):
         Raises before anything is changed."""
         work, offset = [], 0
         for group in self.param_groups:
-            if "decoupled_weight_decay" in group:  # torch's name, set on a live group
-                group["decouple_wd"] = bool(group.pop("decoupled_weight_decay"))
+            _take_torch_decay_key(group)  # set on a live group, as code for torch.optim does
             validate_group(group)  # a group edited by hand after construction
             formats.validate(group)
             params = [(offset + j, p, j) for j, p in enumerate(group["params"])
@@ -468,6 +463,15 @@ class Adam(Optimizer):
         except ValueError as exc:
             raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
         return {"step": torch.tensor(float(saved["step"]), dtype=scalar_dtype()), **converted}
+
+
+def _take_torch_decay_key(group: dict[str, Any]) -> None:
+    """torch's name for the decay mode, in a group dict (passed, loaded, or set on a live
+    group): its value, unless None (not given), becomes ``decouple_wd``, the key adamkit
+    keeps."""
+    value = group.pop("decoupled_weight_decay", None)
+    if value is not None:
+        group["decouple_wd"] = bool(value)
 
 
 def _refuse_torch_only(**flags: bool) -> None:
