@@ -363,3 +363,17 @@ def test_bench_refuses_a_selection_of_nothing_and_an_unusable_out_before_measuri
     blocker.write_text("x")
     assert main(["bench", "--quick", "--out", str(blocker)]) == 2
     assert "not a directory" in assert_one_line_error(capsys, 2)
+
+
+def test_a_run_failing_in_its_set_up_leaves_no_directories(tmp_path, capsys):
+    out = tmp_path / "a" / "b"
+    assert train(out, "--backend", "abacus") == 2
+    assert_one_line_error(capsys, 2)
+    assert not (tmp_path / "a").exists()
+    assert main(["train", "--compare", "adam,adamw:backend=../../x", "--out", str(out), *TINY]) == 2
+    assert_one_line_error(capsys, 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_labels_name_one_directory_each():
+    assert parse_compare("adam:backend=a/b")[0][0] == "adam_backend=a_b"

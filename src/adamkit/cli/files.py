@@ -67,3 +67,18 @@ def writable_dir(path: Path) -> Path:
     except OSError as err:
         raise CliError(f"cannot write to output directory {path}: {err.strerror or err}")
     return path
+
+
+@contextlib.contextmanager
+def removed_if_failing(*paths: Path):
+    """Directories among ``paths`` (and their parents) that do not exist yet are removed
+    again, if still empty, when the block raises: a run that fails in its set-up
+    leaves no empty output directories behind."""
+    new = {q for path in paths for q in (path, *path.parents) if not q.exists()}
+    try:
+        yield
+    except BaseException:
+        for q in sorted(new, key=lambda q: len(q.parts), reverse=True):  # children first
+            with contextlib.suppress(OSError):
+                q.rmdir()
+        raise

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .errors import CliError, require
-from .files import writable_dir
+from .files import removed_if_failing, writable_dir
 from .trainer import DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, Run
 
 COMPARE_HELP = """\
@@ -88,7 +88,8 @@ def parse_compare(text: str) -> list[tuple[str, dict]]:
                 config[key] = COMPARE_KEYS[key](value)
             except argparse.ArgumentTypeError as err:
                 raise CliError(f"--compare: {key} in {item!r}: {err}")
-        configs.append((item.replace(":", "_"), config))
+        # the label names the run's directory: no separators in it
+        configs.append((item.replace(":", "_").replace("/", "_").replace("\\", "_"), config))
     labels = [label for label, _ in configs]
     if len(set(labels)) != len(labels):
         raise CliError(f"--compare lists a configuration twice: {text!r}")
@@ -140,11 +141,13 @@ def run(args: argparse.Namespace) -> int:
 
     from .data import CharCorpus, load_text  # after the cheap checks
 
-    writable_dir(args.out)
-    corpus = CharCorpus(load_text())
-    # Set every run up before training any, so a bad configuration fails before hours of work.
-    runs = [Run(corpus, writable_dir(out), config, resume=args.resume, overwrite=args.overwrite, label=label)
-            for out, label, config in plans]
+    # Set every run up before training any, so a bad configuration fails before hours of
+    # work; and one that fails leaves no directories behind.
+    with removed_if_failing(args.out, *(out for out, _, _ in plans)):
+        writable_dir(args.out)
+        corpus = CharCorpus(load_text())
+        runs = [Run(corpus, writable_dir(out), config, resume=args.resume, overwrite=args.overwrite, label=label)
+                for out, label, config in plans]
     for r in runs:
         r.train(stop_at=args.stop_at)
     baseline = math.log(corpus.vocab_size)
