@@ -250,3 +250,13 @@ def test_state_dict_post_hooks_see_the_whole_dict():
     opt.register_state_dict_post_hook(hook)
     sd = opt.state_dict()
     assert seen == [True] and sd["hooked"] and sd["param_groups"][0]["decoupled_weight_decay"] is True
+
+
+def test_state_dict_saves_torchs_decay_key_set_on_a_live_group():
+    """Set between steps and saved before the next one: the checkpoint said the old mode
+    while the next step used the new one."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.Adam([p], decouple_wd=True, weight_decay=0.1)
+    opt.param_groups[0]["decoupled_weight_decay"] = False
+    group = opt.state_dict()["param_groups"][0]
+    assert group["decoupled_weight_decay"] is False and group["decouple_wd"] is False

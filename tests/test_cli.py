@@ -377,3 +377,19 @@ def test_a_run_failing_in_its_set_up_leaves_no_directories(tmp_path, capsys):
 
 def test_compare_labels_name_one_directory_each():
     assert parse_compare("adam:backend=a/b")[0][0] == "adam_backend=a_b"
+
+
+def test_bench_names_why_nothing_it_matched_can_run(tmp_path, capsys, monkeypatch):
+    import adamkit.bench as bench
+
+    monkeypatch.setattr(bench, "available", lambda c: "not installed here")
+    assert main(["bench", "--quick", "--out", str(tmp_path / "b")]) == 2
+    assert "nothing to run" in assert_one_line_error(capsys, 2)
+
+
+def test_a_rewritten_file_keeps_its_mode(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o600

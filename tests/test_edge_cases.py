@@ -478,3 +478,23 @@ def test_functional_checks_every_tensor_before_updating_any(bad):
     with pytest.raises((TypeError, ValueError, RuntimeError)):
         adam_step(ps, gs, ms, vs, step=step, lr=0.1)
     assert torch.equal(ps[0], torch.ones(3)) and torch.equal(ms[0], torch.zeros(3))
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_a_misfit_grad_beside_the_kernel_raises_on_the_cached_path_too(bad):
+    """Params sharing memory leave the kernel for the torch backend (`rest`); the cached
+    plan checked their grads for sparsity only: a grad of another shape broadcast, one
+    of another dtype raised after the kernel had stepped the other param."""
+    flat = torch.zeros(12)
+    p1, p2 = torch.nn.Parameter(flat[:8]), torch.nn.Parameter(flat[4:12])
+    q = torch.nn.Parameter(torch.ones(64))
+    opt = adamkit.Adam([p1, p2, q], backend="cpu")
+    for _ in range(2):
+        p1.grad, p2.grad, q.grad = torch.ones(8), torch.ones(8), torch.ones(64)
+        opt.step()
+    q.grad = torch.ones(64)
+    p1.grad.data = torch.ones(1) if bad == "shape" else torch.ones(8, dtype=torch.float64)
+    snap = _snapshot(opt, [p1, p2, q])
+    with pytest.raises(RuntimeError, match="does not match"):
+        opt.step()
+    _assert_unchanged(opt, [p1, p2, q], snap)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import adamkit
+from adamkit.formats import param as fmt_param
 from adamkit.formats import state as fmt_state
 
 
@@ -229,3 +230,61 @@ def test_master_keeps_its_bits_where_an_in_place_write_left_p_as_it_was(backend)
     _grad_step(opt, p, 3)
     now = opt.state[p]["master_param"]
     assert torch.equal(now[:10], torch.zeros(10)) and torch.equal(now[10:], master[10:])
+
+
+@pytest.mark.parametrize("change", [{"state_format": "fp32"}, {"state_format": "int8"},
+                                    {"param_update": "kahan"}, {"param_update": "nearest"}],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_a_write_to_p_survives_a_storage_change_in_the_same_interval(change):
+    """The re-seed ran only when the state kept its storage: with the group changed too,
+    the conversion took the stale master (master→kahan made p + comp the old master)."""
+    p, opt = _master_opt("cpu", n=5000)
+    _grad_step(opt, p, 0)
+    with torch.no_grad():
+        p.fill_(5.0)
+    opt.param_groups[0].update(change, lr=0.0)
+    _grad_step(opt, p, 1)
+    assert torch.equal(p.detach(), torch.full_like(p, 5.0))
+    if "kahan_comp" in opt.state[p]:
+        theta = fmt_param.theta_eff(p.detach(), opt.state[p], "kahan", torch.float32)
+        assert torch.equal(theta, torch.full((5000,), 5.0))  # p + comp: not the old master
+
+
+@pytest.mark.parametrize("copy_how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_follows_a_write_to_p(copy_how):
+    """The record of versions does not travel with a copy (torch's __getstate__ keeps
+    defaults, state and groups only); after it, master counted as in sync with nothing."""
+    import copy
+    import io
+
+    p, opt = _master_opt("cpu")
+    for k in range(2):
+        _grad_step(opt, p, k)
+    if copy_how == "deepcopy":
+        p, opt = copy.deepcopy((p, opt))
+    else:
+        buf = io.BytesIO()
+        torch.save((p, opt), buf)
+        buf.seek(0)
+        p, opt = torch.load(buf, weights_only=False)
+    torch.nn.init.constant_(p, 3.0)
+    opt.param_groups[0]["lr"] = 0.0
+    _grad_step(opt, p, 2)
+    assert torch.equal(p.detach(), torch.full_like(p, 3.0))
+
+
+def test_master_views_of_one_tensor_keep_the_cached_plan(monkeypatch):
+    """Views of one tensor share a version counter: recorded after each bucket, a later
+    bucket's write made an earlier one's params look written, and every other step
+    re-planned (the numbers were right, the plan was not reused)."""
+    flat = torch.randn(8192).bfloat16()
+    a, b = torch.nn.Parameter(flat[:4096]), torch.nn.Parameter(flat[4096:])
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b], "lr": 2e-3}], lr=1e-3,
+                       param_update="master")
+    plans = []
+    planned = adamkit.Adam._planned_step
+    monkeypatch.setattr(adamkit.Adam, "_planned_step", lambda o, *x: plans.append(1) or planned(o, *x))
+    for k in range(6):
+        a.grad, b.grad = torch.full_like(a, 0.1 * (k + 1)), torch.full_like(b, -0.1)
+        opt.step()
+    assert len(plans) == 1

@@ -193,6 +193,12 @@ class Adam(Optimizer):
         self._step_cache = None  # it holds the replaced state tensors
         for key in _TORCH_ONLY_KEYS:  # torch's __setstate__ adds `differentiable`
             self.defaults.pop(key, None)
+        # master copies are in sync with their params now (a load made them, or a copy
+        # of the optimizer, which the record of versions does not travel with)
+        versions = self._master_versions()
+        for p, st in self.state.items():
+            if isinstance(st.get("master_param"), Tensor):
+                versions[p] = p._version
         for key, value in formats.GROUP_DEFAULTS.items():  # pickled before formats existed
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
@@ -225,6 +231,14 @@ class Adam(Optimizer):
         is in another format or policy (the group was changed, or it predates formats).
         Pure: nothing is stored here, so a step that raises later changes nothing."""
         state = self.state.get(p)
+        resynced = False
+        if state and isinstance(state.get("master_param"), Tensor) and self._master_moved(p):
+            # p was written in place since master was last in sync (model.load_state_dict,
+            # nn.init, an in-place op): where p is no longer master's rounding, the write is
+            # the new value and master restarts from it (also before a conversion to
+            # another policy or format); elsewhere master keeps its bits
+            state = {**state, "master_param": param_policy.resync_master(p, state["master_param"])}
+            resynced = True
         if not state:
             seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": torch.tensor(0.0, dtype=scalar_dtype()),
@@ -235,11 +249,8 @@ class Adam(Optimizer):
               or _buffer_stale(state, p, update)):
             seed = param_policy.sr_seed(group["seed"], index)
             new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
-        elif update == "master" and self._master_moved(p):
-            # p was written in place since master was last in sync (model.load_state_dict,
-            # nn.init, an in-place op): where p is no longer master's rounding, the write is
-            # the new value and master restarts from it; elsewhere master keeps its bits
-            new = {**state, "master_param": param_policy.resync_master(p, state["master_param"])}
+        elif resynced:
+            new = state
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
             new = dict(state)
         else:
@@ -323,11 +334,14 @@ class Adam(Optimizer):
                 steps=[s["step"] for s in states],
             )
             prepared = run_bucket(backend, bucket, s)
-            if update == "master":
-                versions = self._master_versions()
-                for p in ps:
-                    versions[p] = p._version
             done.append(CachedBucket(group_index, group, positions, t, backend, bucket, prepared))
+        # After every bucket ran: views of one tensor share a version counter, and a
+        # later bucket's write to one would look like a user's write to another
+        versions = self._master_versions()
+        for cb in done:
+            if cb.bucket.param_update == "master":
+                for p in cb.bucket.params:
+                    versions[p] = p._version
         return done
 
     def _amp_grad_scale_inv(self) -> float | None:
@@ -377,6 +391,7 @@ class Adam(Optimizer):
         finally:
             self._optimizer_state_dict_post_hooks = hooks
         for group in sd["param_groups"]:
+            _take_torch_decay_key(group)  # set on a live group since its last step
             group["decoupled_weight_decay"] = bool(group["decouple_wd"])
         for hook in hooks.values():
             result = hook(self, sd)
@@ -440,10 +455,6 @@ class Adam(Optimizer):
                 index += 1
 
         self.__setstate__({"state": new_state, "param_groups": new_groups})
-        versions = self._master_versions()
-        for p, st in new_state.items():
-            if "master_param" in st:
-                versions[p] = p._version
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

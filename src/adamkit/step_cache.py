@@ -172,10 +172,11 @@ class StepCache:
         # Everything holds: run. Nothing above changed the optimizer.
         for cb, s in zip(self.buckets, scalars):
             run_bucket(cb.backend, cb.bucket, s, cb.prepared)
-            if cb.versions is not None:
-                cb.versions = list(map(_VERSION, cb.bucket.params))
             cb.bucket.grads = []
             cb.t += 1
+        for cb in self.buckets:  # after all ran: views of one tensor share a counter
+            if cb.versions is not None:
+                cb.versions = list(map(_VERSION, cb.bucket.params))
         return True
 
     def record_master_versions(self, versions: Any) -> None:

@@ -145,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"adamkit bench: error: {err}", file=sys.stderr)
         return 2
-    if not any(_selected(args, config)[0] for config in configs):
+    selections = [_selected(args, config) for config in configs]
+    if not any(chosen for chosen, _ in selections):
+        unavailable = sorted({why for _, skipped in selections for why in skipped})
         names = ", ".join(repr(text) for text in args.only) or "the options given"
-        print(f"adamkit bench: error: no optimizer matches {names} (names as in the table; "
-              "see RESULTS.md)", file=sys.stderr)
+        why = (f"nothing to run: {'; '.join(unavailable)}" if unavailable else
+               f"no optimizer matches {names} (names as in the table; see RESULTS.md)")
+        print(f"adamkit bench: error: {why}", file=sys.stderr)
         return 2
     info = report.machine()
     print(f"machine: {info['cpu']}, {info['torch_threads']} torch threads, kernel {info['adamkit_cpu_kernel']}")

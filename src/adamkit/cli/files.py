@@ -35,7 +35,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
+        # an existing file keeps its mode, as when rewritten in place
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_file() else _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):

@@ -179,8 +179,9 @@ class PreparedBucket:
         and contiguous or not of the planned size and dtype, a grad the torch backend
         would run is sparse): then nothing is changed and the caller prepares anew."""
         params = self.bucket.params
-        if self.rest:
-            if any(grads[i].is_sparse for i in self.rest):  # the full path raises on it
+        if self.rest:  # grads the full path would raise on: it raises, nothing changed
+            if any(grads[i].is_sparse or grads[i].dtype != params[i].dtype
+                   or grads[i].shape != params[i].shape for i in self.rest):
                 return False
             params, kernel_grads = [params[i] for i in self.fast], [grads[i] for i in self.fast]
         else:
