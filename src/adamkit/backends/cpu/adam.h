@@ -112,7 +112,7 @@ struct Step {
             float xabs = 0.f;
 #pragma omp simd reduction(max : xabs)
             for (int64_t i = 0; i < n; ++i) {
-                const float x = std::max(decode_v(vmq[i], vmscale), vbuf[i]);
+                const float x = max_nan(decode_v(vmq[i], vmscale), vbuf[i]);
                 vbuf[i] = x;
                 xabs = std::max(xabs, x);
             }
