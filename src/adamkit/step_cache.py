@@ -155,8 +155,7 @@ class StepCache:
             else:
                 # Recast params re-plan; sparse or misfit grads and resized params too,
                 # and the full path raises on them before anything changes.
-                if any(p.dtype != cb.dtype or g.is_sparse or g.dtype != p.dtype
-                       or g.shape != p.shape or m.shape != p.shape
+                if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape
                        for p, g, m in zip(b.params, grads, b.exp_avgs)):
                     return False
                 if not _steps_read(b, range(len(b.params)), cb.t):

@@ -69,15 +69,10 @@ class Backend(Protocol):
     def step(self, bucket: Bucket, scalars: StepScalars) -> None: ...
 
 
-def _registry() -> dict[str, Backend]:
-    from . import cpu, reference, torch_ops
-
-    return {"reference": reference.BACKEND, "torch": torch_ops.BACKEND, "cpu": cpu.BACKEND}
-
-
-BACKENDS: dict[str, Backend] = _registry()
-AUTO_ORDER = ("cpu", "triton", "torch")
-NAMES = ("auto", *BACKENDS)
+def grad_fits(p: Tensor, grad: Tensor) -> bool:
+    """Whether a step can take ``grad`` for ``p`` as it is: dense, of p's dtype and shape
+    (the cached plan's test; ``check_grad`` raises torch's error where it fails)."""
+    return not grad.is_sparse and grad.dtype == p.dtype and grad.shape == p.shape
 
 
 def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
@@ -92,6 +87,17 @@ def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
     if grad.dtype != p.dtype or grad.shape != p.shape:
         raise RuntimeError(f"{label} of dtype {grad.dtype} and shape {tuple(grad.shape)} does not "
                            f"match its param's dtype {p.dtype} and shape {tuple(p.shape)}")
+
+
+def _registry() -> dict[str, Backend]:
+    from . import cpu, reference, torch_ops
+
+    return {"reference": reference.BACKEND, "torch": torch_ops.BACKEND, "cpu": cpu.BACKEND}
+
+
+BACKENDS: dict[str, Backend] = _registry()
+AUTO_ORDER = ("cpu", "triton", "torch")
+NAMES = ("auto", *BACKENDS)
 
 
 def check_name(name: object) -> None:

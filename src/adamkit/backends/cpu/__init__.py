@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ...hyperparams import StepScalars
-from .. import Bucket, count_steps
+from .. import Bucket, count_steps, grad_fits
 from . import library
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -180,8 +180,7 @@ class PreparedBucket:
         would run is sparse): then nothing is changed and the caller prepares anew."""
         params = self.bucket.params
         if self.rest:  # grads the full path would raise on: it raises, nothing changed
-            if any(grads[i].is_sparse or grads[i].dtype != params[i].dtype
-                   or grads[i].shape != params[i].shape for i in self.rest):
+            if not all(grad_fits(params[i], grads[i]) for i in self.rest):
                 return False
             params, kernel_grads = [params[i] for i in self.fast], [grads[i] for i in self.fast]
         else:
