@@ -397,6 +397,59 @@ def test_cpu_kernel_keeps_nan_payloads_nan(storage, variant):
             assert a.detach().view(-1)[[3, 17, 31, -1]].isnan().all(), f"param {i}: a NaN was lost"
 
 
+FLOAT32_MIN_NORMAL = 2.0**-126
+
+
+def _bits(t):
+    """A float tensor's bit patterns (torch.equal takes -0.0 for 0.0); others as they are."""
+    if not t.is_floating_point():
+        return t
+    return t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@needs_cpu
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float16 and (
+    s.state_format == "bf16" or (s.dtype == torch.bfloat16 and s.state_format != "int8"))],
+    ids=lambda s: s.id)
+@pytest.mark.parametrize("variant", ["plain", "l2-amsgrad-max"])
+def test_cpu_kernel_rounds_float32_denormals_like_torch_backend(storage, variant):
+    """Moments, params and Kahan residuals below float32's smallest normal 2^-126, where
+    bf16 has subnormals: bitwise as the torch backend. (The AVX512_BF16 conversion takes
+    denormal inputs as zero; simd.h's groups holding one round in software.) The grads
+    span 1e-40..1e-17 (each element keeps its magnitude across steps), so m is
+    denormal for the small ones and v for the middle ones; params start around 2^-126
+    and lr 1e-30 keeps their updates that small. (float16 grads cannot be small enough
+    to make a moment denormal.)"""
+    gen = torch.Generator().manual_seed(3)
+    n = 2 * 16384 + 300
+    start = (torch.randn(n, generator=gen) * FLOAT32_MIN_NORMAL
+             * 10 ** torch.empty(n).uniform_(-2, 2, generator=gen)).to(storage.dtype)
+    grad_scale = 10 ** torch.empty(n, dtype=torch.float64).uniform_(-40, -17, generator=gen)
+    runs = []
+    for backend in ("cpu", "torch"):
+        p = torch.nn.Parameter(start.clone())
+        opt = adamkit.Adam([p], lr=1e-30, backend=backend, **storage.kwargs(), **STORAGE_VARIANTS[variant])
+        g_gen = torch.Generator().manual_seed(4)
+        for _ in range(4):
+            p.grad = (torch.randn(n, generator=g_gen, dtype=torch.float64) * grad_scale).to(storage.dtype)
+            opt.step()
+        runs.append((p, _tensors(opt, p)))
+    (pa, sa), (pb, sb) = runs
+    assert torch.equal(_bits(pa), _bits(pb)), f"param: {(_bits(pa) != _bits(pb)).sum()} differ"
+    for key in sa:
+        assert torch.equal(_bits(sa[key]), _bits(sb[key])), f"{key}: {(_bits(sa[key]) != _bits(sb[key])).sum()} differ"
+
+    def denormal(t):
+        t = t.detach().float()
+        return ((t != 0) & (t.abs() < FLOAT32_MIN_NORMAL)).sum().item()
+
+    assert denormal(sa["exp_avg"]) > 100 and denormal(sa["exp_avg_sq"]) > 100
+    if storage.dtype == torch.bfloat16:
+        assert denormal(pa) > 100
+    if storage.param_update == "kahan":
+        assert denormal(sa["kahan_comp"]) > 100
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_amsgrad_max_of_a_nan_v_is_nan_as_torch_optim(backend):
     """torch.maximum(max v, v) is NaN where v is: the kernel's max kept the old max there

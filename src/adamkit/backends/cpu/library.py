@@ -26,17 +26,28 @@ ABI_VERSION = 3
 # -ffp-contract=off: one rounding per operation on every instruction set (formats.md).
 FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
          "-ffp-contract=off", "-fPIC", "-shared"]
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    # AVX-512 with AVX512_BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids and later):
+    # bf16 rounding in hardware (simd.h).
+    "avx512bf16": AVX512 + ["-mavx512bf16"],
+    "avx512": AVX512,
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
 }
+
+
+def _has_avx512_bf16() -> bool:
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
+    return bool(capabilities and capabilities().get("avx512_bf16", False))
 
 
 def isa_candidates() -> list[str]:
     """Instruction sets this CPU runs, best first (torch's own detection)."""
     capability = torch.backends.cpu.get_cpu_capability()
     order = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(capability, [])
+    if order[:1] == ["avx512"] and _has_avx512_bf16():
+        order.insert(0, "avx512bf16")
     return order + ["generic"]
 
 
