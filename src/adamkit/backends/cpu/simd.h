@@ -39,6 +39,19 @@ struct Unpacked {};
 struct InOrder {};
 template <class P> using LayoutOf = std::conditional_t<std::is_same_v<P, bf16>, Unpacked, InOrder>;
 
+inline Half16 load16(Unpacked, const bf16* p) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i z = _mm256_setzero_si256();
+    return {reinterpret_cast<f8>(_mm256_unpacklo_epi16(z, x)),
+            reinterpret_cast<f8>(_mm256_unpackhi_epi16(z, x))};
+}
+
+// bf16 bit patterns in the low half of each 32-bit lane, back to 16 bf16 in memory order.
+inline void store16(Unpacked, bf16* p, u8v lo, u8v hi) {
+    const __m256i r = _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
+}
+
 inline f8 widen(u8v bits16) { return reinterpret_cast<f8>(bits16 << 16); }
 
 inline Half16 load16(Unpacked, const float* p) {
@@ -59,6 +72,52 @@ inline Half16 load16(InOrder, const half* p) {
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
 }
+inline Half16 load16(InOrder, const bf16* p) {  // bf16 moments beside float16 params
+    const auto eight = [](const bf16* q) {
+        return reinterpret_cast<f8>(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16));
+    };
+    return {eight(p), eight(p + 8)};
+}
+inline void store16(InOrder, bf16* p, u8v lo, u8v hi) {
+    // packus interleaves 128-bit lanes ({lo 0-3, hi 0-3 | lo 4-7, hi 4-7}); the permute
+    // restores memory order.
+    const __m256i r = _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(r, 0xD8));
+}
+
+#if defined(__AVX512BF16__)
+// AVX512_BF16's vcvtne2ps2bf16 rounds 16 float32 to bf16 in one instruction, to nearest
+// even with NaN quieted exactly as bf16_bits, but it takes denormal inputs as ±0 where
+// torch (and formats.md) round them. moments16 and write16 take it first for a group
+// holding no float32 denormal (one fpclass per 8 values decides) and otherwise fall
+// through to the software rounding, the code every other build runs, unchanged.
+#define ADAMKIT_HW_BF16 1
+ADAMKIT_INLINE bool any_denormal(f8 a, f8 b) {
+    constexpr int DENORMAL = 0x20;
+    return (_mm256_fpclass_ps_mask(a, DENORMAL) | _mm256_fpclass_ps_mask(b, DENORMAL)) != 0;
+}
+// 16 bf16 in memory order. The instruction's result is {lo's 8, hi's 8}: memory order
+// for InOrder; for Unpacked ({0-3, 8-11}, {4-7, 12-15}) the qword permute restores it.
+ADAMKIT_INLINE __m256i hardware_bf16(Unpacked, f8 lo, f8 hi) {
+    return _mm256_permute4x64_epi64(reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(hi, lo)), 0xD8);
+}
+ADAMKIT_INLINE __m256i hardware_bf16(InOrder, f8 lo, f8 hi) {
+    return reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(hi, lo));
+}
+// Back to float32 values in the layout's lane order, as load16 widens what it loads.
+ADAMKIT_INLINE Half16 widen16(Unpacked, __m256i x) {
+    const __m256i z = _mm256_setzero_si256();
+    return {reinterpret_cast<f8>(_mm256_unpacklo_epi16(z, x)),
+            reinterpret_cast<f8>(_mm256_unpackhi_epi16(z, x))};
+}
+ADAMKIT_INLINE Half16 widen16(InOrder, __m256i x) {
+    const auto eight = [](__m128i q) { return reinterpret_cast<f8>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(q), 16)); };
+    return {eight(_mm256_castsi256_si128(x)), eight(_mm256_extracti128_si256(x, 1))};
+}
+ADAMKIT_INLINE void store16(bf16* p, __m256i bits) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits); }
+#endif
+
 // float16: rounded (to nearest even) as 8 halves, and their value as float32.
 inline __m128i half_bits(f8 x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline f8 half_value(__m128i h) { return _mm256_cvtph_ps(h); }
@@ -67,88 +126,24 @@ inline void store16(InOrder, half* p, __m128i lo, __m128i hi) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), hi);
 }
 
-// ---- bf16 groups: 16 bf16 in memory order (one 32-byte register) ----------------------
-// As two float32 vectors in the layout's lane order: interleaved with zeros (Unpacked),
-// or zero-extended (InOrder: bf16 moments beside float16 or float32 params).
-inline Half16 widen16(Unpacked, __m256i x) {
-    const __m256i z = _mm256_setzero_si256();
-    return {reinterpret_cast<f8>(_mm256_unpacklo_epi16(z, x)),
-            reinterpret_cast<f8>(_mm256_unpackhi_epi16(z, x))};
-}
-inline Half16 widen16(InOrder, __m256i x) {
-    const auto eight = [](__m128i q) { return reinterpret_cast<f8>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(q), 16)); };
-    return {eight(_mm256_castsi256_si128(x)), eight(_mm256_extracti128_si256(x, 1))};
-}
-template <class L> inline Half16 load16(L layout, const bf16* p) {
-    return widen16(layout, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline void store16(bf16* p, __m256i bits) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits); }
-
-// bf16 bit patterns in the low half of each 32-bit lane, packed into memory order:
-// packus interleaves 128-bit lanes ({lo 0-3, hi 0-3 | lo 4-7, hi 4-7}), which is the
-// unpack order undone; memory order needs the permute.
-inline __m256i pack16(Unpacked, u8v lo, u8v hi) {
-    return _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
-}
-inline __m256i pack16(InOrder, u8v lo, u8v hi) {
-    return _mm256_permute4x64_epi64(pack16(Unpacked{}, lo, hi), 0xD8);
-}
-
 // Whether a lane of a or b is NaN. A group whose values to round hold none (every group,
 // in a healthy run) rounds them without bf16_bits' NaN test: 1.12-1.19x the throughput
 // on Zen 1 (benchmarks/kernel_ablation.py).
 inline bool any_nan(f8 a, f8 b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)); }
 inline u8v bf16_bits(f8 x, bool nan) { return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }
 
-// A group rounded to bf16: the bits to store (memory order) and their values as stored.
-struct Bf16Group {
-    __m256i bits;
-    Half16 value;
+// A moment stream's storage: what is stored for a float32 value, and its value as stored.
+template <class St> struct Store;
+template <> struct Store<bf16> {
+    using Bits = u8v;
+    static u8v round(f8 x, bool nan) { return bf16_bits(x, nan); }
+    static f8 value(u8v b) { return widen(b); }
 };
-template <class L> inline Bf16Group bf16_group(L layout, u8v lo, u8v hi) {
-    return {pack16(layout, lo, hi), {widen(lo), widen(hi)}};
-}
-
-#if defined(__AVX512BF16__)
-// AVX512_BF16's vcvtne2ps2bf16 rounds 16 float32 to bf16 in one instruction, to nearest
-// even with NaN quieted exactly as bf16_bits, but it takes denormal inputs as ±0 where
-// torch (and formats.md) round them: a group holding a float32 denormal rounds with
-// bf16_bits instead. One fpclass per vector decides, as the NaN test does below.
-inline bool needs_full_rounding(f8 a, f8 b) {
-    constexpr int DENORMAL = 0x20;
-    return (_mm256_fpclass_ps_mask(a, DENORMAL) | _mm256_fpclass_ps_mask(b, DENORMAL)) != 0;
-}
-// Its result is {lo's 8, hi's 8} in element order: memory order for InOrder; for Unpacked
-// ({0-3, 8-11}, {4-7, 12-15}) the same qword permute as packus's result needs for InOrder.
-inline __m256i hardware_bf16(Unpacked, f8 lo, f8 hi) {
-    return _mm256_permute4x64_epi64(reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(hi, lo)), 0xD8);
-}
-inline __m256i hardware_bf16(InOrder, f8 lo, f8 hi) {
-    return reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(hi, lo));
-}
-template <class L> inline Bf16Group round_bf16(L layout, f8 lo, f8 hi, bool full) {
-    if (full) return bf16_group(layout, bf16_bits(lo), bf16_bits(hi));
-    const __m256i bits = hardware_bf16(layout, lo, hi);
-    return {bits, widen16(layout, bits)};
-}
-#else
-inline bool needs_full_rounding(f8 a, f8 b) { return any_nan(a, b); }
-template <class L> inline Bf16Group round_bf16(L layout, f8 lo, f8 hi, bool full) {
-    return bf16_group(layout, bf16_bits(lo, full), bf16_bits(hi, full));
-}
-#endif
-
-// A moment stream's group stored: rounded (bf16 moments) or as it is (float32), and its
-// values as stored.
-template <class L> ADAMKIT_INLINE Half16 store_moment(L layout, float* dst, f8 lo, f8 hi, bool) {
-    store16(layout, dst, lo, hi);
-    return {lo, hi};
-}
-template <class L> ADAMKIT_INLINE Half16 store_moment(L layout, bf16* dst, f8 lo, f8 hi, bool full) {
-    const Bf16Group r = round_bf16(layout, lo, hi, full);
-    store16(dst, r.bits);
-    return r.value;
-}
+template <> struct Store<float> {
+    using Bits = f8;
+    static f8 round(f8 x, bool) { return x; }
+    static f8 value(f8 b) { return b; }
+};
 
 // sr_bits (common.h) of the 16 elements of a group starting at i (a multiple of 16, as
 // every group start is), in the layout's lane order: the 8 pair hashes, read as 16
@@ -203,6 +198,7 @@ inline void prefetch(const Pt* p, const Pt* g, const St* m, const St* v, const P
 template <class Pt, class St, int U, bool AMSGRAD>
 ADAMKIT_INLINE Moments16 moments16(const Consts& c, const Pt* p, const Pt* g, St* m, St* v, St* vm,
                            const Pt* comp, const float* master, int64_t i) {
+    using S = Store<St>;
     const LayoutOf<Pt> L;
     prefetch<U>(p, g, m, v, comp, master, i + PREFETCH_AHEAD);
     const Half16 P = U == MASTER ? load16(L, master + i) : load16(L, p + i);
@@ -219,19 +215,44 @@ ADAMKIT_INLINE Moments16 moments16(const Consts& c, const Pt* p, const Pt* g, St
         mf[h] = lerp(c, ms[h], gi);
         vf[h] = c.beta2 * vs[h] + c.omb2 * gi * gi;
     }
-    // What needs bf16_bits' full rounding in the max (NaN, or a denormal for the hardware
-    // rounding) is in the old max or in v already: the max is one of the two as stored.
-    const bool full = std::is_same_v<St, bf16> &&
-                      (needs_full_rounding(mf[0], mf[1]) | needs_full_rounding(vf[0], vf[1]) |
-                       (AMSGRAD && needs_full_rounding(xs[0], xs[1])));
-    const Half16 m_stored = store_moment(L, m + i, mf[0], mf[1], full);
-    Half16 v_stored = store_moment(L, v + i, vf[0], vf[1], full);
-    if constexpr (AMSGRAD)
-        v_stored = store_moment(L, vm + i, max_nan(xs[0], v_stored.lo), max_nan(xs[1], v_stored.hi), full);
-    out.m[0] = m_stored.lo;
-    out.m[1] = m_stored.hi;
-    out.v[0] = v_stored.lo;
-    out.v[1] = v_stored.hi;
+#if defined(ADAMKIT_HW_BF16)
+    // The max is one of the old max and v as stored: denormal only where one of them is.
+    if constexpr (std::is_same_v<St, bf16>) {
+        if (!(any_denormal(mf[0], mf[1]) | any_denormal(vf[0], vf[1]) |
+              (AMSGRAD && any_denormal(xs[0], xs[1])))) {
+            const __m256i mb = hardware_bf16(L, mf[0], mf[1]), vb = hardware_bf16(L, vf[0], vf[1]);
+            store16(m + i, mb);
+            store16(v + i, vb);
+            const Half16 ms_ = widen16(L, mb);
+            Half16 vs_ = widen16(L, vb);
+            if constexpr (AMSGRAD) {
+                const __m256i xb = hardware_bf16(L, max_nan(xs[0], vs_.lo), max_nan(xs[1], vs_.hi));
+                store16(vm + i, xb);
+                vs_ = widen16(L, xb);
+            }
+            out.m[0] = ms_.lo, out.m[1] = ms_.hi, out.v[0] = vs_.lo, out.v[1] = vs_.hi;
+            return out;
+        }
+    }
+#endif
+    // The max is NaN only where the old max or v is (max_nan).
+    const bool nan = std::is_same_v<St, bf16> &&
+                     (any_nan(mf[0], mf[1]) | any_nan(vf[0], vf[1]) | (AMSGRAD && any_nan(xs[0], xs[1])));
+    typename S::Bits mb[2], vb[2], xb[2];
+    for (int h = 0; h < 2; ++h) {
+        mb[h] = S::round(mf[h], nan);
+        vb[h] = S::round(vf[h], nan);
+        f8 vi = S::value(vb[h]);
+        if constexpr (AMSGRAD) {
+            xb[h] = S::round(max_nan(xs[h], vi), nan);
+            vi = S::value(xb[h]);
+        }
+        out.m[h] = S::value(mb[h]);
+        out.v[h] = vi;
+    }
+    store16(L, m + i, mb[0], mb[1]);
+    store16(L, v + i, vb[0], vb[1]);
+    if constexpr (AMSGRAD) store16(L, vm + i, xb[0], xb[1]);
     return out;
 }
 
@@ -260,26 +281,43 @@ ADAMKIT_INLINE void write16(const Consts& c, const Direction16& s, float* p, flo
 template <int U>
 ADAMKIT_INLINE void write16(const Consts& c, const Direction16& s, bf16* p, bf16* comp, float* master,
                     int64_t i, uint32_t key) {
+    u8v pb[2], cb[2];
     const f8 xs[2] = {apply(c, s.th[0], s.d[0]), apply(c, s.th[1], s.d[1])};
-    if constexpr (U == MASTER) store16(Unpacked{}, master + i, xs[0], xs[1]);
-    if constexpr (U == STOCHASTIC) {
-        const bool nan = any_nan(xs[0], xs[1]);
-        u8v r[2], pb[2];
-        sr_bits16(Unpacked{}, i, key, r);
-        for (int h = 0; h < 2; ++h) {
-            const f8 x = xs[h];
-            const u8v sr = stochastic_bf16_bits(x, r[h]);
-            pb[h] = nan ? (x != x ? bf16_bits(x) : sr) : sr;  // a NaN to nearest (formats.md)
-        }
-        store16(p + i, pack16(Unpacked{}, pb[0], pb[1]));
-    } else {
-        const Bf16Group r = round_bf16(Unpacked{}, xs[0], xs[1], needs_full_rounding(xs[0], xs[1]));
-        store16(p + i, r.bits);
-        if constexpr (U == KAHAN) {  // the residual x − round(x): NaN also where x is ±∞
-            const f8 lo = xs[0] - r.value.lo, hi = xs[1] - r.value.hi;
-            store16(comp + i, round_bf16(Unpacked{}, lo, hi, needs_full_rounding(lo, hi)).bits);
+#if defined(ADAMKIT_HW_BF16)
+    if constexpr (U != STOCHASTIC) {
+        if (!any_denormal(xs[0], xs[1])) {
+            const __m256i p16 = hardware_bf16(Unpacked{}, xs[0], xs[1]);
+            f8 r[2] = {};
+            if constexpr (U == KAHAN) {  // x − round(x): NaN also where x is ±∞
+                const Half16 pv = widen16(Unpacked{}, p16);
+                r[0] = xs[0] - pv.lo, r[1] = xs[1] - pv.hi;
+            }
+            if (U != KAHAN || !any_denormal(r[0], r[1])) {
+                if constexpr (U == MASTER) store16(Unpacked{}, master + i, xs[0], xs[1]);
+                store16(p + i, p16);
+                if constexpr (U == KAHAN) store16(comp + i, hardware_bf16(Unpacked{}, r[0], r[1]));
+                return;
+            }
         }
     }
+#endif
+    // Kahan's residual x − round(x) is NaN also where x is ±∞: x − x finds both.
+    const bool nan = U == KAHAN ? any_nan(xs[0] - xs[0], xs[1] - xs[1]) : any_nan(xs[0], xs[1]);
+    u8v r[2];
+    if constexpr (U == STOCHASTIC) sr_bits16(Unpacked{}, i, key, r);
+    for (int h = 0; h < 2; ++h) {
+        const f8 x = xs[h];
+        if constexpr (U == STOCHASTIC) {
+            const u8v sr = stochastic_bf16_bits(x, r[h]);
+            pb[h] = nan ? (x != x ? bf16_bits(x) : sr) : sr;  // a NaN to nearest (formats.md)
+        } else {
+            pb[h] = bf16_bits(x, nan);
+        }
+        if constexpr (U == KAHAN) cb[h] = bf16_bits(x - widen(pb[h]), nan);
+    }
+    if constexpr (U == MASTER) store16(Unpacked{}, master + i, xs[0], xs[1]);
+    store16(Unpacked{}, p + i, pb[0], pb[1]);
+    if constexpr (U == KAHAN) store16(Unpacked{}, comp + i, cb[0], cb[1]);
 }
 
 // float16 params, in memory order.
