@@ -25,9 +25,19 @@ BAD = [
     dict(weight_decay=math.nan),
     dict(lr=torch.tensor([1e-3, 1e-3])),
 ]
+# torch's foreach path refuses Tensor hyperparameters (a constructor check, not a group's),
+# the betas after their ranges and kinds
+BAD_FOREACH = [
+    dict(lr=torch.tensor(1e-3), foreach=True),
+    dict(lr=torch.tensor([1e-3, 1e-3]), foreach=True),
+    dict(lr=torch.tensor(-1.0), foreach=True),
+    dict(betas=(torch.tensor(0.9), torch.tensor(0.999)), foreach=True),
+    dict(betas=(torch.tensor(1.5), torch.tensor(0.999)), foreach=True),
+    dict(betas=(torch.tensor(0.9), 0.999), foreach=True),
+]
 
 
-@pytest.mark.parametrize("kwargs", BAD, ids=lambda kw: repr(kw))
+@pytest.mark.parametrize("kwargs", BAD + BAD_FOREACH, ids=lambda kw: repr(kw))
 def test_same_error_as_torch(kwargs):
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(Exception) as theirs:

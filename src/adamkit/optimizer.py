@@ -25,6 +25,7 @@ from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 
 # Group keys only torch.optim uses: dropped on load, adamkit's `backend` replaces them.
 _TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
+_FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
 
 
 class Adam(Optimizer):
@@ -120,6 +121,11 @@ class Adam(Optimizer):
         seed: int = 0,
         int8_min_size: int = 4096,
     ) -> None:
+        # torch.optim's foreach path takes float lr and betas only (adamkit's torch backend
+        # does not mind, but foreach=True is a request for torch's behaviour), with the
+        # betas checked after their ranges and kinds, as torch orders it
+        if foreach and isinstance(lr, Tensor):
+            raise ValueError(_FOREACH_TENSOR.format("lr"))
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
         _refuse_torch_only(capturable=capturable, differentiable=differentiable)
@@ -149,6 +155,8 @@ class Adam(Optimizer):
             int8_min_size=int8_min_size,
         )
         super().__init__(params, defaults)
+        if foreach and isinstance(betas[0], Tensor):
+            raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
 
     # ---- groups -------------------------------------------------------------------
 
