@@ -223,14 +223,17 @@ ADAMKIT_INLINE Moments16 moments16(const Consts& c, const Pt* p, const Pt* g, St
             const __m256i mb = hardware_bf16(L, mf[0], mf[1]), vb = hardware_bf16(L, vf[0], vf[1]);
             store16(m + i, mb);
             store16(v + i, vb);
-            const Half16 ms_ = widen16(L, mb);
-            Half16 vs_ = widen16(L, vb);
+            const Half16 m_stored = widen16(L, mb);
+            Half16 v_stored = widen16(L, vb);
             if constexpr (AMSGRAD) {
-                const __m256i xb = hardware_bf16(L, max_nan(xs[0], vs_.lo), max_nan(xs[1], vs_.hi));
+                const __m256i xb = hardware_bf16(L, max_nan(xs[0], v_stored.lo), max_nan(xs[1], v_stored.hi));
                 store16(vm + i, xb);
-                vs_ = widen16(L, xb);
+                v_stored = widen16(L, xb);
             }
-            out.m[0] = ms_.lo, out.m[1] = ms_.hi, out.v[0] = vs_.lo, out.v[1] = vs_.hi;
+            out.m[0] = m_stored.lo;
+            out.m[1] = m_stored.hi;
+            out.v[0] = v_stored.lo;
+            out.v[1] = v_stored.hi;
             return out;
         }
     }
