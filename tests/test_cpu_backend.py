@@ -45,6 +45,23 @@ def test_auto_picks_cpu_with_best_isa():
     assert opt.param_groups[0]["backend"] == "auto"
 
 
+@pytest.mark.parametrize("capability, bf16, expected", [
+    ("AVX512", True, ["avx512bf16", "avx512", "avx2", "generic"]),
+    ("AVX512", False, ["avx512", "avx2", "generic"]),
+    ("AVX2", True, ["avx2", "generic"]),  # AVX512_BF16 without AVX-512 is not a thing
+    ("DEFAULT", False, ["generic"]),
+])
+def test_isa_candidates_follow_torchs_detection(monkeypatch, capability, bf16, expected):
+    """The AVX512_BF16 build comes first only where torch reports both AVX-512 and the
+    extension (its instructions would fault elsewhere); without torch.cpu.get_capabilities
+    (torch < 2.8) it is never chosen."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": bf16}, raising=False)
+    assert library.isa_candidates() == expected
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    assert "avx512bf16" not in library.isa_candidates()
+
+
 def test_float64_goes_to_torch_silently(recwarn):
     from adamkit import backends
 
