@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adamkit import bench
+from adamkit.backends import cpu as cpu_backend
+from adamkit.backends.cpu import library
 from adamkit.bench import suite
 from helpers import needs_gxx_avx2
 
@@ -175,3 +178,26 @@ def test_stream_ceiling_runs_and_reports_every_item():
     for r in results.values():
         assert set(r["GBps"]) == {"ceiling", "adamkit kernel", "adamkit step"}
         assert all(v > 0 for v in r["GBps"].values()) and r["probe_GBps"] > 0
+
+
+@pytest.mark.skipif(cpu_backend.BACKEND.unavailable_reason() is not None, reason="no CPU kernels")
+def test_ab_builds_steps_each_optimizer_with_its_own_build(monkeypatch):
+    """benchmarks/ab_builds.py: each optimizer's cached plan calls the build it was made
+    with (else an A/B would time one library twice), and a tiny comparison reports a
+    median per build and a paired ratio per build after the first."""
+    ab = _benchmark_script("ab_builds")
+    monkeypatch.setattr(ab, "N_PARAMS", 64 * 512)
+    installed = [isa for isa in library.isa_candidates()
+                 if library._installed_path(isa) and library._installed_path(isa).exists()]
+    lib_a, label_a = ab.open_build(installed[0])
+    lib_b = library._open(library._installed_path(installed[-1]))  # another handle, maybe another ISA
+    params = [torch.nn.Parameter(torch.randn(512).to(torch.bfloat16)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    original = cpu_backend._library
+    for lib in (lib_a, lib_b):
+        opt = ab.optimizer_on(lib, "x", params, {"param_update": "kahan"})
+        assert [cb.prepared.lib for cb in opt._step_cache.buckets] == [lib]
+        assert cpu_backend._library is original  # other optimizers get the backend's own
+    result = ab.compare([(lib_a, label_a), (lib_b, "b")], "bf16 kahan", 64, rounds=2, steps=1)
+    assert len(result["ms"]) == 2 and all(m > 0 for m in result["ms"]) and len(result["paired"]) == 1
