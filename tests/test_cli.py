@@ -393,3 +393,12 @@ def test_a_rewritten_file_keeps_its_mode(tmp_path):
     target.chmod(0o600)
     atomic_write(target, lambda f: f.write(b"new"))
     assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "viz"])
+def test_unknown_argument_points_to_the_subcommands_help(command, capsys):
+    """One line, exit code 2, naming the help that lists the subcommand's options."""
+    assert main([command, "--no-such-option", "extra"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"adamkit {command}: error: unrecognized arguments: --no-such-option extra "
+                   f"(see 'adamkit {command} --help')")

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         import_module(f"{__name__}.{name}").add_parser(subparsers)
+    parser.subcommands = subparsers.choices  # their parsers, by name
     return parser
 
 
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # left over past a subcommand: its own --help lists what it takes
+            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as stop:  # --help, --version and argparse's errors end here
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     try:
