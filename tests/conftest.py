@@ -26,3 +26,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module", params=["python checks", "native checks"])
+def checks_mode(request):
+    """Runs a module's tests twice: with the step cache's checks in Python, and in C++
+    (adamkit/backends/cpu/checks.cpp, used for plans of any size here), which must take
+    the same decisions. Module-scoped, so hypothesis tests can use it."""
+    from adamkit.backends.cpu import native_checks
+
+    saved = native_checks._lib, native_checks._state, native_checks.MANY_TENSORS
+    if request.param == "native checks":
+        if native_checks.compiler_path() is None:
+            pytest.skip("no C++ compiler to build checks.cpp")
+        native_checks.load_now()  # a failed build fails the tests: CI has a compiler
+        native_checks.MANY_TENSORS = 0
+    else:
+        native_checks._lib, native_checks._state = None, "off"
+    yield request.param
+    native_checks._lib, native_checks._state, native_checks.MANY_TENSORS = saved

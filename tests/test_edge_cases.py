@@ -11,6 +11,9 @@ import adamkit
 from helpers import assert_close_scaled
 from registry import ALL_BACKENDS, FAST_BACKENDS, TORCH_PARITY_TOL
 
+# every test twice: the step cache's checks in Python and in C++ (conftest.checks_mode)
+pytestmark = pytest.mark.usefixtures("checks_mode")
+
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_no_grads_is_a_no_op(backend):

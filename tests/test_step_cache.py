@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 import adamkit
 from adamkit import step_cache
 
+# every test twice: the step cache's checks in Python and in C++ (conftest.checks_mode)
+pytestmark = pytest.mark.usefixtures("checks_mode")
+
 
 def _model(seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -319,3 +322,21 @@ def test_random_edit_sequences_match_planning_every_step(actions):
     storage changes, frozen params, checkpoint reloads, writes into params) gives the
     same bits with the cached plan as with a full plan at every step."""
     _assert_same(_sequence_run(actions, False), _sequence_run(actions, True))
+
+
+def test_native_checks_take_the_kernel_buckets(checks_mode):
+    """Under "native checks" the cache hands checks.cpp every kernel bucket (the float64
+    param's torch-backend bucket keeps its Python checks); under "python checks" none."""
+    params = _model()
+    opt = _optimizer(params)
+    for k in range(3):
+        _grads(params, k)
+        opt.step()
+    cache = opt._step_cache
+    if checks_mode == "python checks":
+        assert cache.native is None
+        return
+    native_buckets = [cb.bucket.params[0].dtype for cb, rows in zip(cache.buckets, cache.native.key_rows)
+                      if rows is not None]
+    assert sorted(map(str, native_buckets)) == ["torch.bfloat16", "torch.float32", "torch.float32"]
+    assert len(cache.buckets) == 4

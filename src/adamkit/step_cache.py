@@ -27,13 +27,16 @@ holds a grad: between steps ``zero_grad`` must be able to free them.
 from __future__ import annotations
 
 import operator
+from array import array
 from dataclasses import dataclass, replace
 from itertools import repeat
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from . import backends
+from .backends.cpu import native_checks
 from .hyperparams import step_scalars, validate_group
 
 # Group keys that decide storage and backends; a change to any of them re-plans.
@@ -107,6 +110,9 @@ class StepCache:
         # Per group, the positions of the params that had grads.
         self.masks = [sorted(i for cb in buckets if cb.group_index == k for i in cb.positions)
                       for k in range(len(optimizer.param_groups))]
+        self.n_tensors = sum(len(cb.bucket.params) for cb in buckets)
+        self.native: _NativeArgs | None = None
+        self.native_fits = _native_fits(optimizer.param_groups)
 
     @staticmethod
     def _signature(group: dict[str, Any]) -> tuple:
@@ -116,51 +122,20 @@ class StepCache:
     def try_step(self, optimizer: Any, grad_scale_inv: float) -> bool:
         """Run the step from the cached plan and return True, or change nothing and
         return False when the plan no longer holds."""
-        state = optimizer.state
-        if (state is not self.state or not _same(list(state.values()), self.state_values)
-                or not _same(list(state.keys()), self.state_keys)):
-            return False
-        groups = optimizer.param_groups
-        if len(groups) != len(self.groups) or any(
+        state, groups = optimizer.state, optimizer.param_groups
+        if state is not self.state or len(groups) != len(self.groups) or any(
             self._signature(g) != sig for g, sig in zip(groups, self.groups)
         ):
             return False
-        if not all(_same(g["params"], ps) for g, ps in zip(groups, self.group_params)):
-            return False  # a param swapped in place in a group's list
-        all_grads = []
-        for group, mask in zip(groups, self.masks):
-            grads = [p.grad for p in group["params"]]
-            if [i for i, g in enumerate(grads) if g is not None] != mask:
+        if self.native is None and self.native_fits:
+            checks = native_checks.get(self.n_tensors)
+            if checks is not None:
+                self.native = _NativeArgs(checks, self)
+        if self.native is not None:
+            if not self.native.holds(state, groups, self.buckets):
                 return False
-            all_grads.append(grads)
-        for cb in self.buckets:
-            b, group_grads = cb.bucket, all_grads[cb.group_index]
-            grads = [group_grads[i] for i in cb.positions]
-            try:  # by address: the cache keeps the planned tensors alive, so a replaced
-                # tensor, or one given new storage, has another address; a key gone raises
-                for key, _, pointers in cb.key_rows:
-                    if list(map(Tensor.data_ptr, map(dict.get, b.states, repeat(key)))) != pointers:
-                        return False
-            except TypeError:
-                return False
-            if cb.versions is not None and list(map(_VERSION, b.params)) != cb.versions:
-                return False
-            if cb.prepared is not None:
-                if not (cb.prepared.refresh(grads) and cb.prepared.steps_equal(cb.t)):
-                    return False
-                rest = cb.prepared.rest
-                if rest and not (_steps_read(b, rest, cb.t)
-                                 and all(b.params[i].dtype == cb.dtype for i in rest)):
-                    return False
-            else:
-                # Recast params re-plan; sparse or misfit grads and resized params too,
-                # and the full path raises on them before anything changes.
-                if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape
-                       for p, g, m in zip(b.params, grads, b.exp_avgs)):
-                    return False
-                if not _steps_read(b, range(len(b.params)), cb.t):
-                    return False
-                b.grads = grads
+        elif not self._python_checks(state, groups):
+            return False
         try:  # before any bucket runs: a group edited into an invalid one re-plans, and
             # the full path raises its validation error with nothing changed
             for group in groups:
@@ -178,6 +153,22 @@ class StepCache:
                 cb.versions = list(map(_VERSION, cb.bucket.params))
         return True
 
+    def _python_checks(self, state: dict, groups: list[dict[str, Any]]) -> bool:
+        """The checks of the module docstring's list, in Python."""
+        if not (_same(list(state.values()), self.state_values)
+                and _same(list(state.keys()), self.state_keys)):
+            return False
+        if not all(_same(g["params"], ps) for g, ps in zip(groups, self.group_params)):
+            return False  # a param swapped in place in a group's list
+        all_grads = []
+        for group, mask in zip(groups, self.masks):
+            grads = [p.grad for p in group["params"]]
+            if [i for i, g in enumerate(grads) if g is not None] != mask:
+                return False
+            all_grads.append(grads)
+        return all(_bucket_holds(cb, [all_grads[cb.group_index][i] for i in cb.positions])
+                   for cb in self.buckets)
+
     def record_master_versions(self, versions: Any) -> None:
         """Hand the master buckets' last-step versions to the optimizer's record before
         this cache is dropped, so the full path compares against the latest step."""
@@ -185,6 +176,36 @@ class StepCache:
             if cb.versions is not None:
                 for p, v in zip(cb.bucket.params, cb.versions):
                     versions[p] = v
+
+
+def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
+    """One bucket's checks, in Python, given its params' grads (all present); a bucket
+    the torch backend runs gets them as ``bucket.grads``."""
+    b = cb.bucket
+    try:  # by address: the cache keeps the planned tensors alive, so a replaced
+        # tensor, or one given new storage, has another address; a key gone raises
+        for key, _, pointers in cb.key_rows:
+            if list(map(Tensor.data_ptr, map(dict.get, b.states, repeat(key)))) != pointers:
+                return False
+    except TypeError:
+        return False
+    if cb.versions is not None and list(map(_VERSION, b.params)) != cb.versions:
+        return False
+    if cb.prepared is not None:
+        if not (cb.prepared.refresh(grads) and cb.prepared.steps_equal(cb.t)):
+            return False
+        rest = cb.prepared.rest
+        return not rest or (_steps_read(b, rest, cb.t)
+                            and all(b.params[i].dtype == cb.dtype for i in rest))
+    # Recast params re-plan; sparse or misfit grads and resized params too,
+    # and the full path raises on them before anything changes.
+    if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape
+           for p, g, m in zip(b.params, grads, b.exp_avgs)):
+        return False
+    if not _steps_read(b, range(len(b.params)), cb.t):
+        return False
+    b.grads = grads
+    return True
 
 
 def _extra_keys(bucket: backends.Bucket) -> list[str]:
@@ -199,3 +220,80 @@ def _extra_keys(bucket: backends.Bucket) -> list[str]:
 def _steps_read(bucket: backends.Bucket, idx, t: int) -> bool:
     return all(bucket.steps[i].item() == t for i in idx)
 
+
+def _native_fits(groups: list[dict[str, Any]]) -> bool:
+    """Whether checks.cpp can take the plan's group-level checks: the param lists are
+    lists of tensors or Parameters exactly (a subclass may mean something else by its
+    data). Which buckets it checks too, ``_native_bucket`` says."""
+    exact = (Tensor, torch.nn.Parameter)
+    return all(type(g["params"]) is list and all(type(p) in exact for p in g["params"])
+               for g in groups)
+
+
+def _native_bucket(cb: CachedBucket) -> bool:
+    """A kernel call without a torch-backend ``rest``, whose states are dicts of tensors
+    exactly: checks.cpp checks it; other buckets keep their Python checks."""
+    exact = (Tensor, torch.nn.Parameter)
+    return (cb.prepared is not None and not cb.prepared.rest
+            and hasattr(cb.prepared, "refresh_native")
+            and type(cb.bucket.states) is list and all(type(st) is dict for st in cb.bucket.states)
+            and all(type(t) in exact for _, row, _ in cb.key_rows for t in row))
+
+
+class _NativeArgs:
+    """The plan's checks as checks.cpp's arguments (native_checks.py): the identities the
+    cache holds, per group which params have grads, per bucket the state tensors' planned
+    addresses (None for a bucket that keeps its Python checks)."""
+
+    def __init__(self, checks: Any, cache: StepCache) -> None:
+        self.checks = checks
+        self.state_keys = array("q", map(id, cache.state_keys))
+        self.state_values = array("q", map(id, cache.state_values))
+        self.group_params = [array("q", map(id, ps)) for ps in cache.group_params]
+        self.key_rows = []
+        for cb in cache.buckets:
+            if not _native_bucket(cb):
+                self.key_rows.append(None)
+                continue
+            keys = tuple(key for key, _, _ in cb.key_rows)
+            pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
+            self.key_rows.append((keys, pointers))
+        # Which params have grads, for a group whose buckets leave some out or keep their
+        # Python checks; in the others every param is in a native bucket, whose refresh
+        # checks that it has a grad.
+        self.has_grad = []
+        for k, (params, mask) in enumerate(zip(cache.group_params, cache.masks)):
+            all_native = all(rows is not None for cb, rows in zip(cache.buckets, self.key_rows)
+                             if cb.group_index == k)
+            row = None
+            if len(mask) != len(params) or not all_native:
+                row = array("B", bytes(len(params)))
+                for i in mask:
+                    row[i] = 1
+            self.has_grad.append(row)
+
+    def holds(self, state: dict, groups: list[dict[str, Any]], buckets: list[CachedBucket]) -> bool:
+        """The Python checks' decision (``StepCache._python_checks``)."""
+        checks = self.checks
+        if not checks.adamkit_dict_is(state, self.state_keys.buffer_info()[0],
+                                      self.state_values.buffer_info()[0], len(self.state_keys)):
+            return False
+        for group, ids, has_grad in zip(groups, self.group_params, self.has_grad):
+            params = group["params"]
+            if not checks.adamkit_list_is(params, ids.buffer_info()[0], len(ids)):
+                return False  # a param swapped in place in a group's list
+            if has_grad is not None and not checks.adamkit_grads_present(params, has_grad.buffer_info()[0]):
+                return False
+        for cb, rows in zip(buckets, self.key_rows):
+            if rows is None:
+                if not _bucket_holds(cb, [p.grad for p in cb.bucket.params]):
+                    return False
+                continue
+            keys, pointers = rows
+            if not checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]):
+                return False
+            if cb.versions is not None and list(map(_VERSION, cb.bucket.params)) != cb.versions:
+                return False
+            if not (cb.prepared.refresh_native(checks) and cb.prepared.steps_equal(cb.t)):
+                return False
+        return True

@@ -172,6 +172,7 @@ class PreparedBucket:
         for k, row in enumerate(library.POINTER_ROWS):
             setattr(self.args, row, base + 8 * n * k)
         self.grad_row = library.POINTER_ROWS.index("grads") * n
+        self.native_args = None  # refresh_native's arrays, made at its first call
 
     def refresh(self, grads: list[Tensor]) -> bool:
         """Take this step's grads (parallel to bucket.params). False when the table no
@@ -200,9 +201,23 @@ class PreparedBucket:
             return False
         if not all(map(Tensor.is_contiguous, params)):  # `p.data = p.data.t()` keeps the address
             return False
+        if not all(map(operator.is_, map(_DTYPE, params), repeat(self.dtype))):
+            return False  # so does `p.data = p.data.view(torch.float16)` on a bf16 param
         self.table[self.grad_row:self.grad_row + self.n] = array("q", map(Tensor.data_ptr, kernel_grads))
         self.bucket.grads = grads
         return True
+
+    def refresh_native(self, checks) -> bool:
+        """``refresh`` by checks.cpp (native_checks.py), for a bucket the kernel runs whole
+        (no ``rest``): the same checks, and the grads' row rewritten only when all hold.
+        ``bucket.grads`` stays empty: only the torch backend's ``rest`` reads it."""
+        if self.native_args is None:
+            planned = checks.adamkit_scalar_type(self.kernel_params[0]) if self.n else -1
+            self.native_args = (planned, array("q", self.param_ptrs), array("q", self.grad_nbytes))
+        planned, param_ptrs, grad_nbytes = self.native_args
+        return bool(checks.adamkit_refresh(
+            self.kernel_params, planned, param_ptrs.buffer_info()[0], grad_nbytes.buffer_info()[0],
+            self.table.buffer_info()[0] + 8 * self.grad_row))
 
     def steps_equal(self, value: int) -> bool:
         """Whether every counter of the kernel's tensors still reads ``value``."""

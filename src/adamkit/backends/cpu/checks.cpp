@@ -1,0 +1,189 @@
+// The step cache's per-tensor checks (step_cache.py, and PreparedBucket.refresh in
+// __init__.py), in C++ against torch's headers: the same decisions as the Python code,
+// which stays the specification and the fallback (native_checks.py says how this is
+// built and when it is used).
+//
+// Why C++: between two steps the tensors' Python objects, TensorImpls and storages have
+// been pushed out of the caches (a step streams hundreds of MB), and the Python checks
+// wait for those misses one at a time, about 3 us per tensor. Here each check runs in
+// passes over all tensors of a bucket, prefetching what the next pass reads, so the
+// misses of different tensors overlap.
+//
+// Every function returns 1 when everything it checks holds and 0 otherwise; it never
+// raises (a C++ exception must not cross ctypes) and never changes a tensor.
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline void prefetch(const void* p) { __builtin_prefetch(p); }
+
+// Tensor or Parameter exactly (a subclass may mean something else by its data);
+// nullptr otherwise.
+inline c10::TensorImpl* impl_of(PyObject* obj) {
+  if (obj == nullptr || !THPVariable_CheckExact(obj)) return nullptr;
+  return THPVariable_Unpack(obj).unsafeGetTensorImpl();
+}
+
+inline void prefetch_impl(const c10::TensorImpl* t) {
+  prefetch(t);
+  prefetch(reinterpret_cast<const char*>(t) + 64);
+  prefetch(reinterpret_cast<const char*>(t) + 128);
+}
+
+// What Tensor.data_ptr() returns (TensorImpl::data() is what both call).
+inline int64_t address(const c10::TensorImpl* t) {
+  return reinterpret_cast<int64_t>(t->data());
+}
+
+}  // namespace
+
+extern "C" {
+
+int adamkit_checks_version() { return 1; }
+
+// torch's ScalarType number of a tensor's dtype, or -1 for anything else: the planned
+// dtype the other checks compare with.
+int adamkit_scalar_type(PyObject* tensor) {
+  c10::TensorImpl* t = impl_of(tensor);
+  return t == nullptr ? -1 : static_cast<int>(t->dtype().toScalarType());
+}
+
+// Whether `container` (a list, or a dict's keys and values) holds exactly the objects at
+// the given addresses, in order (step_cache: identity checks). Compares addresses only:
+// it reads none of the objects, which the cache keeps alive, so an address is not reused.
+int adamkit_list_is(PyObject* list, const int64_t* addresses, int64_t n) {
+  if (!PyList_Check(list) || PyList_GET_SIZE(list) != n) return 0;
+  PyObject** items = reinterpret_cast<PyListObject*>(list)->ob_item;
+  for (int64_t i = 0; i < n; ++i) {
+    if (reinterpret_cast<int64_t>(items[i]) != addresses[i]) return 0;
+  }
+  return 1;
+}
+
+int adamkit_dict_is(PyObject* dict, const int64_t* keys, const int64_t* values, int64_t n) {
+  if (!PyDict_Check(dict) || PyDict_GET_SIZE(dict) != n) return 0;
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *key, *value;
+  while (PyDict_Next(dict, &pos, &key, &value)) {  // insertion order, as list(d.items())
+    if (i >= n || reinterpret_cast<int64_t>(key) != keys[i] ||
+        reinterpret_cast<int64_t>(value) != values[i]) {
+      return 0;
+    }
+    ++i;
+  }
+  return i == n;
+}
+
+// Whether exactly the params with has_grad[i] != 0 have a grad (step_cache: "the same
+// params have grads").
+int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
+  try {
+    if (!PyList_Check(params)) return 0;
+    const Py_ssize_t n = PyList_GET_SIZE(params);
+    PyObject** items = reinterpret_cast<PyListObject*>(params)->ob_item;
+    std::vector<c10::TensorImpl*> impls(n);
+    for (Py_ssize_t i = 0; i < n; ++i) prefetch(items[i]);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if ((impls[i] = impl_of(items[i])) == nullptr) return 0;
+      prefetch_impl(impls[i]);
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) prefetch(impls[i]->autograd_meta());
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (THPVariable_Unpack(items[i]).grad().defined() != (has_grad[i] != 0)) return 0;
+    }
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// For each dict in `states` and each key in `keys` (a tuple of str): dict[key] is a
+// tensor at expected[k * n + i] (step_cache: the bucket's state tensors, by address).
+int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* expected) {
+  try {
+    if (!PyList_Check(states) || !PyTuple_Check(keys)) return 0;
+    const Py_ssize_t n = PyList_GET_SIZE(states), n_keys = PyTuple_GET_SIZE(keys);
+    PyObject** dicts = reinterpret_cast<PyListObject*>(states)->ob_item;
+    std::vector<PyObject*> values(n * n_keys);
+    std::vector<c10::TensorImpl*> impls(n * n_keys);
+    for (Py_ssize_t i = 0; i < n; ++i) prefetch(dicts[i]);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!PyDict_Check(dicts[i])) return 0;
+      for (Py_ssize_t k = 0; k < n_keys; ++k) {
+        PyObject* value = PyDict_GetItemWithError(dicts[i], PyTuple_GET_ITEM(keys, k));  // borrowed
+        if (value == nullptr) {
+          PyErr_Clear();
+          return 0;
+        }
+        prefetch(value);
+        values[k * n + i] = value;
+      }
+    }
+    for (size_t j = 0; j < values.size(); ++j) {
+      if ((impls[j] = impl_of(values[j])) == nullptr) return 0;
+      prefetch_impl(impls[j]);
+    }
+    for (auto* t : impls) prefetch(t->storage().unsafeGetStorageImpl());
+    for (size_t j = 0; j < impls.size(); ++j) {
+      if (!impls[j]->has_storage() || address(impls[j]) != expected[j]) return 0;
+    }
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// PreparedBucket.refresh for the kernel's params: each param keeps its planned address,
+// dtype and contiguity; its grad is a dense, contiguous CPU tensor of the planned dtype
+// and of grad_nbytes[i] bytes. Then (and only then) grad_row[i] = the grad's address.
+int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs,
+                    const int64_t* grad_nbytes, int64_t* grad_row) {
+  try {
+    if (!PyList_Check(params)) return 0;
+    const Py_ssize_t n = PyList_GET_SIZE(params);
+    PyObject** items = reinterpret_cast<PyListObject*>(params)->ob_item;
+    std::vector<c10::TensorImpl*> ps(n), gs(n);
+    const auto dtype = static_cast<c10::ScalarType>(scalar_type);
+    for (Py_ssize_t i = 0; i < n; ++i) prefetch(items[i]);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if ((ps[i] = impl_of(items[i])) == nullptr) return 0;
+      prefetch_impl(ps[i]);
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      prefetch(ps[i]->autograd_meta());
+      prefetch(ps[i]->storage().unsafeGetStorageImpl());
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
+      if (!g.defined()) return 0;
+      gs[i] = g.unsafeGetTensorImpl();
+      prefetch_impl(gs[i]);
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const c10::TensorImpl* p = ps[i];
+      if (!p->has_storage() || p->dtype().toScalarType() != dtype || !p->is_contiguous() ||
+          address(p) != param_ptrs[i]) {
+        return 0;
+      }
+      const c10::TensorImpl* g = gs[i];
+      if (g->layout() != c10::kStrided || !g->device().is_cpu() || !g->has_storage()) return 0;
+      prefetch(g->storage().unsafeGetStorageImpl());
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const c10::TensorImpl* g = gs[i];
+      if (g->dtype().toScalarType() != dtype || !g->is_contiguous() ||
+          static_cast<int64_t>(g->numel() * g->itemsize()) != grad_nbytes[i]) {
+        return 0;
+      }
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) grad_row[i] = address(gs[i]);
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}
+
+}  // extern "C"

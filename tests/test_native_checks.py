@@ -1,0 +1,220 @@
+"""checks.cpp (the step cache's per-tensor checks in C++) decides as the Python checks do,
+and native_checks.py builds, loads or leaves it out as documented.
+
+test_step_cache.py and test_edge_cases.py run whole optimizers through both (the
+``checks_mode`` fixture); here each check meets each kind of change on its own."""
+
+from __future__ import annotations
+
+import threading
+from array import array
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.backends.cpu import native_checks
+
+pytestmark = pytest.mark.skipif(native_checks.compiler_path() is None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def checks():
+    return native_checks.load_now()
+
+
+@pytest.fixture
+def fresh_module_state():
+    saved = native_checks._lib, native_checks._state, native_checks.MANY_TENSORS
+    native_checks._lib, native_checks._state = None, "not needed yet"
+    yield
+    native_checks._lib, native_checks._state, native_checks.MANY_TENSORS = saved
+
+
+def _cached(n=6, dtype=torch.bfloat16, **kw):
+    params = [torch.nn.Parameter(torch.randn(37 + i, dtype=dtype)) for i in range(n)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = adamkit.Adam(params, lr=1e-3, backend="cpu", **kw)
+    opt.step()
+    opt.step()  # the second step runs from the cache
+    (cb,) = opt._step_cache.buckets
+    return params, opt, cb
+
+
+# ---- refresh: each way a param or grad can stop fitting the plan --------------------------
+
+def _grad_none(ps):
+    ps[1].grad = None
+
+
+def _grad_sparse(ps):
+    ps[2].grad = ps[2].grad.to_sparse()
+
+
+def _grad_strided(ps):
+    ps[3].grad = torch.randn(2 * ps[3].numel(), dtype=ps[3].dtype)[::2]
+
+
+def _grad_other_dtype(ps):  # `.grad.data =` skips the setter's dtype check
+    ps[0].grad.data = ps[0].grad.data.float()
+
+
+def _grad_other_size(ps):
+    ps[4].grad.data = ps[4].grad.data[:5]
+
+
+def _grad_same_bytes_other_shape(ps):  # same bytes: accepted, runs in memory order
+    ps[5].grad.data = ps[5].grad.data.view(1, -1)
+
+
+def _param_moved(ps):
+    ps[1].data = ps[1].data.clone()
+
+
+def _param_same_bytes_other_dtype(ps):  # same address, bf16 bits read as fp16
+    ps[2].data = ps[2].data.view(torch.float16)
+
+
+def _param_strided(ps):  # same address, every other element
+    ps[0].data = ps[0].data.as_strided((ps[0].numel() // 2,), (2,))
+
+
+def _no_change(ps):
+    pass
+
+
+CHANGES = [_no_change, _grad_none, _grad_sparse, _grad_strided, _grad_other_dtype, _grad_other_size,
+           _grad_same_bytes_other_shape, _param_moved, _param_same_bytes_other_dtype, _param_strided]
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
+def test_refresh_decides_as_python(checks, change):
+    params, _, cb = _cached()
+    change(params)
+    prepared = cb.prepared
+    row = slice(prepared.grad_row, prepared.grad_row + prepared.n)
+    before = list(prepared.table[row])
+    native = prepared.refresh_native(checks)
+    native_row = list(prepared.table[row])
+    prepared.table[row] = array("q", before)
+    grads = [p.grad for p in params]
+    python = None not in grads and prepared.refresh(grads)
+    assert native == python
+    assert native == (change in (_no_change, _grad_same_bytes_other_shape))
+    if native:  # the grads' addresses, as the Python refresh writes them
+        assert native_row == list(prepared.table[row]) == [p.grad.data_ptr() for p in params]
+    else:
+        assert native_row == before  # nothing written when a check fails
+
+
+# ---- the state tensors, by address -------------------------------------------------------
+
+def _state_replaced(opt, ps):
+    st = opt.state[ps[1]]
+    st["exp_avg"] = st["exp_avg"].clone()
+
+
+def _state_new_storage(opt, ps):
+    opt.state[ps[2]]["exp_avg_sq"].data = opt.state[ps[2]]["exp_avg_sq"].data.clone()
+
+
+def _state_key_dropped(opt, ps):
+    del opt.state[ps[3]]["exp_avg"]
+
+
+def _state_not_a_tensor(opt, ps):
+    opt.state[ps[0]]["step"] = 2.0
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _state_subclass(opt, ps):  # same storage, another type
+    st = opt.state[ps[4]]
+    st["exp_avg"] = st["exp_avg"].as_subclass(_Subclass)
+
+
+STATE_CHANGES = [_state_replaced, _state_new_storage, _state_key_dropped, _state_not_a_tensor,
+                 _state_subclass]
+
+
+@pytest.mark.parametrize("change", STATE_CHANGES, ids=lambda f: f.__name__.strip("_"))
+def test_state_changes_are_caught(checks, change):
+    """Each change fails the address check (the Python one accepts a tensor subclass at
+    the planned address; checks.cpp re-plans, and the new plan keeps Python checks)."""
+    params, opt, cb = _cached()
+    keys = tuple(key for key, _, _ in cb.key_rows)
+    pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
+    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]) == 1
+    change(opt, params)
+    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]) == 0
+
+
+def test_identity_checks_read_addresses_only(checks):
+    items = [object() for _ in range(5)]
+    ids = array("q", map(id, items))
+    assert checks.adamkit_list_is(items, ids.buffer_info()[0], 5) == 1
+    assert checks.adamkit_list_is(items[:4], ids.buffer_info()[0], 5) == 0
+    assert checks.adamkit_list_is(tuple(items), ids.buffer_info()[0], 5) == 0  # not a list
+    swapped = items[:2] + [object()] + items[3:]
+    assert checks.adamkit_list_is(swapped, ids.buffer_info()[0], 5) == 0
+    d = {k: v for k, v in zip(items, reversed(items))}
+    keys, values = array("q", map(id, d.keys())), array("q", map(id, d.values()))
+    assert checks.adamkit_dict_is(d, keys.buffer_info()[0], values.buffer_info()[0], 5) == 1
+    d[items[0]] = object()
+    assert checks.adamkit_dict_is(d, keys.buffer_info()[0], values.buffer_info()[0], 5) == 0
+    assert checks.adamkit_dict_is(list(d), keys.buffer_info()[0], values.buffer_info()[0], 5) == 0
+
+
+def test_grads_present_follows_the_mask(checks):
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    params[1].grad = torch.randn(3)
+    params[3].grad = torch.randn(3)
+    mask = array("B", [0, 1, 0, 1])
+    assert checks.adamkit_grads_present(params, mask.buffer_info()[0]) == 1
+    params[0].grad = torch.randn(3)
+    assert checks.adamkit_grads_present(params, mask.buffer_info()[0]) == 0
+    assert checks.adamkit_grads_present([params[1], 5], mask.buffer_info()[0]) == 0
+
+
+# ---- building and loading ----------------------------------------------------------------
+
+def _wait_for_build():
+    for thread in threading.enumerate():
+        if thread.name == "adamkit-native-checks":
+            thread.join(timeout=120)
+
+
+def test_many_tensors_build_in_the_background_then_take_over(checks, fresh_module_state, monkeypatch):
+    monkeypatch.delenv("ADAMKIT_NATIVE_CHECKS", raising=False)
+    native_checks.MANY_TENSORS = 4
+    params, opt, cb = _cached(n=3)
+    assert native_checks.status() == "not needed yet" and opt._step_cache.native is None
+    params, opt, cb = _cached(n=6)  # the built library is in the cache: loads at once
+    _wait_for_build()
+    assert native_checks.status() == "loaded"
+    opt.step()
+    assert opt._step_cache.native is not None  # the next cached step took it
+
+
+def test_a_failed_build_leaves_the_python_checks(fresh_module_state, monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    monkeypatch.setenv("ADAMKIT_NATIVE_CHECKS", "1")
+    native_checks.MANY_TENSORS = 1
+    params, opt, cb = _cached()
+    assert native_checks.status().startswith("failed: building checks.cpp failed")
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert opt._step_cache.native is None
+    assert all(not torch.equal(a, b) for a, b in zip(before, params))  # it stepped
+
+
+def test_turned_off_even_when_loaded(checks, monkeypatch):
+    monkeypatch.setenv("ADAMKIT_NATIVE_CHECKS", "0")
+    monkeypatch.setattr(native_checks, "MANY_TENSORS", 1)
+    assert native_checks._lib is not None and native_checks.get(100) is None
+    _, opt, _ = _cached()
+    assert opt._step_cache.native is None
