@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,19 @@ def _annotate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ratios
 
 
+def _native_checks_now() -> None:
+    """Build the step cache's C++ checks before measuring (native_checks.py), so that no
+    background build runs during the rounds; where it fails, the Python checks are
+    measured, and the header says so."""
+    from ..backends.cpu import native_checks
+
+    if os.environ.get("ADAMKIT_NATIVE_CHECKS") != "0" and native_checks.compiler_path():
+        try:
+            native_checks.load_now()
+        except Exception:  # noqa: BLE001  (status() says why)
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
@@ -153,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                f"no optimizer matches {names} (names as in the table; see RESULTS.md)")
         print(f"adamkit bench: error: {why}", file=sys.stderr)
         return 2
+    _native_checks_now()
     info = report.machine()
-    print(f"machine: {info['cpu']}, {info['torch_threads']} torch threads, kernel {info['adamkit_cpu_kernel']}")
+    print(f"machine: {info['cpu']}, {info['torch_threads']} torch threads, kernel "
+          f"{info['adamkit_cpu_kernel']}, step-cache checks in C++: {info['adamkit_native_checks']}")
 
     results, skipped = [], []
     for config in configs:

@@ -22,6 +22,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     from ..backends import cpu
+    from ..backends.cpu import native_checks
 
     return {
         "cpu": model,
@@ -30,6 +31,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "adamkit_cpu_kernel": cpu.BACKEND.isa if cpu.BACKEND.unavailable_reason() is None else None,
+        "adamkit_native_checks": native_checks.status(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }

@@ -45,6 +45,8 @@ _state = "not needed yet"  # or "building", "loaded", "off", "failed: <why>"
 
 def status() -> str:
     """What the native checks are doing in this process (for reports and tests)."""
+    if os.environ.get("ADAMKIT_NATIVE_CHECKS") == "0":
+        return "off (ADAMKIT_NATIVE_CHECKS=0)"
     return _state
 
 
@@ -71,7 +73,11 @@ def load_now() -> ctypes.PyDLL:
     """Build (if needed) and load in the foreground; raises with the reason on failure."""
     global _lib
     if _lib is None:
-        _lib = _open(_build())
+        try:
+            _lib = _open(_build())
+        except Exception as exc:
+            _set_state(f"failed: {exc}")
+            raise
         _set_state("loaded")
     return _lib
 
