@@ -25,7 +25,7 @@ setup(
             f"adamkit.backends.cpu._adam_{isa}",
             sources=[f"src/adamkit/backends/cpu/adam_{isa}.cpp"],
             depends=["src/adamkit/backends/cpu/adam.h", "src/adamkit/backends/cpu/common.h",
-                     "src/adamkit/backends/cpu/simd.h"],
+                     "src/adamkit/backends/cpu/simd.h", "src/adamkit/backends/cpu/simd512.h"],
             language="c++",
             extra_compile_args=FLAGS + flags,
             extra_link_args=["-fopenmp"],

@@ -5,8 +5,9 @@
 Copies the kernel headers (src/adamkit/backends/cpu/*.h) to a temporary directory,
 applies one textual edit per variant (drop √ and the divisions, round bf16 by
 truncation, ...), compiles a small C++ driver against each copy with setup.py's flags
-for this CPU, and times the 16-lane paths of simd.h on data that stays in L1, on one
-core: ns per element. The variants compute wrong numbers on purpose; only their
+for this CPU, and times the 16-lane paths the kernel runs (simd.h; int8 blocks of
+float32 and bf16 params: simd512.h's where the CPU has AVX-512) on data that stays in L1,
+on one core: ns per element. The variants compute wrong numbers on purpose; only their
 speed is of interest: what a piece costs is how much faster the kernel runs without it.
 Variants run interleaved, several rounds, best round reported; a variant whose edit
 no longer matches the source is reported as such (update its edit).
@@ -37,7 +38,9 @@ VARIANTS = {
     "√ and one division (÷√bc2 as ×)": [("common.h", "sqrt_(v) / c.bc2_sqrt + c.eps", "sqrt_(v) * c.bc2_sqrt + c.eps")],
     "÷√bc2 exact by reciprocal + 2 FMA (Markstein)": [("common.h", "const F denom = sqrt_(v) / c.bc2_sqrt + c.eps;",
         "const F x = sqrt_(v), rb = F{} + 1.f / c.bc2_sqrt, b = F{} + c.bc2_sqrt;\n"
-        "        const F q = x * rb, e = _mm256_fnmadd_ps(q, b, x), q1 = _mm256_fmadd_ps(e, rb, q);\n"
+        "        const auto fnmadd = [](F a, F b, F c) { if constexpr (sizeof(F) == 64) return F(_mm512_fnmadd_ps(a, b, c)); else return F(_mm256_fnmadd_ps(a, b, c)); };\n"
+        "        const auto fmadd = [](F a, F b, F c) { if constexpr (sizeof(F) == 64) return F(_mm512_fmadd_ps(a, b, c)); else return F(_mm256_fmadd_ps(a, b, c)); };\n"
+        "        const F q = x * rb, e = fnmadd(q, b, x), q1 = fmadd(e, rb, q);\n"
         "        const F denom = (q1 != q1 ? q : q1) + c.eps;")],
     # Late steps: the instantiation without ÷√bc2 the kernel takes once √bc2 is 1 (BC2_ONE),
     # made the default that the driver's calls get.
@@ -45,14 +48,20 @@ VARIANTS = {
         ("simd.h", "template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = false>",
          "template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = true>"),
         ("simd.h", "template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>",
+         "template <class P, int U, bool AMSGRAD, bool BC2_ONE = true>"),
+        ("simd512.h", "template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>",
          "template <class P, int U, bool AMSGRAD, bool BC2_ONE = true>")],
     "bf16 rounding by truncation": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
+                                    "{ return bits_of(x) >> 16; }"),
+                                   ("simd512.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
                                     "{ return bits_of(x) >> 16; }"),
                                    ("simd.h", "#define ADAMKIT_HW_BF16 1", "")],
     # Where the CPU has AVX512_BF16 (-march=native), the kernel rounds with it; this row
     # is the software rounding that other CPUs run.
     "bf16 rounding in software (no AVX512_BF16)": [("simd.h", "#define ADAMKIT_HW_BF16 1", "")],
     "NaN test in every group": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
+                                 "{ return bf16_bits(x); }"),
+                                ("simd512.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
                                  "{ return bf16_bits(x); }")],
     # The encoder also gives the stored value (session 5); without it: the codes only.
     "int8: no encode (codes = top bits)": [
@@ -61,7 +70,11 @@ VARIANTS = {
                    "            const u8v va = encode_v_bits(B.v[2 * k], vcod, B.v[2 * k]);\n"
                    "            const u8v vh = encode_v_bits(B.v[2 * k + 1], vcod, B.v[2 * k + 1]);\n",
          "            const u8v ma = bits_of(B.m[2 * k]) >> 24, mh = bits_of(B.m[2 * k + 1]) >> 24;\n"
-         "            const u8v va = bits_of(B.v[2 * k]) >> 24, vh = bits_of(B.v[2 * k + 1]) >> 24;\n")],
+         "            const u8v va = bits_of(B.v[2 * k]) >> 24, vh = bits_of(B.v[2 * k + 1]) >> 24;\n"),
+        ("simd512.h", "            store_codes_w(mq + i, encode_m_bits(B.m[k], mcod, B.m[k]));\n"
+                      "            store_codes_w(vq + i, encode_v_bits(B.v[k], vcod, B.v[k]));\n",
+         "            store_codes_w(mq + i, bits_of(B.m[k]) >> 24);\n"
+         "            store_codes_w(vq + i, bits_of(B.v[k]) >> 24);\n")],
     "no software prefetch": [("simd.h", "    at(U == MASTER ? static_cast<const void*>(master + i) : p + i);\n"
                                         "    at(g + i);\n"
                                         "    if constexpr (U == KAHAN) at(comp + i);\n"
@@ -71,6 +84,11 @@ VARIANTS = {
 
 DRIVER = r"""
 #include "simd.h"
+#if defined(ADAMKIT_SIMD512)
+#define INT8_BLOCKS blocks512
+#else
+#define INT8_BLOCKS blocks16
+#endif
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -113,8 +131,8 @@ int main() {
         using T = typename decltype(P)::type;
         T* p = std::is_same_v<T, float> ? (T*)d.pf.data() : (T*)d.p.data();
         const T* g = std::is_same_v<T, float> ? (const T*)d.gf.data() : (const T*)d.g.data();
-        return best_ns([&] {
-            blocks16<T, decltype(U)::value, false>(c, p, g, d.mq.data(), d.ms.data(), d.vq.data(), d.vs.data(),
+        return best_ns([&] {  // the int8 blocks the kernel runs on this build (adam.h)
+            INT8_BLOCKS<T, decltype(U)::value, false>(c, p, g, d.mq.data(), d.ms.data(), d.vq.data(), d.vs.data(),
                                                    nullptr, nullptr, (T*)d.comp.data(), d.master.data(), 7u, 0, n);
         }, n, 10000, 7);
     };

@@ -37,10 +37,18 @@ struct Step {
 #if defined(ADAMKIT_SIMD16)
             b0 = lo + (hi - lo) / BLOCK * BLOCK;
             with_bc2_one(c, [&](auto bc2_one) {
-                blocks16<P, U, AMSGRAD, decltype(bc2_one)::value>(
-                    c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t], static_cast<uint8_t*>(v),
-                    a.exp_avg_sq_scales[t], static_cast<uint8_t*>(vmax),
-                    AMSGRAD ? a.max_exp_avg_sq_scales[t] : nullptr, comp, master, key, lo, b0);
+                constexpr bool ONE = decltype(bc2_one)::value;
+                const auto blocks = [&](auto run) {
+                    run(c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t], static_cast<uint8_t*>(v),
+                        a.exp_avg_sq_scales[t], static_cast<uint8_t*>(vmax),
+                        AMSGRAD ? a.max_exp_avg_sq_scales[t] : nullptr, comp, master, key, lo, b0);
+                };
+#if defined(ADAMKIT_SIMD512)
+                if constexpr (!std::is_same_v<P, half>) blocks(blocks512<P, U, AMSGRAD, ONE>);
+                else blocks(blocks16<P, U, AMSGRAD, ONE>);
+#else
+                blocks(blocks16<P, U, AMSGRAD, ONE>);
+#endif
             });
 #endif
             for (; b0 < hi; b0 += BLOCK) {

@@ -110,6 +110,18 @@ inline f8 abs_(f8 x) { return float_of(bits_of(x) & 0x7FFFFFFFu); }
 inline f8 floor_(f8 x) { return _mm256_floor_ps(x); }
 inline f8 copysign_(f8 x, f8 s) { return float_of((bits_of(x) & 0x7FFFFFFFu) | (bits_of(s) & 0x80000000u)); }
 #endif
+#if defined(__AVX512F__)
+// Sixteen lanes: the int8 blocks of the AVX-512 builds (simd512.h) run the same templates
+// on these.
+typedef float f16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+inline u16v bits_of(f16v x) { return reinterpret_cast<u16v>(x); }
+inline f16v float_of(u16v u) { return reinterpret_cast<f16v>(u); }
+inline u16v when(i16v m, uint32_t v) { return reinterpret_cast<u16v>(m) & v; }
+inline f16v float_from_small(u16v x) { return __builtin_convertvector(reinterpret_cast<i16v>(x), f16v); }
+inline f16v abs_(f16v x) { return float_of(bits_of(x) & 0x7FFFFFFFu); }
+#endif
 
 // bf16 bits of x, not NaN, rounded to nearest even: u + 0x7FFF + lsb, written as
 // u + 0x8000 − [lsb = 0]: the rounding bit without a shift, one vector op fewer in simd.h.
@@ -148,6 +160,9 @@ struct Consts {
 inline float sqrt_(float x) { return std::sqrt(x); }
 #if defined(__AVX__)
 inline f8 sqrt_(f8 x) { return _mm256_sqrt_ps(x); }
+#endif
+#if defined(__AVX512F__)
+inline f16v sqrt_(f16v x) { return _mm512_sqrt_ps(x); }
 #endif
 
 // g (unscaled, negated when maximizing) plus coupled decay λθ.
@@ -279,6 +294,9 @@ inline uint32_t trunc_u32(float x) { return uint32_t(int32_t(x)); }  // |x| < 2^
 #if defined(__AVX__)
 // AVX2 converts float↔int32 only: through int32, which holds every value used here.
 inline u8v trunc_u32(f8 x) { return reinterpret_cast<u8v>(__builtin_convertvector(x, i8v)); }
+#endif
+#if defined(__AVX512F__)
+inline u16v trunc_u32(f16v x) { return reinterpret_cast<u16v>(__builtin_convertvector(x, i16v)); }
 #endif
 
 template <int B, class U> inline auto decode_magnitude(U c) {

@@ -89,7 +89,7 @@ def _installed_path(isa: str) -> Path | None:
 def _cache_dir() -> Path:
     root = os.environ.get("ADAMKIT_CACHE") or Path.home() / ".cache" / "adamkit"
     digest = hashlib.sha256()
-    for name in ("adam.h", "common.h", "simd.h"):
+    for name in ("adam.h", "common.h", "simd.h", "simd512.h"):
         digest.update((HERE / name).read_bytes())
     digest.update(" ".join(FLAGS).encode())
     return Path(root) / f"cpu-abi{ABI_VERSION}-{digest.hexdigest()[:16]}"

@@ -1,0 +1,157 @@
+// int8 moments in 16-lane (512-bit) vectors, for the AVX-512 builds: float32 and bfloat16
+// params (float16 params keep simd.h's 8-lane blocks16).
+//
+// The int8 step is compute-bound (the codec, benchmarks/RESULTS.md): about twice its
+// memory time on every machine measured. On a CPU that executes 512-bit operations at
+// full width (Zen 5, Intel's server cores) one instruction does the work of two 8-lane
+// ones; on Zen 4, which splits them, it halves the instructions to decode. The step is
+// simd.h's blocks16 with one 16-lane vector per group of 16 instead of two 8-lane
+// halves, every stream in memory order (AVX-512 widens and narrows 16 values in one
+// instruction, so the unpack order of the 8-lane code buys nothing here), and the same
+// templates of common.h doing the arithmetic, so the two agree bit for bit.
+#pragma once
+
+#if defined(__AVX512F__) && defined(ADAMKIT_SIMD16)
+#define ADAMKIT_SIMD512 1
+
+namespace {
+
+inline f16v load_w(const float* p) { return _mm512_loadu_ps(p); }
+inline f16v widen_w(__m256i bf16x16) {  // 16 bf16 in memory order, as float32
+    return reinterpret_cast<f16v>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16), 16));
+}
+inline f16v load_w(const bf16* p) { return widen_w(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void store_w(float* p, f16v x) { _mm512_storeu_ps(p, x); }
+inline void store_w(bf16* p, __m256i bits) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits); }
+// bf16 bit patterns in the low half of each 32-bit lane, narrowed (vpmovdw) to memory order.
+inline __m256i narrow_w(u16v bits) { return _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(bits)); }
+
+// Codes: one byte per element, in the low bits of 32-bit lanes (vpmovzxbd / vpmovdb).
+inline u16v load_codes_w(const uint8_t* q) {
+    return reinterpret_cast<u16v>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+inline void store_codes_w(uint8_t* q, u16v codes) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(reinterpret_cast<__m512i>(codes)));
+}
+// 16 m codes decoded with F16C's 16-lane form, as simd.h's decode_m16 (why it is exact
+// is explained there).
+inline f16v decode_m_w(const uint8_t* q, float scale) {
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    const __m256i h = _mm256_slli_epi16(_mm256_add_epi16(w, _mm256_and_si256(w, _mm256_set1_epi16(0x80))), 7);
+    return _mm512_cvtph_ps(h) * 256.f * scale;
+}
+
+inline bool any_nan_w(f16v x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0; }
+inline u16v bf16_bits_w(f16v x, bool nan) { return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }
+inline float max_lanes_w(f16v x) {  // as max_lanes: a running max from 0 (a NaN never enters)
+    float m = 0.f;
+    for (int k = 0; k < 16; ++k) m = max_(m, x[k]);
+    return m;
+}
+// sr_bits of the 16 elements from i (a multiple of 16): the 8 pair hashes read as 16
+// 16-bit values are the elements' bits in memory order (simd.h's pair_hashes).
+inline u16v sr_bits_w(int64_t i, uint32_t key) {
+    return reinterpret_cast<u16v>(_mm512_cvtepu16_epi32(pair_hashes(i, key)));
+}
+
+// θ_new of 16 bf16 params, rounded by the update policy and stored (simd.h's write16).
+template <int U>
+ADAMKIT_INLINE void write_w(const Consts& c, f16v th, f16v d, bf16* p, bf16* comp, float* master,
+                            int64_t i, uint32_t key) {
+    const f16v x = apply(c, th, d);
+#if defined(ADAMKIT_HW_BF16)
+    constexpr int DENORMAL = 0x20;  // vcvtneps2bf16 takes a denormal as ±0: software below
+    if constexpr (U != STOCHASTIC) {
+        if (!_mm512_fpclass_ps_mask(x, DENORMAL)) {
+            const __m256i pb = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+            f16v r = {};
+            if constexpr (U == KAHAN) r = x - widen_w(pb);  // x − round(x): NaN also where x is ±∞
+            if (U != KAHAN || !_mm512_fpclass_ps_mask(r, DENORMAL)) {
+                if constexpr (U == MASTER) store_w(master + i, x);
+                store_w(p + i, pb);
+                if constexpr (U == KAHAN) store_w(comp + i, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r)));
+                return;
+            }
+        }
+    }
+#endif
+    const bool nan = any_nan_w(U == KAHAN ? x - x : x);
+    u16v pb;
+    if constexpr (U == STOCHASTIC) {
+        const u16v sr = stochastic_bf16_bits(x, sr_bits_w(i, key));
+        pb = nan ? (x != x ? bf16_bits(x) : sr) : sr;  // a NaN to nearest (formats.md)
+    } else {
+        pb = bf16_bits_w(x, nan);
+    }
+    if constexpr (U == MASTER) store_w(master + i, x);
+    store_w(p + i, narrow_w(pb));
+    if constexpr (U == KAHAN) store_w(comp + i, narrow_w(bf16_bits_w(x - float_of(pb << 16), nan)));
+}
+
+// simd.h's blocks16 (its comments apply) on one 16-lane vector per group of 16.
+template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
+inline void blocks512(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
+                      float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
+                      int64_t lo, int64_t hi) {
+    static_assert(std::is_same_v<P, float> || std::is_same_v<P, bf16>, "float16 params: blocks16");
+    constexpr bool OVERLAP = std::is_same_v<P, float>;
+    struct Block {
+        f16v th[16], m[16], v[16];
+    } buf[2];
+    const auto write = [&](const Block& B, int64_t b0, int k) {
+        const f16v d = direction<BC2_ONE>(c, B.m[k], B.v[k]);
+        if constexpr (std::is_same_v<P, float>) store_w(p + b0 + 16 * k, apply(c, B.th[k], d));
+        else write_w<U>(c, B.th[k], d, p, comp, master, b0 + 16 * k, key);
+    };
+    for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
+        const int64_t blk = b0 / BLOCK;
+        Block& B = buf[blk & 1];
+        const Block& prev = buf[~blk & 1];
+        const bool has_prev = OVERLAP && b0 > lo;
+        f16v mabs = {}, vabs = {};
+        const float mscale = msc[blk], vscale = vsc[blk];
+        for (int k = 0; k < 16; ++k) {  // decode and step, block maxima
+            const int64_t i = b0 + 16 * k;
+            prefetch<U>(p, g, mq, vq, comp, master, i + BLOCK);
+            if constexpr (AMSGRAD) _mm_prefetch(reinterpret_cast<const char*>(vmq + i + BLOCK), _MM_HINT_T0);
+            const f16v t = U == MASTER ? load_w(master + i) : load_w(p + i);
+            const f16v th = U == KAHAN ? t + load_w(comp + i) : t;
+            const f16v gi = grad(c, load_w(g + i), th);
+            const f16v mi = lerp(c, decode_m_w(mq + i, mscale), gi);
+            const f16v vi = c.beta2 * decode_v_bits(load_codes_w(vq + i), vscale) + c.omb2 * gi * gi;
+            B.th[k] = th;
+            B.m[k] = mi;
+            B.v[k] = vi;
+            mabs = max_(mabs, abs_(mi));
+            vabs = max_(vabs, vi);
+        }
+        const Codec mcod(max_lanes_w(mabs), M_MAX), vcod(max_lanes_w(vabs), V_MAX);
+        msc[blk] = mcod.scale;
+        vsc[blk] = vcod.scale;
+        for (int k = 0; k < 16; ++k) {  // encode; the moments become their values as stored
+            const int64_t i = b0 + 16 * k;
+            store_codes_w(mq + i, encode_m_bits(B.m[k], mcod, B.m[k]));
+            store_codes_w(vq + i, encode_v_bits(B.v[k], vcod, B.v[k]));
+            if (has_prev) write(prev, b0 - BLOCK, k);
+        }
+        if constexpr (AMSGRAD) {  // max v: the old one decoded, against v as stored; re-encoded
+            f16v vmabs = {};
+            const float vmscale = vmsc[blk];
+            for (int k = 0; k < 16; ++k) {
+                B.v[k] = max_nan(decode_v_bits(load_codes_w(vmq + b0 + 16 * k), vmscale), B.v[k]);
+                vmabs = max_(vmabs, B.v[k]);
+            }
+            const Codec vmcod(max_lanes_w(vmabs), V_MAX);
+            vmsc[blk] = vmcod.scale;
+            for (int k = 0; k < 16; ++k)
+                store_codes_w(vmq + b0 + 16 * k, encode_v_bits(B.v[k], vmcod, B.v[k]));
+        }
+        if (!OVERLAP)
+            for (int k = 0; k < 16; ++k) write(B, b0, k);
+    }
+    if (OVERLAP && hi > lo)
+        for (int k = 0; k < 16; ++k) write(buf[(hi / BLOCK - 1) & 1], hi - BLOCK, k);
+}
+
+}  // namespace
+#endif
