@@ -258,10 +258,46 @@ def test_int8_codec_equals_the_spec(tmp_path, stride):
     assert " 0 mismatches" in done.stdout
 
 
+DENORMAL_MODE = """
+import torch, adamkit
+torch.set_num_threads(2)
+if not torch.set_flush_denormal(True):
+    print("skip")
+    raise SystemExit
+warm = torch.ones(1 << 16)
+warm.grad = torch.ones_like(warm)
+adamkit.Adam([warm], backend="cpu").step()  # the OpenMP threads start while flushing
+torch.set_flush_denormal(False)
+# A float32 denormal param with a zero grad: the step leaves it as it is, unless a
+# thread reads it as zero (DAZ), as the pool's threads, started while flushing, would.
+# (Not against the torch backend: torch's own parallel ops run on those threads too.)
+p = torch.full((1 << 16,), 3e-39)
+p.grad = torch.zeros_like(p)
+adamkit.Adam([p], backend="cpu").step()
+kept = int((p.view(torch.int32) == torch.tensor(3e-39).view(torch.int32)).sum())  # bits: no DAZ
+print("same" if kept == p.numel() else f"differ: {p.numel() - kept} flushed")
+"""
+
+
+@needs_kernels
+def test_kernel_threads_follow_the_callers_denormal_mode():
+    """The OpenMP threads run under the calling thread's MXCSR (adam.h, FpMode), not the
+    one they were created with: a pool started under torch.set_flush_denormal(True) kept
+    flushing denormals after set_flush_denormal(False) (in half of each step's chunks)."""
+    done = _python(DENORMAL_MODE)
+    assert done.returncode == 0, done.stderr
+    if done.stdout.strip() == "skip":
+        pytest.skip("this CPU cannot flush denormals")
+    assert done.stdout.strip() == "same"
+
+
 @needs_kernels
 def test_int8_kernel_equals_torch_backend_with_denormals_flushed():
     """Under torch.set_flush_denormal(True) (MXCSR FTZ/DAZ), the kernel's F16C decode of
     m's subnormal codes must still give their values: vcvtph2ps ignores DAZ."""
+    # torch's OpenMP threads keep the mode they start under: start them before flushing,
+    # or they flush for every later test (torch's own parallel ops included)
+    torch.ones(1 << 20).sum()
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
     try:

@@ -11,6 +11,9 @@
 
 #include "common.h"
 #include "simd.h"
+#if defined(__SSE__)
+#include <xmmintrin.h>  // _mm_getcsr, _mm_setcsr
+#endif
 
 namespace {
 
@@ -44,8 +47,7 @@ struct Step {
                         AMSGRAD ? a.max_exp_avg_sq_scales[t] : nullptr, comp, master, key, lo, b0);
                 };
 #if defined(ADAMKIT_SIMD512)
-                if constexpr (!std::is_same_v<P, half>) blocks(blocks512<P, U, AMSGRAD, ONE>);
-                else blocks(blocks16<P, U, AMSGRAD, ONE>);
+                blocks(blocks512<P, U, AMSGRAD, ONE>);
 #else
                 blocks(blocks16<P, U, AMSGRAD, ONE>);
 #endif
@@ -138,6 +140,21 @@ struct Step {
     }
 };
 
+// The calling thread's floating-point mode (MXCSR: denormals flushed or not, rounding),
+// for the OpenMP threads to run under. torch.set_flush_denormal sets it for the calling
+// thread only, and a thread starts with its creator's: the pool's threads run under
+// whatever mode the thread that first started them had (a test that flushed denormals
+// around the first parallel step left them flushing for the rest of the process), while
+// torch's single-threaded ops, and so the torch backend, follow the caller's.
+struct FpMode {
+#if defined(__SSE__)
+    unsigned csr = _mm_getcsr();
+    void apply() const { _mm_setcsr(csr); }
+#else
+    void apply() const {}
+#endif
+};
+
 // All tensors of the bucket, split into chunks of whole blocks, chunks spread over threads.
 template <class P, int S, int U, bool AMSGRAD>
 void step_all(const StepArgs& a) {
@@ -149,8 +166,11 @@ void step_all(const StepArgs& a) {
         total += (a.numels[t] + CHUNK - 1) / CHUNK;
     }
     a.chunk_start[nt] = total;
+    const FpMode caller;
 #pragma omp parallel num_threads(a.n_threads) if (total > 1)
     {
+        const FpMode own;  // restored below: later work on this thread keeps its mode
+        caller.apply();
         const int nth = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t first = total * me / nth, last = total * (me + 1) / nth;
         int64_t t = std::upper_bound(a.chunk_start, a.chunk_start + nt + 1, first) - a.chunk_start - 1;
@@ -160,6 +180,7 @@ void step_all(const StepArgs& a) {
             const int64_t hi = std::min(lo + CHUNK, a.numels[t]);
             Step<P, S, U, AMSGRAD>::run(a, t, lo, hi);
         }
+        own.apply();
     }
 }
 

@@ -121,6 +121,8 @@ inline f16v float_of(u16v u) { return reinterpret_cast<f16v>(u); }
 inline u16v when(i16v m, uint32_t v) { return reinterpret_cast<u16v>(m) & v; }
 inline f16v float_from_small(u16v x) { return __builtin_convertvector(reinterpret_cast<i16v>(x), f16v); }
 inline f16v abs_(f16v x) { return float_of(bits_of(x) & 0x7FFFFFFFu); }
+inline f16v floor_(f16v x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF); }
+inline f16v copysign_(f16v x, f16v s) { return float_of((bits_of(x) & 0x7FFFFFFFu) | (bits_of(s) & 0x80000000u)); }
 #endif
 
 // bf16 bits of x, not NaN, rounded to nearest even: u + 0x7FFF + lsb, written as

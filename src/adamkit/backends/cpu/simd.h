@@ -376,7 +376,7 @@ int64_t run16(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* com
 
 
 // ---- int8 moments: one whole block (BLOCK = 256 = 16 groups) at a time -------------------
-// (The AVX-512 builds run float32 and bf16 params' blocks in 16-lane vectors: simd512.h.)
+// (The AVX-512 builds run them in 16-lane vectors instead: simd512.h.)
 // Step::block's three passes (adam.h) on 16 lanes: decode and step, block maxima; encode
 // (which also gives the values as stored); write the params. The codes follow the lane
 // order of the params: for bf16 and float32 params, widened byte → 16 bit in order, then

@@ -1,5 +1,4 @@
-// int8 moments in 16-lane (512-bit) vectors, for the AVX-512 builds: float32 and bfloat16
-// params (float16 params keep simd.h's 8-lane blocks16).
+// int8 moments in 16-lane (512-bit) vectors, for the AVX-512 builds, every param dtype.
 //
 // The int8 step is compute-bound (the codec, benchmarks/RESULTS.md): about twice its
 // memory time on every machine measured. On a CPU that executes 512-bit operations at
@@ -21,8 +20,12 @@ inline f16v widen_w(__m256i bf16x16) {  // 16 bf16 in memory order, as float32
     return reinterpret_cast<f16v>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16), 16));
 }
 inline f16v load_w(const bf16* p) { return widen_w(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline f16v load_w(const half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline void store_w(float* p, f16v x) { _mm512_storeu_ps(p, x); }
 inline void store_w(bf16* p, __m256i bits) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits); }
+inline void store_w(half* p, __m256i bits) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits); }
+// float16: rounded to nearest even (F16C, as simd.h's half_bits).
+inline __m256i half_bits_w(f16v x) { return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 // bf16 bit patterns in the low half of each 32-bit lane, narrowed (vpmovdw) to memory order.
 inline __m256i narrow_w(u16v bits) { return _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(bits)); }
 
@@ -88,13 +91,28 @@ ADAMKIT_INLINE void write_w(const Consts& c, f16v th, f16v d, bf16* p, bf16* com
     if constexpr (U == KAHAN) store_w(comp + i, narrow_w(bf16_bits_w(x - float_of(pb << 16), nan)));
 }
 
+// θ_new of 16 float16 params (simd.h's write16 for half).
+template <int U>
+ADAMKIT_INLINE void write_w(const Consts& c, f16v th, f16v d, half* p, half* comp, float* master,
+                            int64_t i, uint32_t key) {
+    const f16v x = apply(c, th, d);
+    __m256i pb;
+    if constexpr (U == STOCHASTIC) {  // its value is a float16: converting it is exact
+        pb = half_bits_w(stochastic_half_value(x, sr_bits_w(i, key)));
+    } else {
+        pb = half_bits_w(x);
+    }
+    if constexpr (U == MASTER) store_w(master + i, x);
+    store_w(p + i, pb);
+    if constexpr (U == KAHAN) store_w(comp + i, half_bits_w(x - _mm512_cvtph_ps(pb)));
+}
+
 // simd.h's blocks16 (its comments apply) on one 16-lane vector per group of 16.
 template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
 inline void blocks512(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
                       float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
                       int64_t lo, int64_t hi) {
-    static_assert(std::is_same_v<P, float> || std::is_same_v<P, bf16>, "float16 params: blocks16");
-    constexpr bool OVERLAP = std::is_same_v<P, float>;
+    constexpr bool OVERLAP = !std::is_same_v<P, bf16>;
     struct Block {
         f16v th[16], m[16], v[16];
     } buf[2];
