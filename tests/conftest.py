@@ -33,11 +33,11 @@ def checks_mode(request):
     """Runs a module's tests twice: with the step cache's checks in Python, and in C++
     (adamkit/backends/cpu/checks.cpp, used for plans of any size here), which must take
     the same decisions. Module-scoped, so hypothesis tests can use it."""
-    from adamkit.backends.cpu import native_checks
+    from adamkit.backends.cpu import library, native_checks
 
     saved = native_checks._lib, native_checks._state, native_checks.MANY_TENSORS
     if request.param == "native checks":
-        if native_checks.compiler_path() is None:
+        if library.compiler_path() is None:
             pytest.skip("no C++ compiler to build checks.cpp")
         native_checks.load_now()  # a failed build fails the tests: CI has a compiler
         native_checks.MANY_TENSORS = 0

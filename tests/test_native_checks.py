@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import adamkit
-from adamkit.backends.cpu import native_checks
+from adamkit.backends.cpu import library, native_checks
 
-pytestmark = pytest.mark.skipif(native_checks.compiler_path() is None, reason="no C++ compiler")
+pytestmark = pytest.mark.skipif(library.compiler_path() is None, reason="no C++ compiler")
 
 
 @pytest.fixture(scope="module")

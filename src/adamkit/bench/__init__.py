@@ -133,9 +133,9 @@ def _native_checks_now() -> None:
     """Build the step cache's C++ checks before measuring (native_checks.py), so that no
     background build runs during the rounds; where it fails, the Python checks are
     measured, and the header says so."""
-    from ..backends.cpu import native_checks
+    from ..backends.cpu import library, native_checks
 
-    if os.environ.get("ADAMKIT_NATIVE_CHECKS") != "0" and native_checks.compiler_path():
+    if os.environ.get("ADAMKIT_NATIVE_CHECKS") != "0" and library.compiler_path():
         try:
             native_checks.load_now()
         except Exception:  # noqa: BLE001  (status() says why)

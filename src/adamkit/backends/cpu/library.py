@@ -95,23 +95,32 @@ def _cache_dir() -> Path:
     return Path(root) / f"cpu-abi{ABI_VERSION}-{digest.hexdigest()[:16]}"
 
 
-def _build(isa: str) -> Path:
-    """Compile one variant into the cache (atomically: a killed build leaves nothing)."""
-    target = _cache_dir() / f"_adam_{isa}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+def compiler_path() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def compile_into(target: Path, what: str, args: list[str]) -> Path:
+    """Compile (the compiler, then ``args``, then ``-o``) into ``target`` unless it is
+    there already, atomically: a killed build leaves nothing. ``what`` names it in errors."""
     if target.exists():
         return target
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = compiler_path()
     if compiler is None:
-        raise RuntimeError("no C++ compiler found to build the CPU kernels")
+        raise RuntimeError(f"no C++ compiler found to build {what}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, *ISA_FLAGS[isa], str(HERE / f"adam_{isa}.cpp"), "-o", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run([compiler, *args, "-o", str(out)], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"building the CPU kernels failed: {done.stderr.strip()[-400:]}")
+            raise RuntimeError(f"building {what} failed: {done.stderr.strip()[-400:]}")
         os.replace(out, target)
     return target
+
+
+def _build(isa: str) -> Path:
+    """Compile one variant into the cache."""
+    target = _cache_dir() / f"_adam_{isa}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    return compile_into(target, "the CPU kernels", [*FLAGS, *ISA_FLAGS[isa], str(HERE / f"adam_{isa}.cpp")])
 
 
 def _open(path: Path) -> ctypes.CDLL:

@@ -24,15 +24,14 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from . import library
 
 HERE = Path(__file__).parent
 VERSION = 1  # adamkit_checks_version() in checks.cpp
@@ -98,10 +97,6 @@ def _build_and_load() -> None:
     _set_state("loaded")
 
 
-def compiler_path() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
 def _target() -> Path:
     root = os.environ.get("ADAMKIT_CACHE") or Path.home() / ".cache" / "adamkit"
     digest = hashlib.sha256((HERE / "checks.cpp").read_bytes())
@@ -112,30 +107,19 @@ def _target() -> Path:
 
 
 def _build() -> Path:
-    """Compile checks.cpp against this torch into the cache, atomically."""
+    """Compile checks.cpp against this torch into the cache."""
     target = _target()
     if target.exists():
         return target
-    compiler = compiler_path()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found")
     from torch.utils import cpp_extension  # only here: importing it takes a while
 
     abi = int(getattr(torch, "compiled_with_cxx11_abi", lambda: True)())
-    flags = ["-std=c++20", "-O2", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-             "-w", f"-I{sysconfig.get_paths()['include']}"]
-    flags += [f"-I{path}" for path in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()[0]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, *flags, str(HERE / "checks.cpp"), "-o", str(out), f"-L{libs}",
-               f"-Wl,-rpath,{libs}", "-ltorch_python", "-ltorch_cpu", "-lc10"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"building checks.cpp failed: {done.stderr.strip()[-400:]}")
-        os.replace(out, target)
-    return target
+    args = ["-std=c++20", "-O2", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+            f"-I{sysconfig.get_paths()['include']}", *(f"-I{path}" for path in cpp_extension.include_paths()),
+            str(HERE / "checks.cpp"), f"-L{libs}", f"-Wl,-rpath,{libs}",
+            "-ltorch_python", "-ltorch_cpu", "-lc10"]
+    return library.compile_into(target, "checks.cpp", args)
 
 
 def _open(path: Path) -> ctypes.PyDLL:
