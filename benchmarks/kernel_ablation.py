@@ -65,16 +65,10 @@ VARIANTS = {
                                  "{ return bf16_bits(x); }")],
     # The encoder also gives the stored value (session 5); without it: the codes only.
     "int8: no encode (codes = top bits)": [
-        ("simd.h", "            const u8v ma = encode_m_bits(B.m[2 * k], mcod, B.m[2 * k]);\n"
-                   "            const u8v mh = encode_m_bits(B.m[2 * k + 1], mcod, B.m[2 * k + 1]);\n"
-                   "            const u8v va = encode_v_bits(B.v[2 * k], vcod, B.v[2 * k]);\n"
-                   "            const u8v vh = encode_v_bits(B.v[2 * k + 1], vcod, B.v[2 * k + 1]);\n",
-         "            const u8v ma = bits_of(B.m[2 * k]) >> 24, mh = bits_of(B.m[2 * k + 1]) >> 24;\n"
-         "            const u8v va = bits_of(B.v[2 * k]) >> 24, vh = bits_of(B.v[2 * k + 1]) >> 24;\n"),
-        ("simd512.h", "            store_codes_w(mq + i, encode_m_bits(B.m[k], mcod, B.m[k]));\n"
-                      "            store_codes_w(vq + i, encode_v_bits(B.v[k], vcod, B.v[k]));\n",
-         "            store_codes_w(mq + i, bits_of(B.m[k]) >> 24);\n"
-         "            store_codes_w(vq + i, bits_of(B.v[k]) >> 24);\n")],
+        ("simd.h", "            for (int h = 0; h < H; ++h) mc[h] = encode_m_bits(B.m[H * k + h], mcod, B.m[H * k + h]);\n"
+                   "            for (int h = 0; h < H; ++h) vc[h] = encode_v_bits(B.v[H * k + h], vcod, B.v[H * k + h]);\n",
+         "            for (int h = 0; h < H; ++h) mc[h] = bits_of(B.m[H * k + h]) >> 24;\n"
+         "            for (int h = 0; h < H; ++h) vc[h] = bits_of(B.v[H * k + h]) >> 24;\n")],
     "no software prefetch": [("simd.h", "    at(U == MASTER ? static_cast<const void*>(master + i) : p + i);\n"
                                         "    at(g + i);\n"
                                         "    if constexpr (U == KAHAN) at(comp + i);\n"

@@ -420,45 +420,76 @@ inline void store_codes(InOrder, uint8_t* q, u8v lo, u8v hi) {
     store_codes16(q, _mm256_permute4x64_epi64(w, 0xD8));
 }
 // max over lanes, as the scalar loop's running std::max from 0 (a NaN never enters).
-inline float max_lanes(f8 x) {
+template <class F> inline float max_lanes(F x) {
     float m = 0.f;
-    for (int k = 0; k < 8; ++k) m = max_(m, x[k]);
+    for (int k = 0; k < int(sizeof(F) / 4); ++k) m = max_(m, x[k]);
     return m;
 }
 
-// One block between its passes: per half group, θ (effective) and the moments (as
-// stored once encoded).
-struct Block16 {
-    f8 th[32], m[32], v[32];
+// A group of 16 elements in the int8 blocks is H vectors of F. Here: 8 lanes, H = 2, in
+// the BlockLayout's lane order (every SIMD build); simd512.h adds 16 lanes, H = 1 (Wide).
+template <class L> struct Lanes {
+    using F = f8;
+    using Q = u8v;
+    static constexpr int H = 2;
 };
+template <class L, class T> ADAMKIT_INLINE void load_group(L layout, const T* p, f8 (&x)[2]) {
+    const Half16 h = load16(layout, p);
+    x[0] = h.lo, x[1] = h.hi;
+}
+template <class L> ADAMKIT_INLINE void decode_m_group(L layout, const uint8_t* q, float scale, f8 (&x)[2]) {
+    const Half16 h = decode_m16(layout, q, scale);
+    x[0] = h.lo, x[1] = h.hi;
+}
+template <class L> ADAMKIT_INLINE void load_codes_group(L layout, const uint8_t* q, u8v (&c)[2]) {
+    load_codes(layout, q, c[0], c[1]);
+}
+template <class L> ADAMKIT_INLINE void store_codes_group(L layout, uint8_t* q, const u8v (&c)[2]) {
+    store_codes(layout, q, c[0], c[1]);
+}
+// θ_new of a group from θ (effective) and the direction, rounded and stored (write16).
+template <int U, class L, class P>
+ADAMKIT_INLINE void write_group(L layout, const Consts& c, const f8 (&th)[2], const f8 (&d)[2], P* p,
+                                P* comp, float* master, int64_t i, uint32_t key) {
+    const Direction16 s = {{th[0], th[1]}, {d[0], d[1]}};
+    if constexpr (std::is_same_v<P, float>) write16(layout, c, s, p, i);
+    else write16<U>(c, s, p, comp, master, i, key);
+}
 
 // Whole blocks [lo, hi) of one tensor (multiples of BLOCK), each in Step::block's three
-// passes. For float32 and float16 params they are software-pipelined across blocks: the
-// param writes of block j−1 (√ and two divisions, the divider's work) run inside block
-// j's encoding loop (ALU work, no division), so the two overlap instead of taking turns:
-// 6–10% faster int8 steps at 16.8M params (interleaved A/B, Zen 3). bf16 params write
-// each block right after encoding it: the same overlap made them 1–11% slower there
-// (their write adds the bf16 rounding, ALU work that competes with the encoding).
-template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
-inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
-                     float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
-                     int64_t lo, int64_t hi) {
-    const BlockLayout<P> L;
+// passes, on the lanes of layout L. For float32 and float16 params they are
+// software-pipelined across blocks: the param writes of block j−1 (√ and two divisions,
+// the divider's work) run inside block j's encoding loop (ALU work, no division), so the
+// two overlap instead of taking turns: 6–10% faster int8 steps at 16.8M params
+// (interleaved A/B, Zen 3). bf16 params write each block right after encoding it: the
+// same overlap made them 1–11% slower there (their write adds the bf16 rounding, ALU
+// work that competes with the encoding).
+template <class L, class P, int U, bool AMSGRAD, bool BC2_ONE>
+inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
+                        float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
+                        int64_t lo, int64_t hi) {
+    using F = typename Lanes<L>::F;
+    using Q = typename Lanes<L>::Q;
+    constexpr int H = Lanes<L>::H;
+    const L layout;
     constexpr bool OVERLAP = !std::is_same_v<P, bf16>;
-    Block16 buf[2];
-    const auto write = [&](const Block16& B, int64_t b0, int k) {  // group k of a block
-        const Direction16 d = {{B.th[2 * k], B.th[2 * k + 1]},
-                               {direction<BC2_ONE>(c, B.m[2 * k], B.v[2 * k]),
-                                direction<BC2_ONE>(c, B.m[2 * k + 1], B.v[2 * k + 1])}};
-        if constexpr (std::is_same_v<P, float>) write16(L, c, d, p, b0 + 16 * k);
-        else write16<U>(c, d, p, comp, master, b0 + 16 * k, key);
+    struct Block {  // one block between its passes: per vector, θ (effective) and the moments
+        F th[16 * H], m[16 * H], v[16 * H];
+    } buf[2];
+    const auto write = [&](const Block& B, int64_t b0, int k) {  // group k of a block
+        F th[H], d[H];
+        for (int h = 0; h < H; ++h) {
+            th[h] = B.th[H * k + h];
+            d[h] = direction<BC2_ONE>(c, B.m[H * k + h], B.v[H * k + h]);
+        }
+        write_group<U>(layout, c, th, d, p, comp, master, b0 + 16 * k, key);
     };
     for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
         const int64_t blk = b0 / BLOCK;
-        Block16& B = buf[blk & 1];
-        const Block16& prev = buf[~blk & 1];  // block b0 − BLOCK; with OVERLAP encoded, not yet written
+        Block& B = buf[blk & 1];
+        const Block& prev = buf[~blk & 1];  // block b0 − BLOCK; with OVERLAP encoded, not yet written
         const bool has_prev = OVERLAP && b0 > lo;
-        f8 mabs = {}, vabs = {};
+        F mabs = {}, vabs = {};
         const float mscale = msc[blk], vscale = vsc[blk];
         for (int k = 0; k < 16; ++k) {  // decode and step, block maxima
             const int64_t i = b0 + 16 * k;
@@ -467,21 +498,22 @@ inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc,
             // Zen 3).
             prefetch<U>(p, g, mq, vq, comp, master, i + BLOCK);
             if constexpr (AMSGRAD) _mm_prefetch(reinterpret_cast<const char*>(vmq + i + BLOCK), _MM_HINT_T0);
-            const Half16 T = U == MASTER ? load16(L, master + i) : load16(L, p + i);
-            const Half16 G = load16(L, g + i);
-            const Half16 C = U == KAHAN ? load16(L, comp + i) : Half16{};
-            const Half16 M = decode_m16(L, mq + i, mscale);
-            u8v qv[2];
-            load_codes(L, vq + i, qv[0], qv[1]);
-            const f8 ts[2] = {T.lo, T.hi}, gs[2] = {G.lo, G.hi}, cs[2] = {C.lo, C.hi}, ms[2] = {M.lo, M.hi};
-            for (int h = 0; h < 2; ++h) {
-                const f8 th = U == KAHAN ? ts[h] + cs[h] : ts[h];
-                const f8 gi = grad(c, gs[h], th);
-                const f8 mi = lerp(c, ms[h], gi);
-                const f8 vi = c.beta2 * decode_v_bits(qv[h], vscale) + c.omb2 * gi * gi;
-                B.th[2 * k + h] = th;
-                B.m[2 * k + h] = mi;
-                B.v[2 * k + h] = vi;
+            F ts[H], gs[H], cs[H] = {}, ms[H];
+            Q qv[H];
+            if constexpr (U == MASTER) load_group(layout, master + i, ts);
+            else load_group(layout, p + i, ts);
+            load_group(layout, g + i, gs);
+            if constexpr (U == KAHAN) load_group(layout, comp + i, cs);
+            decode_m_group(layout, mq + i, mscale, ms);
+            load_codes_group(layout, vq + i, qv);
+            for (int h = 0; h < H; ++h) {
+                const F th = U == KAHAN ? ts[h] + cs[h] : ts[h];
+                const F gi = grad(c, gs[h], th);
+                const F mi = lerp(c, ms[h], gi);
+                const F vi = c.beta2 * decode_v_bits(qv[h], vscale) + c.omb2 * gi * gi;
+                B.th[H * k + h] = th;
+                B.m[H * k + h] = mi;
+                B.v[H * k + h] = vi;
                 mabs = max_(mabs, abs_(mi));
                 vabs = max_(vabs, vi);
             }
@@ -491,31 +523,30 @@ inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc,
         vsc[blk] = vcod.scale;
         for (int k = 0; k < 16; ++k) {  // encode; the moments become their values as stored
             const int64_t i = b0 + 16 * k;
-            const u8v ma = encode_m_bits(B.m[2 * k], mcod, B.m[2 * k]);
-            const u8v mh = encode_m_bits(B.m[2 * k + 1], mcod, B.m[2 * k + 1]);
-            const u8v va = encode_v_bits(B.v[2 * k], vcod, B.v[2 * k]);
-            const u8v vh = encode_v_bits(B.v[2 * k + 1], vcod, B.v[2 * k + 1]);
-            store_codes(L, mq + i, ma, mh);
-            store_codes(L, vq + i, va, vh);
+            Q mc[H], vc[H];
+            for (int h = 0; h < H; ++h) mc[h] = encode_m_bits(B.m[H * k + h], mcod, B.m[H * k + h]);
+            for (int h = 0; h < H; ++h) vc[h] = encode_v_bits(B.v[H * k + h], vcod, B.v[H * k + h]);
+            store_codes_group(layout, mq + i, mc);
+            store_codes_group(layout, vq + i, vc);
             if (has_prev) write(prev, b0 - BLOCK, k);
         }
         if constexpr (AMSGRAD) {  // max v: the old one decoded, against v as stored; re-encoded
-            f8 vmabs = {};
+            F vmabs = {};
             const float vmscale = vmsc[blk];
             for (int k = 0; k < 16; ++k) {
-                u8v qvm[2];
-                load_codes(L, vmq + b0 + 16 * k, qvm[0], qvm[1]);
-                for (int h = 0; h < 2; ++h) {
-                    B.v[2 * k + h] = max_nan(decode_v_bits(qvm[h], vmscale), B.v[2 * k + h]);
-                    vmabs = max_(vmabs, B.v[2 * k + h]);
+                Q qvm[H];
+                load_codes_group(layout, vmq + b0 + 16 * k, qvm);
+                for (int h = 0; h < H; ++h) {
+                    B.v[H * k + h] = max_nan(decode_v_bits(qvm[h], vmscale), B.v[H * k + h]);
+                    vmabs = max_(vmabs, B.v[H * k + h]);
                 }
             }
             const Codec vmcod(max_lanes(vmabs), V_MAX);
             vmsc[blk] = vmcod.scale;
             for (int k = 0; k < 16; ++k) {
-                const u8v a = encode_v_bits(B.v[2 * k], vmcod, B.v[2 * k]);
-                const u8v b = encode_v_bits(B.v[2 * k + 1], vmcod, B.v[2 * k + 1]);
-                store_codes(L, vmq + b0 + 16 * k, a, b);
+                Q vc[H];
+                for (int h = 0; h < H; ++h) vc[h] = encode_v_bits(B.v[H * k + h], vmcod, B.v[H * k + h]);
+                store_codes_group(layout, vmq + b0 + 16 * k, vc);
             }
         }
         if (!OVERLAP)
@@ -523,6 +554,15 @@ inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc,
     }
     if (OVERLAP && hi > lo)
         for (int k = 0; k < 16; ++k) write(buf[(hi / BLOCK - 1) & 1], hi - BLOCK, k);
+}
+
+// The int8 blocks on 8 lanes.
+template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
+inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
+                     float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
+                     int64_t lo, int64_t hi) {
+    int8_blocks<BlockLayout<P>, P, U, AMSGRAD, BC2_ONE>(c, p, g, mq, msc, vq, vsc, vmq, vmsc, comp,
+                                                         master, key, lo, hi);
 }
 
 }  // namespace

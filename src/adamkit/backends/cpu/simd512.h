@@ -4,8 +4,8 @@
 // memory time on every machine measured. On a CPU that executes 512-bit operations at
 // full width (Zen 5, Intel's server cores) one instruction does the work of two 8-lane
 // ones; on Zen 4, which splits them, it halves the instructions to decode. The step is
-// simd.h's blocks16 with one 16-lane vector per group of 16 instead of two 8-lane
-// halves, every stream in memory order (AVX-512 widens and narrows 16 values in one
+// simd.h's int8_blocks with one 16-lane vector per group of 16 instead of two 8-lane
+// halves (the group interface below), every stream in memory order (AVX-512 widens and narrows 16 values in one
 // instruction, so the unpack order of the 8-lane code buys nothing here), and the same
 // templates of common.h doing the arithmetic, so the two agree bit for bit.
 #pragma once
@@ -46,11 +46,6 @@ inline f16v decode_m_w(const uint8_t* q, float scale) {
 
 inline bool any_nan_w(f16v x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0; }
 inline u16v bf16_bits_w(f16v x, bool nan) { return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }
-inline float max_lanes_w(f16v x) {  // as max_lanes: a running max from 0 (a NaN never enters)
-    float m = 0.f;
-    for (int k = 0; k < 16; ++k) m = max_(m, x[k]);
-    return m;
-}
 // sr_bits of the 16 elements from i (a multiple of 16): the 8 pair hashes read as 16
 // 16-bit values are the elements' bits in memory order (simd.h's pair_hashes).
 inline u16v sr_bits_w(int64_t i, uint32_t key) {
@@ -107,68 +102,30 @@ ADAMKIT_INLINE void write_w(const Consts& c, f16v th, f16v d, half* p, half* com
     if constexpr (U == KAHAN) store_w(comp + i, half_bits_w(x - _mm512_cvtph_ps(pb)));
 }
 
-// simd.h's blocks16 (its comments apply) on one 16-lane vector per group of 16.
+// The group interface of simd.h's int8_blocks on 16 lanes: one vector per group.
+struct Wide {};
+template <> struct Lanes<Wide> {
+    using F = f16v;
+    using Q = u16v;
+    static constexpr int H = 1;
+};
+template <class T> ADAMKIT_INLINE void load_group(Wide, const T* p, f16v (&x)[1]) { x[0] = load_w(p); }
+ADAMKIT_INLINE void decode_m_group(Wide, const uint8_t* q, float scale, f16v (&x)[1]) { x[0] = decode_m_w(q, scale); }
+ADAMKIT_INLINE void load_codes_group(Wide, const uint8_t* q, u16v (&c)[1]) { c[0] = load_codes_w(q); }
+ADAMKIT_INLINE void store_codes_group(Wide, uint8_t* q, const u16v (&c)[1]) { store_codes_w(q, c[0]); }
+template <int U, class P>
+ADAMKIT_INLINE void write_group(Wide, const Consts& c, const f16v (&th)[1], const f16v (&d)[1], P* p,
+                                P* comp, float* master, int64_t i, uint32_t key) {
+    if constexpr (std::is_same_v<P, float>) store_w(p + i, apply(c, th[0], d[0]));
+    else write_w<U>(c, th[0], d[0], p, comp, master, i, key);
+}
+
+// The int8 blocks on 16 lanes.
 template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
 inline void blocks512(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
                       float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
                       int64_t lo, int64_t hi) {
-    constexpr bool OVERLAP = !std::is_same_v<P, bf16>;
-    struct Block {
-        f16v th[16], m[16], v[16];
-    } buf[2];
-    const auto write = [&](const Block& B, int64_t b0, int k) {
-        const f16v d = direction<BC2_ONE>(c, B.m[k], B.v[k]);
-        if constexpr (std::is_same_v<P, float>) store_w(p + b0 + 16 * k, apply(c, B.th[k], d));
-        else write_w<U>(c, B.th[k], d, p, comp, master, b0 + 16 * k, key);
-    };
-    for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
-        const int64_t blk = b0 / BLOCK;
-        Block& B = buf[blk & 1];
-        const Block& prev = buf[~blk & 1];
-        const bool has_prev = OVERLAP && b0 > lo;
-        f16v mabs = {}, vabs = {};
-        const float mscale = msc[blk], vscale = vsc[blk];
-        for (int k = 0; k < 16; ++k) {  // decode and step, block maxima
-            const int64_t i = b0 + 16 * k;
-            prefetch<U>(p, g, mq, vq, comp, master, i + BLOCK);
-            if constexpr (AMSGRAD) _mm_prefetch(reinterpret_cast<const char*>(vmq + i + BLOCK), _MM_HINT_T0);
-            const f16v t = U == MASTER ? load_w(master + i) : load_w(p + i);
-            const f16v th = U == KAHAN ? t + load_w(comp + i) : t;
-            const f16v gi = grad(c, load_w(g + i), th);
-            const f16v mi = lerp(c, decode_m_w(mq + i, mscale), gi);
-            const f16v vi = c.beta2 * decode_v_bits(load_codes_w(vq + i), vscale) + c.omb2 * gi * gi;
-            B.th[k] = th;
-            B.m[k] = mi;
-            B.v[k] = vi;
-            mabs = max_(mabs, abs_(mi));
-            vabs = max_(vabs, vi);
-        }
-        const Codec mcod(max_lanes_w(mabs), M_MAX), vcod(max_lanes_w(vabs), V_MAX);
-        msc[blk] = mcod.scale;
-        vsc[blk] = vcod.scale;
-        for (int k = 0; k < 16; ++k) {  // encode; the moments become their values as stored
-            const int64_t i = b0 + 16 * k;
-            store_codes_w(mq + i, encode_m_bits(B.m[k], mcod, B.m[k]));
-            store_codes_w(vq + i, encode_v_bits(B.v[k], vcod, B.v[k]));
-            if (has_prev) write(prev, b0 - BLOCK, k);
-        }
-        if constexpr (AMSGRAD) {  // max v: the old one decoded, against v as stored; re-encoded
-            f16v vmabs = {};
-            const float vmscale = vmsc[blk];
-            for (int k = 0; k < 16; ++k) {
-                B.v[k] = max_nan(decode_v_bits(load_codes_w(vmq + b0 + 16 * k), vmscale), B.v[k]);
-                vmabs = max_(vmabs, B.v[k]);
-            }
-            const Codec vmcod(max_lanes_w(vmabs), V_MAX);
-            vmsc[blk] = vmcod.scale;
-            for (int k = 0; k < 16; ++k)
-                store_codes_w(vmq + b0 + 16 * k, encode_v_bits(B.v[k], vmcod, B.v[k]));
-        }
-        if (!OVERLAP)
-            for (int k = 0; k < 16; ++k) write(B, b0, k);
-    }
-    if (OVERLAP && hi > lo)
-        for (int k = 0; k < 16; ++k) write(buf[(hi / BLOCK - 1) & 1], hi - BLOCK, k);
+    int8_blocks<Wide, P, U, AMSGRAD, BC2_ONE>(c, p, g, mq, msc, vq, vsc, vmq, vmsc, comp, master, key, lo, hi);
 }
 
 }  // namespace
