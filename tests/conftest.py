@@ -36,6 +36,7 @@ def checks_mode(request):
     from adamkit.backends.cpu import library, native_checks
 
     saved = native_checks._lib, native_checks._state, native_checks.MANY_TENSORS
+    setting = os.environ.pop("ADAMKIT_NATIVE_CHECKS", None)  # =0 would turn "native" into Python
     if request.param == "native checks":
         if library.compiler_path() is None:
             pytest.skip("no C++ compiler to build checks.cpp")
@@ -45,3 +46,5 @@ def checks_mode(request):
         native_checks._lib, native_checks._state = None, "off"
     yield request.param
     native_checks._lib, native_checks._state, native_checks.MANY_TENSORS = saved
+    if setting is not None:
+        os.environ["ADAMKIT_NATIVE_CHECKS"] = setting

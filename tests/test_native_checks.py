@@ -218,3 +218,65 @@ def test_turned_off_even_when_loaded(checks, monkeypatch):
     assert native_checks._lib is not None and native_checks.get(100) is None
     _, opt, _ = _cached()
     assert opt._step_cache.native is None
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["python checks", "native checks"])
+def test_every_param_reinterpreted_before_the_first_cached_step_replans(checks, native, monkeypatch):
+    """The planned dtype is the plan's, not read off the params when checks.cpp first
+    runs: with every param of a bf16 bucket viewed as float16 (same addresses, float16
+    grads) before the first cached step, both checks re-plan (the native ones used to
+    accept, and the bf16 kernel ran on float16 bits)."""
+    if not native:
+        monkeypatch.setattr(native_checks, "_lib", None)
+        monkeypatch.setenv("ADAMKIT_NATIVE_CHECKS", "0")
+    plans = []
+    planned = adamkit.Adam._planned_step
+    monkeypatch.setattr(adamkit.Adam, "_planned_step", lambda opt, *a: plans.append(1) or planned(opt, *a))
+    params = [torch.nn.Parameter(torch.randn(37 + i, dtype=torch.bfloat16)) for i in range(6)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = adamkit.Adam(params, lr=1e-3, backend="cpu", param_update="nearest")
+    opt.step()
+    for p in params:
+        p.data = p.data.view(torch.float16)
+        p.grad = torch.randn(p.shape, dtype=torch.float16)
+    try:
+        opt.step()
+    except RuntimeError:
+        pass  # the full path may refuse the edit; what matters is that the plan was not reused
+    assert len(plans) == 2
+
+
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="no copy-on-write tensors in this torch")
+@pytest.mark.parametrize("native", [False, True], ids=["python checks", "native checks"])
+@pytest.mark.parametrize("which", ["param", "moment"])
+def test_a_copy_on_write_clone_is_not_written_through(checks, native, which, monkeypatch):
+    """A param or moment that came to share copy-on-write memory with another tensor
+    between steps: its address is read as Tensor.data_ptr() reads it (mutable_data, which
+    gives it its own copy), so the plan no longer holds and the other tensor keeps its
+    values (checks.cpp read the shared address and the kernel wrote into both)."""
+    if not native:
+        monkeypatch.setattr(native_checks, "_lib", None)
+        monkeypatch.setenv("ADAMKIT_NATIVE_CHECKS", "0")
+    params, opt, _ = _cached()
+    shared = params[0].detach() if which == "param" else opt.state[params[0]]["exp_avg"]
+    other = torch._lazy_clone(shared)
+    before = other.clone()
+    opt.step()
+    assert torch.equal(other, before)
+
+
+@pytest.mark.slow
+def test_a_background_build_compiles_then_takes_over(fresh_module_state, monkeypatch, tmp_path):
+    """The whole first-need path on an empty cache: the step after the plan starts the
+    compile in a thread and runs the Python checks meanwhile; once it has loaded, the
+    next cached step takes it (10-15 s of compiling)."""
+    monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("ADAMKIT_NATIVE_CHECKS", raising=False)
+    native_checks.MANY_TENSORS = 4
+    params, opt, _ = _cached(n=6)
+    assert native_checks.status() == "building" and opt._step_cache.native is None
+    _wait_for_build()
+    assert native_checks.status() == "loaded" and list(tmp_path.glob("checks-*"))
+    opt.step()
+    assert opt._step_cache.native is not None

@@ -211,8 +211,8 @@ class PreparedBucket:
         """``refresh`` by checks.cpp (native_checks.py), for a bucket the kernel runs whole
         (no ``rest``): the same checks, and the grads' row rewritten only when all hold.
         ``bucket.grads`` stays empty: only the torch backend's ``rest`` reads it."""
-        if self.native_args is None:
-            planned = checks.adamkit_scalar_type(self.kernel_params[0]) if self.n else -1
+        if self.native_args is None:  # the planned dtype: not the params' (they may have changed)
+            planned = checks.adamkit_scalar_type(torch.empty(0, dtype=self.dtype))
             self.native_args = (planned, array("q", self.param_ptrs), array("q", self.grad_nbytes))
         planned, param_ptrs, grad_nbytes = self.native_args
         return bool(checks.adamkit_refresh(

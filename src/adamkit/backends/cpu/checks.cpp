@@ -33,9 +33,10 @@ inline void prefetch_impl(const c10::TensorImpl* t) {
   prefetch(reinterpret_cast<const char*>(t) + 128);
 }
 
-// What Tensor.data_ptr() returns (TensorImpl::data() is what both call).
-inline int64_t address(const c10::TensorImpl* t) {
-  return reinterpret_cast<int64_t>(t->data());
+// What Tensor.data_ptr() returns: TensorImpl::mutable_data(), which (as there) first gives
+// a copy-on-write tensor its own copy, so that the kernel never writes into shared memory.
+inline int64_t address(c10::TensorImpl* t) {
+  return reinterpret_cast<int64_t>(t->mutable_data());
 }
 
 }  // namespace
@@ -163,17 +164,17 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
       prefetch_impl(gs[i]);
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
-      const c10::TensorImpl* p = ps[i];
+      c10::TensorImpl* p = ps[i];
       if (!p->has_storage() || p->dtype().toScalarType() != dtype || !p->is_contiguous() ||
           address(p) != param_ptrs[i]) {
         return 0;
       }
-      const c10::TensorImpl* g = gs[i];
+      c10::TensorImpl* g = gs[i];
       if (g->layout() != c10::kStrided || !g->device().is_cpu() || !g->has_storage()) return 0;
       prefetch(g->storage().unsafeGetStorageImpl());
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
-      const c10::TensorImpl* g = gs[i];
+      c10::TensorImpl* g = gs[i];
       if (g->dtype().toScalarType() != dtype || !g->is_contiguous() ||
           static_cast<int64_t>(g->numel() * g->itemsize()) != grad_nbytes[i]) {
         return 0;

@@ -16,7 +16,8 @@ and nothing is built. Wherever the build or the load fails (no compiler, no head
 torch it was not built for), the Python checks stay: nothing else changes.
 
 ``ADAMKIT_NATIVE_CHECKS=0`` turns it off; ``=1`` builds it in the foreground at first
-need (the benchmark, and tests, which must not race a background build).
+need (the benchmark, and tests, which must not race a background build). It is read when
+a plan first asks for the checks: a plan that already took them keeps them.
 """
 
 from __future__ import annotations
@@ -111,12 +112,13 @@ def _build() -> Path:
     target = _target()
     if target.exists():
         return target
-    from torch.utils import cpp_extension  # only here: importing it takes a while
-
+    # torch's own headers and libraries, where torch.utils.cpp_extension looks (importing
+    # that would pull setuptools into the training process)
+    root = Path(torch.__file__).parent
+    include, libs = root / "include", root / "lib"
     abi = int(getattr(torch, "compiled_with_cxx11_abi", lambda: True)())
-    libs = cpp_extension.library_paths()[0]
     args = ["-std=c++20", "-O2", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
-            f"-I{sysconfig.get_paths()['include']}", *(f"-I{path}" for path in cpp_extension.include_paths()),
+            f"-I{sysconfig.get_paths()['include']}", f"-I{include}", f"-I{include / 'torch/csrc/api/include'}",
             str(HERE / "checks.cpp"), f"-L{libs}", f"-Wl,-rpath,{libs}",
             "-ltorch_python", "-ltorch_cpu", "-lc10"]
     return library.compile_into(target, "checks.cpp", args)
