@@ -493,11 +493,12 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
         const float mscale = msc[blk], vscale = vsc[blk];
         for (int k = 0; k < 16; ++k) {  // decode and step, block maxima
             const int64_t i = b0 + 16 * k;
-            // The next block: a block is three passes, well over a thousand micro-ops, so
-            // the out-of-order window never reaches its loads (8% faster fp32 int8 steps on
-            // Zen 3).
-            prefetch<U>(p, g, mq, vq, comp, master, i + BLOCK);
-            if constexpr (AMSGRAD) _mm_prefetch(reinterpret_cast<const char*>(vmq + i + BLOCK), _MM_HINT_T0);
+            // Two blocks ahead: a block is three passes, well over a thousand micro-ops, so
+            // the out-of-order window never reaches its loads (one block ahead: 8% faster
+            // fp32 int8 steps on Zen 3; two, once 16-lane blocks made a block quicker:
+            // 3-6% faster again on Zen 5, AVX2 builds unchanged; interleaved A/B).
+            prefetch<U>(p, g, mq, vq, comp, master, i + 2 * BLOCK);
+            if constexpr (AMSGRAD) _mm_prefetch(reinterpret_cast<const char*>(vmq + i + 2 * BLOCK), _MM_HINT_T0);
             F ts[H], gs[H], cs[H] = {}, ms[H];
             Q qv[H];
             if constexpr (U == MASTER) load_group(layout, master + i, ts);
