@@ -108,6 +108,15 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* ex
     if (!PyList_Check(states) || !PyTuple_Check(keys)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(states), n_keys = PyTuple_GET_SIZE(keys);
     PyObject** dicts = reinterpret_cast<PyListObject*>(states)->ob_item;
+    // Owned references while we hold them: a lookup with a key of a type whose __eq__ is
+    // Python code (no adamkit state has one) could change a dict under us.
+    struct Owned {
+      std::vector<PyObject*> refs;
+      ~Owned() {
+        for (PyObject* o : refs) Py_DECREF(o);
+      }
+    } owned;
+    owned.refs.reserve(n * n_keys);
     std::vector<PyObject*> values(n * n_keys);
     std::vector<c10::TensorImpl*> impls(n * n_keys);
     for (Py_ssize_t i = 0; i < n; ++i) prefetch(dicts[i]);
@@ -119,7 +128,8 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* ex
           PyErr_Clear();
           return 0;
         }
-        prefetch(value);
+        Py_INCREF(value);
+        owned.refs.push_back(value);
         values[k * n + i] = value;
       }
     }
