@@ -47,10 +47,8 @@ VARIANTS = {
     "late steps (BC2_ONE: no ÷√bc2, exact)": [
         ("simd.h", "template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = false>",
          "template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = true>"),
-        ("simd.h", "template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>",
-         "template <class P, int U, bool AMSGRAD, bool BC2_ONE = true>"),
-        ("simd512.h", "template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>",
-         "template <class P, int U, bool AMSGRAD, bool BC2_ONE = true>")],
+        ("simd.h", "template <class L, class P, int U, bool AMSGRAD, bool BC2_ONE = false>",
+         "template <class L, class P, int U, bool AMSGRAD, bool BC2_ONE = true>")],
     "bf16 rounding by truncation": [("simd.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
                                     "{ return bits_of(x) >> 16; }"),
                                    ("simd512.h", "{ return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }",
@@ -78,11 +76,6 @@ VARIANTS = {
 
 DRIVER = r"""
 #include "simd.h"
-#if defined(ADAMKIT_SIMD512)
-#define INT8_BLOCKS blocks512
-#else
-#define INT8_BLOCKS blocks16
-#endif
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -126,7 +119,7 @@ int main() {
         T* p = std::is_same_v<T, float> ? (T*)d.pf.data() : (T*)d.p.data();
         const T* g = std::is_same_v<T, float> ? (const T*)d.gf.data() : (const T*)d.g.data();
         return best_ns([&] {  // the int8 blocks the kernel runs on this build (adam.h)
-            INT8_BLOCKS<T, decltype(U)::value, false>(c, p, g, d.mq.data(), d.ms.data(), d.vq.data(), d.vs.data(),
+            int8_blocks<Int8Lanes<T>, T, decltype(U)::value, false>(c, p, g, d.mq.data(), d.ms.data(), d.vq.data(), d.vs.data(),
                                                    nullptr, nullptr, (T*)d.comp.data(), d.master.data(), 7u, 0, n);
         }, n, 10000, 7);
     };

@@ -34,23 +34,16 @@ struct Step {
         const Consts c(a.h);
         if constexpr (S == INT8) {
             float mbuf[BLOCK], vbuf[BLOCK], xbuf[BLOCK];
-            // The scalar block loop takes what blocks16 leaves: a tensor's last, partial
+            // The scalar block loop takes what int8_blocks leaves: a tensor's last, partial
             // block (every block in the generic build).
             int64_t b0 = lo;
 #if defined(ADAMKIT_SIMD16)
             b0 = lo + (hi - lo) / BLOCK * BLOCK;
             with_bc2_one(c, [&](auto bc2_one) {
-                constexpr bool ONE = decltype(bc2_one)::value;
-                const auto blocks = [&](auto run) {
-                    run(c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t], static_cast<uint8_t*>(v),
-                        a.exp_avg_sq_scales[t], static_cast<uint8_t*>(vmax),
-                        AMSGRAD ? a.max_exp_avg_sq_scales[t] : nullptr, comp, master, key, lo, b0);
-                };
-#if defined(ADAMKIT_SIMD512)
-                blocks(blocks512<P, U, AMSGRAD, ONE>);
-#else
-                blocks(blocks16<P, U, AMSGRAD, ONE>);
-#endif
+                int8_blocks<Int8Lanes<P>, P, U, AMSGRAD, decltype(bc2_one)::value>(
+                    c, p, g, static_cast<uint8_t*>(m), a.exp_avg_scales[t], static_cast<uint8_t*>(v),
+                    a.exp_avg_sq_scales[t], static_cast<uint8_t*>(vmax),
+                    AMSGRAD ? a.max_exp_avg_sq_scales[t] : nullptr, comp, master, key, lo, b0);
             });
 #endif
             for (; b0 < hi; b0 += BLOCK) {

@@ -266,7 +266,7 @@ ADAMKIT_INLINE Direction16 direction16(const Consts& c, const Moments16& s) {
 }
 
 // Stage 3: θ_new, rounded to the param by the update policy, and stored.
-// float32 params (nearest only), in the group's lane order: blocks16 takes int8 codes in
+// float32 params (nearest only), in the group's lane order: int8_blocks takes int8 codes in
 // unpack order for float32 and bf16 params alike (one code path), so there they are
 // stored in that order; beside bf16 moments (run16) memory order, which needs no permute.
 template <class L>
@@ -464,7 +464,7 @@ ADAMKIT_INLINE void write_group(L layout, const Consts& c, const f8 (&th)[2], co
 // (interleaved A/B, Zen 3). bf16 params write each block right after encoding it: the
 // same overlap made them 1–11% slower there (their write adds the bf16 rounding, ALU
 // work that competes with the encoding).
-template <class L, class P, int U, bool AMSGRAD, bool BC2_ONE>
+template <class L, class P, int U, bool AMSGRAD, bool BC2_ONE = false>
 inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
                         float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
                         int64_t lo, int64_t hi) {
@@ -557,15 +557,17 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
         for (int k = 0; k < 16; ++k) write(buf[(hi / BLOCK - 1) & 1], hi - BLOCK, k);
 }
 
-// The int8 blocks on 8 lanes.
-template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
-inline void blocks16(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
-                     float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
-                     int64_t lo, int64_t hi) {
-    int8_blocks<BlockLayout<P>, P, U, AMSGRAD, BC2_ONE>(c, p, g, mq, msc, vq, vsc, vmq, vmsc, comp,
-                                                         master, key, lo, hi);
-}
-
 }  // namespace
 #endif
 #include "simd512.h"
+
+#if defined(ADAMKIT_SIMD16)
+namespace {
+// The lanes this build's int8 blocks run on (adam.h; benchmarks/kernel_ablation.py).
+#if defined(ADAMKIT_SIMD512)
+template <class P> using Int8Lanes = Wide;
+#else
+template <class P> using Int8Lanes = BlockLayout<P>;
+#endif
+}  // namespace
+#endif

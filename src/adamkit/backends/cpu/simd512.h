@@ -120,13 +120,5 @@ ADAMKIT_INLINE void write_group(Wide, const Consts& c, const f16v (&th)[1], cons
     else write_w<U>(c, th[0], d[0], p, comp, master, i, key);
 }
 
-// The int8 blocks on 16 lanes.
-template <class P, int U, bool AMSGRAD, bool BC2_ONE = false>
-inline void blocks512(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
-                      float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
-                      int64_t lo, int64_t hi) {
-    int8_blocks<Wide, P, U, AMSGRAD, BC2_ONE>(c, p, g, mq, msc, vq, vsc, vmq, vmsc, comp, master, key, lo, hi);
-}
-
 }  // namespace
 #endif
