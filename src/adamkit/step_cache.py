@@ -46,6 +46,9 @@ _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min
 
 
 _VERSION = operator.attrgetter("_version")
+# What checks.cpp reads as a tensor: Tensor or Parameter exactly (a subclass may mean
+# something else by its data).
+_EXACT = (Tensor, torch.nn.Parameter)
 
 
 def _same(xs: list, ys: list) -> bool:
@@ -189,7 +192,7 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
                 return False
     except TypeError:
         return False
-    if cb.versions is not None and list(map(_VERSION, b.params)) != cb.versions:
+    if _versions_moved(cb):
         return False
     if cb.prepared is not None:
         if not (cb.prepared.refresh(grads) and cb.prepared.steps_equal(cb.t)):
@@ -208,6 +211,11 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
     return True
 
 
+def _versions_moved(cb: CachedBucket) -> bool:
+    """A "master" bucket's param written in place since its last step."""
+    return cb.versions is not None and list(map(_VERSION, cb.bucket.params)) != cb.versions
+
+
 def _extra_keys(bucket: backends.Bucket) -> list[str]:
     keys = ["max_exp_avg_sq"] if bucket.max_exp_avg_sqs else []
     if bucket.states:
@@ -223,21 +231,18 @@ def _steps_read(bucket: backends.Bucket, idx, t: int) -> bool:
 
 def _native_fits(groups: list[dict[str, Any]]) -> bool:
     """Whether checks.cpp can take the plan's group-level checks: the param lists are
-    lists of tensors or Parameters exactly (a subclass may mean something else by its
-    data). Which buckets it checks too, ``_native_bucket`` says."""
-    exact = (Tensor, torch.nn.Parameter)
-    return all(type(g["params"]) is list and all(type(p) in exact for p in g["params"])
+    lists of ``_EXACT`` tensors. Which buckets it checks too, ``_native_bucket`` says."""
+    return all(type(g["params"]) is list and all(type(p) in _EXACT for p in g["params"])
                for g in groups)
 
 
 def _native_bucket(cb: CachedBucket) -> bool:
     """A kernel call without a torch-backend ``rest``, whose states are dicts of tensors
     exactly: checks.cpp checks it; other buckets keep their Python checks."""
-    exact = (Tensor, torch.nn.Parameter)
     return (cb.prepared is not None and not cb.prepared.rest
             and hasattr(cb.prepared, "refresh_native")
             and type(cb.bucket.states) is list and all(type(st) is dict for st in cb.bucket.states)
-            and all(type(t) in exact for _, row, _ in cb.key_rows for t in row))
+            and all(type(t) in _EXACT for _, row, _ in cb.key_rows for t in row))
 
 
 class _NativeArgs:
@@ -292,7 +297,7 @@ class _NativeArgs:
             keys, pointers = rows
             if not checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]):
                 return False
-            if cb.versions is not None and list(map(_VERSION, cb.bucket.params)) != cb.versions:
+            if _versions_moved(cb):
                 return False
             if not (cb.prepared.refresh_native(checks) and cb.prepared.steps_equal(cb.t)):
                 return False

@@ -86,13 +86,17 @@ def _installed_path(isa: str) -> Path | None:
     return Path(spec.origin) if spec and spec.origin else None
 
 
+def cache_root() -> Path:
+    """Where first-use builds go: ``$ADAMKIT_CACHE`` or ``~/.cache/adamkit``."""
+    return Path(os.environ.get("ADAMKIT_CACHE") or Path.home() / ".cache" / "adamkit")
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("ADAMKIT_CACHE") or Path.home() / ".cache" / "adamkit"
     digest = hashlib.sha256()
     for name in ("adam.h", "common.h", "simd.h", "simd512.h"):
         digest.update((HERE / name).read_bytes())
     digest.update(" ".join(FLAGS).encode())
-    return Path(root) / f"cpu-abi{ABI_VERSION}-{digest.hexdigest()[:16]}"
+    return cache_root() / f"cpu-abi{ABI_VERSION}-{digest.hexdigest()[:16]}"
 
 
 def compiler_path() -> str | None:

@@ -88,23 +88,18 @@ def _set_state(value: str) -> None:
 
 
 def _build_and_load() -> None:
-    global _lib
     try:
-        lib = _open(_build())
-    except Exception as exc:  # noqa: BLE001  (any failure leaves the Python checks)
-        _set_state(f"failed: {exc}")
-        return
-    _lib = lib
-    _set_state("loaded")
+        load_now()
+    except Exception:  # noqa: BLE001  (any failure leaves the Python checks; status() says why)
+        pass
 
 
 def _target() -> Path:
-    root = os.environ.get("ADAMKIT_CACHE") or Path.home() / ".cache" / "adamkit"
     digest = hashlib.sha256((HERE / "checks.cpp").read_bytes())
     for part in (torch.__version__, str(torch.version.git_version), torch.__file__, sys.version):
         digest.update(part.encode())
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    return Path(root) / f"checks-{digest.hexdigest()[:16]}{suffix}"
+    return library.cache_root() / f"checks-{digest.hexdigest()[:16]}{suffix}"
 
 
 def _build() -> Path:
