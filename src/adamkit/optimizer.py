@@ -9,7 +9,7 @@ bucket to its backend with scalars computed once.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from copy import deepcopy
 from typing import Any, Callable, Iterable
 
@@ -214,17 +214,22 @@ class Adam(Optimizer):
 
     # ---- the step -------------------------------------------------------------------
 
-    def _gather(self) -> list[tuple[dict[str, Any], list[tuple[int, Tensor, int]]]]:
+    def _gather(self, repeat: int = 0) -> list[tuple[dict[str, Any], list[tuple[int, Tensor, int]]]]:
         """Per group, the params to update as (position in the optimizer, param, position
         in the group); the first orders groups then params and seeds stochastic rounding.
-        Raises before anything is changed."""
+        ``repeat``: only each param's occurrence of that number in its group (a param
+        listed twice is updated twice, _repeats). Raises before anything is changed."""
         work, offset = [], 0
         for group in self.param_groups:
             _take_torch_decay_key(group)  # set on a live group, as code for torch.optim does
             validate_group(group)  # a group edited by hand after construction
             formats.validate(group)
-            params = [(offset + j, p, j) for j, p in enumerate(group["params"])
-                      if p.grad is not None]
+            seen: dict[int, int] = {}
+            params = []
+            for j, p in enumerate(group["params"]):
+                occurrence = seen[id(p)] = seen.get(id(p), -1) + 1
+                if occurrence == repeat and p.grad is not None:
+                    params.append((offset + j, p, j))
             offset += len(group["params"])
             for _, p, _ in params:
                 backends.check_grad(p, p.grad)
@@ -285,8 +290,21 @@ class Adam(Optimizer):
                 return loss
             cache.record_master_versions(self._master_versions())
         self._step_cache = None
+        repeats = self._repeats()
+        if repeats > 1:  # no cache: a bucket holds each param once
+            for repeat in range(repeats):
+                self._planned_step(grad_scale_inv, repeat)
+            return loss
         self._step_cache = StepCache(self, self._planned_step(grad_scale_inv))
         return loss
+
+    def _repeats(self) -> int:
+        """The most times one param is listed in a group (torch.optim warns that this will
+        be an error). torch's default CPU step (the for-loop) then updates it once per
+        listing, in turn; its foreach and fused steps each give other numbers. adamkit
+        does as the for-loop on every backend: one full step per listing."""
+        return max((max(Counter(map(id, g["params"])).values(), default=1)
+                    for g in self.param_groups), default=1)
 
     def _master_versions(self) -> WeakIdKeyDictionary:
         """param → its version counter when its master copy was last in sync with it
@@ -303,11 +321,11 @@ class Adam(Optimizer):
         synced = self._master_versions().get(p)
         return synced is not None and synced != p._version
 
-    def _planned_step(self, grad_scale_inv: float) -> list[CachedBucket]:
+    def _planned_step(self, grad_scale_inv: float, repeat: int = 0) -> list[CachedBucket]:
         """The full step: plan every bucket, then run them; returns the plan for reuse."""
         # Plan first: everything that can raise does so before any state changes.
         plans = []
-        for group_index, (group, params) in enumerate(self._gather()):
+        for group_index, (group, params) in enumerate(self._gather(repeat)):
             buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
             pending = {}
             for index, p, position in params:

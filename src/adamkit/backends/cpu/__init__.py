@@ -60,7 +60,8 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
 
 def _overlapping(params, idx: list[int]) -> set[int]:
     """Those of params[idx] whose memory overlaps another's: the kernel's threads would
-    update it concurrently (a param listed twice, or views of one storage), so they run
+    update it concurrently (views of one storage; or a param listed twice, which
+    Adam.step splits into one step per listing, functional callers may not), so they run
     one after another on the torch backend, as torch.optim runs them."""
     spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), i)
                    for i in idx for p in (params[i],) if p.numel())
