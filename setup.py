@@ -7,30 +7,26 @@ the install still succeeds and adamkit builds on first use into a cache, or fall
 to the portable torch backend with one warning.
 """
 
+import runpy
+from pathlib import Path
+
 from setuptools import Extension, setup
 
-FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-         "-ffp-contract=off"]
-AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-ISAS = {
-    "generic": [],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": AVX512,
-    "avx512bf16": AVX512 + ["-mavx512bf16"],  # bf16 rounding in hardware (simd.h)
-}
+KERNELS = "src/adamkit/backends/cpu"
+# The flags library.py builds with on first use, from the one file both read (torch-free).
+BUILD = runpy.run_path(str(Path(__file__).parent / KERNELS / "build_flags.py"))
 
 setup(
     ext_modules=[
         Extension(
             f"adamkit.backends.cpu._adam_{isa}",
-            sources=[f"src/adamkit/backends/cpu/adam_{isa}.cpp"],
-            depends=["src/adamkit/backends/cpu/adam.h", "src/adamkit/backends/cpu/common.h",
-                     "src/adamkit/backends/cpu/simd.h", "src/adamkit/backends/cpu/simd512.h"],
+            sources=[f"{KERNELS}/adam_{isa}.cpp"],
+            depends=[f"{KERNELS}/{h}" for h in ("adam.h", "common.h", "simd.h", "simd512.h")],
             language="c++",
-            extra_compile_args=FLAGS + flags,
+            extra_compile_args=BUILD["COMPILE_FLAGS"] + flags,
             extra_link_args=["-fopenmp"],
             optional=True,
         )
-        for isa, flags in ISAS.items()
+        for isa, flags in BUILD["ISA_FLAGS"].items()
     ]
 )

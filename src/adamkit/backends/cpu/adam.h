@@ -1,6 +1,6 @@
 // The fused Adam step for CPU: one pass over memory per step, every tensor of a bucket
 // in one call. Built as four shared libraries (adam_generic/avx2/avx512/avx512bf16.cpp
-// include this file; setup.py gives each its -m flags) and one is loaded at run time for
+// include this file; build_flags.py gives each its -m flags) and one is loaded at run time for
 // the CPU at hand. The loops are plain C++ that GCC vectorizes for each target.
 //
 // The math is adamkit/reference.py's; storage follows docs/design/formats.md:

@@ -1,2 +1,2 @@
-// The fused Adam kernels built for one instruction set (see setup.py for its flags).
+// The fused Adam kernels built for one instruction set (build_flags.py has its flags).
 #include "adam.h"

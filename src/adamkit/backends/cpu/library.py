@@ -21,20 +21,11 @@ from pathlib import Path
 
 import torch
 
+from .build_flags import COMPILE_FLAGS, ISA_FLAGS
+
 HERE = Path(__file__).parent
 ABI_VERSION = 3
-# -ffp-contract=off: one rounding per operation on every instruction set (formats.md).
-FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-         "-ffp-contract=off", "-fPIC", "-shared"]
-AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-ISA_FLAGS = {
-    # AVX-512 with AVX512_BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids and later):
-    # bf16 rounding in hardware (simd.h).
-    "avx512bf16": AVX512 + ["-mavx512bf16"],
-    "avx512": AVX512,
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "generic": [],
-}
+FLAGS = [*COMPILE_FLAGS, "-fPIC", "-shared"]
 
 
 def _has_avx512_bf16() -> bool:
