@@ -9,7 +9,7 @@ bucket to its backend with scalars computed once.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict
 from copy import deepcopy
 from typing import Any, Callable, Iterable
 
@@ -224,12 +224,9 @@ class Adam(Optimizer):
             _take_torch_decay_key(group)  # set on a live group, as code for torch.optim does
             validate_group(group)  # a group edited by hand after construction
             formats.validate(group)
-            seen: dict[int, int] = {}
-            params = []
-            for j, p in enumerate(group["params"]):
-                occurrence = seen[id(p)] = seen.get(id(p), -1) + 1
-                if occurrence == repeat and p.grad is not None:
-                    params.append((offset + j, p, j))
+            params = [(offset + j, p, j)
+                      for j, (p, k) in enumerate(zip(group["params"], _listings(group["params"])))
+                      if k == repeat and p.grad is not None]
             offset += len(group["params"])
             for _, p, _ in params:
                 backends.check_grad(p, p.grad)
@@ -303,8 +300,8 @@ class Adam(Optimizer):
         be an error). torch's default CPU step (the for-loop) then updates it once per
         listing, in turn; its foreach and fused steps each give other numbers. adamkit
         does as the for-loop on every backend: one full step per listing."""
-        return max((max(Counter(map(id, g["params"])).values(), default=1)
-                    for g in self.param_groups), default=1)
+        return 1 + max((max(_listings(g["params"]), default=0) for g in self.param_groups),
+                       default=0)
 
     def _master_versions(self) -> WeakIdKeyDictionary:
         """param → its version counter when its master copy was last in sync with it
@@ -500,6 +497,17 @@ class Adam(Optimizer):
         except ValueError as exc:
             raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
         return {"step": torch.tensor(float(saved["step"]), dtype=scalar_dtype()), **converted}
+
+
+def _listings(params: list[Tensor]) -> list[int]:
+    """Per position in a group's params, how often that param was listed before it (0 at
+    its first listing): ``Adam._gather(repeat)`` takes the listings numbered ``repeat``."""
+    seen: dict[int, int] = {}
+    numbers = []
+    for p in params:
+        numbers.append(seen.get(id(p), 0))
+        seen[id(p)] = numbers[-1] + 1
+    return numbers
 
 
 def _take_torch_decay_key(group: dict[str, Any]) -> None:
