@@ -385,24 +385,59 @@ def test_a_groups_decoupled_weight_decay_key_is_honoured(backend, make, group_va
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_torchs_decay_key_set_on_a_live_group_switches_the_mode(backend):
-    """`group["decoupled_weight_decay"] = True` between steps, as code written for
-    torch.optim.Adam does: the next steps decay as AdamW (it was ignored, and state_dict
-    then overwrote it with the group's decouple_wd)."""
-    def run(make):
+@pytest.mark.parametrize("key", ["decoupled_weight_decay", "decouple_wd"])
+@pytest.mark.parametrize("at_step", [0, 2], ids=["before-the-first-step", "between-steps"])
+def test_either_decay_key_set_on_a_live_group_switches_the_mode(backend, key, at_step):
+    """`group[key] = True` on a live group, with torch's key (as code written for
+    torch.optim.Adam does) or adamkit's: the next steps decay as AdamW, and the two keys
+    agree again after the step. (torch's key was missing from live groups, a KeyError for
+    code reading it; set, it was ignored, and state_dict overwrote it with decouple_wd.)"""
+    def run(make, name):
         p = torch.nn.Parameter(torch.ones(3))
         opt = make([p])
         for k in range(4):
-            if k == 2:
-                opt.param_groups[0]["decoupled_weight_decay"] = True
+            if k == at_step:
+                opt.param_groups[0][name] = True
             p.grad = torch.full((3,), 0.1)
             opt.step()
         return p.detach(), opt
-    theirs, _ = run(lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.5))
-    ours, opt = run(lambda ps: adamkit.Adam(ps, lr=0.1, weight_decay=0.5, backend=backend))
+    theirs, _ = run(lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.5), "decoupled_weight_decay")
+    ours, opt = run(lambda ps: adamkit.Adam(ps, lr=0.1, weight_decay=0.5, backend=backend), key)
     assert_close_scaled(ours, theirs, *TORCH_PARITY_TOL[torch.float32])
-    assert opt.param_groups[0]["decouple_wd"] is True
+    group = opt.param_groups[0]
+    assert group["decouple_wd"] is True and group["decoupled_weight_decay"] is True
     assert opt.state_dict()["param_groups"][0]["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("make, mode", [(adamkit.Adam, False), (adamkit.AdamW, True)])
+def test_live_groups_hold_torchs_decay_key(make, mode):
+    """Code written for torch.optim reads group["decoupled_weight_decay"]: present from
+    construction, from add_param_group and after a load, equal to decouple_wd."""
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = make([p])
+    opt.add_param_group({"params": [q]})
+    assert [g["decoupled_weight_decay"] for g in opt.param_groups] == [mode, mode]
+    theirs = torch.optim.Adam([{"params": [p]}, {"params": [q]}])  # torch's key says False
+    opt.load_state_dict(theirs.state_dict())
+    assert [(g["decouple_wd"], g["decoupled_weight_decay"]) for g in opt.param_groups] == [(mode, mode)] * 2
+
+
+@pytest.mark.parametrize("key", ["decoupled_weight_decay", "decouple_wd"])
+def test_a_decay_key_set_after_a_load_is_honoured(key):
+    """The mode both keys held is recorded at load too: otherwise a change to decouple_wd
+    after load_state_dict lost to torch's unchanged key."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p], lr=0.1, weight_decay=0.5)
+    opt.load_state_dict(adamkit.Adam([p], lr=0.1, weight_decay=0.5).state_dict())
+    opt.param_groups[0][key] = True
+    p.grad = torch.full((3,), 0.1)
+    opt.step()
+    ref = torch.nn.Parameter(torch.ones(3))
+    theirs = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.5)
+    ref.grad = torch.full((3,), 0.1)
+    theirs.step()
+    assert_close_scaled(p.detach(), ref.detach(), *TORCH_PARITY_TOL[torch.float32])
+    assert opt.param_groups[0]["decouple_wd"] is opt.param_groups[0]["decoupled_weight_decay"] is True
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 from torch import Tensor
 
-from .optimizer import Adam
+from .optimizer import Adam, _set_decay_mode
 
 
 class AdamW(Adam):
@@ -70,4 +70,4 @@ class AdamW(Adam):
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:
         super()._normalize_group(group, fallback)
-        group["decouple_wd"] = True  # as torch.optim.AdamW, whatever the checkpoint says
+        _set_decay_mode(group, True)  # as torch.optim.AdamW, whatever the checkpoint says

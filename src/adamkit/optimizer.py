@@ -9,7 +9,7 @@ bucket to its backend with scalars computed once.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from copy import deepcopy
 from typing import Any, Callable, Iterable
 
@@ -54,7 +54,8 @@ class Adam(Optimizer):
         weight_decay: λ. Default 0.
         amsgrad: normalise by the running max of v (Reddi et al., 2018). Default False.
         decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym,
-            also as a group key.
+            also as a group key: groups hold both, and setting either between steps
+            switches the mode (the next step makes them equal again).
         decouple_lr: fully decoupled decay, scaled by lr/max_lr.
         max_lr: the lr that the decay of ``decouple_lr`` is relative to (``OneCycleLR``
             writes its peak under this key).
@@ -168,7 +169,7 @@ class Adam(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         group = {**self.defaults, **param_group}
-        _take_torch_decay_key(group)
+        _set_decay_mode(group, _decay_mode(param_group, None, self.defaults["decouple_wd"]))
         fill_max_lr = group["decouple_lr"] and group["max_lr"] is None
         if fill_max_lr:
             lr = group["lr"]
@@ -177,17 +178,17 @@ class Adam(Optimizer):
         formats.validate(group)
         backends.check_name(group["backend"])
         # Valid: only now is the caller's dict changed
-        _take_torch_decay_key(param_group)
+        _set_decay_mode(param_group, group["decouple_wd"])
         if fill_max_lr:
             param_group["max_lr"] = group["max_lr"]
         super().add_param_group(param_group)
+        self._sync_decay_modes()  # records the new group's mode
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:
         """Give a loaded group (torch's or an older adamkit's) every key adamkit uses."""
         # adamkit saves both keys equal; where they differ the state dict went through
         # torch.optim, which only reads and changes its own key
-        _take_torch_decay_key(group)
-        group.setdefault("decouple_wd", False)
+        _set_decay_mode(group, _decay_mode(group, None, False))
         for key in _TORCH_ONLY_KEYS:
             group.pop(key, None)
         for key, value in {**formats.GROUP_DEFAULTS, **fallback}.items():
@@ -211,6 +212,22 @@ class Adam(Optimizer):
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
             self._normalize_group(group, self.defaults)
+        self._decay_modes = {}  # loaded groups: their keys are equal, and recorded now
+        self._sync_decay_modes()
+
+    def _sync_decay_modes(self) -> None:
+        """Make each live group's two decay-mode keys equal again, the one set since the
+        last sync winning (code written for torch.optim sets ``decoupled_weight_decay``,
+        adamkit's own ``decouple_wd``): called before a step's plan and a state_dict."""
+        last = getattr(self, "_decay_modes", {})  # id(group) -> (group, mode when synced)
+        synced = {}
+        for group in self.param_groups:
+            seen = last.get(id(group))
+            before = seen[1] if seen is not None and seen[0] is group else None
+            mode = _decay_mode(group, before, False)
+            _set_decay_mode(group, mode)
+            synced[id(group)] = (group, mode)
+        self._decay_modes = synced
 
     # ---- the step -------------------------------------------------------------------
 
@@ -220,8 +237,8 @@ class Adam(Optimizer):
         ``repeat``: only each param's occurrence of that number in its group (a param
         listed twice is updated twice, _repeats). Raises before anything is changed."""
         work, offset = [], 0
+        self._sync_decay_modes()
         for group in self.param_groups:
-            _take_torch_decay_key(group)  # set on a live group, as code for torch.optim does
             validate_group(group)  # a group edited by hand after construction
             formats.validate(group)
             params = [(offset + j, p, j)
@@ -404,23 +421,10 @@ class Adam(Optimizer):
     # ---- checkpoints ----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's layout and key names; ``decoupled_weight_decay`` mirrors ``decouple_wd``
-        so that torch.optim.Adam loads the same decay mode. Post-hooks see the dict whole
-        (torch.optim runs them inside its state_dict, before the key was added)."""
-        hooks = self._optimizer_state_dict_post_hooks
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        try:
-            sd = super().state_dict()
-        finally:
-            self._optimizer_state_dict_post_hooks = hooks
-        for group in sd["param_groups"]:
-            _take_torch_decay_key(group)  # set on a live group since its last step
-            group["decoupled_weight_decay"] = bool(group["decouple_wd"])
-        for hook in hooks.values():
-            result = hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+        """torch's layout and key names; ``decoupled_weight_decay`` equals ``decouple_wd``
+        so that torch.optim.Adam loads the same decay mode."""
+        self._sync_decay_modes()  # before torch's state_dict, whose post-hooks see its dict
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of adamkit or torch.optim.Adam/AdamW.
@@ -510,13 +514,22 @@ def _listings(params: list[Tensor]) -> list[int]:
     return numbers
 
 
-def _take_torch_decay_key(group: dict[str, Any]) -> None:
-    """torch's name for the decay mode, in a group dict (passed, loaded, or set on a live
-    group): its value, unless None (not given), becomes ``decouple_wd``, the key adamkit
-    keeps."""
-    value = group.pop("decoupled_weight_decay", None)
-    if value is not None:
-        group["decouple_wd"] = bool(value)
+def _decay_mode(group: dict[str, Any], last: bool | None, default: bool) -> bool:
+    """The decay mode a group dict asks for under its two keys, ``decouple_wd`` and torch's
+    ``decoupled_weight_decay``. ``last``: the mode both keys held when last synced, so that
+    the one changed since then wins; None for a dict not synced yet (passed to the
+    optimizer, or loaded), where torch's key wins when given (torch.optim reads and
+    changes only its own). ``default``: the mode where neither key is given."""
+    theirs, ours = group.get("decoupled_weight_decay"), group.get("decouple_wd")
+    if theirs is not None and (last is None or bool(theirs) != last):
+        return bool(theirs)
+    if ours is not None:
+        return bool(ours)
+    return default if last is None else last
+
+
+def _set_decay_mode(group: dict[str, Any], value: bool) -> None:
+    group["decouple_wd"] = group["decoupled_weight_decay"] = value
 
 
 def _refuse_torch_only(**flags: bool) -> None:

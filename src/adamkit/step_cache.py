@@ -41,8 +41,9 @@ from .hyperparams import step_scalars, validate_group
 
 # Group keys that decide storage and backends; a change to any of them re-plans.
 _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min_size", "seed",
-                 # torch's name for decouple_wd, set on a live group: the full path takes it
-                 "decoupled_weight_decay")
+                 # the decay mode's two keys: a change to either takes the full path,
+                 # which makes them equal again (Adam._sync_decay_modes)
+                 "decouple_wd", "decoupled_weight_decay")
 
 
 _VERSION = operator.attrgetter("_version")
