@@ -42,6 +42,7 @@ def test_quick_run_records_every_measure(tiny, tmp_path, capsys):
         assert r["bandwidth_Bps"] == max(r["bandwidth_patterns_Bps"]["median"].values())
         assert r["bandwidth_peak_Bps"] == max(r["bandwidth_patterns_Bps"]["peak"].values())
         assert r["bandwidth_peak_Bps"] >= r["bandwidth_Bps"]
+        assert r["compute_probe_ns_per_element"] > 0
         assert r["bandwidth_fraction_of_peak"] == pytest.approx(
             r["bandwidth_fraction"] * r["bandwidth_Bps"] / r["bandwidth_peak_Bps"])
     assert results["torch fused fp32"]["speedup_vs_torch_fused"] == pytest.approx(1.0)
@@ -75,6 +76,28 @@ def test_bandwidth_probe_takes_turns_with_the_steps():
         assert rate == pytest.approx(nbytes[name] / statistics.median(probe.times[name]))
         assert probe.peak_rates()[name] == pytest.approx(nbytes[name] / min(probe.times[name]))
         assert probe.peak_rates()[name] >= rate > 0
+
+
+def test_compute_probe_takes_turns_and_reports_its_median():
+    from adamkit.bench import measure
+
+    probe = measure.ComputeProbe(reps=2)
+    measure.interleave([probe], rounds=3, steps_per_round=2)
+    assert len(probe.times) == 6
+    assert probe.ns_per_element() == pytest.approx(
+        1e9 * statistics.median(probe.times) / (probe.N * 2))
+    assert torch.equal(probe.y, torch.sqrt(probe.x) / probe.x)  # it computes what it says
+
+
+def test_blocks_with_slow_compute_are_named():
+    def block(config, dtype, ns):
+        return {"config": config, "dtype": dtype, "compute_probe_ns_per_element": ns}
+    results = [block("64 tensors", "float32", 0.40), block("64 tensors", "float32", 0.40),
+               block("64 tensors", "bfloat16", 0.80), block("1024 tensors", "float32", 0.45)]
+    [line] = bench.slow_compute(results)
+    assert line.startswith("warning: 64 tensors bfloat16: compute ran 2.00x slower")
+    assert bench.slow_compute([block("64 tensors", "float32", 0.4)]) == []
+    assert bench.slow_compute([]) == []
 
 
 def test_traffic_model():

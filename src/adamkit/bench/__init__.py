@@ -1,7 +1,8 @@
 """``adamkit bench``: adamkit against torch.optim and peers, side by side, on this machine.
 
 Every optimizer of a config and dtype runs in one process, interleaved round-robin, on
-the same parameter layout; the memory bandwidth is measured in the same rounds. For each:
+the same parameter layout; the memory bandwidth, and the compute the steps get (a probe
+whose slow blocks are named after the table), are measured in the same rounds. For each:
 ms/step, Mparam/s, the bytes per param its storage must move, the fraction of the
 measured bandwidth that makes, its measured state bytes per param, its first step
 (allocation, library loading, compilation) and its speed relative to torch's fused
@@ -84,16 +85,17 @@ def run_config(config: str, contenders: list[Contender], rounds: int, steps: int
         for c in group:
             log(f"  {config}: first step of {c.name} ...")
             runs.append(measure.start(c, shapes, grads))
-        probe = measure.BandwidthProbe(footprint)
-        measure.interleave([*runs, probe], rounds, steps)
+        probe, compute = measure.BandwidthProbe(footprint), measure.ComputeProbe()
+        measure.interleave([*runs, probe, compute], rounds, steps)
         del grads
         # The best pattern's median: the same statistic, over the same minutes, as the steps.
         rates, peaks = probe.rates(), probe.peak_rates()
         bw, peak = max(rates.values()), max(peaks.values())
+        compute_ns = compute.ns_per_element()
         del probe
         gc.collect()
         log(f"  {config} {dtype}: bandwidth {bw / 1e9:.1f} GB/s (best sample {peak / 1e9:.1f}) "
-            f"over {footprint / 2**20:.0f} MiB")
+            f"over {footprint / 2**20:.0f} MiB; compute probe {compute_ns:.3f} ns/element")
         for run in runs:
             results.append({
                 "config": config, "optimizer": run.contender.name, "library": run.contender.library,
@@ -104,6 +106,7 @@ def run_config(config: str, contenders: list[Contender], rounds: int, steps: int
                 "first_step_s": run.first_step_s, "steps_timed": len(run.times),
                 "bandwidth_Bps": bw, "bandwidth_peak_Bps": peak,
                 "bandwidth_patterns_Bps": {"median": rates, "peak": peaks},
+                "compute_probe_ns_per_element": compute_ns,
             })
         del runs
         gc.collect()
@@ -127,6 +130,24 @@ def _annotate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ratios.append({"config": config, "ours": ours, "theirs": theirs,
                                "speedup": b["ms_per_step"] / a["ms_per_step"]})
     return ratios
+
+
+# A block whose compute probe ran this much slower than the run's fastest block is named:
+# its compute-bound steps (bf16, int8) ran slow with it, whatever the bandwidth read.
+SLOW_COMPUTE = 1.25
+
+
+def slow_compute(results: list[dict[str, Any]]) -> list[str]:
+    """A warning per config and dtype whose compute probe read ``SLOW_COMPUTE`` times the
+    run's best or slower."""
+    blocks = {(r["config"], r["dtype"]): r["compute_probe_ns_per_element"] for r in results}
+    if not blocks:
+        return []
+    best = min(blocks.values())
+    return [f"warning: {config} {dtype}: compute ran {ns / best:.2f}x slower than in the run's "
+            f"fastest block (compute probe {ns:.3f} against {best:.3f} ns/element): other "
+            "load on this machine; its compute-bound steps are slow with it"
+            for (config, dtype), ns in blocks.items() if ns >= SLOW_COMPUTE * best]
 
 
 def _native_checks_now() -> None:
@@ -184,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for r in ratios:
             print(f"{r['config']}: {r['ours']} is {r['speedup']:.2f}x {r['theirs']}")
+    for line in slow_compute(results):
+        print(line)
     for line in skipped:
         print(f"skipped {line}")
     payload = {"machine": info, "rounds": rounds, "steps_per_round": args.steps_per_round,

@@ -1,4 +1,4 @@
-"""Measuring: the machine's memory bandwidth, and optimizer steps, interleaved.
+"""Measuring: the machine's memory bandwidth and compute, and optimizer steps, interleaved.
 
 Bandwidth is measured in the same process and rounds as the optimizers, with torch's own
 multi-threaded elementwise kernels, on one buffer whose size is the optimizers' own
@@ -18,7 +18,8 @@ speed drifts between minutes (other tenants), a bandwidth measured at other mome
 its best sample against the steps' median, would describe another machine. The best
 pattern is the bandwidth an Adam step is held against (Adam reads and writes its param
 and moments in place, and only reads the grad); the best single sample (``peak``) is
-recorded beside it.
+recorded beside it. ``ComputeProbe`` takes its turn too: the compute the same minutes
+gave, which the bandwidth probe does not see.
 """
 
 from __future__ import annotations
@@ -72,6 +73,35 @@ class BandwidthProbe:
 
     def _rates(self, seconds) -> dict[str, float]:  # seconds: list of samples -> one
         return {k: nbytes / seconds(self.times[k]) for k, (_, nbytes) in self.patterns.items()}
+
+
+class ComputeProbe:
+    """The compute a block's steps got: √ and a division per element, an Adam step's
+    divider work, on torch's threads over float32 data that stays in the caches (3 × 512
+    KiB), ``reps`` times per ``step``. Its median is what the bandwidth probe cannot see:
+    on a shared machine a neighbour can take compute while memory streams as usual
+    (Zen 1, session 14: every bf16 step of one block about twice as slow as in the run
+    before, the bandwidth probe at its usual rate), and compute-bound steps then slow
+    with it. Elements per call are above torch's grain size (32768), so both threads work."""
+
+    N = 1 << 17
+
+    def __init__(self, reps: int = 20) -> None:
+        self.reps = reps
+        self.x = torch.rand(self.N) + 0.5
+        self.y = torch.empty_like(self.x)
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        for _ in range(self.reps):
+            torch.sqrt(self.x, out=self.y)
+            self.y.div_(self.x)
+        self.times.append(time.perf_counter() - t0)
+
+    def ns_per_element(self) -> float:
+        """Wall time per element of one √ and one division, all threads: its median sample."""
+        return 1e9 * statistics.median(self.times) / (self.N * self.reps)
 
 
 @dataclass
