@@ -92,7 +92,7 @@ def run_config(config: str, contenders: list[Contender], rounds: int, steps: int
         rates, peaks = probe.rates(), probe.peak_rates()
         bw, peak = max(rates.values()), max(peaks.values())
         compute_ns = compute.ns_per_element()
-        del probe
+        del probe, compute
         gc.collect()
         log(f"  {config} {dtype}: bandwidth {bw / 1e9:.1f} GB/s (best sample {peak / 1e9:.1f}) "
             f"over {footprint / 2**20:.0f} MiB; compute probe {compute_ns:.3f} ns/element")
