@@ -145,7 +145,7 @@ def slow_compute(results: list[dict[str, Any]]) -> list[str]:
         return []
     best = min(blocks.values())
     return [f"warning: {config} {dtype}: compute ran {ns / best:.2f}x slower than in the run's "
-            f"fastest block (compute probe {ns:.3f} against {best:.3f} ns/element): other "
+            f"fastest block (compute probe {ns:.3f} against {best:.3f} ns/element), likely other "
             "load on this machine; its compute-bound steps are slow with it"
             for (config, dtype), ns in blocks.items() if ns >= SLOW_COMPUTE * best]
 
