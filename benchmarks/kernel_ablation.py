@@ -94,11 +94,12 @@ template <class F> double best_ns(F f, int64_t n, int reps, int rounds) {
 }
 struct Data {
     std::vector<bf16> p, g, m, v, comp; std::vector<float> pf, gf, master, ms, vs; std::vector<uint8_t> mq, vq;
-    // Every stream padded by 1024 elements: the kernels prefetch up to two int8 blocks (512
-    // elements) ahead, and prefetches past the data cost Zen 1's L1 loop 35-43% (RESULTS.md).
-    explicit Data(int64_t n) : p(n + 1024), g(n + 1024), m(n + 1024), v(n + 1024), comp(n + 1024),
-                               pf(n + 1024), gf(n + 1024), master(n + 1024),
-                               ms(n / 256, 1e-3f), vs(n / 256, 1e-5f), mq(n + 1024), vq(n + 1024) {
+    // Every stream padded: the kernels prefetch up to two int8 blocks (512 elements) ahead,
+    // and prefetches past the data cost Zen 1's L1 loop 35-43% (RESULTS.md).
+    static constexpr int64_t PAD = 1024;
+    explicit Data(int64_t n) : p(n + PAD), g(n + PAD), m(n + PAD), v(n + PAD), comp(n + PAD),
+                               pf(n + PAD), gf(n + PAD), master(n + PAD),
+                               ms(n / 256, 1e-3f), vs(n / 256, 1e-5f), mq(n + PAD), vq(n + PAD) {
         std::mt19937 rng(1); std::normal_distribution<float> nd;
         for (int64_t i = 0; i < n; ++i) {
             pf[i] = nd(rng); gf[i] = 1e-2f * nd(rng); p[i] = from<bf16>(pf[i]); g[i] = from<bf16>(gf[i]);

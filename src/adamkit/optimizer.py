@@ -212,8 +212,7 @@ class Adam(Optimizer):
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
             self._normalize_group(group, self.defaults)
-        self._decay_modes = {}  # loaded groups: their keys are equal, and recorded now
-        self._sync_decay_modes()
+        self._sync_decay_modes()  # loaded groups: their keys are equal, and recorded now
 
     def _sync_decay_modes(self) -> None:
         """Make each live group's two decay-mode keys equal again, the one set since the
