@@ -292,24 +292,31 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update()
+        return loss
 
+    # Under torch.compile (of `opt.step` or of a training step that calls it) the update
+    # runs eagerly, as written: it is one fused call per bucket already, and dynamo would
+    # trace the planning around it (caches of plans, ctypes calls) into graph breaks,
+    # warnings and seconds of compiling, for nothing. The closure above stays traceable.
+    @torch.compiler.disable
+    def _update(self) -> None:
         grad_scale_inv = self._amp_grad_scale_inv()
         if grad_scale_inv is None:
-            return loss  # GradScaler found an inf or NaN: skip the step, change nothing
+            return  # GradScaler found an inf or NaN: skip the step, change nothing
 
         cache = getattr(self, "_step_cache", None)
         if cache is not None:
             if cache.try_step(self, grad_scale_inv):
-                return loss
+                return
             cache.record_master_versions(self._master_versions())
         self._step_cache = None
         repeats = self._repeats()
         if repeats > 1:  # no cache: a bucket holds each param once
             for repeat in range(repeats):
                 self._planned_step(grad_scale_inv, repeat)
-            return loss
+            return
         self._step_cache = StepCache(self, self._planned_step(grad_scale_inv))
-        return loss
 
     def _repeats(self) -> int:
         """The most times one param is listed in a group (torch.optim warns that this will
