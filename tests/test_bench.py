@@ -157,6 +157,18 @@ def test_kernel_ablation_driver_still_compiles_against_the_kernel(tmp_path):
 
 
 @needs_gxx_avx2
+def test_divider_overlap_driver_runs_against_the_kernel():
+    """benchmarks/divider_overlap.py's driver calls the kernel's own direction and bf16
+    rounding; a changed signature must fail here, not in the next benchmark session."""
+    result = _benchmark_script("divider_overlap").measure(rounds=1)
+    assert result is not None and result["divider_ns"] > 0
+    assert [r["streams_rounded"] for r in result["rows"]] == [1, 2, 3, 4, 5, 6]
+    for r in result["rows"]:
+        assert r["other_ns"] > 0 and r["both_ns"] > 0
+        assert r["saved_ns"] == round(r["other_ns"] + result["divider_ns"] - r["both_ns"], 4)
+
+
+@needs_gxx_avx2
 def test_stream_ceiling_kernel_moves_every_byte_of_every_stream(tmp_path):
     """benchmarks/stream_ceiling.py's kernel is the ceiling only if it really reads every
     byte of the grad and reads and writes every byte of the other streams: per 32
