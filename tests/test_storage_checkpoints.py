@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import adamkit
+from adamkit import checkpoints
 from adamkit.formats import param as policy
 from adamkit.formats import state as fmt_state
-from registry import STORAGE, Storage
+from helpers import assert_close_scaled
+from registry import STORAGE, TORCH_PARITY_TOL, Storage
 from test_checkpoints import _assert_unchanged, _save_load, _snapshot
 
 SHAPES = [(24, 25), (7,)]  # three int8 blocks (one partial), and a small tensor
@@ -200,6 +202,55 @@ def test_int8_state_through_torch_optim_is_refused_and_changes_nothing():
         back.load_state_dict(saved)
     after = back.state[params[0]]
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("storage", STORAGE, ids=lambda s: s.id)
+def test_torch_state_dict_continues_in_torch_optim(storage):
+    """Every storage exports torch.optim's own state: the step, the moments as adamkit
+    reads them (cast to the param dtype by torch's load), the hyperparameters under
+    torch's keys; no tags, scales, seeds or buffers, and nothing shared with the
+    optimizer. From fp32 storage torch's next step is adamkit's next step."""
+    params = _params(storage.dtype)
+    opt = _opt(params, storage, weight_decay=0.1, decouple_wd=True)
+    _train(params, opt, 3)
+    snap = _snapshot(opt)
+    exported = opt.torch_state_dict()
+    _assert_unchanged(opt, snap)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs = torch.optim.Adam(twins)
+    theirs.load_state_dict(_save_load(exported))
+    group = theirs.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["amsgrad"]) == (1e-2, 0.1, True)
+    assert group["decoupled_weight_decay"] is True
+    assert not set(exported["param_groups"][0]) & set(checkpoints.ADAMKIT_ONLY_KEYS)
+    for p, q in zip(params, twins):
+        mine, loaded = opt.state[p], theirs.state[q]
+        assert sorted(loaded) == sorted(["step", *MOMENTS])
+        assert float(loaded["step"]) == float(mine["step"]) == 3
+        for name in MOMENTS:
+            assert torch.equal(loaded[name], _value(mine, name).to(p.dtype)), name
+    for state in exported["state"].values():  # a copy: zeroing it leaves the optimizer be
+        for value in state.values():
+            value.zero_()
+    _assert_unchanged(opt, snap)
+    if (storage.dtype, storage.state_format) == (torch.float32, "fp32"):
+        _train(params, opt, 1, seed=7)
+        _train(twins, theirs, 1, seed=7)
+        for p, q in zip(params, twins):
+            assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
+
+
+def test_torch_state_dict_refuses_fully_decoupled_decay():
+    """torch.optim has no decouple_lr: no state dict of its continues such a run."""
+    params = _params(torch.float32)
+    opt = adamkit.Adam([{"params": params[:1]},
+                        {"params": params[1:], "decouple_lr": True, "max_lr": 1e-2,
+                         "weight_decay": 1e-3}], lr=1e-2)
+    _train(params, opt, 1)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match="param group 1 has decouple_lr=True"):
+        opt.torch_state_dict()
+    _assert_unchanged(opt, snap)
 
 
 def _mutations():

@@ -10,7 +10,6 @@ bucket to its backend with scalars computed once.
 from __future__ import annotations
 
 from collections import defaultdict
-from copy import deepcopy
 from typing import Any, Callable, Iterable
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends, formats
+from . import backends, checkpoints, formats
 from .formats import param as param_policy
 from .hyperparams import scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
@@ -446,67 +445,30 @@ class Adam(Optimizer):
         does not fit (group or param counts, tensor shapes, hyperparameters, formats)
         raises ValueError and leaves this optimizer as it was.
         """
-        state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
+        checkpoints.load(self, state_dict)
 
-        saved_groups = deepcopy(state_dict["param_groups"])
-        if len(self.param_groups) != len(saved_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    "loaded state dict contains a parameter group that doesn't match the size "
-                    f"of optimizer's group (group {i}: {len(saved['params'])} saved params, "
-                    f"{len(group['params'])} in the optimizer)"
-                )
+    def torch_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state dict as torch.optim.Adam/AdamW would have saved it, for
+        continuing the run in torch.optim from any adamkit storage.
 
-        new_groups, new_state = [], defaultdict(dict)
-        saved_state = state_dict["state"]
-        index = 0
-        for group, saved in zip(self.param_groups, saved_groups):
-            fallback = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            # configured, not saved
-            storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
-            new_group = {**saved, **storage, "params": group["params"]}
-            if "param_names" in group and "param_names" not in saved:
-                new_group["param_names"] = group["param_names"]
-            self._normalize_group(new_group, fallback)
-            validate_group(new_group)
-            formats.validate(new_group)
-            backends.check_name(new_group["backend"])
-            new_groups.append(new_group)
-            for saved_id, p in zip(saved["params"], group["params"]):
-                # `{}` is no state: reading opt.state[p] (a defaultdict) before p's
-                # first step saves one, and torch.optim loads it as a param without state
-                if saved_state.get(saved_id):
-                    new_state[p] = self._load_param_state(
-                        p, saved_state[saved_id], saved_id, new_group, index
-                    )
-                index += 1
+        Each param's state becomes ``step`` and the moments in float32 (int8 codes and
+        bf16 decoded; torch.optim casts them to the param's dtype when it loads them);
+        int8 scales, the format tags and stochastic-rounding seeds are dropped, and so are
+        a Kahan compensation and a master copy, as on a load into ``param_update="nearest"``:
+        torch.optim continues from the param itself, at most half an ulp of it lost.
+        Groups keep torch's keys (``decoupled_weight_decay`` gives the decay mode). Nothing
+        of this optimizer is changed or shared. (A plain ``state_dict()`` loads into
+        torch.optim too, but torch would read int8 codes as moment values.)
 
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        Raises ValueError for a group with ``decouple_lr=True``, which torch.optim cannot
+        continue.
 
-    @staticmethod
-    def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
-                          group: dict[str, Any], index: int) -> dict[str, Any]:
-        """A private copy of one param's saved state, on p's device, in the group's format."""
-        if "step" not in saved or "exp_avg" not in saved or "exp_avg_sq" not in saved:
-            raise ValueError(
-                f"loaded state for parameter {saved_id} lacks one of 'step', 'exp_avg', "
-                f"'exp_avg_sq' (has {sorted(saved)})"
-            )
-        fmt, update = formats.resolve(p, group)
-        seed = param_policy.sr_seed(group["seed"], index)
-        try:
-            converted = formats.convert_state(p, saved, fmt, update, seed)
-        except ValueError as exc:
-            raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
-        return {"step": torch.tensor(float(saved["step"]), dtype=scalar_dtype()), **converted}
+        Example::
+
+            theirs = torch.optim.AdamW(model.parameters())
+            theirs.load_state_dict(opt.torch_state_dict())
+        """
+        return checkpoints.torch_state_dict(self)
 
 
 def _listings(params: list[Tensor]) -> list[int]:

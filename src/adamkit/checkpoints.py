@@ -1,0 +1,112 @@
+"""Checkpoints: any saved state into an optimizer's storage, and a state dict for torch.optim.
+
+``Adam.state_dict`` is torch's own (torch's layout and key names, the decay keys synced).
+Loading (``load``) accepts adamkit's and torch.optim's state dicts, checks and converts
+everything before it replaces anything, and converts each param's state from the format
+it was saved in into the one the optimizer is configured with (docs/design/formats.md,
+"Checkpoints"). ``torch_state_dict`` goes the other way: every state decoded into what
+torch.optim.Adam keeps, so that torch.optim can continue a run adamkit started in any
+storage.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import backends, formats
+from .formats import param as param_policy
+from .hyperparams import scalar_dtype, validate_group
+
+if TYPE_CHECKING:
+    from .optimizer import Adam
+
+# Group keys of adamkit's own, which torch.optim has no use for (``decouple_wd`` is
+# mirrored by torch's ``decoupled_weight_decay``; ``decouple_lr`` is refused on export).
+ADAMKIT_ONLY_KEYS = ("decouple_wd", "decouple_lr", "max_lr", "backend", *formats.GROUP_DEFAULTS)
+
+
+def load(opt: Adam, state_dict: dict[str, Any]) -> None:
+    """``Adam.load_state_dict``: see its docstring."""
+    state_dict = state_dict.copy()
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+
+    saved_groups = deepcopy(state_dict["param_groups"])
+    if len(opt.param_groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size "
+                f"of optimizer's group (group {i}: {len(saved['params'])} saved params, "
+                f"{len(group['params'])} in the optimizer)"
+            )
+
+    new_groups, new_state = [], defaultdict(dict)
+    saved_state = state_dict["state"]
+    index = 0
+    for group, saved in zip(opt.param_groups, saved_groups):
+        fallback = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        # configured, not saved
+        storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
+        new_group = {**saved, **storage, "params": group["params"]}
+        if "param_names" in group and "param_names" not in saved:
+            new_group["param_names"] = group["param_names"]
+        opt._normalize_group(new_group, fallback)
+        validate_group(new_group)
+        formats.validate(new_group)
+        backends.check_name(new_group["backend"])
+        new_groups.append(new_group)
+        for saved_id, p in zip(saved["params"], group["params"]):
+            # `{}` is no state: reading opt.state[p] (a defaultdict) before p's
+            # first step saves one, and torch.optim loads it as a param without state
+            if saved_state.get(saved_id):
+                new_state[p] = _load_param_state(
+                    p, saved_state[saved_id], saved_id, new_group, index
+                )
+            index += 1
+
+    opt.__setstate__({"state": new_state, "param_groups": new_groups})
+    for hook in opt._optimizer_load_state_dict_post_hooks.values():
+        hook(opt)
+
+
+def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
+                      group: dict[str, Any], index: int) -> dict[str, Any]:
+    """A private copy of one param's saved state, on p's device, in the group's format."""
+    if "step" not in saved or "exp_avg" not in saved or "exp_avg_sq" not in saved:
+        raise ValueError(
+            f"loaded state for parameter {saved_id} lacks one of 'step', 'exp_avg', "
+            f"'exp_avg_sq' (has {sorted(saved)})"
+        )
+    fmt, update = formats.resolve(p, group)
+    seed = param_policy.sr_seed(group["seed"], index)
+    try:
+        converted = formats.convert_state(p, saved, fmt, update, seed)
+    except ValueError as exc:
+        raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
+    return {"step": torch.tensor(float(saved["step"]), dtype=scalar_dtype()), **converted}
+
+
+def torch_state_dict(opt: Adam) -> dict[str, Any]:
+    """``Adam.torch_state_dict``: see its docstring."""
+    saved = opt.state_dict()
+    for i, group in enumerate(saved["param_groups"]):
+        if group["decouple_lr"]:
+            raise ValueError(f"param group {i} has decouple_lr=True: torch.optim has no fully "
+                             "decoupled weight decay, so no torch.optim state dict continues it")
+    params = {}  # index in the state dict → param, as torch's state_dict numbered them
+    for group, packed in zip(opt.param_groups, saved["param_groups"]):
+        params.update(zip(packed["params"], group["params"]))
+    state = {index: formats.torch_state(params[index], s) for index, s in saved["state"].items()
+             if s}
+    groups = [{k: deepcopy(v) for k, v in g.items() if k not in ADAMKIT_ONLY_KEYS}
+              for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
