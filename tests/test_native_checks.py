@@ -6,7 +6,9 @@ test_step_cache.py and test_edge_cases.py run whole optimizers through both (the
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from array import array
 
 import pytest
@@ -280,3 +282,20 @@ def test_a_background_build_compiles_then_takes_over(fresh_module_state, monkeyp
     assert native_checks.status() == "loaded" and list(tmp_path.glob("checks-*"))
     opt.step()
     assert opt._step_cache.native is not None
+
+
+def test_a_build_removes_build_directories_that_dead_builds_left(tmp_path):
+    """A build killed mid-compile (the daemon build thread, at exit) leaves its build
+    directory; the next build beside it removes those older than any build takes, and
+    leaves a younger one (another process's, still compiling), and its own."""
+    dead, running = (tmp_path / (library.BUILD_PREFIX + name) for name in ("dead", "running"))
+    for d in (dead, running):
+        d.mkdir()
+        (d / "partial.so").write_bytes(b"\0")
+    stale = time.time() - library.STALE_BUILD_S - 60
+    os.utime(dead, (stale, stale))
+    src = tmp_path / "tiny.cpp"
+    src.write_text("extern \"C\" int tiny() { return 1; }\n")
+    target = library.compile_into(tmp_path / "tiny.so", "tiny", ["-shared", "-fPIC", str(src)])
+    assert target.exists()
+    assert sorted(p.name for p in tmp_path.glob(library.BUILD_PREFIX + "*")) == [running.name]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -94,16 +95,35 @@ def compiler_path() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+# Builds run in a directory of their own beside the target. One whose process died (the
+# background build of checks.cpp is a daemon thread, stopped mid-compile at exit) leaves
+# it behind; the next build removes those that no build could still be using.
+BUILD_PREFIX = ".build-"
+STALE_BUILD_S = 3600.0
+
+
+def _remove_stale_builds(parent: Path) -> None:
+    now = time.time()
+    for old in parent.glob(BUILD_PREFIX + "*"):
+        try:
+            if now - old.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # removed meanwhile by another process's build
+            pass
+
+
 def compile_into(target: Path, what: str, args: list[str]) -> Path:
     """Compile (the compiler, then ``args``, then ``-o``) into ``target`` unless it is
-    there already, atomically: a killed build leaves nothing. ``what`` names it in errors."""
+    there already, atomically: a killed build leaves no target, only a build directory
+    that a later build removes. ``what`` names it in errors."""
     if target.exists():
         return target
     compiler = compiler_path()
     if compiler is None:
         raise RuntimeError(f"no C++ compiler found to build {what}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    _remove_stale_builds(target.parent)
+    with tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         done = subprocess.run([compiler, *args, "-o", str(out)], capture_output=True, text=True)
         if done.returncode != 0:
