@@ -141,8 +141,8 @@ def test_grad_scaler_steps_match_unscaled(backend, unscale_first):
 @pytest.mark.parametrize("with_closure", [False, True], ids=["plain", "closure"])
 def test_compiled_step_is_the_eager_step(backend, with_closure):
     """torch.compile(opt.step) runs the update eagerly: the same bits as an eager step on
-    the same grads, and dynamo neither traces the planning (its lru_caches and ctypes
-    calls warned) nor breaks on it. A closure is still compiled."""
+    the same grads, and dynamo does not trace the planning (whose lru_caches and ctypes
+    calls it warned about). A closure is still compiled."""
     import torch._dynamo
 
     torch._dynamo.reset()
