@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 
 import adamkit
 from adamkit.bench import measure
+from adamkit.bench.report import machine
 
 N = 1 << 15  # elements: bf16 streams (8 B/elem, 256 KiB) stay in a 512 KiB L2; fp32 (16 B) overflow it
 # into L3, so fp32 rows here are an upper bound on its compute. Fewer elements would fit, but
@@ -125,7 +125,8 @@ def main() -> None:
                          compute_ns_all_cores=compute / threads, memory_floor_ns=floor))
     torch.set_num_threads(threads)
     divider = divider_floor_ns()
-    print(f"{platform.processor() or platform.machine()}, {cores} cores, {threads} threads; "
+    cpu = machine()["cpu"]
+    print(f"{cpu}, {cores} cores, {threads} threads; "
           f"bandwidth {bw:.1f} GB/s")
     if divider is not None:
         print(f"√ and two divisions alone: {divider:.3f} ns/element/core "
@@ -139,7 +140,7 @@ def main() -> None:
               f"| {r['compute_ns_all_cores']:.3f} | {r['memory_floor_ns']:.3f} | {bound} |")
     out = Path(__file__).parent / "results" / "compute_bound.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(bandwidth_gbs=bw, threads=threads, cores=cores,
+    out.write_text(json.dumps(dict(machine=cpu, bandwidth_gbs=bw, threads=threads, cores=cores,
                                    divider_ns_per_core=divider, rows=rows), indent=2))
     print(f"\nwrote {out}")
 

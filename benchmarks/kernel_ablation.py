@@ -18,12 +18,13 @@ Writes benchmarks/results/kernel_ablation.json.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from adamkit.bench.report import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = ROOT / "src" / "adamkit" / "backends" / "cpu"
@@ -163,7 +164,8 @@ def main(rounds: int = 3) -> None:
                 times[name].append(json.loads(out))
     best = {name: {k: min(r[k] for r in runs) for k in runs[0]} for name, runs in times.items()}
     base = best["as built"]
-    print(f"{platform.processor() or platform.machine()}: ns per element, one core, data in L1 "
+    cpu = machine()["cpu"]
+    print(f"{cpu}: ns per element, one core, data in L1 "
           f"(best of {rounds} interleaved rounds)\n")
     print("| variant | " + " | ".join(base) + " |")
     print("|---|" + "---|" * len(base))
@@ -175,7 +177,7 @@ def main(rounds: int = 3) -> None:
         if not isinstance(exe, Path):
             print(f"| {name} | {exe} |")
     out = Path(__file__).parent / "results" / "kernel_ablation.json"
-    out.write_text(json.dumps(dict(machine=platform.processor() or platform.machine(), rounds=rounds,
+    out.write_text(json.dumps(dict(machine=cpu, rounds=rounds,
                                    ns_per_element=best,
                                    unmatched=[n for n, e in exes.items() if not isinstance(e, Path)]),
                               indent=2))
