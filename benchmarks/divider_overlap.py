@@ -23,11 +23,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from adamkit.backends.cpu.build_flags import COMPILE_FLAGS
 from adamkit.bench.report import machine
 
 KERNEL = Path(__file__).resolve().parent.parent / "src" / "adamkit" / "backends" / "cpu"
-FLAGS = ["-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math",
-         "-ffp-contract=off"]
+FLAGS = [*COMPILE_FLAGS, "-march=native"]  # the kernel's own flags, for this CPU
 MAX_STREAMS = 6
 ROUNDS = 3  # runs of the program, interleaved by construction; best per entry
 

@@ -297,7 +297,8 @@ class Adam(Optimizer):
     # Under torch.compile (of `opt.step` or of a training step that calls it) the update
     # runs eagerly, as written: on the cpu backend it is one fused call per bucket already,
     # and dynamo would trace the planning around it (caches of plans, ctypes calls) into
-    # graph breaks, warnings and seconds of compiling, for nothing. The closure above stays traceable.
+    # graph breaks, warnings and seconds of compiling, for nothing. The closure above
+    # stays traceable.
     @torch.compiler.disable
     def _update(self) -> None:
         grad_scale_inv = self._amp_grad_scale_inv()
