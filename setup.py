@@ -23,7 +23,7 @@ setup(
             sources=[f"{KERNELS}/adam_{isa}.cpp"],
             depends=[f"{KERNELS}/{h}" for h in ("adam.h", "common.h", "simd.h", "simd512.h")],
             language="c++",
-            extra_compile_args=BUILD["COMPILE_FLAGS"] + flags,
+            extra_compile_args=[*BUILD["COMPILE_FLAGS"], *flags, BUILD["digest_define"](Path(__file__).parent / KERNELS)],
             extra_link_args=["-fopenmp"],
             optional=True,
         )

@@ -100,6 +100,63 @@ def test_fallback_without_kernels_warns_once_and_runs_torch():
     assert "ADAMKIT_DISABLE_CPU_KERNELS" in auto[0]
 
 
+def _installed_builds() -> dict[str, Path]:
+    paths = {isa: library._installed_path(isa) for isa in library.ISA_FLAGS}
+    return {isa: p for isa, p in paths.items() if p is not None and p.exists()}
+
+
+def test_installed_builds_carry_their_sources_digest():
+    """Every build setup.py installed names the sources it was compiled from, and they are
+    the sources beside it (a fresh install: this fails on a stale editable one)."""
+    builds = _installed_builds()
+    if not builds:
+        pytest.skip("no installed kernel builds (installed without a compiler)")
+    digest = library.source_digest(library.HERE)
+    for isa, path in builds.items():
+        if isa in library.isa_candidates():  # loadable here: the others' ISA may fault
+            assert library._built_from(library._open(path)) == digest, isa
+        assert digest.encode() in path.read_bytes(), isa
+
+
+def test_source_digest_follows_every_source_file(tmp_path):
+    for name in library.SOURCES:
+        (tmp_path / name).write_text("// one\n")
+    before = library.source_digest(tmp_path)
+    for name in library.SOURCES:
+        (tmp_path / name).write_text("// two\n")
+        assert library.source_digest(tmp_path) != before, name
+        (tmp_path / name).write_text("// one\n")
+    assert library.source_digest(tmp_path) == before
+
+
+@needs_kernels
+def test_stale_installed_build_is_not_run(monkeypatch, tmp_path):
+    """An installed build from other sources (an editable install after a pull: setuptools
+    does not rebuild it) is skipped with one warning, for the sources' own first-use build."""
+    monkeypatch.setattr(library, "source_digest", lambda directory: "0123456789abcdef")
+    monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))
+    built = []
+
+    def build(isa):  # stands in for the compile (tested below): the installed file
+        built.append(isa)
+        return library._installed_path(isa)
+
+    monkeypatch.setattr(library, "_build", build)
+    with pytest.warns(RuntimeWarning, match="built from other sources") as caught:
+        lib, isa, reason = library.load()
+    assert built == [library.isa_candidates()[0]] == [isa]
+    assert reason is None and lib is not None
+    assert len(caught) == 1 and "cpu-abi" in str(caught[0].message)
+    assert "being built once" in str(caught[0].message)
+
+
+def test_build_without_a_digest_counts_as_stale():
+    class OldBuild:  # a ctypes library from before builds carried the digest
+        pass
+
+    assert library._built_from(OldBuild()) is None
+
+
 def test_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
     monkeypatch.setattr(library, "_installed_path", lambda isa: None)
     monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))
@@ -116,6 +173,7 @@ def test_build_on_first_use_into_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))
     lib, isa, reason = library.load()
     assert reason is None and lib is not None
+    assert library._built_from(lib) == library.source_digest(library.HERE)
     built = list(tmp_path.rglob("_adam_*"))
     assert len(built) == 1 and built[0].stat().st_size > 0
     mtime = built[0].stat().st_mtime_ns

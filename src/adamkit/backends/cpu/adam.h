@@ -242,8 +242,15 @@ int step(const StepArgs& a) {
 
 }  // namespace
 
+// The sources this build was compiled from (build_flags.source_digest: setup.py and
+// library.py define it), so that adamkit runs no build its sources have moved past.
+#ifndef ADAMKIT_SOURCE_DIGEST
+#define ADAMKIT_SOURCE_DIGEST ""
+#endif
+
 extern "C" {
 int adamkit_abi_version() { return ABI_VERSION; }
+const char* adamkit_source_digest() { return ADAMKIT_SOURCE_DIGEST; }
 // Runs the bucket, then adds 1 to every step counter (all or nothing: a bad argument
 // block is rejected before anything is written).
 int adamkit_step(const StepArgs* a) { return step(*a); }

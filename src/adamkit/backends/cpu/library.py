@@ -4,12 +4,13 @@ The library is normally built at install time (setup.py). If it is missing (no c
 then, or a source checkout), it is built once on first use into a cache directory
 (``$ADAMKIT_CACHE`` or ``~/.cache/adamkit``) keyed by a hash of the sources, and loaded
 from there afterwards. Only the best instruction set the CPU supports is built then.
+An installed build whose sources have changed since (editable installs: setuptools does
+not rebuild them) is not run: the sources' build in the cache is, with a warning.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -18,11 +19,12 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from .build_flags import COMPILE_FLAGS, ISA_FLAGS
+from .build_flags import COMPILE_FLAGS, ISA_FLAGS, SOURCES, digest_define, source_digest
 
 HERE = Path(__file__).parent
 ABI_VERSION = 3
@@ -84,11 +86,7 @@ def cache_root() -> Path:
 
 
 def _cache_dir() -> Path:
-    digest = hashlib.sha256()
-    for name in ("adam.h", "common.h", "simd.h", "simd512.h"):
-        digest.update((HERE / name).read_bytes())
-    digest.update(" ".join(FLAGS).encode())
-    return cache_root() / f"cpu-abi{ABI_VERSION}-{digest.hexdigest()[:16]}"
+    return cache_root() / f"cpu-abi{ABI_VERSION}-{source_digest(HERE)}"
 
 
 def compiler_path() -> str | None:
@@ -132,10 +130,14 @@ def compile_into(target: Path, what: str, args: list[str]) -> Path:
     return target
 
 
+def _built_path(isa: str) -> Path:
+    return _cache_dir() / f"_adam_{isa}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+
+
 def _build(isa: str) -> Path:
     """Compile one variant into the cache."""
-    target = _cache_dir() / f"_adam_{isa}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
-    return compile_into(target, "the CPU kernels", [*FLAGS, *ISA_FLAGS[isa], str(HERE / f"adam_{isa}.cpp")])
+    return compile_into(_built_path(isa), "the CPU kernels",
+                        [*FLAGS, *ISA_FLAGS[isa], digest_define(HERE), str(HERE / f"adam_{isa}.cpp")])
 
 
 def _open(path: Path) -> ctypes.CDLL:
@@ -149,21 +151,44 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _built_from(lib: ctypes.CDLL) -> str | None:
+    """The source digest a build carries; None for one from before builds carried it."""
+    try:
+        digest = lib.adamkit_source_digest
+    except AttributeError:
+        return None
+    digest.restype = ctypes.c_char_p
+    return digest().decode()
+
+
 def load() -> tuple[ctypes.CDLL | None, str, str | None]:
     """(library, its instruction set, None) or (None, "", why it is unavailable)."""
     if os.environ.get("ADAMKIT_DISABLE_CPU_KERNELS"):
         return None, "", "disabled by ADAMKIT_DISABLE_CPU_KERNELS"
     if sys.platform == "win32":
         return None, "", "the CPU kernels are built for Linux and macOS only"
-    errors = []
+    errors, stale, digest = [], [], source_digest(HERE)
     for isa in isa_candidates():
         path = _installed_path(isa)
         if path is not None and path.exists():
             try:
-                return _open(path), isa, None
+                lib = _open(path)
             except (OSError, RuntimeError, AttributeError) as exc:
                 errors.append(f"{path.name}: {exc}")
+                continue
+            if _built_from(lib) == digest:
+                return lib, isa, None
+            stale.append(path.name)
     isa = isa_candidates()[0]
+    if stale:
+        names = ", ".join(stale)
+        errors.append(f"{names}: built from other sources than {HERE} holds")
+        target = _cache_dir()
+        warnings.warn(f"adamkit: the installed CPU kernels ({names}) were built from other sources than "
+                      f"{HERE} holds (an editable install after an edit or a pull?), so they are not used; "
+                      f"the '{isa}' kernels for these sources " + ("are" if _built_path(isa).exists() else
+                      "are being built once") + f" in {target} instead (reinstalling adamkit rebuilds "
+                      "the installed ones)", RuntimeWarning, stacklevel=2)
     try:
         return _open(_build(isa)), isa, None
     except (OSError, RuntimeError) as exc:
