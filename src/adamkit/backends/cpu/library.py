@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .build_flags import COMPILE_FLAGS, ISA_FLAGS, SOURCES, digest_define, source_digest
+from .build_flags import COMPILE_FLAGS, ISA_FLAGS, digest_define, source_digest
 
 HERE = Path(__file__).parent
 ABI_VERSION = 3
