@@ -44,7 +44,7 @@ def _optimizer(n_tensors: int, dtype: torch.dtype, native: bool) -> adamkit.Adam
 
 def _kernel_only(opt: adamkit.Adam) -> None:
     for cb in opt._step_cache.buckets:
-        cb.prepared.run(scalars_for(cb.group, cb.t + 1, 1.0))
+        cb.prepared.run(scalars_for(cb.group, cb.t + 1, 1.0, cb.dtype))
         cb.t += 1
 
 

@@ -174,7 +174,7 @@ def kernel_call(opt: adamkit.Adam):
 
     def run() -> None:
         for cb in cache.buckets:
-            cb.prepared.run(scalars_for(cb.group, cb.t + 1, 1.0))
+            cb.prepared.run(scalars_for(cb.group, cb.t + 1, 1.0, cb.dtype))
             cb.t += 1  # the kernel counted the step: keep the plan's own count in line
 
     return run

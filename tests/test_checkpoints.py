@@ -152,13 +152,19 @@ def _mutations():
     def missing_key(sd):
         del sd["state"][1]["exp_avg_sq"]
 
+    # values no step can take (ranges are not checked on load, as in torch.optim: a
+    # scheduler's lr ≈ -2e-21 loads, test_integrations)
     def bad_lr(sd):
-        sd["param_groups"][0]["lr"] = -1.0
+        sd["param_groups"][0]["lr"] = torch.tensor([1e-3, 1e-3])
 
     def bad_betas(sd):
-        sd["param_groups"][0]["betas"] = (1.5, 0.999)
+        sd["param_groups"][0]["betas"] = (0.9,)
 
-    return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr, bad_betas]
+    def bad_max_lr(sd):
+        sd["param_groups"][0].update(decouple_lr=True, max_lr=0.0)
+
+    return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
+            bad_betas, bad_max_lr]
 
 
 def test_backend_is_the_loading_optimizers_not_the_checkpoints():

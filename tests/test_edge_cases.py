@@ -440,30 +440,108 @@ def test_a_decay_key_set_after_a_load_is_honoured(key):
     assert opt.param_groups[0]["decouple_wd"] is opt.param_groups[0]["decoupled_weight_decay"] is True
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("key, value, message", [
-    ("decouple_lr", True, "max_lr"),
-    ("eps", -1.0, "Invalid epsilon value"),
-    ("lr", -1.0, "Invalid learning rate"),
-    ("betas", (1.5, 0.9), "Invalid beta parameter at index 0"),
-    ("weight_decay", -0.5, "Invalid weight_decay value"),
-    ("lr", torch.tensor([1.0, 2.0]), "Tensor lr must be 1-element"),
-])
-def test_a_group_edited_into_an_invalid_one_raises_before_any_update(backend, key, value, message):
-    """A hyperparameter edited by hand into an invalid value after cached steps: the step
-    fails before the first group's params move (decouple_lr without max_lr raised
-    mid-step, with one group updated; eps=-1 ran from the cached plan and made -inf)."""
+def _two_groups_after_cached_steps(make=adamkit.AdamW, **kw):
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
-    opt = adamkit.AdamW([{"params": [p]}, {"params": [q]}], lr=1e-2, weight_decay=1e-4,
-                        backend=backend)
+    opt = make([{"params": [p]}, {"params": [q]}], lr=1e-2, weight_decay=1e-4, **kw)
     for _ in range(3):
         p.grad, q.grad = torch.ones(3), torch.ones(3)
         opt.step()
+    return opt, p, q
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("key, value, error, message", [
+    ("decouple_lr", True, ValueError, "max_lr"),
+    ("betas", (0.9,), ValueError, "betas must be a pair"),
+    ("lr", torch.tensor([1.0, 2.0]), ValueError, "Tensor lr must be 1-element"),
+    ("lr", 3e38, RuntimeError, "value cannot be converted to type float without overflow"),
+])
+def test_a_group_edited_into_one_no_step_can_take_raises_before_any_update(
+        backend, key, value, error, message):
+    """A hyperparameter edited by hand after cached steps into a value the step cannot
+    take: it fails before the first group's params move (decouple_lr without max_lr
+    raised mid-step, with one group updated; lr=3e38, whose lr/(1 − β1^4) torch's step
+    cannot pass to float32, wrote -inf on the cpu backend and raised midway on torch's)."""
+    opt, p, q = _two_groups_after_cached_steps(backend=backend)
     opt.param_groups[1][key] = value
     snap = _snapshot(opt, [p, q])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         opt.step()
     _assert_unchanged(opt, [p, q], snap)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("key, value", [
+    ("eps", -1e-6), ("lr", -1e-2), ("betas", (0.95, torch.tensor(0.99))), ("weight_decay", -0.5),
+])
+def test_values_set_on_a_live_group_are_used_as_given_as_torch_does(backend, key, value):
+    """torch.optim checks hyperparameter ranges only for the groups it is given; values
+    set later (schedulers, by hand) are stepped with. adamkit refused them at the step
+    (a LinearLR decay to 0 ends on lr ≈ -2e-21). Now both step alike."""
+    mine, p, q = _two_groups_after_cached_steps(backend=backend)
+    theirs, p2, q2 = _two_groups_after_cached_steps(make=torch.optim.AdamW)
+    for opt in (mine, theirs):
+        opt.param_groups[1][key] = value
+    for _ in range(2):
+        for x in (p, q, p2, q2):
+            x.grad = torch.full((3,), 0.5)
+        mine.step()
+        theirs.step()
+    assert not torch.equal(q2.detach(), torch.ones(3))
+    for a, b in ((p, p2), (q, q2)):
+        assert_close_scaled(a.detach(), b.detach(), *TORCH_PARITY_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", ["inference", "expanded"])
+def test_a_param_no_in_place_op_may_write_raises_torchs_error_and_changes_nothing(backend, bad):
+    """torch.optim's first in-place op on such a param raises (after the params before
+    it moved); adamkit's torch backend did the same, its cpu backend wrote into the
+    inference tensor, and into the expanded one (the kernel's threads racing on it)."""
+    if bad == "inference":
+        with torch.inference_mode():
+            b = torch.zeros(4)
+        message = "Inplace update to inference tensor outside InferenceMode"
+    else:
+        b = torch.zeros(1, 4).expand(3, 4)
+        message = "more than one element of the written-to tensor refers to a single memory"
+    b.grad = torch.ones_like(b)
+    with pytest.raises(RuntimeError, match=message):
+        torch.optim.Adam([b]).step()
+    a = torch.nn.Parameter(torch.zeros(4))
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend)
+    a.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(4)) and not opt.state
+    with pytest.raises(RuntimeError, match=message):  # the functional form checks it too
+        adamkit.functional.adam_step([b], [b.grad], [torch.zeros(b.shape)], [torch.zeros(b.shape)],
+                                     step=1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("key, value", [("lr", 1e38), ("weight_decay", 1e39)])
+def test_a_scalar_beyond_float32_raises_torchs_error_before_any_change(backend, dtype, key, value):
+    """lr/(1 − β1^t) and a coupled λ beyond float32's range: torch's for-loop and foreach
+    steps raise "value cannot be converted to type float without overflow" (float32 and
+    lower-precision params) once the moments have moved; adamkit raises it before
+    anything is changed. float64 params step, as in torch."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    twin = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    opt = adamkit.Adam([p], backend=backend, **{key: value})
+    theirs = torch.optim.Adam([twin], **{key: value})
+    p.grad, twin.grad = torch.ones_like(p), torch.ones_like(twin)
+    if dtype == torch.float64:
+        opt.step()
+        theirs.step()
+        assert torch.equal(p.detach().isfinite(), twin.detach().isfinite())
+        return
+    with pytest.raises(RuntimeError, match="without overflow"):
+        theirs.step()
+    with pytest.raises(RuntimeError, match="value cannot be converted to type float without overflow"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4, dtype=dtype)) and not opt.state
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

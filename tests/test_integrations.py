@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import adamkit
-from registry import ALL_BACKENDS
+from helpers import assert_close_scaled
+from registry import ALL_BACKENDS, FAST_BACKENDS, TORCH_PARITY_TOL
 
 
 def _model_and_data():
@@ -177,3 +178,113 @@ def test_compiled_step_is_the_eager_step(backend, with_closure):
         assert opt.state[a].keys() == opt2.state[b].keys()
         for k, v in opt.state[a].items():
             assert torch.equal(v, opt2.state[b][k]) if torch.is_tensor(v) else v == opt2.state[b][k], k
+
+
+def _train_pair(make_opts, make_sched, steps, backend="torch"):
+    """The same model trained by adamkit (``backend``) and by torch.optim under one
+    schedule; returns both optimizers, schedulers and params."""
+    out = []
+    for cls, kw in ((adamkit.AdamW, {"backend": backend}), (torch.optim.AdamW, {})):
+        model, x, y = _model_and_data()
+        opt = make_opts(cls, list(model.parameters()), kw)
+        sched = make_sched(opt)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+        out.append((opt, sched, list(model.parameters())))
+    return out
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_linear_decay_to_zero_steps_on_past_its_end_and_its_checkpoint_loads(backend):
+    """LinearLR(start_factor=0.1, end_factor=0) ends on lr = -2.2e-21 (its float
+    arithmetic), which torch.optim steps with; adamkit re-validated every live group's
+    lr and raised at that step, and refused to load its own checkpoint saved after it."""
+    sched = lambda o: torch.optim.lr_scheduler.LinearLR(  # noqa: E731
+        o, start_factor=0.1, end_factor=0.0, total_iters=10)
+    make = lambda cls, ps, kw: cls(ps, lr=1e-2, **kw)  # noqa: E731
+    (mine, _, ps), (theirs, _, qs) = _train_pair(make, sched, 12, backend)
+    lr = mine.param_groups[0]["lr"]
+    assert lr < 0 and lr == theirs.param_groups[0]["lr"]
+    for p, q in zip(ps, qs):
+        if backend == "torch":
+            assert torch.equal(p, q)
+        else:
+            assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
+    saved = mine.state_dict()
+    for target in (adamkit.AdamW(ps, backend=backend), torch.optim.AdamW(qs)):
+        target.load_state_dict(saved)
+        assert target.param_groups[0]["lr"] == lr
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_one_cycle_with_tensor_betas_steps_as_torch_does(backend):
+    """OneCycleLR with cycle_momentum writes a float beta1 beside a Tensor beta2; torch
+    checks the betas' kinds only when the optimizer is made, adamkit at every step did.
+    adamkit takes a Tensor beta as its value: torch.optim's numbers with float betas of
+    the same values (torch's own Tensor-beta path rounds its scalar arithmetic to
+    float32, 0.8-1.2e-6 away from its float path in this run)."""
+    sched = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10)  # noqa: E731
+    tensor_betas = (torch.tensor(0.9), torch.tensor(0.999))
+    make = lambda cls, ps, kw: cls(  # noqa: E731
+        ps, lr=0.01, betas=tensor_betas if kw else tuple(map(float, tensor_betas)), **kw)
+    (mine, _, ps), (theirs, _, qs) = _train_pair(make, sched, 6, backend)
+    beta1, beta2 = mine.param_groups[0]["betas"]
+    assert isinstance(beta1, float) and isinstance(beta2, torch.Tensor)
+    assert (beta1, float(beta2)) == theirs.param_groups[0]["betas"]
+    for p, q in zip(ps, qs):
+        if backend == "torch":
+            assert torch.equal(p, q)
+        else:
+            assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
+
+
+def test_torch_state_dict_keeps_one_cycles_peak_for_torch_to_resume():
+    """OneCycleLR keeps its peak lr under the group key `max_lr` and reads it at every
+    step: torch_state_dict dropped the key (adamkit's own, for decouple_lr), and torch's
+    next scheduler step raised KeyError. Resumed in torch.optim, the run goes on as the
+    twin that stayed in adamkit (the torch backend: torch.optim's numbers)."""
+    sched = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20)  # noqa: E731
+    make = lambda cls, ps, kw: cls(ps, lr=0.01, **kw)  # noqa: E731
+    (mine, mine_sched, ps), (_, _, qs) = _train_pair(make, sched, 5)
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            q.copy_(p)
+    theirs = torch.optim.AdamW(qs, lr=0.01)
+    theirs_sched = sched(theirs)
+    theirs.load_state_dict(mine.torch_state_dict())
+    theirs_sched.load_state_dict(mine_sched.state_dict())
+    assert theirs.param_groups[0]["max_lr"] == 0.1
+    model, x, y = _model_and_data()
+    for opt, sch, params in ((mine, mine_sched, ps), (theirs, theirs_sched, qs)):
+        with torch.no_grad():
+            for m, p in zip(model.parameters(), params):
+                m.copy_(p)
+        for _ in range(3):
+            loss = torch.nn.functional.mse_loss(torch.nn.functional.linear(x, *params), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sch.step()
+    assert mine.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+    plain = adamkit.AdamW([torch.nn.Parameter(torch.ones(2))]).torch_state_dict()
+    assert "max_lr" not in plain["param_groups"][0]  # adamkit's None: torch has no use for it
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_grad_scaler_steps_an_optimizer_without_grads_as_a_no_op(backend):
+    """One scaler, two optimizers, grads for one: GradScaler hands the other found_inf =
+    sum([]) = 0, a Python int, where adamkit called .item() and raised AttributeError."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt_a, opt_b = adamkit.Adam([a], backend=backend), adamkit.Adam([b], backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(b.sum()).backward()
+    scaler.step(opt_a)
+    scaler.step(opt_b)
+    scaler.update()
+    assert torch.equal(a.detach(), torch.ones(3)) and not opt_a.state
+    torch.testing.assert_close(b.detach(), torch.full((3,), 1 - 1e-3))

@@ -126,6 +126,11 @@ def test_torchs_capturable_and_differentiable_flags(make):
             make(p, **{flag: True})
     with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
         make(p, fused=True, differentiable=True)
+    # torch takes a Tensor lr with foreach when capturable: the refusal names capturable
+    # (it said "not supported for capturable=False and foreach=True")
+    torch.optim.Adam(p, lr=torch.tensor(0.01), foreach=True, capturable=True)
+    with pytest.raises(ValueError, match="capturable=True"):
+        make(p, lr=torch.tensor(0.01), foreach=True, capturable=True)
 
 
 

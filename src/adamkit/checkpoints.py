@@ -20,14 +20,16 @@ from torch import Tensor
 
 from . import backends, formats
 from .formats import param as param_policy
-from .hyperparams import scalar_dtype, validate_group
+from .hyperparams import check_live_group, scalar_dtype
 
 if TYPE_CHECKING:
     from .optimizer import Adam
 
 # Group keys of adamkit's own, which torch.optim has no use for (``decouple_wd`` is
 # mirrored by torch's ``decoupled_weight_decay``; ``decouple_lr`` is refused on export).
-ADAMKIT_ONLY_KEYS = ("decouple_wd", "decouple_lr", "max_lr", "backend", *formats.GROUP_DEFAULTS)
+# ``max_lr`` goes only where it is None: OneCycleLR keeps its peak lr under that key and
+# reads it at every step, in torch.optim too.
+ADAMKIT_ONLY_KEYS = ("decouple_wd", "decouple_lr", "backend", *formats.GROUP_DEFAULTS)
 
 
 def load(opt: Adam, state_dict: dict[str, Any]) -> None:
@@ -60,7 +62,7 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         if "param_names" in group and "param_names" not in saved:
             new_group["param_names"] = group["param_names"]
         opt._normalize_group(new_group, fallback)
-        validate_group(new_group)
+        check_live_group(new_group)  # its values as saved, which torch.optim loads as given
         formats.validate(new_group)
         backends.check_name(new_group["backend"])
         new_groups.append(new_group)
@@ -107,6 +109,7 @@ def torch_state_dict(opt: Adam) -> dict[str, Any]:
         params.update(zip(packed["params"], group["params"]))
     state = {index: formats.torch_state(params[index], s) for index, s in saved["state"].items()
              if s}
-    groups = [{k: deepcopy(v) for k, v in g.items() if k not in ADAMKIT_ONLY_KEYS}
+    groups = [{k: deepcopy(v) for k, v in g.items()
+               if k not in ADAMKIT_ONLY_KEYS and not (k == "max_lr" and v is None)}
               for g in saved["param_groups"]]
     return {"state": state, "param_groups": groups}

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends, formats
-from .hyperparams import step_scalars, validate_group
+from .hyperparams import check_scalar_range, step_scalars, validate_group
 
 
 def adam_step(
@@ -65,6 +65,8 @@ def adam_step(
     for i, p in enumerate(params):
         by_kind.setdefault((p.device, p.dtype, formats.format_of(exp_avgs[i])), []).append(i)
     scalars = step_scalars(group, step)
+    for device, dtype, fmt in by_kind:
+        check_scalar_range(scalars, dtype)
     for (device, dtype, fmt), idx in by_kind.items():
         pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
         bucket = backends.Bucket(
@@ -86,6 +88,7 @@ def _check_tensors(columns: list[list[Tensor]]) -> None:
         if not isinstance(p, Tensor) or not isinstance(g, Tensor):
             raise TypeError(f"params[{i}] and grads[{i}] must be tensors, got "
                             f"{type(p).__name__} and {type(g).__name__}")
+        backends.check_param(p)
         backends.check_grad(p, g, f"grads[{i}]")
         for name, column in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), states):
             t = column[i]

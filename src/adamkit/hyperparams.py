@@ -1,7 +1,11 @@
 """Hyperparameters: validation with torch's messages, and the scalars one step needs.
 
-Validation runs for every param group when it is added (torch checks only the
-constructor's defaults), so a bad per-group value fails before any state exists.
+``validate_group`` runs for every param group when it is added (torch checks only the
+constructor's defaults), so a bad per-group value fails before any state exists. A live
+group (a step, a load) gets only ``check_live_group``: what the step needs to be
+computable. Values set on a group later are used as given, as torch.optim does: a
+scheduler's lr (``LinearLR`` to 0 ends on lr ≈ -2e-21), its Tensor beta beside a float
+one (``OneCycleLR`` with ``cycle_momentum``), a checkpoint saved after either.
 
 ``step_scalars`` folds the three weight-decay modes into two numbers, so that no
 backend branches on modes: ``weight_decay`` is the coupled λ added to the gradient
@@ -24,7 +28,7 @@ def _scalar(x: float | Tensor) -> float:
 
 
 def validate_group(group: dict[str, Any]) -> None:
-    """Raise torch's ValueError for any invalid hyperparameter of ``group``."""
+    """Raise torch's ValueError for any invalid hyperparameter of a new ``group``."""
     lr, eps, betas, wd = group["lr"], group["eps"], group["betas"], group["weight_decay"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
@@ -43,6 +47,18 @@ def validate_group(group: dict[str, Any]) -> None:
     # after the ranges, as torch: betas=(0.9, 1) names the beta, not its kind
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
         raise ValueError("betas must be either both floats or both Tensors")
+    check_live_group(group)
+
+
+def check_live_group(group: dict[str, Any]) -> None:
+    """Raise ValueError where a group's values leave its step undefined: a Tensor lr of
+    more than one element, betas that are not a pair, decouple_lr without a usable
+    max_lr. Ranges are ``validate_group``'s, for new groups only (module docstring)."""
+    lr, betas = group["lr"], group["betas"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     if group["decouple_lr"]:
         max_lr = group["max_lr"]
         if max_lr is None or not 0.0 < _scalar(max_lr) < math.inf:
@@ -113,6 +129,21 @@ def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
         amsgrad=bool(group["amsgrad"]),
         maximize=bool(group["maximize"]),
     )
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_scalar_range(s: StepScalars, dtype: torch.dtype) -> None:
+    """torch.optim's RuntimeError for a step that would hand a float32 computation a
+    scalar beyond float32's range (lr/(1 − β1^t), which torch passes to addcdiv, and the
+    coupled λ, add's alpha; infinities pass, as in torch): raised before anything is
+    changed, where torch's for-loop and foreach steps raise midway and fused writes ±inf."""
+    if dtype in (torch.float64, torch.complex128):
+        return
+    for x in (s.step_size, s.weight_decay):
+        if math.isfinite(x) and abs(x) > _FLOAT32_MAX:
+            raise RuntimeError("value cannot be converted to type float without overflow")
 
 
 def scalar_dtype() -> torch.dtype:

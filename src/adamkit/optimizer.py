@@ -19,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, checkpoints, formats
 from .formats import param as param_policy
-from .hyperparams import scalar_dtype, validate_group
+from .hyperparams import check_live_group, scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 
 # Group keys only torch.optim uses: dropped on load, adamkit's `backend` replaces them.
@@ -91,6 +91,12 @@ class Adam(Optimizer):
     Mixed precision: ``torch.amp.GradScaler`` hands the step its scale and ``found_inf``
     (``_step_supports_amp_scaling``): the grads are unscaled inside the step (``.grad``
     keeps the scaled values) and a step with an inf or NaN gradient is skipped whole.
+
+    Validation: the constructor and ``add_param_group`` check each group's hyperparameters
+    with torch.optim's errors. Values set on a group later (a scheduler, your code, a
+    loaded checkpoint) are stepped with as given, as torch.optim does; only those no step
+    can take raise, before anything changes: a Tensor lr of several elements, betas that
+    are not a pair, ``decouple_lr`` without a usable ``max_lr``.
     """
 
     # torch.amp.GradScaler then sets `grad_scale` and `found_inf` on the optimizer instead
@@ -124,11 +130,11 @@ class Adam(Optimizer):
         # torch.optim's foreach path takes float lr and betas only (adamkit's torch backend
         # does not mind, but foreach=True is a request for torch's behaviour), with the
         # betas checked after their ranges and kinds, as torch orders it
-        if foreach and isinstance(lr, Tensor):
-            raise ValueError(_FOREACH_TENSOR.format("lr"))
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
         _refuse_torch_only(capturable=capturable, differentiable=differentiable)
+        if foreach and isinstance(lr, Tensor):  # torch's check, which capturable=True skips
+            raise ValueError(_FOREACH_TENSOR.format("lr"))
         if decoupled_weight_decay is not None:
             decouple_wd = decouple_wd or bool(decoupled_weight_decay)
         if foreach and fused:
@@ -237,13 +243,14 @@ class Adam(Optimizer):
         work, offset = [], 0
         self._sync_decay_modes()
         for group in self.param_groups:
-            validate_group(group)  # a group edited by hand after construction
+            check_live_group(group)  # edited since it was added (a scheduler, by hand)
             formats.validate(group)
             params = [(offset + j, p, j)
                       for j, (p, k) in enumerate(zip(group["params"], _listings(group["params"])))
                       if k == repeat and p.grad is not None]
             offset += len(group["params"])
             for _, p, _ in params:
+                backends.check_param(p)
                 backends.check_grad(p, p.grad)
             work.append((group, params))
         return work
@@ -359,7 +366,7 @@ class Adam(Optimizer):
                 ps = [p for _, p in members]
                 plans.append((group_index, group, [pos for pos, _ in members], t, ps, fmt,
                               update, backend, [pending[p] for p in ps],
-                              scalars_for(group, t, grad_scale_inv)))
+                              scalars_for(group, t, grad_scale_inv, dtype)))
 
         done = []
         for group_index, group, positions, t, ps, fmt, update, backend, new_states, s in plans:
@@ -397,7 +404,8 @@ class Adam(Optimizer):
         the user already called ``scaler.unscale_``) for the duration of ``step``. Reading
         them costs one host sync per step, as torch's own skip check does."""
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item():
+        # a tensor, or the int 0 where no grad was seen (GradScaler sums an empty list)
+        if found_inf is not None and float(found_inf):
             return None
         scale = getattr(self, "grad_scale", None)
         if scale is None:

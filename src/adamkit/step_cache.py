@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import backends
 from .backends.cpu import native_checks
-from .hyperparams import step_scalars, validate_group
+from .hyperparams import check_live_group, check_scalar_range, step_scalars
 
 # Group keys that decide storage and backends; a change to any of them re-plans.
 _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min_size", "seed",
@@ -74,9 +74,11 @@ class CachedBucket:
     versions: list[int] | None = None
 
 
-def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float) -> Any:
-    """The bucket's StepScalars at step t, unscaling by a GradScaler's 1/scale."""
+def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float, dtype: torch.dtype) -> Any:
+    """The StepScalars at step t of a bucket of ``dtype`` params, unscaling by a
+    GradScaler's 1/scale; RuntimeError for a scalar its dtype cannot take."""
     scalars = step_scalars(group, t)
+    check_scalar_range(scalars, dtype)
     return scalars if grad_scale_inv == 1.0 else replace(scalars, grad_scale_inv=grad_scale_inv)
 
 
@@ -143,9 +145,10 @@ class StepCache:
         try:  # before any bucket runs: a group edited into an invalid one re-plans, and
             # the full path raises its validation error with nothing changed
             for group in groups:
-                validate_group(group)
-            scalars = [scalars_for(cb.group, cb.t + 1, grad_scale_inv) for cb in self.buckets]
-        except (TypeError, ValueError, ZeroDivisionError):
+                check_live_group(group)
+            scalars = [scalars_for(cb.group, cb.t + 1, grad_scale_inv, cb.dtype)
+                       for cb in self.buckets]
+        except (TypeError, ValueError, ZeroDivisionError, RuntimeError):
             return False
         # Everything holds: run. Nothing above changed the optimizer.
         for cb, s in zip(self.buckets, scalars):

@@ -75,6 +75,23 @@ def grad_fits(p: Tensor, grad: Tensor) -> bool:
     return not grad.is_sparse and grad.dtype == p.dtype and grad.shape == p.shape
 
 
+def check_param(p: Tensor) -> None:
+    """torch.optim's errors for a param no in-place update may write (RuntimeError; torch's
+    first in-place op raises them, after earlier params moved): an inference tensor
+    outside inference mode, and a param whose elements share memory (a stride of 0, as
+    ``expand`` gives; torch's own internal-overlap check finds exactly these)."""
+    if p.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Inplace update to inference tensor outside InferenceMode is not allowed.You can "
+            "make a clone to get a normal tensor before doing inplace update.See "
+            "https://github.com/pytorch/rfcs/pull/17 for more details.")
+    if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
+        raise RuntimeError(
+            "unsupported operation: more than one element of the written-to tensor refers to "
+            "a single memory location. Please clone() the tensor before performing the "
+            "operation.")
+
+
 def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
     """torch.optim's errors for a (param, grad) no step can take (RuntimeError; torch
     raises them from its first op): an integer or bool param (torch's lerp has no such
