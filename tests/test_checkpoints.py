@@ -163,8 +163,20 @@ def _mutations():
     def bad_max_lr(sd):
         sd["param_groups"][0].update(decouple_lr=True, max_lr=0.0)
 
+    def lr_not_a_number(sd):  # loaded, then every step raised
+        sd["param_groups"][0]["lr"] = "x"
+
+    # tagged moments whose dtype disagrees with their tag (both loaded: the complex one
+    # with its imaginary part dropped and only torch's UserWarning)
+    def complex_moment(sd):
+        m = sd["state"][0]["exp_avg"]
+        sd["state"][0]["exp_avg"] = torch.complex(m, torch.ones_like(m))
+
+    def tag_disagrees(sd):
+        sd["state"][0]["exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].bfloat16()  # tag "fp32"
+
     return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
-            bad_betas, bad_max_lr]
+            bad_betas, bad_max_lr, lr_not_a_number, complex_moment, tag_disagrees]
 
 
 def test_backend_is_the_loading_optimizers_not_the_checkpoints():

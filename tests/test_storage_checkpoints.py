@@ -388,3 +388,119 @@ def test_a_stochastic_seed_rounded_by_torch_optim_is_replaced_with_a_warning():
     for index, p in enumerate(params):
         assert back.state[p]["sr_seed"].dtype == torch.int64
         assert int(back.state[p]["sr_seed"]) == policy.sr_seed(11, index)
+
+
+def _int8_after_a_step(backend, **kw):
+    p = torch.nn.Parameter(torch.randn(256 * 20 + 17, generator=torch.Generator().manual_seed(3)))
+    opt = adamkit.Adam([p], state_format="int8", amsgrad=True, backend=backend, **kw)
+    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(4))
+    opt.step()
+    return p, opt
+
+
+def _cast_float_state_to_bf16(st):  # a common memory-saving helper written for torch.optim
+    for key, value in list(st.items()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step":
+            st[key] = value.bfloat16()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("edit", [
+    _cast_float_state_to_bf16,
+    lambda st: st.update(exp_avg_scale=torch.ones(1)),
+    lambda st: st.pop("max_exp_avg_sq_scale"),
+    lambda st: st.update(exp_avg_sq_scale=st["exp_avg_sq_scale"].double()),
+], ids=["cast-to-bf16", "short-scale", "scale-deleted", "float64-scale"])
+def test_a_live_int8_state_edited_into_one_no_format_reads_raises_before_any_change(backend, edit):
+    """The CPU kernel reads and writes int8 scales through raw pointers, and the step did
+    not look at them again after planning them: a cast, short or deleted scale made it
+    abort (malloc: unaligned tcache chunk), segfault or read garbage; the torch backend
+    raised after exp_avg was rewritten. Now the step checks the state as a checkpoint
+    is checked, and raises ValueError before anything changes."""
+    p, opt = _int8_after_a_step(backend)
+    edit(opt.state[p])
+    before_p = p.detach().clone()
+    before = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="optimizer state of param 0 .* cannot be read"):
+        opt.step()
+    assert torch.equal(p.detach(), before_p)
+    assert before.keys() == {k for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    for key, value in before.items():
+        assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_live_int8_scale_replaced_by_a_valid_one_is_stepped_with(backend):
+    """A replacement of the right values but not contiguous (every other element of a
+    longer tensor): the kernel would have read its neighbours; the step converts it and
+    runs as with the same values contiguous."""
+    runs = []
+    for contiguous in (True, False):
+        p, opt = _int8_after_a_step(backend)
+        scale = opt.state[p]["exp_avg_scale"]
+        wide = torch.zeros(2 * scale.numel())
+        wide[::2] = scale
+        opt.state[p]["exp_avg_scale"] = scale.clone() if contiguous else wide[::2]
+        p.grad = torch.ones_like(p)
+        opt.step()
+        runs.append((p.detach().clone(), {k: v for k, v in opt.state[p].items()
+                                          if isinstance(v, torch.Tensor)}))
+    (p1, st1), (p2, st2) = runs
+    assert torch.equal(p1, p2) and st1.keys() == st2.keys()
+    assert all(torch.equal(st1[k], st2[k]) for k in st1)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("storage", ["fp32", "master"])
+def test_a_live_float_state_cast_away_from_its_format_raises_before_any_change(backend, storage):
+    """fp32 moments (or a float32 master copy) cast to bfloat16 by code: the step used to
+    run them on the torch backend as whatever they had become; the tags say fp32, and
+    the step now says so before changing anything (state_format="bf16" stores bf16)."""
+    kw = {"state_format": "fp32"} if storage == "fp32" else {"param_update": "master"}
+    dtype = torch.float32 if storage == "fp32" else torch.bfloat16
+    p = torch.nn.Parameter(torch.randn(300).to(dtype))
+    opt = adamkit.Adam([p], backend=backend, **kw)
+    p.grad = torch.randn(300).to(dtype)
+    opt.step()
+    _cast_float_state_to_bf16(opt.state[p])
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="cannot be read: .*(stores torch.float32|expected torch.float32)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_float64_moments_in_bf16_round_once(backend):
+    """A float64 param with bf16 moments: m = 1 + 2^-8 + 2^-40 lies just above a bf16
+    midpoint, which float64 → float32 rounds onto, and float32 → bf16 then ties to even:
+    1.0 where the correct rounding is 1.0078125 (the reference had it right, the torch
+    backend, which the cpu backend hands float64 to, and a load conversion did not)."""
+    x = 1 + 2**-8 + 2**-40
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = adamkit.Adam([p], betas=(0.0, 0.999), state_format="bf16", backend=backend)
+    p.grad = torch.full((4,), x, dtype=torch.float64)
+    opt.step()
+    assert opt.state[p]["exp_avg"].tolist() == [1.0078125] * 4
+    q = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    plain = adamkit.Adam([q], betas=(0.0, 0.999), backend=backend)
+    q.grad = torch.full((4,), x, dtype=torch.float64)
+    plain.step()
+    into_bf16 = adamkit.Adam([q], state_format="bf16", backend=backend)
+    into_bf16.load_state_dict(plain.state_dict())
+    assert into_bf16.state[q]["exp_avg"].tolist() == [1.0078125] * 4
+
+
+def test_reference_master_keeps_the_param_its_masters_rounding():
+    """The reference computes θ_new in float64 and rounded p from it, while master held
+    float32(θ_new): where those disagree (double rounding, about 4e-6 of elements),
+    p ≠ round(master), and the next write anywhere in p made master restart from p
+    there. p is now round(master) on every backend."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(2**18, generator=gen).bfloat16())
+    opt = adamkit.Adam([p], lr=1e-3, param_update="master", backend="reference")
+    for _ in range(5):
+        p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        opt.step()
+        assert torch.equal(p.detach(), opt.state[p]["master_param"].to(torch.bfloat16))

@@ -16,6 +16,7 @@ before the update (1 when decay is coupled).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +58,12 @@ def check_live_group(group: dict[str, Any]) -> None:
     lr, betas = group["lr"], group["betas"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if len(betas) != 2:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for name, value in (("lr", lr), ("eps", group["eps"]), ("weight_decay", group["weight_decay"]),
+                        ("betas[0]", betas[0]), ("betas[1]", betas[1])):
+        if not isinstance(value, (numbers.Real, Tensor)):  # NumPy scalars are Real too
+            raise ValueError(f"Invalid {name}: {value!r} (a number, or a 1-element Tensor)")
     if group["decouple_lr"]:
         max_lr = group["max_lr"]
         if max_lr is None or not 0.0 < _scalar(max_lr) < math.inf:

@@ -278,9 +278,14 @@ class Adam(Optimizer):
         elif (error := _reshaped(state, p)) is not None:
             raise error
         elif (state.get("state_format") != fmt or state.get("param_update") != update
-              or _buffer_stale(state, p, update)):
+              or not formats.state_fits(p, state, fmt, update)):
             seed = param_policy.sr_seed(group["seed"], index)
-            new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
+            try:
+                new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
+            except ValueError as exc:  # a live state edited into one no format reads
+                raise ValueError(f"the optimizer state of param {index} (shape {tuple(p.shape)}, "
+                                 f"state_format {state.get('state_format')!r}) cannot be read: "
+                                 f"{exc}") from None
         elif resynced:
             new = state
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -516,13 +521,6 @@ def _refuse_torch_only(**flags: bool) -> None:
         if value:
             raise ValueError(f"adamkit does not support {name}=True (torch.optim.Adam does); "
                              f"use torch.optim for it, or leave {name} False")
-
-
-def _buffer_stale(state: dict[str, Any], p: Tensor, update: str) -> bool:
-    """A Kahan buffer of another dtype than its param (``model.half()`` after bf16
-    training keeps the params' identity and state tags): converted like a checkpoint."""
-    comp = state.get("kahan_comp") if update == "kahan" else None
-    return isinstance(comp, Tensor) and comp.dtype != p.dtype
 
 
 def _reshaped(state: dict[str, Any], p: Tensor) -> RuntimeError | None:

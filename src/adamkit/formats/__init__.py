@@ -121,6 +121,28 @@ def saved_formats(saved: dict[str, Any]) -> tuple[str, str]:
     return fmt, update
 
 
+def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
+    """Whether a live state's tensors are what format ``fmt`` and policy ``update`` store
+    for ``p`` (its tags say so; code can still have changed them: a moment cast to
+    bfloat16, an int8 scale replaced or deleted, a buffer of another dtype after
+    ``model.half()``). Where not, the step converts the state as it converts a
+    checkpoint, which validates it: the native kernel reads these through raw pointers."""
+    want = state.storage_dtype(fmt, p)
+    for name in state.MOMENTS:
+        t = st.get(name)
+        if t is None and name == "max_exp_avg_sq":
+            continue
+        if not isinstance(t, Tensor) or t.dtype != want or t.device != p.device:
+            return False
+        if fmt == "int8":
+            scale = st.get(f"{name}_scale")
+            if not (isinstance(scale, Tensor) and scale.dtype == torch.float32
+                    and scale.shape == (state.n_blocks(p.numel()),)
+                    and scale.device == p.device and scale.is_contiguous()):
+                return False
+    return param.buffers_fit(p, st, update)
+
+
 _OWN_KEYS = {"step", "state_format", "param_update", "sr_seed", *param.BUFFERS.values(),
              *state.MOMENTS, *(f"{m}_scale" for m in state.MOMENTS)}
 
@@ -134,6 +156,9 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
     round trip is exact). Buffers follow param.convert_buffers. Nothing is modified;
     ValueError if anything does not fit ``p``."""
     src_fmt, src_update = saved_formats(saved)
+    missing = [name for name in state.MOMENTS[:2] if name not in saved]
+    if missing:
+        raise ValueError(f"the state lacks {missing[0]} (has {sorted(saved)})")
     out: dict[str, Any] = {}
     for name in state.MOMENTS:
         if name not in saved:

@@ -7,7 +7,7 @@ Each policy keeps what rounding loses somewhere (docs/design/formats.md):
 * "nearest": nowhere (torch's behaviour). θ_eff = p; p ← round(θ_new).
 * "kahan": in a compensation buffer of the param's dtype (Kahan summation; +2 bytes per
   bfloat16 param). θ_eff = p + comp; p ← round(θ_new); comp ← round(θ_new − p).
-* "master": in a float32 copy (+4 bytes). θ_eff = master; master ← θ_new; p ← round(θ_new).
+* "master": in a float32 copy (+4 bytes). θ_eff = master; master ← θ_new; p ← round(master).
 * "stochastic": in expectation (no memory): p ← SR(θ_new) rounds up with probability
   equal to the fraction of the ulp below θ_new, with random bits from a counter-based
   hash of (seed, param index, step, element), so runs are reproducible and
@@ -144,8 +144,10 @@ def write_back(p: Tensor, state: dict, update: str, theta: Tensor, key: int = 0)
         # θ_new − p (float32 subtraction, then round to the dtype)
         state["kahan_comp"].copy_(round_to(theta - p.to(theta.dtype), p.dtype))
     elif update == "master":
+        # p is master's rounding (from float32 for the reference too, whose θ_new is
+        # float64): p = round(master) is what a later resync_master relies on
         state["master_param"].copy_(theta)
-        p.copy_(round_to(theta, p.dtype))
+        p.copy_(state["master_param"].to(p.dtype))
     elif update == "stochastic":
         r = random_bits(p.numel(), key, p.device).view(p.shape)
         p.copy_(round_stochastic(theta.float(), r, p.dtype))
@@ -158,6 +160,22 @@ def resync_master(p: Tensor, master: Tensor) -> Tensor:
     round(master) (what the last step left there), master elsewhere."""
     theta = p.detach().float()
     return torch.where(p.detach() != master.to(p.dtype), theta, master)
+
+
+def buffers_fit(p: Tensor, st: dict, update: str) -> bool:
+    """Whether ``st`` holds the buffer of policy ``update`` as a step uses it: a Kahan
+    buffer in p's dtype and a master copy in float32, both of p's shape and device, or
+    an integer 0-dim sr_seed."""
+    if update == "stochastic":
+        seed = st.get("sr_seed")
+        return (isinstance(seed, torch.Tensor) and seed.shape == ()
+                and not seed.is_floating_point() and not seed.is_complex())
+    if update not in BUFFERS:
+        return True
+    buf = st.get(BUFFERS[update])
+    dtype = p.dtype if update == "kahan" else torch.float32
+    return (isinstance(buf, torch.Tensor) and buf.dtype == dtype and buf.shape == p.shape
+            and buf.device == p.device)
 
 
 def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
@@ -204,3 +222,5 @@ def _check(saved: dict, key: str, p: Tensor, shape: tuple | None = None) -> None
         raise ValueError(f"{key} is {got}, expected a tensor of shape {tuple(want)}")
     if shape is None and not value.is_floating_point():  # a buffer holds param values
         raise ValueError(f"{key} has dtype {value.dtype}, expected a floating-point tensor")
+    if key == "master_param" and value.dtype != torch.float32:  # less would lose what it keeps
+        raise ValueError(f"master_param has dtype {value.dtype}, expected torch.float32")

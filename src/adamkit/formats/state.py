@@ -145,6 +145,15 @@ def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(torch.isfinite(f), odd.view(torch.float32), f).to(dtype)
 
 
+def _once(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x to copy into a tensor of ``dtype``: float64 into bfloat16/float16 rounded once
+    (round_to; copy_ would round twice); else x itself, which copy_ rounds once."""
+    return round_to(x, dtype) if x.dtype == torch.float64 and dtype in _ONCE else x
+
+
+_ONCE = (torch.bfloat16, torch.float16)
+
+
 # ---- moments in a state dict --------------------------------------------------------------
 
 
@@ -183,7 +192,7 @@ def write(stored: Tensor, scale: Tensor | None, fmt: str, name: str, x: Tensor) 
         stored.copy_(codes)
         scale.copy_(new_scale)
         return decode(codes, new_scale, CODE_MAPS[name]).to(x.dtype)
-    stored.copy_(x)
+    stored.copy_(_once(x, stored.dtype))
     return x if stored.dtype == x.dtype else stored.to(x.dtype)
 
 
@@ -193,7 +202,7 @@ def encoded(x: Tensor, p: Tensor, name: str, fmt: str) -> dict[str, Tensor]:
         codes, scale = encode(x, CODE_MAPS[name])
         return {name: codes, f"{name}_scale": scale}
     out = torch.empty_like(p, dtype=storage_dtype(fmt, p), memory_format=torch.preserve_format)
-    return {name: out.copy_(x)}
+    return {name: out.copy_(_once(x, out.dtype))}
 
 
 def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
@@ -221,5 +230,10 @@ def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
         return decode(value.to(p.device), scale, CODE_MAPS[name])
     if not (value.is_floating_point() or value.is_complex()):
         raise ValueError(f"{name} has dtype {value.dtype}, which is no moment format")
+    if value.dtype != storage_dtype(fmt, p):  # a tag the tensor disagrees with, or complex
+        # moments for a real param (or real ones for a complex param)
+        raise ValueError(f"{name} has dtype {value.dtype}, but state_format {fmt!r} stores "
+                         f"{storage_dtype(fmt, p)} for a {p.dtype} param (a group's "
+                         "state_format sets how moments are stored)")
     wide = torch.float64 if value.dtype == torch.float64 else torch.float32
     return value.to(device=p.device, dtype=value.dtype if value.is_complex() else wide, copy=True)

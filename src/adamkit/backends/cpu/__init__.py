@@ -24,6 +24,7 @@ from itertools import repeat
 import torch
 from torch import Tensor
 
+from ...formats import state as state_formats
 from ...hyperparams import StepScalars
 from .. import Bucket, count_steps, grad_fits
 from . import library
@@ -56,6 +57,16 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
     # pass their own moments: a shorter one would be written past its end)
     return (moments_fit and (extra is None or extra.dtype == buffer_dtype)
             and all(t is None or (t.numel() == n and t.is_contiguous()) for t in tensors))
+
+
+def _scales_fit(st: dict, p: Tensor, amsgrad: bool) -> bool:
+    """Whether the int8 scales the kernel reads and writes through raw pointers are one
+    contiguous float32 per block of p (the step's planning converts a state that does
+    not fit; this keeps a bucket built some other way off the kernel)."""
+    blocks = state_formats.n_blocks(p.numel())
+    keys = SCALE_KEYS if amsgrad else SCALE_KEYS[:2]
+    return all(isinstance(t := st.get(k), Tensor) and t.dtype == torch.float32
+               and t.is_contiguous() and t.numel() == blocks for k in keys)
 
 
 def _overlapping(params, idx: list[int]) -> set[int]:
@@ -129,7 +140,8 @@ class PreparedBucket:
             members = (p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], vmax, extra)
             step = steps[i]
             if _fits(members, bucket.state_format, policy) and (
-                    step is None or (step.dtype == step_dtype and step.is_contiguous())):
+                    step is None or (step.dtype == step_dtype and step.is_contiguous())) and (
+                    not int8 or _scales_fit(st, p, vmax is not None)):
                 candidates.append((i, members, step))
         shared = _overlapping(bucket.params, [i for i, _, _ in candidates])
         self.fast = [i for i, _, _ in candidates if i not in shared]
