@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -449,10 +450,12 @@ def _two_groups_after_cached_steps(make=adamkit.AdamW, **kw):
     return opt, p, q
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("key, value, error, message", [
     ("decouple_lr", True, ValueError, "max_lr"),
     ("betas", (0.9,), ValueError, "betas must be a pair"),
+    ("betas", (0.9, 1.5), ValueError, "Invalid beta parameter at index 1"),  # √(1 − β2^t) complex
+    ("lr", "0.1", ValueError, "Invalid lr"),
     ("lr", torch.tensor([1.0, 2.0]), ValueError, "Tensor lr must be 1-element"),
     ("lr", 3e38, RuntimeError, "value cannot be converted to type float without overflow"),
 ])
@@ -461,7 +464,9 @@ def test_a_group_edited_into_one_no_step_can_take_raises_before_any_update(
     """A hyperparameter edited by hand after cached steps into a value the step cannot
     take: it fails before the first group's params move (decouple_lr without max_lr
     raised mid-step, with one group updated; lr=3e38, whose lr/(1 − β1^4) torch's step
-    cannot pass to float32, wrote -inf on the cpu backend and raised midway on torch's)."""
+    cannot pass to float32, wrote -inf on the cpu backend and raised midway on torch's;
+    β2 = 1.5, whose 1 − β2^t has a complex square root, raised midway on cpu and torch
+    and stepped on to other numbers on the reference)."""
     opt, p, q = _two_groups_after_cached_steps(backend=backend)
     opt.param_groups[1][key] = value
     snap = _snapshot(opt, [p, q])
@@ -472,24 +477,43 @@ def test_a_group_edited_into_one_no_step_can_take_raises_before_any_update(
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("key, value", [
-    ("eps", -1e-6), ("lr", -1e-2), ("betas", (0.95, torch.tensor(0.99))), ("weight_decay", -0.5),
-])
+    ("eps", -1e-3), ("lr", -1e-2), ("betas", (0.95, torch.tensor(0.99))), ("weight_decay", -0.5),
+    ("lr", np.array(2e-2)), ("betas", torch.tensor([0.8, 0.99])),
+], ids=["eps", "lr", "mixed-betas", "weight_decay", "lr-0dim-array", "betas-tensor"])
 def test_values_set_on_a_live_group_are_used_as_given_as_torch_does(backend, key, value):
     """torch.optim checks hyperparameter ranges only for the groups it is given; values
     set later (schedulers, by hand) are stepped with. adamkit refused them at the step
-    (a LinearLR decay to 0 ends on lr ≈ -2e-21). Now both step alike."""
+    (a LinearLR decay to 0 ends on lr ≈ -2e-21). Now both step alike, and the edit
+    changed the numbers (against a twin that kept the old value)."""
     mine, p, q = _two_groups_after_cached_steps(backend=backend)
     theirs, p2, q2 = _two_groups_after_cached_steps(make=torch.optim.AdamW)
+    kept, p3, q3 = _two_groups_after_cached_steps(backend=backend)
     for opt in (mine, theirs):
         opt.param_groups[1][key] = value
     for _ in range(2):
-        for x in (p, q, p2, q2):
+        for x in (p, q, p2, q2, p3, q3):
             x.grad = torch.full((3,), 0.5)
-        mine.step()
-        theirs.step()
-    assert not torch.equal(q2.detach(), torch.ones(3))
+        for opt in (mine, theirs, kept):
+            opt.step()
+    assert not torch.equal(q.detach(), q3.detach())
     for a, b in ((p, p2), (q, q2)):
         assert_close_scaled(a.detach(), b.detach(), *TORCH_PARITY_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("betas", [torch.tensor([0.8, 0.99]), np.array([0.8, 0.99])],
+                         ids=["tensor", "array"])
+def test_a_groups_betas_may_be_a_two_element_tensor_or_array(betas):
+    """torch.optim takes a group's betas as any pair it can index; the live check asked
+    for a tuple or list and refused them, calling them not a pair."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([{"params": [p], "betas": betas}])
+    twin = torch.nn.Parameter(torch.ones(3))
+    theirs = torch.optim.Adam([{"params": [twin], "betas": (0.8, 0.99)}])
+    for x in (p, twin):
+        x.grad = torch.full((3,), 0.5)
+    opt.step()
+    theirs.step()
+    assert_close_scaled(p.detach(), twin.detach(), *TORCH_PARITY_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -634,3 +658,22 @@ def test_a_misfit_grad_beside_the_kernel_raises_on_the_cached_path_too(bad):
     with pytest.raises(RuntimeError, match="does not match"):
         opt.step()
     _assert_unchanged(opt, [p1, p2, q], snap)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sparse_params_and_empty_expanded_ones_get_torchs_behaviour(backend):
+    """check_param looked at every param's strides: a sparse param (strides (0, 0)) got
+    the overlap error instead of torch's sparse one, and an empty expanded param, which
+    torch steps (nothing to write), was refused."""
+    sparse = torch.sparse_coo_tensor([[0, 1]], [1.0, 2.0], (3,)).requires_grad_()
+    sparse.grad = torch.sparse_coo_tensor([[0]], [1.0], (3,))
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        torch.optim.Adam([sparse]).step()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        adamkit.Adam([sparse], backend=backend).step()
+    empty = torch.zeros(0, 1).expand(0, 3).requires_grad_()
+    empty.grad = torch.zeros(0, 3)
+    torch.optim.Adam([empty]).step()
+    opt = adamkit.Adam([empty], backend=backend)
+    opt.step()
+    assert float(opt.state[empty]["step"]) == 1

@@ -504,3 +504,31 @@ def test_reference_master_keeps_the_param_its_masters_rounding():
         p.grad = torch.randn(p.shape, generator=gen).bfloat16()
         opt.step()
         assert torch.equal(p.detach(), opt.state[p]["master_param"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_complex_params_whose_precision_changed_convert_their_state(backend):
+    """Complex params keep state like the param: after model.to(complex128), and from a
+    torch.optim checkpoint of complex64 params into complex128 ones, the complex64
+    moments convert, as float32 ones do for a float64 param (the tag check compared them
+    with the new param's dtype and refused them)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64, generator=gen))
+    twin = torch.nn.Parameter(p.detach().clone())
+    mine, theirs = adamkit.Adam([p], backend=backend), torch.optim.Adam([twin])
+    for _ in range(2):
+        g = torch.randn(5, dtype=torch.complex64, generator=gen)
+        p.grad, twin.grad = g.clone(), g.clone()
+        mine.step()
+        theirs.step()
+    wide = torch.nn.Parameter(twin.detach().to(torch.complex128))
+    loaded = adamkit.Adam([wide], backend=backend)
+    loaded.load_state_dict(_save_load(theirs.state_dict()))
+    assert loaded.state[wide]["exp_avg"].dtype == torch.complex128
+    assert torch.equal(loaded.state[wide]["exp_avg"], theirs.state[twin]["exp_avg"].to(torch.complex128))
+    p.data = p.data.to(torch.complex128)  # model.to(torch.complex128) keeps the Parameter
+    p.grad = torch.ones(5, dtype=torch.complex128)
+    m = mine.state[p]["exp_avg"].clone()
+    mine.step()
+    assert mine.state[p]["exp_avg"].dtype == torch.complex128 and mine.state[p]["state_format"] == "fp64"
+    torch.testing.assert_close(mine.state[p]["exp_avg"], 0.9 * m.to(torch.complex128) + 0.1)

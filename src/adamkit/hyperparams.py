@@ -16,7 +16,6 @@ before the update (1 when decay is coupled).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,20 @@ from torch import Tensor
 
 def _scalar(x: float | Tensor) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
+
+
+def _is_number(x: Any) -> bool:
+    """A real number the step can take as float(x): a Python or NumPy number, a 0-dim
+    array, a 1-element Tensor (not a str, which float() would parse)."""
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and not x.is_complex()
+    if isinstance(x, (str, bytes)):
+        return False
+    try:
+        float(x)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def validate_group(group: dict[str, Any]) -> None:
@@ -58,11 +71,15 @@ def check_live_group(group: dict[str, Any]) -> None:
     lr, betas = group["lr"], group["betas"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    try:  # a tuple, a list, or a 2-element Tensor or array (torch.optim takes any)
+        pair = len(betas) == 2
+    except TypeError:
+        pair = False
+    if not pair:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for name, value in (("lr", lr), ("eps", group["eps"]), ("weight_decay", group["weight_decay"]),
                         ("betas[0]", betas[0]), ("betas[1]", betas[1])):
-        if not isinstance(value, (numbers.Real, Tensor)):  # NumPy scalars are Real too
+        if not _is_number(value):
             raise ValueError(f"Invalid {name}: {value!r} (a number, or a 1-element Tensor)")
     if group["decouple_lr"]:
         max_lr = group["max_lr"]
@@ -140,10 +157,17 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_scalar_range(s: StepScalars, dtype: torch.dtype) -> None:
-    """torch.optim's RuntimeError for a step that would hand a float32 computation a
+    """ValueError for a β2 whose bias correction 1 − β2^t is negative at this step, and
+    torch.optim's RuntimeError for a step that would hand a float32 computation a
     scalar beyond float32's range (lr/(1 − β1^t), which torch passes to addcdiv, and the
     coupled λ, add's alpha; infinities pass, as in torch): raised before anything is
     changed, where torch's for-loop and foreach steps raise midway and fused writes ±inf."""
+    # β2 outside [0, 1) (set on a live group: new groups are range-checked) makes
+    # 1 − β2^t negative at some t, and its square root complex: torch's step fails midway
+    if s.bias_correction2 < 0.0:  # (NaN passes, as in torch: a NaN step)
+        raise ValueError(f"Invalid beta parameter at index 1: {s.beta2} (1 - beta2^t is "
+                         f"{s.bias_correction2} at step {s.step}, and the update takes its "
+                         "square root)")
     if dtype in (torch.float64, torch.complex128):
         return
     for x in (s.step_size, s.weight_decay):

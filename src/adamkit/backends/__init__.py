@@ -78,14 +78,16 @@ def grad_fits(p: Tensor, grad: Tensor) -> bool:
 def check_param(p: Tensor) -> None:
     """torch.optim's errors for a param no in-place update may write (RuntimeError; torch's
     first in-place op raises them, after earlier params moved): an inference tensor
-    outside inference mode, and a param whose elements share memory (a stride of 0, as
-    ``expand`` gives; torch's own internal-overlap check finds exactly these)."""
+    outside inference mode, and a non-empty strided param whose elements share memory (a
+    stride of 0 over more than one element, as ``expand`` gives: what torch's
+    internal-overlap check reports as overlapping; others it cannot tell and lets be)."""
     if p.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(
             "Inplace update to inference tensor outside InferenceMode is not allowed.You can "
             "make a clone to get a normal tensor before doing inplace update.See "
             "https://github.com/pytorch/rfcs/pull/17 for more details.")
-    if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
+    if p.layout == torch.strided and p.numel() > 1 and any(
+            stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
         raise RuntimeError(
             "unsupported operation: more than one element of the written-to tensor refers to "
             "a single memory location. Please clone() the tensor before performing the "

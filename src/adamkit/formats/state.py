@@ -158,9 +158,12 @@ _ONCE = (torch.bfloat16, torch.float16)
 
 
 def storage_dtype(fmt: str, p: Tensor) -> torch.dtype:
-    """The dtype of a moment of format ``fmt`` for param ``p`` (complex params keep
-    theirs: formats apply to real params, see formats/__init__.py)."""
-    return p.dtype if p.is_complex() else STORAGE[fmt]
+    """The dtype of a moment of format ``fmt`` for param ``p``: for a complex param the
+    complex dtype of that precision ("fp32": complex64, "fp64": complex128; formats apply
+    to real params and complex ones keep state like the param, formats/__init__.py)."""
+    if p.is_complex():
+        return torch.complex128 if fmt == "fp64" else torch.complex64
+    return STORAGE[fmt]
 
 
 def zeros(p: Tensor, name: str, fmt: str) -> dict[str, Tensor]:
