@@ -288,3 +288,42 @@ def test_grad_scaler_steps_an_optimizer_without_grads_as_a_no_op(backend):
     scaler.update()
     assert torch.equal(a.detach(), torch.ones(3)) and not opt_a.state
     torch.testing.assert_close(b.detach(), torch.full((3,), 1 - 1e-3))
+
+
+_DTENSOR_SCRIPT = r"""
+import sys, torch, adamkit
+import torch.distributed as dist
+from torch.distributed.tensor import distribute_tensor, Shard, init_device_mesh
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+gen = torch.Generator().manual_seed(0)
+for dtype, kw in ((torch.float32, {}), (torch.bfloat16, {"param_update": "kahan"})):
+    start = torch.randn(4096, generator=gen).to(dtype)
+    grads = [torch.randn(4096, generator=gen).to(dtype) for _ in range(3)]
+    p = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+    plain = torch.nn.Parameter(start.clone())
+    mine = adamkit.Adam([p], lr=1e-2, **kw)  # backend "auto": the cpu backend's bucket
+    twin = adamkit.Adam([plain], lr=1e-2, backend="torch", **kw)
+    for g in grads:
+        p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        plain.grad = g.clone()
+        mine.step()
+        twin.step()
+    assert torch.equal(p.to_local().detach(), plain.detach()), dtype
+    print("ok", dtype)
+dist.destroy_process_group()
+"""
+
+
+def test_dtensor_params_step_on_the_torch_backend_not_the_kernel(tmp_path):
+    """A DTensor param's data_ptr is no storage of its values: the cpu backend took it
+    into the kernel and the process died (SIGSEGV). Such tensors now run on the torch
+    backend, which gives the plain tensor's numbers. In a subprocess (a crash fails the
+    test, not the suite; and the process group stays out of this one)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT, str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[:2] == ["ok torch.float32", "ok torch.bfloat16"]

@@ -8,8 +8,9 @@ update policy) is a compile-time choice: each combination is its own instantiati
 one template (adam.h), so formats join without touching the loop.
 
 Storage comes from the bucket (``state_format``, ``param_update``). Tensors it cannot run
-(non-contiguous ones, or moments in a format it has no kernel for, such as float16
-moments handed to the functional API) go to the torch backend, in the same step.
+(non-contiguous ones, wrapper subclasses such as DTensor, whose data_ptr is not their
+values' storage, or moments in a format it has no kernel for, such as float16 moments
+handed to the functional API) go to the torch backend, in the same step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ UPDATES = {"nearest": 0, "kahan": 1, "master": 2, "stochastic": 3}
 EXTRA_KEY = {"kahan": "kahan_comp", "master": "master_param"}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
 _NBYTES = operator.attrgetter("nbytes")
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__  # what tensors and Parameters that hold one keep
 _DTYPE = operator.attrgetter("dtype")
 
 
@@ -51,6 +53,8 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
     p, g, m, v, vmax, extra = tensors
     if fmt not in STATE_FORMATS or g.dtype != p.dtype:
         return False
+    if not all(t is None or type(t).__torch_dispatch__ is _PLAIN_DISPATCH for t in tensors):
+        return False  # a wrapper subclass (DTensor, ...): data_ptr is no storage of its values
     moments_fit = all(t.dtype == STORAGE[fmt] for t in (m, v, vmax) if t is not None)
     buffer_dtype = p.dtype if policy == "kahan" else torch.float32
     n = p.numel()  # the kernel walks n elements of every stream (functional API callers
