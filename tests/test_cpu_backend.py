@@ -374,3 +374,22 @@ def test_int8_kernel_equals_torch_backend_with_denormals_flushed():
     assert int(((ma & 127) < 8).sum()) > 100  # the case under test occurs
     assert torch.equal(ma, mb)
     assert torch.equal(pa, pb)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale", [torch.ones(1), torch.ones(80)[::2], torch.ones(40).double()],
+                         ids=["short", "strided", "float64"])
+def test_the_kernel_takes_no_int8_scale_it_cannot_address(scale):
+    """The step's planning converts a state whose scales do not fit; a bucket prepared
+    some other way with such a scale goes to the torch backend, not through the kernel's
+    raw pointers (which would write past a short scale's end)."""
+    p = torch.nn.Parameter(torch.randn(256 * 40))
+    opt = adamkit.Adam([p], state_format="int8", backend="cpu")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    bucket = opt._step_cache.buckets[0].bucket
+    bucket.grads = [p.grad]
+    assert cpu.BACKEND.prepare(bucket).fast == [0]
+    bucket.states[0]["exp_avg_scale"] = scale
+    prepared = cpu.BACKEND.prepare(bucket)
+    assert prepared.fast == [] and prepared.rest == [0]

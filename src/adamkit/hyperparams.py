@@ -66,8 +66,9 @@ def validate_group(group: dict[str, Any]) -> None:
 
 def check_live_group(group: dict[str, Any]) -> None:
     """Raise ValueError where a group's values leave its step undefined: a Tensor lr of
-    more than one element, betas that are not a pair, decouple_lr without a usable
-    max_lr. Ranges are ``validate_group``'s, for new groups only (module docstring)."""
+    more than one element, betas that are not a pair, a value that is not a number,
+    decouple_lr without a usable max_lr. Ranges are ``validate_group``'s, for new groups
+    only (module docstring); the step's scalars get ``check_scalar_range``."""
     lr, betas = group["lr"], group["betas"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")

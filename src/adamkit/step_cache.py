@@ -76,7 +76,7 @@ class CachedBucket:
 
 def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float, dtype: torch.dtype) -> Any:
     """The StepScalars at step t of a bucket of ``dtype`` params, unscaling by a
-    GradScaler's 1/scale; RuntimeError for a scalar its dtype cannot take."""
+    GradScaler's 1/scale; check_scalar_range's errors for scalars no step can take."""
     scalars = step_scalars(group, t)
     check_scalar_range(scalars, dtype)
     return scalars if grad_scale_inv == 1.0 else replace(scalars, grad_scale_inv=grad_scale_inv)

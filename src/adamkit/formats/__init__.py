@@ -134,12 +134,8 @@ def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
             continue
         if not isinstance(t, Tensor) or t.dtype != want or t.device != p.device:
             return False
-        if fmt == "int8":
-            scale = st.get(f"{name}_scale")
-            if not (isinstance(scale, Tensor) and scale.dtype == torch.float32
-                    and scale.shape == (state.n_blocks(p.numel()),)
-                    and scale.device == p.device and scale.is_contiguous()):
-                return False
+        if fmt == "int8" and not state.scales_fit(st, p, [name]):
+            return False
     return param.buffers_fit(p, st, update)
 
 

@@ -145,13 +145,13 @@ def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(torch.isfinite(f), odd.view(torch.float32), f).to(dtype)
 
 
+_ONCE = (torch.bfloat16, torch.float16)
+
+
 def _once(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x to copy into a tensor of ``dtype``: float64 into bfloat16/float16 rounded once
     (round_to; copy_ would round twice); else x itself, which copy_ rounds once."""
     return round_to(x, dtype) if x.dtype == torch.float64 and dtype in _ONCE else x
-
-
-_ONCE = (torch.bfloat16, torch.float16)
 
 
 # ---- moments in a state dict --------------------------------------------------------------
@@ -164,6 +164,19 @@ def storage_dtype(fmt: str, p: Tensor) -> torch.dtype:
     if p.is_complex():
         return torch.complex128 if fmt == "fp64" else torch.complex64
     return STORAGE[fmt]
+
+
+def scales_fit(st: dict, p: Tensor, names) -> bool:
+    """Whether ``st`` holds the int8 scales of moments ``names`` as the step reads and
+    writes them (the CPU kernel through raw pointers): one contiguous float32 per block
+    of p, on p's device."""
+    for name in names:
+        scale = st.get(f"{name}_scale")
+        if not (isinstance(scale, Tensor) and scale.dtype == torch.float32
+                and scale.shape == (n_blocks(p.numel()),) and scale.device == p.device
+                and scale.is_contiguous()):
+            return False
+    return True
 
 
 def zeros(p: Tensor, name: str, fmt: str) -> dict[str, Tensor]:

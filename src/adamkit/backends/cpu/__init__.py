@@ -63,16 +63,6 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
             and all(t is None or (t.numel() == n and t.is_contiguous()) for t in tensors))
 
 
-def _scales_fit(st: dict, p: Tensor, amsgrad: bool) -> bool:
-    """Whether the int8 scales the kernel reads and writes through raw pointers are one
-    contiguous float32 per block of p (the step's planning converts a state that does
-    not fit; this keeps a bucket built some other way off the kernel)."""
-    blocks = state_formats.n_blocks(p.numel())
-    keys = SCALE_KEYS if amsgrad else SCALE_KEYS[:2]
-    return all(isinstance(t := st.get(k), Tensor) and t.dtype == torch.float32
-               and t.is_contiguous() and t.numel() == blocks for k in keys)
-
-
 def _overlapping(params, idx: list[int]) -> set[int]:
     """Those of params[idx] whose memory overlaps another's: the kernel's threads would
     update it concurrently (views of one storage; or a param listed twice, which
@@ -143,9 +133,12 @@ class PreparedBucket:
             extra = st[extra_key] if extra_key else None
             members = (p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], vmax, extra)
             step = steps[i]
-            if _fits(members, bucket.state_format, policy) and (
-                    step is None or (step.dtype == step_dtype and step.is_contiguous())) and (
-                    not int8 or _scales_fit(st, p, vmax is not None)):
+            # the step's planning converts a state whose int8 scales do not fit; this
+            # keeps a bucket built some other way off the kernel's raw pointers
+            scales_fit = not int8 or state_formats.scales_fit(
+                st, p, state_formats.MOMENTS[:3 if vmax is not None else 2])
+            if scales_fit and _fits(members, bucket.state_format, policy) and (
+                    step is None or (step.dtype == step_dtype and step.is_contiguous())):
                 candidates.append((i, members, step))
         shared = _overlapping(bucket.params, [i for i, _, _ in candidates])
         self.fast = [i for i, _, _ in candidates if i not in shared]
