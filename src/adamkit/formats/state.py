@@ -128,6 +128,12 @@ def decode(codes: Tensor, scale: Tensor, cmap: CodeMap) -> Tensor:
     return values.reshape(-1)[: codes.numel()].reshape(codes.shape)
 
 
+def _rounds_twice(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether torch's conversion of x to ``dtype`` rounds twice (float64 → bfloat16 or
+    float16 goes through float32)."""
+    return x.dtype == torch.float64 and dtype in (torch.bfloat16, torch.float16)
+
+
 def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x rounded once to ``dtype``, to nearest even.
 
@@ -137,7 +143,7 @@ def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
     anything was dropped) keeps the information that decides the second rounding: with
     24 ≥ p + 2 bits (p = 8 or 11) the result is the correct rounding of x (Boldo &
     Melquiond, "When double rounding is odd", 2005)."""
-    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+    if not _rounds_twice(x, dtype):
         return x.to(dtype)
     f = x.float()
     f = torch.where(f.double().abs() > x.abs(), torch.nextafter(f, torch.zeros_like(f)), f)
@@ -145,13 +151,10 @@ def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(torch.isfinite(f), odd.view(torch.float32), f).to(dtype)
 
 
-_ONCE = (torch.bfloat16, torch.float16)
-
-
 def _once(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x to copy into a tensor of ``dtype``: float64 into bfloat16/float16 rounded once
-    (round_to; copy_ would round twice); else x itself, which copy_ rounds once."""
-    return round_to(x, dtype) if x.dtype == torch.float64 and dtype in _ONCE else x
+    """x to copy into a tensor of ``dtype``: rounded once by round_to where copy_ would
+    round twice; else x itself (no temporary), which copy_ rounds once."""
+    return round_to(x, dtype) if _rounds_twice(x, dtype) else x
 
 
 # ---- moments in a state dict --------------------------------------------------------------
