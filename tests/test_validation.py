@@ -35,9 +35,18 @@ BAD_FOREACH = [
     dict(betas=(torch.tensor(1.5), torch.tensor(0.999)), foreach=True),
     dict(betas=(torch.tensor(0.9), 0.999), foreach=True),
 ]
+# betas of the wrong kind or length: torch's IndexError and TypeError, in torch's order
+# (adamkit raised ValueError for (0.9,), and "not iterable" for a float)
+BAD_BETAS_KIND = [
+    dict(betas=(0.9,)),
+    dict(betas=0.9),
+    dict(betas=None),
+    dict(lr=-1.0, betas=0.9),
+    dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.999))),
+]
 
 
-@pytest.mark.parametrize("kwargs", BAD + BAD_FOREACH, ids=lambda kw: repr(kw))
+@pytest.mark.parametrize("kwargs", BAD + BAD_FOREACH + BAD_BETAS_KIND, ids=lambda kw: repr(kw))
 def test_same_error_as_torch(kwargs):
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(Exception) as theirs:
@@ -45,6 +54,26 @@ def test_same_error_as_torch(kwargs):
     with pytest.raises(type(theirs.value)) as ours:
         adamkit.Adam([p], **kwargs)
     assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("betas", [
+    (torch.tensor([0.9]), torch.tensor([0.999])),
+    [0.9, 0.999],
+    __import__("numpy").array([0.9, 0.999]),
+], ids=["1-element Tensors", "list", "ndarray"])
+def test_defaults_store_betas_as_torch_does(betas):
+    """A tuple, 1-element Tensors squeezed to 0-dim (a state_dict saved by either then
+    carries the same betas)."""
+    p = torch.zeros(2, requires_grad=True)
+    theirs = torch.optim.Adam([p], betas=betas).param_groups[0]["betas"]
+    ours = adamkit.Adam([p], betas=betas).param_groups[0]["betas"]
+    assert type(ours) is type(theirs) is tuple
+    for a, b in zip(ours, theirs):
+        assert type(a) is type(b)
+        if isinstance(a, torch.Tensor):
+            assert a.shape == b.shape == () and torch.equal(a, b)
+        else:
+            assert a == b
 
 
 @pytest.mark.parametrize("kwargs", BAD, ids=lambda kw: repr(kw))

@@ -50,14 +50,15 @@ def validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    # torch's order: betas=(0.9,) raises its IndexError at betas[1], a float its TypeError
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= wd:
         raise ValueError(f"Invalid weight_decay value: {wd}")
+    if len(betas) != 2:  # torch.optim takes (0.9, 0.99, 0.1) here and fails at its step
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     # after the ranges, as torch: betas=(0.9, 1) names the beta, not its kind
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
         raise ValueError("betas must be either both floats or both Tensors")

@@ -27,6 +27,16 @@ _TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
 _FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
 
 
+def _betas_tuple(betas: Any) -> Any:
+    """The defaults' betas as torch.optim stores them: a tuple, with 1-element Tensors
+    squeezed to 0-dim. What is not iterable is kept as given, for ``validate_group`` to
+    raise torch's error on it (after the lr's and eps's checks, in torch's order)."""
+    try:
+        return tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
+    except TypeError:
+        return betas
+
+
 class Adam(Optimizer):
     r"""Adam (Kingma & Ba, https://arxiv.org/abs/1412.6980), a drop-in for ``torch.optim.Adam``.
 
@@ -148,7 +158,7 @@ class Adam(Optimizer):
             backend = "torch"
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=_betas_tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
