@@ -640,6 +640,45 @@ def test_functional_checks_every_tensor_before_updating_any(bad):
     assert torch.equal(ps[0], torch.ones(3)) and torch.equal(ms[0], torch.zeros(3))
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_param_given_inference_data_through_dot_data_steps_as_torchs_does(backend):
+    """Such a param keeps its version counter, so torch's in-place ops (and torch.optim)
+    update it; check_param refused every inference tensor, this one too."""
+    with torch.inference_mode():
+        data, torch_data = torch.ones(4), torch.ones(4)
+    p, twin, torch_p = (torch.nn.Parameter(torch.ones(4)) for _ in range(3))
+    p.data, torch_p.data = data, torch_data
+    assert p.is_inference() and torch_p.is_inference() and not twin.is_inference()
+    for q in (p, twin, torch_p):
+        q.grad = torch.full((4,), 0.5)
+    torch.optim.Adam([torch_p], lr=0.1).step()
+    opt = adamkit.Adam([{"params": [p]}, {"params": [twin]}], lr=0.1, backend=backend)
+    opt.step()
+    assert not torch.equal(p.detach(), torch.ones(4))
+    assert torch.equal(p.detach(), twin.detach())
+    assert_close_scaled(p.detach(), torch_p.detach(), *TORCH_PARITY_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_param_restrided_in_place_after_cached_steps_raises_before_anything_changes(backend):
+    """`q.data = q.data[:1].expand(4)` keeps q's address, dtype and shape: the cached plan
+    took it, and the torch and reference backends raised the overlap error midway, after
+    the params before q had moved. The plan now compares the params' strides."""
+    ps = [torch.nn.Parameter(torch.ones(4)) for _ in range(3)]
+    opt = adamkit.Adam(ps, lr=0.1, backend=backend)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.ones(4)
+        opt.step()
+    ps[1].data = ps[1].data[:1].expand(4)
+    for p in ps:
+        p.grad = torch.ones(4)
+    snap = _snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)
+
+
 @pytest.mark.parametrize("bad", ["shape", "dtype"])
 def test_a_misfit_grad_beside_the_kernel_raises_on_the_cached_path_too(bad):
     """Params sharing memory leave the kernel for the torch backend (`rest`); the cached

@@ -15,7 +15,7 @@ while
   a grad reshaped through ``.grad.data =``, which skips the check of assigning ``.grad``,
   runs in memory order);
 * the params and state tensors keep their storage (data pointers: `.data =` keeps a
-  tensor's identity), layout and dtype, and every step counter still reads what the last
+  tensor's identity), layout and dtype, and the params their strides, and every step counter still reads what the last
   step left (a counter edited by hand sends the step down the full path).
 * the params of "master" buckets have the version counters the last step left (a write
   to p in place since then, which the full path takes as p's new value for master).
@@ -72,6 +72,9 @@ class CachedBucket:
     # "master" buckets: the params' version counters after this bucket's last step; one
     # that moved was written in place, and the full path re-seeds its master copy
     versions: list[int] | None = None
+    # the params' strides when planned: a param given a stride-0 view of its own storage
+    # through `.data =` keeps its address, and check_param refuses it on the full path
+    strides: list[tuple] | None = None
 
 
 def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float, dtype: torch.dtype) -> Any:
@@ -110,6 +113,7 @@ class StepCache:
             rows = [(k, [st[k] for st in cb.bucket.states]) for k in keys]
             cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row))) for k, row in rows)
             cb.dtype = cb.bucket.params[0].dtype
+            cb.strides = list(map(Tensor.stride, cb.bucket.params))
             if cb.bucket.param_update == "master":
                 cb.versions = list(map(_VERSION, cb.bucket.params))
             cb.bucket.grads = []
@@ -202,12 +206,14 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
         if not (cb.prepared.refresh(grads) and cb.prepared.steps_equal(cb.t)):
             return False
         rest = cb.prepared.rest
-        return not rest or (_steps_read(b, rest, cb.t)
-                            and all(b.params[i].dtype == cb.dtype for i in rest))
-    # Recast params re-plan; sparse or misfit grads and resized params too,
+        return not rest or (_steps_read(b, rest, cb.t) and all(
+            b.params[i].dtype == cb.dtype and b.params[i].stride() == cb.strides[i] for i in rest))
+    # Recast or restrided params re-plan; sparse or misfit grads and resized params too,
     # and the full path raises on them before anything changes.
     if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape
            for p, g, m in zip(b.params, grads, b.exp_avgs)):
+        return False
+    if list(map(Tensor.stride, b.params)) != cb.strides:
         return False
     if not _steps_read(b, range(len(b.params)), cb.t):
         return False

@@ -80,8 +80,10 @@ def check_param(p: Tensor) -> None:
     first in-place op raises them, after earlier params moved): an inference tensor
     outside inference mode, and a non-empty strided param whose elements share memory (a
     stride of 0 over more than one element, as ``expand`` gives: what torch's
-    internal-overlap check reports as overlapping; others it cannot tell and lets be)."""
-    if p.is_inference() and not torch.is_inference_mode_enabled():
+    internal-overlap check reports as overlapping; others it cannot tell and lets be).
+    A tensor given inference data through ``.data =`` keeps its version counter, and torch
+    updates it in place as any other."""
+    if p.is_inference() and not torch.is_inference_mode_enabled() and not _tracks_version(p):
         raise RuntimeError(
             "Inplace update to inference tensor outside InferenceMode is not allowed.You can "
             "make a clone to get a normal tensor before doing inplace update.See "
@@ -92,6 +94,16 @@ def check_param(p: Tensor) -> None:
             "unsupported operation: more than one element of the written-to tensor refers to "
             "a single memory location. Please clone() the tensor before performing the "
             "operation.")
+
+
+def _tracks_version(p: Tensor) -> bool:
+    """Whether ``p`` has a version counter: torch's in-place ops bump it, and raise the
+    inference-tensor error exactly where there is none."""
+    try:
+        p._version
+    except RuntimeError:
+        return False
+    return True
 
 
 def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
