@@ -311,6 +311,18 @@ for dtype, kw in ((torch.float32, {}), (torch.bfloat16, {"param_update": "kahan"
         twin.step()
     assert torch.equal(p.to_local().detach(), plain.detach()), dtype
     print("ok", dtype)
+for dtype, kw in ((torch.float32, {"state_format": "int8"}),
+                  (torch.bfloat16, {"param_update": "stochastic"})):
+    start = torch.randn(4096, generator=gen).to(dtype)
+    p = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+    p.grad = distribute_tensor(torch.ones(4096, dtype=dtype), mesh, [Shard(0)])
+    opt = adamkit.Adam([p], lr=1e-2, **kw)
+    try:
+        opt.step()
+    except NotImplementedError as e:
+        assert "not supported for DTensor params" in str(e), e
+        assert torch.equal(p.to_local().detach(), start) and not opt.state
+        print("refused", next(iter(kw.values())))
 dist.destroy_process_group()
 """
 
@@ -319,11 +331,14 @@ def test_dtensor_params_step_on_the_torch_backend_not_the_kernel(tmp_path):
     """A DTensor param's data_ptr is no storage of its values: the cpu backend took it
     into the kernel and the process died (SIGSEGV). Such tensors now run on the torch
     backend, which gives the plain tensor's numbers. In a subprocess (a crash fails the
-    test, not the suite; and the process group stays out of this one)."""
+    test, not the suite; and the process group stays out of this one). int8 moments and
+    stochastic rounding, defined on a tensor's flat indices, are refused before anything
+    changes (they raised midway on mixing DTensor and plain tensors)."""
     import subprocess
     import sys
 
     run = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT, str(tmp_path / "store")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split("\n")[:2] == ["ok torch.float32", "ok torch.bfloat16"]
+    assert run.stdout.split("\n")[:4] == ["ok torch.float32", "ok torch.bfloat16",
+                                           "refused int8", "refused stochastic"]

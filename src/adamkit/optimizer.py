@@ -374,6 +374,7 @@ class Adam(Optimizer):
             pending = {}
             for index, p, position in params:
                 fmt, update = formats.resolve(p, group)
+                backends.check_storage(p, fmt, update)
                 state = self.state.get(p)
                 t = int(state["step"].item()) + 1 if state else 1
                 buckets[(p.device, p.dtype, fmt, update, t)].append((position, p))

@@ -96,6 +96,29 @@ def check_param(p: Tensor) -> None:
             "operation.")
 
 
+_PLAIN_DISPATCH = Tensor.__torch_dispatch__  # what tensors and Parameters that hold one keep
+
+
+def is_wrapper(t: Tensor) -> bool:
+    """A wrapper tensor subclass (DTensor, ...): its data_ptr is no storage of its
+    values, and ops mixing it with plain tensors raise."""
+    return type(t).__torch_dispatch__ is not _PLAIN_DISPATCH
+
+
+def check_storage(p: Tensor, state_format: str, param_update: str) -> None:
+    """NotImplementedError for storage a step cannot give ``p``: int8 moments and
+    stochastic rounding of a wrapper subclass such as DTensor. Both are defined on the
+    tensor's flat indices (the int8 blocks, the random bits' counter), which a sharded
+    tensor's local pieces do not carry; the plain formats and policies run as for any
+    tensor, through torch's ops (torch backend)."""
+    if is_wrapper(p) and (state_format == "int8" or param_update == "stochastic"):
+        what = "state_format='int8'" if state_format == "int8" else "param_update='stochastic'"
+        raise NotImplementedError(
+            f"{what} is not supported for {type(p).__name__} params (a param of shape "
+            f"{tuple(p.shape)}): give this param's group state_format='fp32' or 'bf16' "
+            "and param_update='nearest', 'kahan' or 'master'")
+
+
 def _tracks_version(p: Tensor) -> bool:
     """Whether ``p`` has a version counter: torch's in-place ops bump it, and raise the
     inference-tensor error exactly where there is none."""

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ...formats import state as state_formats
 from ...hyperparams import StepScalars
-from .. import Bucket, count_steps, grad_fits
+from .. import Bucket, count_steps, grad_fits, is_wrapper
 from . import library
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -37,7 +37,6 @@ UPDATES = {"nearest": 0, "kahan": 1, "master": 2, "stochastic": 3}
 EXTRA_KEY = {"kahan": "kahan_comp", "master": "master_param"}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
 _NBYTES = operator.attrgetter("nbytes")
-_PLAIN_DISPATCH = Tensor.__torch_dispatch__  # what tensors and Parameters that hold one keep
 _DTYPE = operator.attrgetter("dtype")
 
 
@@ -53,8 +52,8 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
     p, g, m, v, vmax, extra = tensors
     if fmt not in STATE_FORMATS or g.dtype != p.dtype:
         return False
-    if not all(t is None or type(t).__torch_dispatch__ is _PLAIN_DISPATCH for t in tensors):
-        return False  # a wrapper subclass (DTensor, ...): data_ptr is no storage of its values
+    if any(t is not None and is_wrapper(t) for t in tensors):
+        return False  # data_ptr is no storage of its values
     moments_fit = all(t.dtype == STORAGE[fmt] for t in (m, v, vmax) if t is not None)
     buffer_dtype = p.dtype if policy == "kahan" else torch.float32
     n = p.numel()  # the kernel walks n elements of every stream (functional API callers
