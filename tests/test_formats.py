@@ -54,8 +54,9 @@ def _blocks_of(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _check_bound(x: torch.Tensor, cmap) -> None:
-    """formats.md's bound: |x̂ − x| ≤ max(2^-4·|x|, 2^(−b−3)·scale) + 2^-21·|x|, and the
-    stored scale is max(absmax, M·2^-126)/M in float32."""
+    """formats.md's bound: |x̂ − x| ≤ max(2^-4·|x|, 2^(−b−3)·scale) + 2^-21·|x|, except
+    that a positive v never decodes to 0 (one subnormal step instead), and the stored
+    scale is max(absmax, M·2^-126)/M in float32."""
     codes, scale = fmt_state.encode(x, cmap)
     xhat = fmt_state.decode(codes, scale, cmap).double()
     xd = x.double()
@@ -64,6 +65,12 @@ def _check_bound(x: torch.Tensor, cmap) -> None:
     assert torch.equal(scale, absmax.clamp_min(cmap.floor) / cmap.top)
     sub_step = _blocks_of(x, scale.double()) * 2.0 ** (-cmap.bias - 3)
     bound = torch.maximum(2.0**-4 * xd.abs(), sub_step) + 2.0**-21 * xd.abs()
+    if not cmap.signed:
+        # a positive v below half a subnormal step takes code 1 (not 0): x̂ = one step,
+        # 2^(−b−2)·scale, rounded to float32 (2^-149: where that is a float32 subnormal)
+        floor_hit = (xd > 0) & (xd <= sub_step)
+        bound = torch.where(floor_hit, 2 * sub_step + 2.0**-149, bound)
+        assert (xhat[xd > 0] > 0).all(), "a positive v decoded to 0"
     err = (xhat - xd).abs()
     assert (err <= bound).all(), f"worst error {(err / bound).max():.4g}× the bound"
     if cmap.signed:  # the sign survives wherever the magnitude does

@@ -55,7 +55,8 @@ uint32_t encode_m(float x, const Codec& k, float& stored) {
 }
 
 uint32_t encode_v(float x, const Codec& k, float& stored) {
-    const uint32_t c = code(x * k.inv, 15, 255u);
+    uint32_t c = code(x * k.inv, 15, 255u);
+    if (x > 0.f && c == 0) c = 1;  // a positive v never encodes to 0
     stored = value(c, 15) * k.scale;
     return c;
 }

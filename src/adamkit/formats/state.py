@@ -118,6 +118,8 @@ def encode(x: Tensor, cmap: CodeMap) -> tuple[Tensor, Tensor]:
     c = torch.where(y < 2.0 ** (1 - cmap.bias), sub, normal).clamp_max(cmap.cmax)
     if cmap.signed:
         c = c + 128 * ((blocks < 0) & (c > 0))
+    else:  # a positive v never encodes to 0: the update would be m/ε (formats.md)
+        c = torch.where((blocks > 0) & (c == 0), 1, c)
     codes = c.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape)
     return codes, scale
 

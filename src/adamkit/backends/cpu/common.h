@@ -352,7 +352,12 @@ template <class U> inline auto decode_m_bits(U q, float scale) {
     return (q & 128u) != 0u ? -x : x;
 }
 template <class F> inline auto encode_v_bits(F x, const Codec& k, F& stored_value) {
-    const F mag = round_to_map<15>(x * k.inv, 255u);
+    F mag = round_to_map<15>(x * k.inv, 255u);
+    // A positive v that rounds to 0 takes the smallest code, 1 (value 2^-17): an element
+    // whose m survives its block's scale would otherwise step by lr·m̂/ε. mag is never
+    // NaN and every nonzero mag is ≥ 2^-17, so a max does it (vmaxps: 1.3% of an int8
+    // step at 16.8M params on Zen 1, against 5% for testing mag == 0 too).
+    mag = max_(mag, float_of(when(x > 0.0f, bits_of(0x1p-17f))));
     stored_value = mag * k.scale;
     return code_of<15>(mag);
 }
