@@ -45,6 +45,13 @@ def adam_step(
     float64, float16: the "fp32"/"bf16"/... formats of docs/design/formats.md, used as
     stored) and params update "nearest"; the optimizer classes offer int8 moments and
     the other update policies, which need state beyond these lists.
+
+    Every tensor is checked before any is written: grads and moments on their param's
+    device and of its shape, moments of a state format's dtype, complex where the param
+    is, none an inference tensor or an expanded view. A tensor listed twice (a param, or
+    moments two entries share) is updated once per listing, in turn, as torch's for-loop
+    step does (its foreach step reads every listing first); the lists then run one index
+    at a time.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step is an int counted from 1, got {step!r}")
@@ -61,28 +68,35 @@ def adam_step(
     if len({len(c) for c in columns}) != 1:
         raise ValueError("params, grads and state lists must have the same length")
     _check_tensors(columns)
-    by_kind: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        by_kind.setdefault((p.device, p.dtype, formats.format_of(exp_avgs[i])), []).append(i)
     scalars = step_scalars(group, step)
-    for device, dtype, fmt in by_kind:
+    for dtype in {p.dtype for p in params}:
         check_scalar_range(scalars, dtype)
-    for (device, dtype, fmt), idx in by_kind.items():
-        pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
-        bucket = backends.Bucket(
-            group=group, params=pick(params), grads=pick(grads), exp_avgs=pick(exp_avgs),
-            exp_avg_sqs=pick(exp_avg_sqs), max_exp_avg_sqs=pick(max_exp_avg_sqs) if amsgrad else [],
-            states=[{} for _ in idx], state_format=fmt,
-        )
-        with torch.no_grad():
-            backends.resolve(backend, device, dtype).step(bucket, scalars)
+    # A tensor listed twice (a param, or moments two params share) is updated once per
+    # listing, in turn, as torch's for-loop and the reference do: one index at a time.
+    # Together in one bucket, the fused paths would read every listing before writing.
+    passes = [[i] for i in range(len(params))] if _aliased(columns) else [range(len(params))]
+    for indices in passes:
+        by_kind: dict[tuple, list[int]] = {}
+        for i in indices:
+            by_kind.setdefault((params[i].device, params[i].dtype, formats.format_of(exp_avgs[i])), []).append(i)
+        for (device, dtype, fmt), idx in by_kind.items():
+            pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+            bucket = backends.Bucket(
+                group=group, params=pick(params), grads=pick(grads), exp_avgs=pick(exp_avgs),
+                exp_avg_sqs=pick(exp_avg_sqs), max_exp_avg_sqs=pick(max_exp_avg_sqs) if amsgrad else [],
+                states=[{} for _ in idx], state_format=fmt,
+            )
+            with torch.no_grad():
+                backends.resolve(backend, device, dtype).step(bucket, scalars)
 
 
 def _check_tensors(columns: list[list[Tensor]]) -> None:
     """Every tensor checked before any is updated (a bad one late in the lists used to
-    fail after the earlier params had moved): floating params, grads dense and of their
-    param's dtype and shape, state of the param's shape (RuntimeError, as torch.optim's
-    ops raise on these)."""
+    fail after the earlier params had moved, and a grad or moment on another device
+    crashed the cpu kernel): floating params, grads dense and of their param's dtype,
+    shape and device, moments that can be written in place (as params), on their param's
+    device and of its shape, of a state format's dtype (ValueError otherwise), complex
+    exactly where the param is (RuntimeError, as torch.optim's ops raise on these)."""
     params, grads, *states = columns
     for i, (p, g) in enumerate(zip(params, grads)):
         if not isinstance(p, Tensor) or not isinstance(g, Tensor):
@@ -90,8 +104,40 @@ def _check_tensors(columns: list[list[Tensor]]) -> None:
                             f"{type(p).__name__} and {type(g).__name__}")
         backends.check_param(p)
         backends.check_grad(p, g, f"grads[{i}]")
+        _check_device(p, g)
         for name, column in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), states):
-            t = column[i]
-            if not isinstance(t, Tensor) or t.shape != p.shape:
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise RuntimeError(f"{name}[{i}] has shape {got}, params[{i}] {tuple(p.shape)}")
+            _check_moment(p, column[i], f"{name}[{i}]", f"params[{i}]")
+
+
+def _check_moment(p: Tensor, t: object, label: str, of: str) -> None:
+    if not isinstance(t, Tensor) or t.shape != p.shape:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise RuntimeError(f"{label} has shape {got}, {of} {tuple(p.shape)}")
+    _check_device(p, t)
+    formats.format_of(t)  # ValueError for int, bool, ... moments
+    if t.is_complex() != p.is_complex():  # a real moment of a complex param drops its imaginary part
+        raise RuntimeError(f"{label} of dtype {t.dtype} for {of} of dtype {p.dtype}: the moments of a "
+                           "complex param are complex, those of a real param real")
+    backends.check_param(t)  # written in place as the param is
+
+
+def _check_device(p: Tensor, t: Tensor) -> None:
+    if t.device != p.device:  # torch's message for a tensor on another device
+        raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {p.device}!")
+
+
+def _aliased(columns: list[list[Tensor]]) -> bool:
+    """Whether a tensor the step writes (a param or moment) is listed twice: two entries
+    that start at the same address. Views into one flat buffer start at different ones,
+    and keep their fast path (partly overlapping views are not looked for)."""
+    params, _grads, *states = columns
+    seen = set()
+    for t in (t for column in (params, *states) for t in column):
+        try:
+            key = (t.device, t.data_ptr()) if t.numel() else id(t)
+        except (RuntimeError, NotImplementedError):  # a wrapper subclass, a meta tensor: no storage
+            key = id(t)
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
