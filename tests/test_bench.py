@@ -236,3 +236,34 @@ def test_ab_builds_steps_each_optimizer_with_its_own_build(monkeypatch):
         assert cpu_backend._library is original  # other optimizers get the backend's own
     result = ab.compare([(lib_a, label_a), (lib_b, "b")], "bf16 kahan", 64, rounds=2, steps=1)
     assert len(result["ms"]) == 2 and all(m > 0 for m in result["ms"]) and len(result["paired"]) == 1
+
+
+def _one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("adamkit bench: error: ")
+    return err
+
+
+def test_quick_refuses_config_instead_of_dropping_it(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert "--quick runs its own small config" in _one_line_error(
+        capsys, bench.main(["--quick", "--config", "gpt2-small", "--out", str(out)]))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("only, expected", [
+    ("zzz", "no optimizer matches 'zzz'"),
+    ("torch foreach", "'torch foreach' is not part of --quick (run it without --quick)"),
+])
+def test_an_empty_selection_says_why_and_writes_nothing(tmp_path, capsys, only, expected):
+    """An existing optimizer that --quick leaves out was "no optimizer matches"; and the
+    error came after --out was created, which it left behind empty."""
+    out = tmp_path / "new" / "b"
+    assert expected in _one_line_error(capsys, bench.main(["--quick", "--only", only, "--out", str(out)]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_optimizer_outside_the_chosen_configs_is_named(tmp_path, capsys):
+    code = bench.main(["--config", "gpt2-small", "--only", "torchao", "--out", str(tmp_path / "b")])
+    assert "'torchao' runs only in the configs 64 tensors, not in gpt2-small" in _one_line_error(capsys, code)

@@ -179,6 +179,7 @@ BAD = {
     "seed too large": ["train", "--seed", "99999999999999999999", "--steps", "1"],
     "negative seed": ["train", "--seed", "-1", "--steps", "1"],
     "compare key twice": ["train", "--compare", "adam:lr=0.01:lr=0.02"],
+    "batch larger than the text": ["train", "--batch-size", "10000000000", "--steps", "1"],
     "viz not png": ["viz", "--out", "picture.txt"],
     "viz no dir": ["viz", "--out", "no/such/dir/v.png"],
 }
@@ -402,3 +403,150 @@ def test_unknown_argument_points_to_the_subcommands_help(command, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"adamkit {command}: error: unrecognized arguments: --no-such-option extra "
                    f"(see 'adamkit {command} --help')")
+
+
+# ---- found by review: divergence, failing writes, start-up, edited checkpoints -----------
+
+def test_a_diverged_run_says_so_instead_of_crashing(tmp_path, capsys):
+    """lr 1e30 makes the params NaN: sampling (multinomial on NaN) raised a traceback,
+    at the end of the run and again on --resume."""
+    argv = ["train", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--lr", "1e30"]
+    for extra in ([], ["--resume"]):
+        assert main([*argv, *extra]) == 0
+        captured = capsys.readouterr()
+        assert "--- no sample from adam: the model diverged" in captured.out
+        assert "Traceback" not in captured.err
+        assert "adamkit train: warning: adam diverged: its loss is not finite, first at step 1" in captured.err
+    assert not math.isfinite(float(read_metrics(tmp_path / "metrics.csv")[-1]["loss"]))
+
+
+SAVE_FAILURES = {
+    "torch's zip writer": RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4310"),
+    "disk full": OSError(28, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("failure", SAVE_FAILURES.values(), ids=SAVE_FAILURES.keys())
+def test_atomic_write_turns_any_failing_write_into_one_line(tmp_path, failure):
+    """torch.save reports a full disk as RuntimeError when it closes its zip; only
+    OSError was a CliError, the RuntimeError a traceback."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+
+    def save_failing(f):
+        f.write(b"partial")
+        raise failure
+
+    with pytest.raises(CliError, match="cannot write .*checkpoint.pt") as info:
+        atomic_write(path, save_failing)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_checkpoint_save_failing_in_torch_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise SAVE_FAILURES["torch's zip writer"]
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    assert train(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("adamkit train: error: cannot write")
+    assert os.listdir(tmp_path) == []  # no checkpoint, no temp file
+
+
+def test_ctrl_c_while_the_subcommands_import_is_one_line(capsys, monkeypatch):
+    """build_parser imports the subcommands (and torch with them) outside main's guard:
+    Ctrl-C there was a KeyboardInterrupt traceback."""
+    import adamkit.cli as cli
+
+    def interrupt(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "import_module", interrupt)
+    assert main(["train", "--steps", "1"]) == 130
+    assert capsys.readouterr().err == "adamkit: interrupted\n"
+
+
+def test_resume_with_stop_at_behind_the_checkpoint_says_nothing_to_do(tmp_path, capsys):
+    """It said "already complete" of a run at step 3 of 4."""
+    assert train(tmp_path, "--stop-at", "3") == 0
+    capsys.readouterr()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert train(tmp_path, "--resume", "--stop-at", "2") == 0
+    out = capsys.readouterr().out
+    assert "step 3/4" in out and "already at step 3 (>= --stop-at 2), nothing to do" in out
+    assert "complete" not in out and "sample" not in out
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_batch_that_cannot_be_allocated_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 41600000000000 bytes.")
+
+    monkeypatch.setattr(CharCorpus, "val_batches", no_memory)
+    assert train(tmp_path) == 2
+    assert "--batch-size 4: cannot allocate" in assert_one_line_error(capsys, 2)
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory) -> bytes:
+    """The checkpoint of a 4-step run stopped at step 2: resuming it trains."""
+    out = tmp_path_factory.mktemp("half")
+    assert train(out, "--stop-at", "2") == 0
+    return (out / "checkpoint.pt").read_bytes()
+
+
+def _flip_tensor_bytes(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    middle = largest.header_offset + 100 + largest.file_size // 2  # past its local header
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+EDITS = {
+    "elapsed a string": lambda s: s.__setitem__("elapsed", "x"),
+    "elapsed negative": lambda s: s.__setitem__("elapsed", -1.0),
+    "metrics not rows": lambda s: s.__setitem__("metrics", [1, 2]),
+    "a row without loss": lambda s: s["metrics"][0].pop("loss"),
+    "a row's loss a string": lambda s: s["metrics"][1].__setitem__("loss", "1.5"),
+    "a row's step wrong": lambda s: s["metrics"][1].__setitem__("step", 7),
+    "torch rng state": lambda s: s["rng"].__setitem__("torch", torch.zeros(3)),
+}
+
+
+@pytest.mark.parametrize("damage", [*EDITS, "flipped tensor bytes"])
+def test_an_edited_or_damaged_checkpoint_fails_before_training(tmp_path, capsys, half_run, damage):
+    """Bad elapsed or metric rows failed with a TypeError mid-run; flipped bytes in a
+    tensor resumed silently (torch.load does not check the zip's CRCs)."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(half_run)
+    if damage in EDITS:
+        _edit_checkpoint(path, EDITS[damage])
+    else:
+        _flip_tensor_bytes(path)
+    before = path.read_bytes()
+    assert train(tmp_path, "--resume") == 2
+    err = assert_one_line_error(capsys, 2)
+    assert "checkpoint" in err and ("is damaged: its part" in err) == (damage not in EDITS)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_compare_names_its_own_keys_in_errors():
+    with pytest.raises(CliError, match="bad setting 'optimizer=sgd'.*name before the first ':'"):
+        parse_compare("adam:optimizer=sgd")  # it said "optimizer given twice"
+    with pytest.raises(CliError) as info:
+        parse_compare("adam,sgd:backend=cpu")  # it said "--backend", a flag never given
+    assert "backend in 'sgd:backend=cpu' is only for adamkit's optimizers" in str(info.value)
+    assert "--backend" not in str(info.value)
+    assert parse_compare("adamw:backend=cpu")[0][1]["backend"] == "cpu"

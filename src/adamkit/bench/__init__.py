@@ -40,7 +40,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     from ..cli import OneLineErrorParser  # a bad option is one line and exit code 2
 
     ap = OneLineErrorParser(prog="adamkit bench", description=__doc__.split("\n\n")[0].replace("``", ""))
-    ap.add_argument("--quick", action="store_true", help="a small config and the main contenders (< 1 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small config of its own and the main contenders (< 1 min; not with --config)")
     ap.add_argument("--config", action="append", choices=[c for c in CONFIGS if c != "quick"],
                     help="parameter layout(s) to run (default: all)")
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
@@ -51,7 +52,34 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.rounds is not None and args.rounds < 1 or args.steps_per_round < 1:
         ap.error("--rounds and --steps-per-round must be at least 1")
+    if args.quick and args.config:  # --quick has its own small config: one would be dropped
+        ap.error("--quick runs its own small config; drop --config, or --quick to run the configs named")
     return args
+
+
+def _nothing_selected(args: argparse.Namespace, configs: list[str], selections) -> str:
+    """Why no contender is left: none can run here, or (per --only TEXT) what left out
+    the optimizers TEXT names: --quick, or configs they do not run in."""
+    unavailable = sorted({why for _, skipped in selections for why in skipped})
+    if unavailable:
+        return f"nothing to run: {'; '.join(unavailable)}"
+    if not args.only:
+        return "no optimizer matches the options given (names as in the table; see RESULTS.md)"
+    reasons = []
+    for text in args.only:
+        named = [c for c in CONTENDERS if text in c.name]
+        if not named:
+            reasons.append(f"no optimizer matches {text!r} (names as in the table; see RESULTS.md)")
+        elif args.quick and not any(c.quick for c in named):
+            reasons.append(f"{text!r} is not part of --quick (run it without --quick)")
+        else:
+            reasons.append(f"{text!r} runs only in the configs {', '.join(_configs_of(named))}, "
+                           f"not in {', '.join(configs)}")
+    return "; ".join(reasons)
+
+
+def _configs_of(contenders: list[Contender]) -> list[str]:
+    return list(dict.fromkeys(k for c in contenders for k in (c.configs or CONFIGS) if k != "quick"))
 
 
 def _selected(args: argparse.Namespace, config: str) -> tuple[list[Contender], list[str]]:
@@ -170,24 +198,26 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 0
     configs = ["quick"] if args.quick else (args.config or ["64 tensors", "1024 tensors", "gpt2-small"])
     rounds = args.rounds or (3 if args.quick else 5)
-    # Before any measuring: a run that cannot save its results, or measures nothing, is
-    # reported now, not after minutes of work.
+    # Before any measuring: a run that measures nothing, or cannot save its results, is
+    # reported now, not after minutes of work; and before --out is made, so that an
+    # error leaves nothing behind.
     from ..cli.errors import CliError
-    from ..cli.files import writable_dir
+    from ..cli.files import removed_if_failing, writable_dir
 
+    selections = [_selected(args, config) for config in configs]
+    if not any(chosen for chosen, _ in selections):
+        print(f"adamkit bench: error: {_nothing_selected(args, configs, selections)}", file=sys.stderr)
+        return 2
     try:
-        writable_dir(args.out)
+        with removed_if_failing(args.out):  # nor does Ctrl-C while measuring leave an empty --out
+            writable_dir(args.out)
+            return _run(args, configs, rounds)
     except CliError as err:
         print(f"adamkit bench: error: {err}", file=sys.stderr)
         return 2
-    selections = [_selected(args, config) for config in configs]
-    if not any(chosen for chosen, _ in selections):
-        unavailable = sorted({why for _, skipped in selections for why in skipped})
-        names = ", ".join(repr(text) for text in args.only) or "the options given"
-        why = (f"nothing to run: {'; '.join(unavailable)}" if unavailable else
-               f"no optimizer matches {names} (names as in the table; see RESULTS.md)")
-        print(f"adamkit bench: error: {why}", file=sys.stderr)
-        return 2
+
+
+def _run(args: argparse.Namespace, configs: list[str], rounds: int) -> int:
     _native_checks_now()
     info = report.machine()
     print(f"machine: {info['cpu']}, {info['torch_threads']} torch threads, kernel "

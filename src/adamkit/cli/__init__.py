@@ -5,8 +5,11 @@ Each subcommand is one module of this package that exposes ``add_parser(subparse
 ``run(args) -> int``. Adding a subcommand means adding its module name to
 :data:`SUBCOMMANDS`.
 
-Exit codes: 0 success, 2 a usage error (bad option, unusable path, a checkpoint that
-does not fit) or 130 on Ctrl-C, reported as one line on stderr, never as a traceback.
+Exit codes: 0 success (a run that diverged included: it warns), 2 a usage error (bad
+option, unusable path, a checkpoint that does not fit) or a failed write, or 130 on
+Ctrl-C, reported as one line on stderr, never as a traceback. main() imports the
+subcommands, and torch with them, inside its guard; only an interrupt while the
+``adamkit`` package itself imports torch (before main runs) is Python's traceback.
 """
 
 from __future__ import annotations
@@ -43,20 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Everything heavy (the subcommands import torch and adamkit's optimizers) is imported
+    inside the guard below, so Ctrl-C while it loads is one line too."""
+    command = "adamkit"  # until the subcommand is known
     try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # left over past a subcommand: its own --help lists what it takes
-            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as stop:  # --help, --version and argparse's errors end here
-        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
-    try:
+        parser = build_parser()
+        try:
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # left over past a subcommand: its own --help lists what it takes
+                parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit as stop:  # --help, --version and argparse's errors end here
+            return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+        command = f"adamkit {args.command}"
         return args.run(args)
     except CliError as err:
         message = " ".join(str(err).split())  # always a single line
-        print(f"adamkit {args.command}: error: {message}", file=sys.stderr)
+        print(f"{command}: error: {message}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:  # outside a training loop (set-up, plotting), which says more
-        print(f"adamkit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a training loop (start-up, set-up, plotting), which says more
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130

@@ -24,8 +24,10 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temp file next to ``path``, then move it into place. An
-    OS error (disk full, a directory made unwritable mid-run) is a one-line CliError."""
+    """Call ``write(f)`` on a temp file next to ``path``, then move it into place. Any
+    failure to write (disk full, a directory made unwritable mid-run) is a one-line
+    CliError, with the temp file removed and the old file as it was; KeyboardInterrupt
+    propagates, also after removing the temp file."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
@@ -41,10 +43,19 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise CliError(f"cannot write {path}: {err.strerror or err}") from None
+        if isinstance(err, Exception):
+            raise CliError(f"cannot write {path}: {_why(err)}") from err
         raise
     _fsync_dir(path.parent)
+
+
+def _why(err: Exception) -> str:
+    # torch.save reports a failed write from its C++ zip writer as RuntimeError
+    # ("[enforce fail at inline_container.cc:...] unexpected pos ..."), not OSError.
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    hint = " (is the disk full?)" if isinstance(err, RuntimeError) else ""
+    return f"{type(err).__name__}: {err}{hint}"
 
 
 def _fsync_dir(directory: Path) -> None:

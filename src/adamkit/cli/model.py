@@ -63,9 +63,13 @@ class CharTransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, length: int, generator: torch.Generator, temperature: float = 0.8) -> Tensor:
+        """``length`` characters sampled after ``prompt``; FloatingPointError if the
+        model's outputs are not finite (a diverged model), where multinomial would fail."""
         ids = prompt.clone()
         for _ in range(length):
             logits = self(ids[None, -self.context :])[0, -1].float() / temperature
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("the model's outputs are not finite")
             next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             ids = torch.cat([ids, next_id])
         return ids

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from .errors import CliError, require
 from .files import removed_if_failing, writable_dir
-from .trainer import DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, Run
+from .trainer import ADAMKIT_ONLY, ADAMKIT_OPTIMIZERS, DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, Run
 
 COMPARE_HELP = """\
 --compare takes configurations separated by commas; each is an optimizer name,
@@ -79,15 +80,21 @@ def parse_compare(text: str) -> list[tuple[str, dict]]:
         config = {"optimizer": name}
         for setting in settings:
             key, sep, value = setting.partition("=")
+            if not sep or key not in COMPARE_KEYS:  # before the duplicate check: optimizer is in config
+                hint = "; the optimizer is the name before the first ':'" if key == "optimizer" else ""
+                raise CliError(f"--compare: bad setting {setting!r} in {item!r}; use key=value with key one of "
+                               f"{', '.join(COMPARE_KEYS)}{hint}")
             if key in config:
                 raise CliError(f"--compare: {key} given twice in {item!r}")
-            if not sep or key not in COMPARE_KEYS:
-                raise CliError(f"--compare: bad setting {setting!r} in {item!r}; use key=value with key one of "
-                               f"{', '.join(COMPARE_KEYS)}")
             try:
                 config[key] = COMPARE_KEYS[key](value)
             except argparse.ArgumentTypeError as err:
                 raise CliError(f"--compare: {key} in {item!r}: {err}")
+        adamkit_only = [key for key in ADAMKIT_ONLY if key in config]
+        if adamkit_only and name not in ADAMKIT_OPTIMIZERS:  # name the key given, not a flag
+            verb = "is" if len(adamkit_only) == 1 else "are"
+            raise CliError(f"--compare: {', '.join(adamkit_only)} in {item!r} {verb} only for adamkit's "
+                           f"optimizers ({', '.join(ADAMKIT_OPTIMIZERS)}), not {name}")
         # the label names the run's directory: no separators in it
         configs.append((item.replace(":", "_").replace("/", "_").replace("\\", "_"), config))
     labels = [label for label, _ in configs]
@@ -157,14 +164,33 @@ def run(args: argparse.Namespace) -> int:
         plot_runs({r.label: r.rows for r in runs}, args.out / "compare.png", baseline,
                   f"adamkit train --compare ({runs[0].config.steps} steps)")
     for r in runs:
-        train_loss, val_loss = r.final_losses()
-        val = "n/a" if val_loss is None else f"{val_loss:.3f}"
-        wrote = (f"wrote {r.out}/metrics.csv, loss.png, checkpoint.pt" if r.saved_this_session
-                 else f"already complete, nothing written to {r.out}")
-        print(f"{r.label}: step {r.step}/{r.config.steps}, train loss {train_loss:.3f}, val loss {val} "
-              f"(uniform guess: {baseline:.3f}), {r.elapsed:.1f} s; {wrote}")
-        if r.step == r.config.steps:
-            print(f"--- sample from {r.label} ---\n{r.sample()}\n---")
+        report(r, baseline, args.stop_at)
     if args.compare is not None:
         print(f"curves of all runs: {args.out / 'compare.png'}")
     return 0
+
+
+def report(r: Run, baseline: float, stop_at: int | None) -> None:
+    """The run's summary line and, for a finished run, a sample (or why there is none)."""
+    train_loss, val_loss = r.final_losses()
+    val = "n/a" if val_loss is None else f"{val_loss:.3f}"
+    if r.saved_this_session:
+        wrote = f"wrote {r.out}/metrics.csv, loss.png, checkpoint.pt"
+    elif r.step == r.config.steps:
+        wrote = f"already complete, nothing written to {r.out}"
+    else:  # resumed with --stop-at at or below the checkpoint's step
+        wrote = f"already at step {r.step} (>= --stop-at {stop_at}), nothing to do, nothing written to {r.out}"
+    print(f"{r.label}: step {r.step}/{r.config.steps}, train loss {train_loss:.3f}, val loss {val} "
+          f"(uniform guess: {baseline:.3f}), {r.elapsed:.1f} s; {wrote}")
+    diverged = r.diverged_at()
+    if diverged is not None:
+        # A result, not a failure of the tool: the files record it, and a --compare
+        # of several runs still plots the others. Exit code 0, one line on stderr.
+        print(f"adamkit train: warning: {r.label} diverged: its loss is not finite, first at step {diverged} "
+              "(try a smaller --lr)", file=sys.stderr)
+    if r.step == r.config.steps:
+        sample = r.sample()
+        if sample is None:
+            print(f"--- no sample from {r.label}: the model diverged (its outputs are not finite) ---")
+        else:
+            print(f"--- sample from {r.label} ---\n{sample}\n---")

@@ -3,7 +3,9 @@ write metrics, plots and checkpoints.
 
 A run is fully determined by its :class:`RunConfig`. Resuming restores everything the
 loop reads (params, optimizer and scheduler state, RNG states, step, metrics), so a run
-split in two gives bitwise the same params and metrics as one that never stopped.
+split in two gives bitwise the same params and metrics (but the wall-clock ``elapsed``) as
+one that never stopped, on the same machine with the same torch thread count: torch's
+CPU kernels for the model round differently with another.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 import adamkit
 
+from .checkpoint import METRICS, check_progress, load_checkpoint
 from .data import CharCorpus
 from .errors import CliError, require
 from .files import atomic_write
@@ -28,6 +31,7 @@ from .model import CharTransformer
 from .plots import plot_runs
 
 OPTIMIZERS = ("adam", "adamw", "torch-adam", "sgd")
+ADAMKIT_OPTIMIZERS = ("adam", "adamw")
 ADAMKIT_ONLY = ("backend", "state_format", "param_update")  # passed to adamkit only when given
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SGD needs a much larger lr than Adam: its step is proportional to the gradient's size.
@@ -38,7 +42,6 @@ MODEL = dict(context=64, width=96, layers=3, heads=4)
 EVALS_PER_RUN = 10
 VAL_BATCHES = 8
 CHECKPOINT = "checkpoint.pt"
-METRICS = ("step", "loss", "val_loss", "lr", "elapsed")
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def _checked_config(saved: object, where: Path) -> dict:
 def build_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     extra = {k: getattr(config, k) for k in ADAMKIT_ONLY if getattr(config, k) is not None}
     decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
-    if config.optimizer in ("adam", "adamw"):
+    if config.optimizer in ADAMKIT_OPTIMIZERS:
         cls = adamkit.Adam if config.optimizer == "adam" else adamkit.AdamW
         try:
             return cls(params, lr=config.lr, **decay, **extra)
@@ -118,7 +121,8 @@ def build_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
             raise CliError(f"adamkit.{cls.__name__} does not accept {given or f'lr={config.lr}'}: {err}")
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise CliError(f"{flags}: only for adamkit's optimizers (adam, adamw), not {config.optimizer}")
+        raise CliError(f"{flags}: only for adamkit's optimizers ({', '.join(ADAMKIT_OPTIMIZERS)}), "
+                       f"not {config.optimizer}")
     if config.optimizer == "torch-adam":
         return torch.optim.Adam(params, lr=config.lr, **decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9, **decay)
@@ -135,23 +139,6 @@ def lr_factor(steps: int):
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.exists():
-        raise CliError(f"nothing to resume: {path} does not exist")
-    if not path.is_file():
-        raise CliError(f"cannot resume: {path} is not a file")
-    try:
-        saved = torch.load(path, weights_only=True)
-    except Exception as err:  # any unreadable file is the user's input, not our bug
-        raise CliError(f"cannot read checkpoint {path} ({type(err).__name__}): is it one adamkit train wrote?")
-    if not isinstance(saved, dict) or "config" not in saved or "step" not in saved:
-        raise CliError(f"{path} is not a checkpoint of adamkit train (no config and step)")
-    step = saved["step"]
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CliError(f"{path} is not a checkpoint of adamkit train (step {step!r})")
-    return saved
 
 
 class Run:
@@ -172,6 +159,7 @@ class Run:
             )
         self.config = config = RunConfig.resolve(given, saved and saved["config"], out)
         self.label = label or config.optimizer
+        _check_batch_size(corpus, config.batch_size)
 
         torch.manual_seed(config.seed)
         self.model = CharTransformer(corpus.vocab_size, **MODEL).to(DTYPES[config.dtype])
@@ -190,7 +178,11 @@ class Run:
                 self._restore(saved)
             except (KeyError, RuntimeError, ValueError, TypeError) as err:
                 raise CliError(f"checkpoint {self.checkpoint_path} does not fit this run: {err}")
-        self.val_batches = corpus.val_batches(config.batch_size, MODEL["context"], VAL_BATCHES)
+        try:
+            self.val_batches = corpus.val_batches(config.batch_size, MODEL["context"], VAL_BATCHES)
+        except (RuntimeError, MemoryError) as err:  # torch's CPU allocator raises RuntimeError
+            raise CliError(f"--batch-size {config.batch_size}: cannot allocate its validation batches "
+                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__})")
 
     # ---- checkpoints ----------------------------------------------------------------
 
@@ -207,15 +199,16 @@ class Run:
         }
 
     def _restore(self, saved: dict) -> None:
+        # Everything the loop reads later is checked here: an edited field failed mid-run.
+        check_progress(saved, self.config.steps)
+        torch.Generator().set_state(saved["rng"]["torch"])  # fails now, on a throwaway
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.data_rng.set_state(saved["rng"]["data"])
         self.global_rng = {"torch": saved["rng"]["torch"], "python": saved["rng"]["python"]}
         random.setstate(saved["rng"]["python"])  # fails now, not mid-run, if malformed
-        self.step, self.elapsed, self.rows = saved["step"], saved["elapsed"], list(saved["metrics"])
-        if not 0 <= self.step <= self.config.steps or len(self.rows) != self.step:
-            raise ValueError(f"step {self.step} with {len(self.rows)} metric rows, of {self.config.steps} steps")
+        self.step, self.elapsed, self.rows = saved["step"], float(saved["elapsed"]), list(saved["metrics"])
         self.saved_step = self.step
 
     def save(self) -> None:
@@ -286,10 +279,34 @@ class Run:
         vals = [r["val_loss"] for r in self.rows if r["val_loss"] is not None]
         return sum(r["loss"] for r in tail) / len(tail), (vals[-1] if vals else None)
 
-    def sample(self, length: int = 300, prompt: str = "The ") -> str:
+    def diverged_at(self) -> int | None:
+        """If the run ends with a loss that is not finite (its last training or validation
+        loss is inf or NaN), the first step with such a loss; else None."""
+        def finite(row: dict, key: str) -> bool:
+            return row[key] is None or math.isfinite(row[key])
+
+        vals = [r for r in self.rows if r["val_loss"] is not None]
+        if not self.rows or (finite(self.rows[-1], "loss") and (not vals or finite(vals[-1], "val_loss"))):
+            return None
+        return next(r["step"] for r in self.rows if not (finite(r, "loss") and finite(r, "val_loss")))
+
+    def sample(self, length: int = 300, prompt: str = "The ") -> str | None:
+        """Generated text, or None when the model's outputs are not finite (it diverged)."""
         # Its own generator: sampling never touches the training RNG streams.
-        ids = self.model.generate(self.corpus.encode(prompt), length, torch.Generator().manual_seed(self.config.seed))
+        try:
+            ids = self.model.generate(self.corpus.encode(prompt), length, torch.Generator().manual_seed(self.config.seed))
+        except FloatingPointError:
+            return None
         return self.corpus.decode(ids)
+
+
+def _check_batch_size(corpus: CharCorpus, batch_size: int) -> None:
+    """A batch holds at most as many windows as the training text has: more is not a
+    batch of this text but an allocation failure (a traceback) or minutes of swapping."""
+    windows = len(corpus.train) - MODEL["context"] - 1
+    if batch_size > windows:
+        raise CliError(f"--batch-size {batch_size} is larger than the {windows} windows of "
+                       f"{MODEL['context']} characters in the training text")
 
 
 def metrics_csv(rows: list[dict]) -> str:
