@@ -295,12 +295,42 @@ def _mutations():
     def integer_scale(sd):
         sd["state"][0]["exp_avg_sq_scale"] = sd["state"][0]["exp_avg_sq_scale"].long()
 
+    def huge_scale(sd):  # finite, but above max float32 / M: its codes decoded to ∞
+        sd["state"][0]["exp_avg_sq_scale"][0] = 1e36
+
+    def subnormal_scale(sd):  # below the floor's 2^-126
+        sd["state"][0]["exp_avg_scale"][0] = 2.0**-130
+
     def integer_comp(sd):  # a buffer of param values in an integer dtype was cast in
         sd["state"][0]["kahan_comp"] = sd["state"][0]["kahan_comp"].long()
 
+    # step counts the step cannot use: NaN and ∞ loaded and then failed every step
+    def nan_step(sd):
+        sd["state"][0]["step"] = torch.tensor(float("nan"))
+
+    def infinite_step_late(sd):
+        sd["state"][1]["step"] = float("inf")
+
+    def fractional_step(sd):
+        sd["state"][0]["step"] = torch.tensor(2.5)
+
+    def negative_step(sd):
+        sd["state"][0]["step"] = -1
+
+    def text_step(sd):
+        sd["state"][0]["step"] = "two"
+
+    def two_element_step(sd):
+        sd["state"][0]["step"] = torch.tensor([1.0, 2.0])
+
+    def state_not_a_dict(sd):
+        sd["state"][0] = sd["state"][0]["exp_avg"]
+
     return [unknown_format, unknown_update, missing_scale, wrong_scale_shape, float_codes,
             wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed,
-            negative_scale, nan_scale, integer_scale, integer_comp]
+            negative_scale, nan_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
+            nan_step, infinite_step_late, fractional_step, negative_step, text_step,
+            two_element_step, state_not_a_dict]
 
 
 @pytest.mark.parametrize("target", ["bfloat16-int8-kahan", "bfloat16-fp32-master",
@@ -532,3 +562,48 @@ def test_complex_params_whose_precision_changed_convert_their_state(backend):
     mine.step()
     assert mine.state[p]["exp_avg"].dtype == torch.complex128 and mine.state[p]["state_format"] == "fp64"
     torch.testing.assert_close(mine.state[p]["exp_avg"], 0.9 * m.to(torch.complex128) + 0.1)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
+@pytest.mark.parametrize("cached", [False, True], ids=["after one step", "cached steps"])
+def test_master_restarted_by_a_write_to_its_param_is_saved_so(backend, cached):
+    """A write to p in place (pruning, re-initialising) restarts master from p at the
+    next step. state_dict() saved the stale master, and a load declares master and p in
+    sync: the resumed run put the old weights back (max |p| 4.09 against 0.001)."""
+    def make(p):
+        return adamkit.Adam([p], lr=1e-3, param_update="master", backend=backend)
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000, generator=gen).bfloat16())
+    opt = make(p)
+    for _ in range(3 if cached else 1):
+        p.grad = torch.randn(1000, generator=gen).bfloat16()
+        opt.step()
+    with torch.no_grad():
+        p.mul_(0)
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = make(q)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    g = torch.randn(1000, generator=gen).bfloat16()
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    resumed.step()
+    assert torch.equal(p, q)
+    assert p.abs().max() < 0.01  # stepped from zero, by about lr
+    assert torch.equal(opt.state[p]["master_param"], resumed.state[q]["master_param"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_torch_state_dict_keeps_float64_moments(dtype):
+    """torch_state_dict rounded float64 (and complex128) moments to float32 on the way to
+    torch.optim, which keeps them as they are: every element differed."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(50, generator=gen, dtype=dtype))
+    opt = adamkit.Adam([p], lr=1e-2)
+    p.grad = torch.randn(50, generator=gen, dtype=dtype)
+    opt.step()
+    exported = opt.torch_state_dict()["state"][0]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert exported[name].dtype == dtype
+        assert torch.equal(exported[name], opt.state[p][name])
+

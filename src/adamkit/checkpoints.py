@@ -11,6 +11,7 @@ storage.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from copy import deepcopy
 from typing import TYPE_CHECKING, Any
@@ -69,7 +70,11 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         for saved_id, p in zip(saved["params"], group["params"]):
             # `{}` is no state: reading opt.state[p] (a defaultdict) before p's
             # first step saves one, and torch.optim loads it as a param without state
-            if saved_state.get(saved_id):
+            entry = saved_state.get(saved_id)
+            if entry is not None and not isinstance(entry, dict):
+                raise ValueError(f"loaded state for parameter {saved_id} is a {type(entry).__name__}, "
+                                 "not a dict of its state")
+            if entry:
                 new_state[p] = _load_param_state(
                     p, saved_state[saved_id], saved_id, new_group, index
                 )
@@ -91,10 +96,26 @@ def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
     fmt, update = formats.resolve(p, group)
     seed = param_policy.sr_seed(group["seed"], index)
     try:
+        step = _saved_step(saved["step"])
         converted = formats.convert_state(p, saved, fmt, update, seed)
     except ValueError as exc:
         raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
-    return {"step": torch.tensor(float(saved["step"]), dtype=scalar_dtype()), **converted}
+    return {"step": torch.tensor(step, dtype=scalar_dtype()), **converted}
+
+
+def _saved_step(step: object) -> float:
+    """A saved step count as the step reads it (ValueError otherwise): a whole number
+    ≥ 0, as an int, a float or a one-element real Tensor (torch.optim saves any). A NaN
+    or infinite one loaded and then failed every step; a fractional one was truncated
+    by the step (torch.optim would use it as is)."""
+    if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not (
+            0 <= step < math.inf and step == int(step)):
+        shown = f"a Tensor of shape {tuple(step.shape)}" if isinstance(step, Tensor) else repr(step)
+        raise ValueError(f"step must be a whole number of steps ≥ 0 (an int, float or one-element "
+                         f"Tensor), got {shown}")
+    return float(step)
 
 
 def torch_state_dict(opt: Adam) -> dict[str, Any]:

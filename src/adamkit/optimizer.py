@@ -456,7 +456,25 @@ class Adam(Optimizer):
         """torch's layout and key names; ``decoupled_weight_decay`` equals ``decouple_wd``
         so that torch.optim.Adam loads the same decay mode."""
         self._sync_decay_modes()  # before torch's state_dict, whose post-hooks see its dict
+        self._resync_moved_masters()
         return super().state_dict()
+
+    @torch.no_grad()
+    def _resync_moved_masters(self) -> None:
+        """Apply now the resync of master copies whose params were written in place since
+        the last step (the next step would, _plan): the saved master would otherwise undo
+        the write on resume, as a load declares master and param in sync. In place, so the
+        step cache's tensors stay valid; resyncing is idempotent, so its later check of
+        the versions (still the old ones) changes nothing more."""
+        cache = getattr(self, "_step_cache", None)
+        versions = self._master_versions()
+        if cache is not None:  # the latest step's versions, where the cache ran it
+            cache.record_master_versions(versions)
+        for p, st in self.state.items():
+            master = st.get("master_param")
+            if isinstance(master, Tensor) and self._master_moved(p):
+                master.copy_(param_policy.resync_master(p, master))
+                versions[p] = p._version
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of adamkit or torch.optim.Adam/AdamW.
@@ -478,8 +496,9 @@ class Adam(Optimizer):
         """This optimizer's state dict as torch.optim.Adam/AdamW would have saved it, for
         continuing the run in torch.optim from any adamkit storage.
 
-        Each param's state becomes ``step`` and the moments in float32 (int8 codes and
-        bf16 decoded; torch.optim casts them to the param's dtype when it loads them);
+        Each param's state becomes ``step`` and the moments in float32, float64 kept (int8
+        codes and bf16 decoded; torch.optim casts them to the param's dtype when it loads
+        them);
         int8 scales, the format tags and stochastic-rounding seeds are dropped, and so are
         a Kahan compensation and a master copy, as on a load into ``param_update="nearest"``:
         torch.optim continues from the param itself, at most half an ulp of it lost.

@@ -177,8 +177,10 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
 
 def torch_state(p: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
     """One param's saved state as torch.optim.Adam keeps it: a copy of ``step`` and the
-    moments in float32 (torch.optim casts them to p's dtype when it loads them); no tags,
-    int8 scales or seeds, and the buffers dropped as in a conversion to "nearest"."""
-    converted = convert_state(p, saved, "fp32", "nearest", seed_of_param=0)
+    moments in float32, or float64 where they are (torch.optim casts them to p's dtype
+    when it loads them); no tags, int8 scales or seeds, and the buffers dropped as in a
+    conversion to "nearest"."""
+    wide = "fp64" if saved_formats(saved)[0] == "fp64" else "fp32"  # never rounded down
+    converted = convert_state(p, saved, wide, "nearest", seed_of_param=0)
     return {"step": saved["step"].clone(),
             **{name: converted[name] for name in state.MOMENTS if name in converted}}

@@ -59,6 +59,14 @@ class CodeMap:
         zeros into absmax (formats.md, "Encode a block")."""
         return self.top * 2.0**-126
 
+    @property
+    def scale_range(self) -> tuple[float, float]:
+        """The scales an encoder can write: floor/M = 2^-126 and float32(max float32 / M)
+        (NaN is in neither, so a range check refuses it too)."""
+        top = torch.tensor(self.top, dtype=torch.float32)
+        biggest = torch.tensor(torch.finfo(torch.float32).max, dtype=torch.float32)
+        return 2.0**-126, torch.div(biggest, top).item()
+
     def value(self, c: int) -> float:
         e, f = c >> 3, c & 7
         return f * 2.0 ** (-self.bias - 2) if e == 0 else (8 + f) * 2.0 ** (e - self.bias - 3)
@@ -242,11 +250,14 @@ def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
                 f"{name} is int8 state but {name}_scale is missing or not of shape "
                 f"({n_blocks(p.numel())},) (one float32 per {BLOCK} elements)"
             )
-        # An encoder only writes positive finite float32 scales (absmax is floored): any
-        # other is a damaged checkpoint, and would make NaN or wrong moments silently
-        if scale.dtype != torch.float32 or not bool(((scale > 0) & scale.isfinite()).all()):
-            raise ValueError(f"{name}_scale must hold positive finite float32 values "
-                             f"(one per block); got dtype {scale.dtype} and other values")
+        # An encoder only writes scales absmax/M with absmax floored at M·2^-126 and at
+        # most float32's largest: any other is a damaged checkpoint, and would make NaN,
+        # infinite or wrong moments silently
+        lo, hi = CODE_MAPS[name].scale_range
+        if scale.dtype != torch.float32 or not bool(((scale >= lo) & (scale <= hi)).all()):
+            raise ValueError(f"{name}_scale must hold float32 values in [{lo:.6g}, {hi:.6g}] "
+                             f"(one per block, as an encoder writes them); got dtype "
+                             f"{scale.dtype} and other values")
         scale = scale.to(device=p.device)
         return decode(value.to(p.device), scale, CODE_MAPS[name])
     if not (value.is_floating_point() or value.is_complex()):
