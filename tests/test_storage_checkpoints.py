@@ -5,6 +5,7 @@ dtype, torch.optim's checkpoints, round trips, and checkpoints that cannot conve
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -607,3 +608,33 @@ def test_torch_state_dict_keeps_float64_moments(dtype):
         assert exported[name].dtype == dtype
         assert torch.equal(exported[name], opt.state[p][name])
 
+
+
+@pytest.mark.parametrize("storage", [s for s in STORAGE if s.id in (
+    "float32-fp32-nearest", "float32-int8-nearest", "bfloat16-bf16-kahan", "bfloat16-int8-master")],
+    ids=lambda s: s.id)
+def test_saved_tensors_in_another_layout_load_in_the_params(storage):
+    """A checkpoint whose state tensors are column-major (same values) loaded them so: the
+    param's state no longer matched its layout, and the cpu backend handed it to torch
+    from then on (1-ulp differences, slower steps) without a warning."""
+    params = _params(storage.dtype)
+    opt = _opt(params, storage, backend="cpu")
+    _train(params, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for st in saved["state"].values():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                st[key] = value.t().contiguous().t()
+                assert not st[key].is_contiguous()
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = _opt(resumed_params, storage, backend="cpu")
+    resumed.load_state_dict(saved)
+    for p in resumed_params:
+        for key, value in resumed.state[p].items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                assert value.stride() == p.stride(), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to the torch backend warns
+        _train(resumed_params, resumed, 2, seed=7)
+    _train(params, opt, 2, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))

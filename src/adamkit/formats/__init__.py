@@ -162,7 +162,7 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
         value = state.load_moment(saved, name, src_fmt, p)  # validates
         if src_fmt == fmt:
             dtype = state.storage_dtype(fmt, p)
-            out[name] = saved[name].to(device=p.device, dtype=dtype, copy=True)
+            out[name] = state.copy_like(p, saved[name], dtype)
             if fmt == "int8":
                 out[f"{name}_scale"] = saved[f"{name}_scale"].to(p.device, torch.float32, copy=True)
         else:

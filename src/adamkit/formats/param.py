@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .state import round_to
+from .state import copy_like, round_to
 
 MASK = 0xFFFFFFFF
 BUFFERS = {"kahan": "kahan_comp", "master": "master_param"}
@@ -201,7 +201,7 @@ def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
         key = BUFFERS[dst]
         _check(saved, key, p)
         dtype = p.dtype if dst == "kahan" else torch.float32
-        return {key: saved[key].to(device=p.device, dtype=dtype, copy=True)}
+        return {key: copy_like(p, saved[key], dtype)}
     theta = p.detach().float()
     if src == "kahan":
         _check(saved, "kahan_comp", p)

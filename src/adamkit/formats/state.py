@@ -192,6 +192,13 @@ def scales_fit(st: dict, p: Tensor, names) -> bool:
     return True
 
 
+def copy_like(p: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A copy of ``t`` (p's shape) in ``dtype`` with p's device and memory layout, as a
+    fresh state tensor has it: a checkpoint's tensor in another layout (column-major,
+    say) sent the param to the torch backend from then on, without a word."""
+    return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(t)
+
+
 def zeros(p: Tensor, name: str, fmt: str) -> dict[str, Tensor]:
     """A fresh moment of format ``fmt`` for ``p``: {name: tensor} (+ {name_scale} for int8)."""
     if fmt == "int8":
