@@ -472,7 +472,8 @@ class Adam(Optimizer):
             cache.record_master_versions(versions)
         for p, st in self.state.items():
             master = st.get("master_param")
-            if isinstance(master, Tensor) and self._master_moved(p):
+            # (a master that no longer fits p is left to the step, which raises for it)
+            if isinstance(master, Tensor) and master.shape == p.shape and self._master_moved(p):
                 master.copy_(param_policy.resync_master(p, master))
                 versions[p] = p._version
 
