@@ -134,9 +134,11 @@ def _aliased(columns: list[list[Tensor]]) -> bool:
     seen = set()
     for t in (t for column in (params, *states) for t in column):
         try:
-            key = (t.device, t.data_ptr()) if t.numel() else id(t)
-        except (RuntimeError, NotImplementedError):  # a wrapper subclass, a meta tensor: no storage
-            key = id(t)
+            address = t.data_ptr() if t.numel() else 0
+        except (RuntimeError, NotImplementedError):  # a wrapper subclass (DTensor): no storage
+            address = 0
+        # 0: nothing in memory to share (empty, meta: every meta tensor reports 0)
+        key = (t.device, address) if address else id(t)
         if key in seen:
             return True
         seen.add(key)
