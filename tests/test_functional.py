@@ -160,6 +160,33 @@ def test_a_tensor_listed_twice_is_updated_once_per_listing_as_torchs_for_loop(ba
     assert not torch.allclose(ps[0], torch.ones(4)) or not decay  # the step did move it
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("layout", ["overlapping rows", "interleaved columns"])
+@pytest.mark.parametrize("decoupled", [False, True], ids=["L2", "decoupled"])
+def test_views_that_share_memory_are_updated_in_turn_as_torchs_for_loop(backend, layout, decoupled):
+    """Two params that are views sharing elements (rows 0-5 and 3-8 of one buffer, or a
+    column and the whole matrix) were stepped in one fused call, which read both before
+    writing either: the shared elements' decay did not see the first update."""
+    def lists():
+        buf = torch.linspace(-1.0, 1.0, 24).reshape(8, 3)
+        ps = [buf[0:5], buf[3:8]] if layout == "overlapping rows" else [buf[:, 1], buf]
+        gs = [torch.linspace(0.2, 0.7, p.numel()).reshape(p.shape) for p in ps]
+        return buf, ps, gs, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+
+    buf, ps, gs, ms, vs = lists()
+    for step in (1, 2):
+        adam_step(ps, gs, ms, vs, step=step, lr=0.1, weight_decay=0.5, decouple_wd=decoupled,
+                  backend=backend)
+    tbuf, tp, tg, tm, tv = lists()
+    steps = [torch.tensor(0.0) for _ in tp]
+    for _ in range(2):
+        torch_adam(tp, tg, tm, tv, [], steps, foreach=False, amsgrad=False, beta1=0.9,
+                   beta2=0.999, lr=0.1, weight_decay=0.5, eps=1e-8, maximize=False,
+                   decoupled_weight_decay=decoupled)
+    torch.testing.assert_close(buf, tbuf, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(buf, lists()[0])
+
+
 def test_views_into_one_flat_buffer_keep_one_bucket(monkeypatch):
     """Params that are views of one buffer (a flat-parameter layout) are not "listed
     twice": they step in one call, not one index at a time."""

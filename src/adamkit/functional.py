@@ -71,8 +71,9 @@ def adam_step(
     scalars = step_scalars(group, step)
     for dtype in {p.dtype for p in params}:
         check_scalar_range(scalars, dtype)
-    # A tensor listed twice (a param, or moments two params share) is updated once per
-    # listing, in turn, as torch's for-loop and the reference do: one index at a time.
+    # A tensor listed twice (a param, or moments two params share) or views sharing
+    # memory are updated once per listing, in turn, as torch's for-loop and the
+    # reference do: one index at a time.
     # Together in one bucket, the fused paths would read every listing before writing.
     passes = [[i] for i in range(len(params))] if _aliased(columns) else [range(len(params))]
     for indices in passes:
@@ -127,19 +128,19 @@ def _check_device(p: Tensor, t: Tensor) -> None:
 
 
 def _aliased(columns: list[list[Tensor]]) -> bool:
-    """Whether a tensor the step writes (a param or moment) is listed twice: two entries
-    that start at the same address. Views into one flat buffer start at different ones,
-    and keep their fast path (partly overlapping views are not looked for)."""
+    """Whether two tensors the step writes (params and moments) may share memory: a
+    tensor listed twice, or views whose spans of memory overlap. Views into one flat
+    buffer that do not overlap keep their fast path; interleaved views (two columns of a
+    matrix) are taken as aliased, which costs speed, never the result."""
     params, _grads, *states = columns
-    seen = set()
+    spans = []
     for t in (t for column in (params, *states) for t in column):
         try:
             address = t.data_ptr() if t.numel() else 0
         except (RuntimeError, NotImplementedError):  # a wrapper subclass (DTensor): no storage
             address = 0
-        # 0: nothing in memory to share (empty, meta: every meta tensor reports 0)
-        key = (t.device, address) if address else id(t)
-        if key in seen:
-            return True
-        seen.add(key)
-    return False
+        if address:  # 0: nothing in memory to share (empty, meta: every meta tensor reports 0)
+            extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+            spans.append((str(t.device), address, address + extent * t.element_size()))
+    spans.sort()
+    return any(a[0] == b[0] and b[1] < a[2] for a, b in zip(spans, spans[1:]))
