@@ -522,6 +522,9 @@ EDITS = {
     "a row's loss a string": lambda s: s["metrics"][1].__setitem__("loss", "1.5"),
     "a row's step wrong": lambda s: s["metrics"][1].__setitem__("step", 7),
     "torch rng state": lambda s: s["rng"].__setitem__("torch", torch.zeros(3)),
+    "config lr a bool": lambda s: s["config"].__setitem__("lr", True),
+    "config weight_decay a bool": lambda s: s["config"].__setitem__("weight_decay", False),
+    "config optimizer unknown": lambda s: s["config"].__setitem__("optimizer", "rmsprop"),
 }
 
 

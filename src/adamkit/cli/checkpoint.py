@@ -65,19 +65,20 @@ def check_progress(saved: dict, steps: int) -> None:
     step, elapsed, rows = saved["step"], saved["elapsed"], saved["metrics"]
     if not 0 <= step <= steps:
         raise ValueError(f"step {step}, of {steps} steps")
-    if not (_is_number(elapsed) and 0 <= elapsed < math.inf):
+    if not (is_number(elapsed) and 0 <= elapsed < math.inf):
         raise ValueError(f"elapsed {elapsed!r} is not a time in seconds")
     if not isinstance(rows, list) or len(rows) != step:
         raise ValueError(f"step {step} with metrics {_short(rows)}: not {step} rows")
     for i, row in enumerate(rows, 1):
         ok = (isinstance(row, dict) and set(row) == set(METRICS) and type(row["step"]) is int
-              and row["step"] == i and all(_is_number(row[k]) for k in ("loss", "lr", "elapsed"))
-              and (row["val_loss"] is None or _is_number(row["val_loss"])))
+              and row["step"] == i and all(is_number(row[k]) for k in ("loss", "lr", "elapsed"))
+              and (row["val_loss"] is None or is_number(row["val_loss"])))
         if not ok:
             raise ValueError(f"metrics row {i} is {_short(row)}, not one of adamkit train's")
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """An int or float, not a bool (json and pickle keep True apart from 1)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -23,7 +23,7 @@ import torch
 
 import adamkit
 
-from .checkpoint import METRICS, check_progress, load_checkpoint
+from .checkpoint import METRICS, check_progress, is_number, load_checkpoint
 from .data import CharCorpus
 from .errors import CliError, require
 from .files import atomic_write
@@ -98,9 +98,9 @@ def _checked_config(saved: object, where: Path) -> dict:
         elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= (field.name != "seed")
         elif kind is float:
-            ok = isinstance(value, (int, float)) and 0 < value < math.inf
+            ok = is_number(value) and 0 < value < math.inf
         elif field.name == "weight_decay":
-            ok = value is None or (isinstance(value, (int, float)) and 0 <= value < math.inf)
+            ok = value is None or (is_number(value) and 0 <= value < math.inf)
         else:
             ok = value is None or isinstance(value, str)
         if not ok:
