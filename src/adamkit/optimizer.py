@@ -62,6 +62,8 @@ class Adam(Optimizer):
         eps: added to √v̂ for numerical stability. Default 1e-8.
         weight_decay: λ. Default 0.
         amsgrad: normalise by the running max of v (Reddi et al., 2018). Default False.
+            Switched on between steps, the max starts at that step's v (torch.optim
+            raises KeyError there).
         decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym,
             also as a group key: groups hold both, and setting either between steps
             switches the mode (the next step makes them equal again).
