@@ -277,6 +277,27 @@ def test_a_grad_of_another_dtype_raises_as_torch_optim_does(backend, dtype, grad
         torch.optim.Adam([p]).step()
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("steps", [0, 2], ids=["first step", "cached plan"])
+def test_a_grad_of_another_shape_raises_as_torch_optim_does(backend, steps):
+    """A grad of as many elements in another shape, set through `.grad.data =` (which
+    skips the setter's shape check): torch.optim raises, and so did adamkit's full path,
+    but the cached plan of the cpu backend stepped it in memory order."""
+    p = torch.nn.Parameter(torch.randn(6, 2))
+    opt = adamkit.Adam([p], backend=backend)
+    for _ in range(steps):
+        p.grad = torch.randn(6, 2)
+        opt.step()
+    p.grad = torch.randn(6, 2)
+    p.grad.data = torch.randn(2, 6)
+    snap = _snapshot(opt, [p])
+    with pytest.raises(RuntimeError, match="shape"):
+        opt.step()
+    _assert_unchanged(opt, [p], snap)
+    with pytest.raises(RuntimeError):
+        torch.optim.Adam([p]).step()
+
+
 @pytest.mark.parametrize("state_format", ["bf16", "fp32", "int8"])
 def test_model_half_after_bf16_training_converts_the_kahan_buffer(state_format):
     """`model.half()` keeps the Parameter objects and the state's tags; the Kahan buffer

@@ -173,6 +173,66 @@ def test_foreach_with_another_explicit_backend_is_an_error():
             adamkit.Adam([p], foreach=True, backend=backend)
 
 
+@pytest.mark.parametrize("how", ["constructor", "add_param_group"])
+def test_torchs_flags_in_a_group_are_read_as_the_constructors(how):
+    """torch.optim honours foreach, fused, capturable and differentiable per group; in a
+    group dict adamkit kept them and stepped without a word (a group asking for a
+    differentiable step got a plain one)."""
+    def add(group):
+        p = torch.nn.Parameter(torch.ones(2))
+        if how == "constructor":
+            return adamkit.Adam([{"params": [p], **group}])
+        opt = adamkit.Adam([torch.nn.Parameter(torch.ones(2))])
+        opt.add_param_group({"params": [p], **group})
+        return opt
+
+    for flag in ("capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"adamkit does not support {flag}=True"):
+            add({flag: True})
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        add({"fused": True, "differentiable": True})
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        add({"foreach": True, "fused": True})
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported"):
+        add({"foreach": True, "lr": torch.tensor(0.01)})
+    with pytest.raises(ValueError, match="foreach=True asks for the 'torch' backend"):
+        add({"foreach": True, "backend": "cpu"})
+    for group, backend in (({"foreach": True}, "torch"), ({"foreach": False}, "auto"),
+                           ({"fused": True}, "auto"), ({"capturable": False}, "auto")):
+        stored = add(group).param_groups[-1]
+        assert stored["backend"] == backend
+        assert not set(stored) & {"foreach", "fused", "capturable", "differentiable"}
+
+
+def test_a_failed_add_param_group_adds_nothing():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.Adam([p])
+    group = {"params": [torch.nn.Parameter(torch.ones(2))], "differentiable": True}
+    with pytest.raises(ValueError):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1 and group["differentiable"] is True
+
+
+@pytest.mark.parametrize("edit, error", [
+    ({"capturable": True}, "adamkit does not support capturable=True"),
+    ({"differentiable": True}, "adamkit does not support differentiable=True"),
+    ({"backend": "bogus"}, "Invalid backend: 'bogus'"),
+], ids=["capturable", "differentiable", "backend"])
+def test_torchs_flags_or_a_bad_backend_set_on_a_live_group_raise_before_the_step(edit, error):
+    """Set between steps (on the cached plan's path too): capturable/differentiable were
+    ignored, and an unknown backend was a bare KeyError."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p])
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    opt.param_groups[0].update(edit)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=error):
+        opt.step()
+    assert torch.equal(p, before) and opt.state[p]["step"].item() == 2
+
+
 def test_add_param_group_takes_a_dict_as_torch_does():
     p = torch.nn.Parameter(torch.randn(2))
     with pytest.raises(TypeError) as theirs:

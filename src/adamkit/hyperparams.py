@@ -65,11 +65,23 @@ def validate_group(group: dict[str, Any]) -> None:
     check_live_group(group)
 
 
+def refuse_torch_only(flags: dict[str, Any]) -> None:
+    """ValueError for torch.optim's flags adamkit accepts for drop-in code but cannot
+    honour when set (CUDA-graph capture, a step autograd can differentiate through): a
+    step without them would silently not be what the code asked for."""
+    for name in ("capturable", "differentiable"):
+        if flags.get(name):
+            raise ValueError(f"adamkit does not support {name}=True (torch.optim.Adam does); "
+                             f"use torch.optim for it, or leave {name} False")
+
+
 def check_live_group(group: dict[str, Any]) -> None:
     """Raise ValueError where a group's values leave its step undefined: a Tensor lr of
     more than one element, betas that are not a pair, a value that is not a number,
-    decouple_lr without a usable max_lr. Ranges are ``validate_group``'s, for new groups
-    only (module docstring); the step's scalars get ``check_scalar_range``."""
+    decouple_lr without a usable max_lr, torch's capturable or differentiable set. Ranges
+    are ``validate_group``'s, for new groups only (module docstring); the step's scalars
+    get ``check_scalar_range``."""
+    refuse_torch_only(group)
     lr, betas = group["lr"], group["betas"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")

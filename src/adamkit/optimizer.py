@@ -19,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, checkpoints, formats
 from .formats import param as param_policy
-from .hyperparams import check_live_group, scalar_dtype, validate_group
+from .hyperparams import check_live_group, refuse_torch_only, scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 
 # Group keys only torch.optim uses: dropped on load, adamkit's `backend` replaces them.
@@ -76,10 +76,11 @@ class Adam(Optimizer):
             float64 oracle, slow).
         foreach, fused: torch's flags, accepted for drop-in use: ``foreach=True`` asks for
             the "torch" backend (with another explicit ``backend``: ValueError),
-            ``fused=True`` for the fastest ("auto").
+            ``fused=True`` for the fastest ("auto"). Also read in a group dict when the
+            group is added; the stored group holds the ``backend`` they chose instead.
         capturable, differentiable: torch's flags, accepted as False; True raises
             ValueError (CUDA-graph capture and differentiating through the step are
-            torch.optim's).
+            torch.optim's), as arguments, in a group dict or set on a group later.
         state_format: how the moments are stored (docs/precision.md): ``None`` (default:
             like the param, as torch; float16 params get "fp32"), "fp32" (8 bytes per
             param), "bf16" (4) or "int8" (block-scaled 8-bit floats, about 2.03).
@@ -141,23 +142,10 @@ class Adam(Optimizer):
         seed: int = 0,
         int8_min_size: int = 4096,
     ) -> None:
-        # torch.optim's foreach path takes float lr and betas only (adamkit's torch backend
-        # does not mind, but foreach=True is a request for torch's behaviour), with the
-        # betas checked after their ranges and kinds, as torch orders it
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        _refuse_torch_only(capturable=capturable, differentiable=differentiable)
-        if foreach and isinstance(lr, Tensor):  # torch's check, which capturable=True skips
-            raise ValueError(_FOREACH_TENSOR.format("lr"))
+        backend = _backend_for_torch_flags(backend, lr, foreach=foreach, fused=fused,
+                                           capturable=capturable, differentiable=differentiable)
         if decoupled_weight_decay is not None:
             decouple_wd = decouple_wd or bool(decoupled_weight_decay)
-        if foreach and fused:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if foreach:
-            if backend not in ("auto", "torch"):  # it would be replaced without a word
-                raise ValueError(f"foreach=True asks for the 'torch' backend, but backend={backend!r} "
-                                 "was given too; pass one of them")
-            backend = "torch"
         defaults = dict(
             lr=lr,
             betas=_betas_tuple(betas),
@@ -188,6 +176,11 @@ class Adam(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         group = {**self.defaults, **param_group}
+        flags = {key: param_group[key] for key in _TORCH_ONLY_KEYS if key in param_group}
+        if flags:  # torch.optim honours them per group: read as the constructor reads them
+            group["backend"] = _backend_for_torch_flags(group["backend"], group["lr"], **flags)
+            if flags.get("foreach") and isinstance(group["betas"][0], Tensor):
+                raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
         _set_decay_mode(group, _decay_mode(param_group, None, self.defaults["decouple_wd"]))
         fill_max_lr = group["decouple_lr"] and group["max_lr"] is None
         if fill_max_lr:
@@ -198,6 +191,10 @@ class Adam(Optimizer):
         backends.check_name(group["backend"])
         # Valid: only now is the caller's dict changed
         _set_decay_mode(param_group, group["decouple_wd"])
+        for key in flags:
+            del param_group[key]
+        if flags.get("foreach"):
+            param_group["backend"] = group["backend"]
         if fill_max_lr:
             param_group["max_lr"] = group["max_lr"]
         super().add_param_group(param_group)
@@ -259,6 +256,7 @@ class Adam(Optimizer):
         for group in self.param_groups:
             check_live_group(group)  # edited since it was added (a scheduler, by hand)
             formats.validate(group)
+            backends.check_name(group["backend"])
             params = [(offset + j, p, j)
                       for j, (p, k) in enumerate(zip(group["params"], _listings(group["params"])))
                       if k == repeat and p.grad is not None]
@@ -549,13 +547,29 @@ def _set_decay_mode(group: dict[str, Any], value: bool) -> None:
     group["decouple_wd"] = group["decoupled_weight_decay"] = value
 
 
-def _refuse_torch_only(**flags: bool) -> None:
-    """torch.optim's flags adamkit accepts for drop-in code but cannot honour when set:
-    CUDA-graph capture and a step autograd can differentiate through."""
-    for name, value in flags.items():
-        if value:
-            raise ValueError(f"adamkit does not support {name}=True (torch.optim.Adam does); "
-                             f"use torch.optim for it, or leave {name} False")
+def _backend_for_torch_flags(backend: str, lr: Any, *, foreach: bool | None = None,
+                             fused: bool | None = None, capturable: bool = False,
+                             differentiable: bool = False) -> str:
+    """The backend torch.optim's flags ask for, given to the constructor or in a group:
+    ``foreach=True`` the "torch" backend, ``fused=True`` the fastest (as "auto"). Raises
+    torch's errors for combinations torch refuses, and ValueError for capturable and
+    differentiable (``refuse_torch_only``)."""
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    refuse_torch_only({"capturable": capturable, "differentiable": differentiable})
+    # torch.optim's foreach path takes float lr and betas only (adamkit's torch backend
+    # does not mind, but foreach=True is a request for torch's behaviour); the betas are
+    # checked by the caller, after their ranges and kinds, as torch orders it
+    if foreach and isinstance(lr, Tensor):  # torch's check, which capturable=True skips
+        raise ValueError(_FOREACH_TENSOR.format("lr"))
+    if foreach and fused:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if not foreach:
+        return backend
+    if backend not in ("auto", "torch"):  # it would be replaced without a word
+        raise ValueError(f"foreach=True asks for the 'torch' backend, but backend={backend!r} "
+                         "was given too; pass one of them")
+    return "torch"
 
 
 def _reshaped(state: dict[str, Any], p: Tensor) -> RuntimeError | None:

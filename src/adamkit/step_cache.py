@@ -11,9 +11,9 @@ while
   tensor was replaced, added or removed (identity checks, not values: the state
   mapping's keys and values in order; each bucket's state tensors by address);
 * the same params have grads, and those are dense and contiguous, of their param's
-  dtype and size (a param sliced in place keeps its address; the shape is not compared:
-  a grad reshaped through ``.grad.data =``, which skips the check of assigning ``.grad``,
-  runs in memory order);
+  dtype, size and shape (a param sliced in place keeps its address; a grad reshaped
+  through ``.grad.data =`` skips the check of assigning ``.grad``, and the full path
+  raises for it);
 * the params and state tensors keep their storage (data pointers: `.data =` keeps a
   tensor's identity), layout and dtype, and the params their strides, and every step counter still reads what the last
   step left (a counter edited by hand sends the step down the full path).

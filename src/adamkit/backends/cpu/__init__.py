@@ -38,6 +38,7 @@ EXTRA_KEY = {"kahan": "kahan_comp", "master": "master_param"}
 SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
 _NBYTES = operator.attrgetter("nbytes")
 _DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,9 +201,12 @@ class PreparedBucket:
                 return False
         except RuntimeError:  # sparse grads have no strides
             return False
-        # same bytes and dtype: the kernel reads exactly the planned elements (a grad
-        # reshaped through `.grad.data =` runs in memory order; assigning `.grad` checks)
+        # same bytes and dtype: the kernel reads exactly the planned elements
         if list(map(_NBYTES, kernel_grads)) != self.grad_nbytes:
+            return False
+        # and p's shape: a grad reshaped through `.grad.data =` (which skips the check of
+        # assigning `.grad`) would run in memory order, where the full path raises
+        if list(map(_SHAPE, kernel_grads)) != list(map(_SHAPE, params)):
             return False
         if not all(map(operator.is_, map(_DTYPE, kernel_grads), repeat(self.dtype))):
             return False

@@ -148,8 +148,9 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* ex
 }
 
 // PreparedBucket.refresh for the kernel's params: each param keeps its planned address,
-// dtype and contiguity; its grad is a dense, contiguous CPU tensor of the planned dtype
-// and of grad_nbytes[i] bytes. Then (and only then) grad_row[i] = the grad's address.
+// dtype and contiguity; its grad is a dense, contiguous CPU tensor of the planned dtype,
+// of grad_nbytes[i] bytes and of its param's shape. Then (and only then) grad_row[i] =
+// the grad's address.
 int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs,
                     const int64_t* grad_nbytes, int64_t* grad_row) {
   try {
@@ -186,7 +187,8 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
     for (Py_ssize_t i = 0; i < n; ++i) {
       c10::TensorImpl* g = gs[i];
       if (g->dtype().toScalarType() != dtype || !g->is_contiguous() ||
-          static_cast<int64_t>(g->numel() * g->itemsize()) != grad_nbytes[i]) {
+          static_cast<int64_t>(g->numel() * g->itemsize()) != grad_nbytes[i] ||
+          g->sizes() != ps[i]->sizes()) {  // a grad reshaped through `.grad.data =`
         return 0;
       }
     }
