@@ -13,7 +13,9 @@ while
 * the same params have grads, and those are dense and contiguous, of their param's
   dtype, size and shape (a param sliced in place keeps its address; a grad reshaped
   through ``.grad.data =`` skips the check of assigning ``.grad``, and the full path
-  raises for it);
+  raises for it; a param of the cpu kernel reshaped through ``.data =`` together with
+  its grad steps in memory order, elementwise the same numbers, where the full path
+  raises for its state's old shape);
 * the params and state tensors keep their storage (data pointers: `.data =` keeps a
   tensor's identity), layout and dtype, and the params their strides, and every step counter still reads what the last
   step left (a counter edited by hand sends the step down the full path).
