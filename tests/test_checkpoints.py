@@ -175,8 +175,17 @@ def _mutations():
     def tag_disagrees(sd):
         sd["state"][0]["exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].bfloat16()  # tag "fp32"
 
+    # a group without a key torch.optim always saves: the live group's value filled it
+    # in, and the run went on at an lr it never had
+    def group_without_lr(sd):
+        del sd["param_groups"][0]["lr"]
+
+    def group_without_betas(sd):
+        del sd["param_groups"][0]["betas"]
+
     return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
-            bad_betas, bad_max_lr, lr_not_a_number, complex_moment, tag_disagrees]
+            bad_betas, bad_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
+            group_without_lr, group_without_betas]
 
 
 def test_backend_is_the_loading_optimizers_not_the_checkpoints():

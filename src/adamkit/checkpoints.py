@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 # ``max_lr`` goes only where it is None: OneCycleLR keeps its peak lr under that key and
 # reads it at every step, in torch.optim too.
 ADAMKIT_ONLY_KEYS = ("decouple_wd", "decouple_lr", "backend", *formats.GROUP_DEFAULTS)
+# Keys every torch.optim.Adam/AdamW (and adamkit) checkpoint's groups have held: a group
+# without one is refused, where filling it from the live group would train on at a
+# value the run never had (torch.optim loads it and fails at the next step).
+SAVED_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
 
 def load(opt: Adam, state_dict: dict[str, Any]) -> None:
@@ -45,6 +49,11 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
     if len(opt.param_groups) != len(saved_groups):
         raise ValueError("loaded state dict has a different number of parameter groups")
     for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        missing = [key for key in SAVED_GROUP_KEYS if key not in saved]
+        if missing:
+            raise ValueError(f"loaded state dict's parameter group {i} has no "
+                             f"{', '.join(map(repr, missing))}: it is not a state dict of "
+                             "torch.optim.Adam/AdamW or adamkit, or was edited")
         if len(group["params"]) != len(saved["params"]):
             raise ValueError(
                 "loaded state dict contains a parameter group that doesn't match the size "
