@@ -183,9 +183,25 @@ def _mutations():
     def group_without_betas(sd):
         del sd["param_groups"][0]["betas"]
 
+    def group_without_eps(sd):
+        del sd["param_groups"][0]["eps"]
+
     return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
             bad_betas, bad_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
-            group_without_lr, group_without_betas]
+            group_without_lr, group_without_betas, group_without_eps]
+
+
+@pytest.mark.parametrize("key", ["amsgrad", "maximize"])
+def test_a_group_key_older_torch_did_not_save_loads_as_torch_loads_it(key):
+    """torch.optim.Adam's __setstate__ gives a group without amsgrad or maximize False;
+    adamkit took the loading optimizer's own value (True here), a different run."""
+    model, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0][key]
+    for make in (torch.optim.Adam, adamkit.Adam):
+        other = make(model.parameters(), lr=1e-3, **{key: True})
+        other.load_state_dict(copy.deepcopy(sd))
+        assert other.param_groups[0][key] is False, make
 
 
 def test_backend_is_the_loading_optimizers_not_the_checkpoints():

@@ -34,7 +34,10 @@ ADAMKIT_ONLY_KEYS = ("decouple_wd", "decouple_lr", "backend", *formats.GROUP_DEF
 # Keys every torch.optim.Adam/AdamW (and adamkit) checkpoint's groups have held: a group
 # without one is refused, where filling it from the live group would train on at a
 # value the run never had (torch.optim loads it and fails at the next step).
-SAVED_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+SAVED_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
+# Keys older torch versions did not save, with the value torch.optim.Adam's
+# __setstate__ gives them there (the decay mode's key: Adam._normalize_group).
+TORCH_GROUP_DEFAULTS = {"amsgrad": False, "maximize": False}
 
 
 def load(opt: Adam, state_dict: dict[str, Any]) -> None:
@@ -68,7 +71,7 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         fallback = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         # configured, not saved
         storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
-        new_group = {**saved, **storage, "params": group["params"]}
+        new_group = {**TORCH_GROUP_DEFAULTS, **saved, **storage, "params": group["params"]}
         if "param_names" in group and "param_names" not in saved:
             new_group["param_names"] = group["param_names"]
         opt._normalize_group(new_group, fallback)

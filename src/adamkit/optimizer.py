@@ -488,8 +488,10 @@ class Adam(Optimizer):
         master into nearest; docs/design/formats.md, "Checkpoints").
 
         Everything is checked and copied before anything is replaced: a state dict that
-        does not fit (group or param counts, tensor shapes, hyperparameters, formats)
-        raises ValueError and leaves this optimizer as it was.
+        does not fit (group or param counts, tensor shapes, hyperparameters, formats, a
+        group without lr, betas, eps or weight_decay) raises ValueError and leaves this
+        optimizer as it was. A group without amsgrad or maximize (older torch) loads
+        them as False, as torch.optim does.
         """
         checkpoints.load(self, state_dict)
 
