@@ -162,6 +162,31 @@ def test_torch_optim_float32_checkpoint_into_int8():
         assert torch.equal(st["exp_avg_sq"], codes) and torch.equal(st["exp_avg_sq_scale"], scale)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=["m fp64, v fp32", "m fp32, v bf16"])
+def test_a_torch_optim_checkpoint_with_moments_of_two_dtypes_loads_as_torch_loads_it(dtypes):
+    """torch.optim casts each moment to its param's dtype on load; adamkit read the state's
+    format from exp_avg alone and refused exp_avg_sq as not of format 'fp64'."""
+    params = _params(torch.float32)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    _train(params, opt, 3)
+    saved = _save_load(opt.state_dict())
+    for st in saved["state"].values():
+        st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(dtypes[0]), st["exp_avg_sq"].to(dtypes[1])
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    theirs = torch.optim.Adam(twins, lr=1e-2)
+    theirs.load_state_dict(copy.deepcopy(saved))
+    ours = adamkit.Adam(params, lr=1e-2)
+    ours.load_state_dict(copy.deepcopy(saved))
+    for p, t in zip(params, twins):
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ours.state[p][name], theirs.state[t][name])
+    _train(params, ours, 2)
+    _train(twins, theirs, 2)
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p, t, rtol=1e-6, atol=1e-7)
+
+
 def test_adamkit_to_torch_optim_and_back():
     """torch.optim's load_state_dict rebuilds every str of the state from a generator; the
     checkpoint it saves again is read as torch.optim's (by its moments' dtype)."""

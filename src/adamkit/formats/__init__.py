@@ -88,6 +88,11 @@ def fresh_state(p: Tensor, fmt: str, update: str, amsgrad: bool,
     return out
 
 
+def _untagged(saved: dict[str, Any]) -> bool:
+    fmt = saved.get("state_format")
+    return fmt is None or (isinstance(fmt, str) and fmt.startswith("<generator object"))
+
+
 def saved_formats(saved: dict[str, Any]) -> tuple[str, str]:
     """(state format, param update) a saved state was written in.
 
@@ -97,7 +102,7 @@ def saved_formats(saved: dict[str, Any]) -> tuple[str, str]:
     torch.optim carries '<generator object ...>' for our tags: its state is torch.optim's
     (moments cast to the param dtype), so it is read as untagged too."""
     fmt, update = saved.get("state_format"), saved.get("param_update")
-    if fmt is None or (isinstance(fmt, str) and fmt.startswith("<generator object")):
+    if _untagged(saved):
         scaled = [f"{m}_scale" for m in state.MOMENTS if f"{m}_scale" in saved]
         if scaled:  # adamkit's int8 state, its tags and dtypes lost in torch.optim
             got = saved.get("exp_avg")
@@ -156,9 +161,11 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
     if missing:
         raise ValueError(f"the state lacks {missing[0]} (has {sorted(saved)})")
     out: dict[str, Any] = {}
+    untagged = _untagged(saved)
     for name in state.MOMENTS:
         if name not in saved:
             continue
+        src_fmt = _moment_format(saved[name]) if untagged else src_fmt
         value = state.load_moment(saved, name, src_fmt, p)  # validates
         if src_fmt == fmt:
             dtype = state.storage_dtype(fmt, p)
@@ -173,6 +180,12 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
             out[key] = value.clone() if isinstance(value, Tensor) else deepcopy(value)
     out["state_format"], out["param_update"] = fmt, update
     return out
+
+
+def _moment_format(t: Any) -> str:
+    """An untagged moment's own format: torch.optim casts each moment to the param's
+    dtype on load, so moments of two float dtypes in one state are a valid checkpoint."""
+    return _DTYPE_FORMAT.get(t.dtype, "?") if isinstance(t, Tensor) else "?"
 
 
 def torch_state(p: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
