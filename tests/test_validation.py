@@ -195,6 +195,8 @@ def test_torchs_flags_in_a_group_are_read_as_the_constructors(how):
         add({"foreach": True, "fused": True})
     with pytest.raises(ValueError, match="lr as a Tensor is not supported"):
         add({"foreach": True, "lr": torch.tensor(0.01)})
+    with pytest.raises(ValueError, match=r"betas\[0\] as a Tensor is not supported"):
+        add({"foreach": True, "betas": (torch.tensor(0.9), torch.tensor(0.99))})
     with pytest.raises(ValueError, match="foreach=True asks for the 'torch' backend"):
         add({"foreach": True, "backend": "cpu"})
     for group, backend in (({"foreach": True}, "torch"), ({"foreach": False}, "auto"),

@@ -179,8 +179,6 @@ class Adam(Optimizer):
         flags = {key: param_group[key] for key in _TORCH_ONLY_KEYS if key in param_group}
         if flags:  # torch.optim honours them per group: read as the constructor reads them
             group["backend"] = _backend_for_torch_flags(group["backend"], group["lr"], **flags)
-            if flags.get("foreach") and isinstance(group["betas"][0], Tensor):
-                raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
         _set_decay_mode(group, _decay_mode(param_group, None, self.defaults["decouple_wd"]))
         fill_max_lr = group["decouple_lr"] and group["max_lr"] is None
         if fill_max_lr:
@@ -189,6 +187,8 @@ class Adam(Optimizer):
         validate_group(group)
         formats.validate(group)
         backends.check_name(group["backend"])
+        if flags.get("foreach") and isinstance(group["betas"][0], Tensor):  # after their ranges
+            raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
         # Valid: only now is the caller's dict changed
         _set_decay_mode(param_group, group["decouple_wd"])
         for key in flags:
