@@ -342,3 +342,51 @@ def test_dtensor_params_step_on_the_torch_backend_not_the_kernel(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split("\n")[:4] == ["ok torch.float32", "ok torch.bfloat16",
                                            "refused int8", "refused stochastic"]
+
+
+_ZERO_SCRIPT = r"""
+import sys, torch, adamkit
+import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+for bucket_view in (False, True):
+    results = []
+    for make in (torch.optim.AdamW, adamkit.AdamW):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=make, lr=1e-2,
+                                      weight_decay=0.1, parameters_as_bucket_view=bucket_view)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        opt.consolidate_state_dict(to=0)
+        saved = opt.state_dict()
+        again = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=make, lr=0.5,
+                                        parameters_as_bucket_view=bucket_view)
+        again.load_state_dict(saved)
+        for _ in range(2):
+            again.zero_grad()
+            model(x).square().mean().backward()
+            again.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    print("ok", bucket_view)
+dist.destroy_process_group()
+"""
+
+
+def test_zero_redundancy_optimizer_runs_adamkit_as_torch_optim(tmp_path):
+    """ZeroRedundancyOptimizer builds its local optimizer from ``optimizer_class`` and the
+    defaults, and with ``parameters_as_bucket_view`` makes the params views of one flat
+    buffer: adamkit.AdamW there (world size 1, gloo) steps, saves and resumes as
+    torch.optim.AdamW does. In a subprocess, so the process group stays out of this one."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _ZERO_SCRIPT, str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[:2] == ["ok False", "ok True"]
