@@ -77,7 +77,8 @@ class Adam(Optimizer):
         foreach, fused: torch's flags, accepted for drop-in use: ``foreach=True`` asks for
             the "torch" backend (with another explicit ``backend``: ValueError),
             ``fused=True`` for the fastest ("auto"). Also read in a group dict when the
-            group is added; the stored group holds the ``backend`` they chose instead.
+            group is added, which then holds the ``backend`` they chose (and keeps the
+            flags as given; changed later, they move no group to another backend).
         capturable, differentiable: torch's flags, accepted as False; True raises
             ValueError (CUDA-graph capture and differentiating through the step are
             torch.optim's), as arguments, in a group dict or set on a group later.
@@ -191,8 +192,6 @@ class Adam(Optimizer):
             raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
         # Valid: only now is the caller's dict changed
         _set_decay_mode(param_group, group["decouple_wd"])
-        for key in flags:
-            del param_group[key]
         if flags.get("foreach"):
             param_group["backend"] = group["backend"]
         if fill_max_lr:
