@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -201,9 +202,10 @@ def test_torchs_flags_in_a_group_are_read_as_the_constructors(how):
         add({"foreach": True, "backend": "cpu"})
     for group, backend in (({"foreach": True}, "torch"), ({"foreach": False}, "auto"),
                            ({"fused": True}, "auto"), ({"capturable": False}, "auto")):
-        stored = add(group).param_groups[-1]
-        assert stored["backend"] == backend
-        assert all(stored[key] == value for key, value in group.items())  # kept, as torch keeps them
+        opt = add(group)
+        for stored in (opt.param_groups[-1], copy.deepcopy(opt).param_groups[-1]):
+            assert stored["backend"] == backend
+            assert all(stored[key] == value for key, value in group.items())  # kept, as torch keeps them
 
 
 def test_a_failed_add_param_group_adds_nothing():

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import backends, formats
 from .formats import param as param_policy
-from .hyperparams import check_live_group, scalar_dtype
+from .hyperparams import TORCH_FLAGS, check_live_group, scalar_dtype
 
 if TYPE_CHECKING:
     from .optimizer import Adam
@@ -72,6 +72,8 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         # configured, not saved
         storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
         new_group = {**TORCH_GROUP_DEFAULTS, **saved, **storage, "params": group["params"]}
+        for key in TORCH_FLAGS:  # where it runs is the loading optimizer's `backend`
+            new_group.pop(key, None)
         if "param_names" in group and "param_names" not in saved:
             new_group["param_names"] = group["param_names"]
         opt._normalize_group(new_group, fallback)

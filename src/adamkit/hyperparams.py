@@ -65,6 +65,12 @@ def validate_group(group: dict[str, Any]) -> None:
     check_live_group(group)
 
 
+# torch.optim's implementation flags: accepted for drop-in code (Adam's docstring); a
+# group that sets them keeps them, a loaded one drops them (the backend is the loading
+# optimizer's).
+TORCH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def refuse_torch_only(flags: dict[str, Any]) -> None:
     """ValueError for torch.optim's flags adamkit accepts for drop-in code but cannot
     honour when set (CUDA-graph capture, a step autograd can differentiate through): a

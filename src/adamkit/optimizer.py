@@ -19,11 +19,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, checkpoints, formats
 from .formats import param as param_policy
-from .hyperparams import check_live_group, refuse_torch_only, scalar_dtype, validate_group
+from .hyperparams import TORCH_FLAGS, check_live_group, refuse_torch_only, scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 
-# Group keys only torch.optim uses: dropped on load, adamkit's `backend` replaces them.
-_TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
 _FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
 
 
@@ -177,7 +175,7 @@ class Adam(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         group = {**self.defaults, **param_group}
-        flags = {key: param_group[key] for key in _TORCH_ONLY_KEYS if key in param_group}
+        flags = {key: param_group[key] for key in TORCH_FLAGS if key in param_group}
         if flags:  # torch.optim honours them per group: read as the constructor reads them
             group["backend"] = _backend_for_torch_flags(group["backend"], group["lr"], **flags)
         _set_decay_mode(group, _decay_mode(param_group, None, self.defaults["decouple_wd"]))
@@ -204,8 +202,6 @@ class Adam(Optimizer):
         # adamkit saves both keys equal; where they differ the state dict went through
         # torch.optim, which only reads and changes its own key
         _set_decay_mode(group, _decay_mode(group, None, False))
-        for key in _TORCH_ONLY_KEYS:
-            group.pop(key, None)
         for key, value in {**formats.GROUP_DEFAULTS, **fallback}.items():
             group.setdefault(key, value)
         if group["decouple_lr"] and group["max_lr"] is None:
@@ -215,7 +211,7 @@ class Adam(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._step_cache = None  # it holds the replaced state tensors
-        for key in _TORCH_ONLY_KEYS:  # torch's __setstate__ adds `differentiable`
+        for key in TORCH_FLAGS:  # torch's __setstate__ adds `differentiable`
             self.defaults.pop(key, None)
         # master copies are in sync with their params now (a load made them, or a copy
         # of the optimizer, which the record of versions does not travel with)
