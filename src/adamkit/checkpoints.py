@@ -72,7 +72,7 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         # configured, not saved
         storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
         new_group = {**TORCH_GROUP_DEFAULTS, **saved, **storage, "params": group["params"]}
-        for key in TORCH_FLAGS:  # where it runs is the loading optimizer's `backend`
+        for key in TORCH_FLAGS:  # the loading group's, as its `backend` (the fallback)
             new_group.pop(key, None)
         if "param_names" in group and "param_names" not in saved:
             new_group["param_names"] = group["param_names"]

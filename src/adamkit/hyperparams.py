@@ -66,8 +66,8 @@ def validate_group(group: dict[str, Any]) -> None:
 
 
 # torch.optim's implementation flags: accepted for drop-in code (Adam's docstring); a
-# group that sets them keeps them, a loaded one drops them (the backend is the loading
-# optimizer's).
+# group that sets them keeps them. A loaded group takes them, as its backend, from the
+# loading optimizer's group, not from the checkpoint.
 TORCH_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
