@@ -165,9 +165,9 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
     for name in state.MOMENTS:
         if name not in saved:
             continue
-        src_fmt = _moment_format(saved[name]) if untagged else src_fmt
-        value = state.load_moment(saved, name, src_fmt, p)  # validates
-        if src_fmt == fmt:
+        moment_fmt = _moment_format(saved[name]) if untagged else src_fmt
+        value = state.load_moment(saved, name, moment_fmt, p)  # validates
+        if moment_fmt == fmt:
             dtype = state.storage_dtype(fmt, p)
             out[name] = state.copy_like(p, saved[name], dtype)
             if fmt == "int8":
