@@ -38,7 +38,10 @@ STORAGES = {
     "bf16 kahan": (BF16, dict(param_update="kahan", state_format="bf16")),
     "bf16 stochastic": (BF16, dict(param_update="stochastic", state_format="bf16")),
     "bf16 master": (BF16, dict(param_update="master", state_format="bf16")),
+    "bf16 nearest int8": (BF16, dict(param_update="nearest", state_format="int8")),
     "bf16 kahan int8": (BF16, dict(param_update="kahan", state_format="int8")),
+    "bf16 stochastic int8": (BF16, dict(param_update="stochastic", state_format="int8")),
+    "bf16 master int8": (BF16, dict(param_update="master", state_format="int8")),
     "fp16 nearest": (F16, dict(param_update="nearest")),
     "fp16 bf16-state": (F16, dict(param_update="nearest", state_format="bf16")),
 }

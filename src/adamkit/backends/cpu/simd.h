@@ -461,9 +461,11 @@ ADAMKIT_INLINE void write_group(L layout, const Consts& c, const f8 (&th)[2], co
 // software-pipelined across blocks: the param writes of block j−1 (√ and two divisions,
 // the divider's work) run inside block j's encoding loop (ALU work, no division), so the
 // two overlap instead of taking turns: 6–10% faster int8 steps at 16.8M params
-// (interleaved A/B, Zen 3). bf16 params write each block right after encoding it: the
-// same overlap made them 1–11% slower there (their write adds the bf16 rounding, ALU
-// work that competes with the encoding).
+// (interleaved A/B, Zen 3). bf16 params in 8 lanes write each block right after encoding
+// it: the same overlap made them 1–11% slower there (their write adds the bf16 rounding,
+// ALU work that competes with the encoding, in 16 registers). In 16 lanes (AVX-512: 32
+// registers) it made them faster on Zen 5, nearest 8–10%, kahan 2–4%, master 1–2%, but
+// stochastic (the hash too) 2% slower, which stays as it was (interleaved A/B, 16.8M params).
 template <class L, class P, int U, bool AMSGRAD, bool BC2_ONE = false>
 inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* msc, uint8_t* vq,
                         float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
@@ -472,7 +474,7 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
     using Q = typename Lanes<L>::Q;
     constexpr int H = Lanes<L>::H;
     const L layout;
-    constexpr bool OVERLAP = !std::is_same_v<P, bf16>;
+    constexpr bool OVERLAP = !std::is_same_v<P, bf16> || (H == 1 && U != STOCHASTIC);
     struct Block {  // one block between its passes: per vector, θ (effective) and the moments
         F th[16 * H], m[16 * H], v[16 * H];
     } buf[2];
