@@ -471,29 +471,49 @@ def _two_groups_after_cached_steps(make=adamkit.AdamW, **kw):
     return opt, p, q
 
 
+# (key, value, the exception, its message, whether torch.optim's step raises that type too)
+_UNSTEPPABLE_EDITS = [
+    ("decouple_lr", True, ValueError, "max_lr", False),  # not a torch.optim key
+    ("betas", (0.9,), ValueError, "betas must be a pair", True),  # torch: not enough values to unpack
+    ("betas", 0.9, TypeError, "betas must be a pair", True),  # torch: cannot unpack non-iterable
+    ("betas", (0.9, 1.5), ValueError, "Invalid beta parameter at index 1", False),  # √(1 − β2^t) complex
+    ("betas", (0.9, None), TypeError, r"Invalid betas\[1\]", True),
+    ("lr", "0.1", TypeError, "Invalid lr", True),
+    ("lr", None, TypeError, "Invalid lr", True),
+    ("eps", None, TypeError, "Invalid eps", True),
+    ("weight_decay", "0", TypeError, "Invalid weight_decay", True),
+    ("lr", torch.tensor([1.0, 2.0]), ValueError, "Tensor lr must be 1-element", False),
+    ("lr", 3e38, RuntimeError, "value cannot be converted to type float without overflow", False),
+]
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("key, value, error, message", [
-    ("decouple_lr", True, ValueError, "max_lr"),
-    ("betas", (0.9,), ValueError, "betas must be a pair"),
-    ("betas", (0.9, 1.5), ValueError, "Invalid beta parameter at index 1"),  # √(1 − β2^t) complex
-    ("lr", "0.1", ValueError, "Invalid lr"),
-    ("lr", torch.tensor([1.0, 2.0]), ValueError, "Tensor lr must be 1-element"),
-    ("lr", 3e38, RuntimeError, "value cannot be converted to type float without overflow"),
-])
+@pytest.mark.parametrize("key, value, error, message, torch_too", _UNSTEPPABLE_EDITS)
 def test_a_group_edited_into_one_no_step_can_take_raises_before_any_update(
-        backend, key, value, error, message):
+        backend, key, value, error, message, torch_too):
     """A hyperparameter edited by hand after cached steps into a value the step cannot
     take: it fails before the first group's params move (decouple_lr without max_lr
     raised mid-step, with one group updated; lr=3e38, whose lr/(1 − β1^4) torch's step
     cannot pass to float32, wrote -inf on the cpu backend and raised midway on torch's;
     β2 = 1.5, whose 1 − β2^t has a complex square root, raised midway on cpu and torch
-    and stepped on to other numbers on the reference)."""
+    and stepped on to other numbers on the reference). A value that is not a number is
+    torch's TypeError (it was a ValueError)."""
     opt, p, q = _two_groups_after_cached_steps(backend=backend)
     opt.param_groups[1][key] = value
     snap = _snapshot(opt, [p, q])
     with pytest.raises(error, match=message):
         opt.step()
     _assert_unchanged(opt, [p, q], snap)
+
+
+@pytest.mark.parametrize("key, value, error", [(k, v, e) for k, v, e, _, torch_too in _UNSTEPPABLE_EDITS if torch_too])
+def test_torch_optim_raises_the_same_type_for_those_edits(key, value, error):
+    """The other half of the table above: torch.optim.AdamW's step raises the same
+    exception type for the edits marked as torch's (a drop-in's except clauses stay right)."""
+    theirs, _, _ = _two_groups_after_cached_steps(make=torch.optim.AdamW)
+    theirs.param_groups[1][key] = value
+    with pytest.raises(error):
+        theirs.step()
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -592,17 +612,18 @@ def test_a_scalar_beyond_float32_raises_torchs_error_before_any_change(backend, 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
 def test_integer_params_raise_as_torch_optim_does_and_change_nothing(backend, dtype):
-    """torch.optim's step fails on integer and bool params (its lerp has no such kernel);
-    adamkit truncated the update into them ([5, 7, 9] became [4, 8, 8])."""
+    """torch.optim's step fails on integer and bool params (its lerp has no such kernel:
+    NotImplementedError); adamkit truncated the update into them ([5, 7, 9] became
+    [4, 8, 8]), then raised a RuntimeError; now torch's type."""
     p, g = torch.tensor([5, 7, 9]).to(dtype), torch.tensor([1, -1, 2]).to(dtype)
-    with pytest.raises(Exception):
+    with pytest.raises(NotImplementedError):
         q = p.clone()
         q.grad = g.clone()
         torch.optim.Adam([q], lr=1.0).step()
     f = torch.nn.Parameter(torch.ones(3))
     opt = adamkit.Adam([f, p], lr=1.0, backend=backend)
     f.grad, p.grad = torch.ones(3), g
-    with pytest.raises(RuntimeError, match=f"dtype {dtype}"):
+    with pytest.raises(NotImplementedError, match=f"dtype {dtype}"):
         opt.step()
     assert torch.equal(p, torch.tensor([5, 7, 9]).to(dtype)) and torch.equal(f, torch.ones(3))
     assert not opt.state

@@ -67,7 +67,7 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
     new_groups, new_state = [], defaultdict(dict)
     saved_state = state_dict["state"]
     index = 0
-    for group, saved in zip(opt.param_groups, saved_groups):
+    for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
         fallback = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         # configured, not saved
         storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
@@ -77,7 +77,10 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         if "param_names" in group and "param_names" not in saved:
             new_group["param_names"] = group["param_names"]
         opt._normalize_group(new_group, fallback)
-        check_live_group(new_group)  # its values as saved, which torch.optim loads as given
+        try:
+            check_live_group(new_group)  # its values as saved, which torch.optim loads as given
+        except TypeError as e:  # a step's TypeError; every misfit checkpoint is a ValueError
+            raise ValueError(f"loaded param group {i}: {e}") from None
         formats.validate(new_group)
         backends.check_name(new_group["backend"])
         new_groups.append(new_group)

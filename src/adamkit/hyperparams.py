@@ -82,25 +82,26 @@ def refuse_torch_only(flags: dict[str, Any]) -> None:
 
 
 def check_live_group(group: dict[str, Any]) -> None:
-    """Raise ValueError where a group's values leave its step undefined: a Tensor lr of
-    more than one element, betas that are not a pair, a value that is not a number,
-    decouple_lr without a usable max_lr, torch's capturable or differentiable set. Ranges
-    are ``validate_group``'s, for new groups only (module docstring); the step's scalars
-    get ``check_scalar_range``."""
+    """Raise where a group's values leave its step undefined, with the exception type
+    torch.optim's step raises there: TypeError for a value that is not a number or betas
+    that are not a sequence; ValueError for betas of another length, a Tensor lr of more
+    than one element, decouple_lr without a usable max_lr, torch's capturable or
+    differentiable set. Ranges are ``validate_group``'s, for new groups only (module
+    docstring); the step's scalars get ``check_scalar_range``."""
     refuse_torch_only(group)
     lr, betas = group["lr"], group["betas"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
     try:  # a tuple, a list, or a 2-element Tensor or array (torch.optim takes any)
-        pair = len(betas) == 2
+        n_betas = len(betas)
     except TypeError:
-        pair = False
-    if not pair:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    if n_betas != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for name, value in (("lr", lr), ("eps", group["eps"]), ("weight_decay", group["weight_decay"]),
                         ("betas[0]", betas[0]), ("betas[1]", betas[1])):
         if not _is_number(value):
-            raise ValueError(f"Invalid {name}: {value!r} (a number, or a 1-element Tensor)")
+            raise TypeError(f"Invalid {name}: {value!r} (a number, or a 1-element Tensor)")
     if group["decouple_lr"]:
         max_lr = group["max_lr"]
         if max_lr is None or not 0.0 < _scalar(max_lr) < math.inf:

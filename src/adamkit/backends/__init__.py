@@ -132,10 +132,11 @@ def _tracks_version(p: Tensor) -> bool:
 def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
     """torch.optim's errors for a (param, grad) no step can take (RuntimeError; torch
     raises them from its first op): an integer or bool param (torch's lerp has no such
-    kernel; a step would truncate the update), a sparse grad, or one not of its param's
-    dtype and shape (a fused kernel would read it as the param's dtype and size)."""
+    kernel, so its NotImplementedError, a RuntimeError; a step would truncate the update),
+    a sparse grad, or one not of its param's dtype and shape (a fused kernel would read it
+    as the param's dtype and size)."""
     if not (p.is_floating_point() or p.is_complex()):
-        raise RuntimeError(f"a param of dtype {p.dtype}: Adam updates floating-point tensors")
+        raise NotImplementedError(f"a param of dtype {p.dtype}: Adam updates floating-point tensors")
     if grad.is_sparse:
         raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
     if grad.dtype != p.dtype or grad.shape != p.shape:
