@@ -43,6 +43,7 @@ STORAGES = {
     "bf16 stochastic int8": (BF16, dict(param_update="stochastic", state_format="int8")),
     "bf16 master int8": (BF16, dict(param_update="master", state_format="int8")),
     "fp16 nearest": (F16, dict(param_update="nearest")),
+    "fp16 kahan": (F16, dict(param_update="kahan")),
     "fp16 bf16-state": (F16, dict(param_update="nearest", state_format="bf16")),
 }
 

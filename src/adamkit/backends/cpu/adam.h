@@ -67,8 +67,13 @@ struct Step {
             // software prefetch made it slower (RESULTS.md).
             if constexpr (std::is_same_v<P, bf16> || std::is_same_v<P, half> || std::is_same_v<St, bf16>)
                 first = with_bc2_one(c, [&](auto bc2_one) {
+#if defined(ADAMKIT_SIMD512)
+                    return run_w<P, St, U, AMSGRAD, decltype(bc2_one)::value>(c, p, g, ms, vs, vm, comp,
+                                                                              master, key, lo, hi);
+#else
                     return run16<P, St, U, AMSGRAD, decltype(bc2_one)::value>(c, p, g, ms, vs, vm, comp,
                                                                               master, key, lo, hi);
+#endif
                 });
 #endif
 #pragma omp simd

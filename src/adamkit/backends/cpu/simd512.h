@@ -102,6 +102,119 @@ ADAMKIT_INLINE void write_w(const Consts& c, f16v th, f16v d, half* p, half* com
     if constexpr (U == KAHAN) store_w(comp + i, half_bits_w(x - _mm512_cvtph_ps(pb)));
 }
 
+// ---- run16 in 16 lanes: bf16/fp32 moments beside bf16 and float16 params, bf16 moments
+// beside float32 params --------------------------------------------------------------------
+// simd.h's run16 takes a group of 16 as two 8-lane halves (bf16 in unpack order), which
+// is all AVX2 has. On AVX-512 those steps were compute-bound: on Zen 5 a bf16 step took
+// the same time per element (0.305 ns, both cores) with its data in L3 as from DRAM,
+// twice float32's from L3. Here a group is one 16-lane vector in memory order, with
+// common.h's arithmetic on the wider type, so the bits are run16's (the scalar loop's):
+// test_every_isa_build_gives_the_same_bits.
+struct MomentsW {  // after stage 1: θ (effective) and the moments as stored
+    f16v th, m, v;
+};
+struct DirectionW {  // after stage 2
+    f16v th, d;
+};
+
+inline f16v value_w(u16v bf16_bits) { return float_of(bf16_bits << 16); }
+#if defined(ADAMKIT_HW_BF16)
+inline bool any_denormal_w(f16v x) { return _mm512_fpclass_ps_mask(x, 0x20) != 0; }
+inline __m256i hardware_bf16_w(f16v x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
+#endif
+
+// Stage 1 (simd.h's moments16).
+template <class Pt, class St, int U, bool AMSGRAD>
+ADAMKIT_INLINE MomentsW moments_w(const Consts& c, const Pt* p, const Pt* g, St* m, St* v, St* vm,
+                                  const Pt* comp, const float* master, int64_t i) {
+    prefetch<U>(p, g, m, v, comp, master, i + PREFETCH_AHEAD);
+    const f16v th0 = U == MASTER ? load_w(master + i) : load_w(p + i);
+    const f16v G = load_w(g + i), M = load_w(m + i), V = load_w(v + i);
+    const f16v X = AMSGRAD ? load_w(vm + i) : f16v{};
+    MomentsW out;
+    out.th = U == KAHAN ? th0 + load_w(comp + i) : th0;
+    const f16v gi = grad(c, G, out.th);
+    const f16v mf = lerp(c, M, gi);
+    const f16v vf = c.beta2 * V + c.omb2 * gi * gi;
+    if constexpr (std::is_same_v<St, float>) {
+        out.m = mf;
+        out.v = AMSGRAD ? max_nan(X, vf) : vf;
+        store_w(m + i, mf);
+        store_w(v + i, vf);
+        if constexpr (AMSGRAD) store_w(vm + i, out.v);
+        return out;
+    } else {
+#if defined(ADAMKIT_HW_BF16)
+        // The max is one of the old max and v as stored: denormal only where one of them is.
+        if (!(any_denormal_w(mf) | any_denormal_w(vf) | (AMSGRAD && any_denormal_w(X)))) {
+            const __m256i mb = hardware_bf16_w(mf), vb = hardware_bf16_w(vf);
+            store_w(m + i, mb);
+            store_w(v + i, vb);
+            out.m = widen_w(mb);
+            out.v = widen_w(vb);
+            if constexpr (AMSGRAD) {
+                const __m256i xb = hardware_bf16_w(max_nan(X, out.v));
+                store_w(vm + i, xb);
+                out.v = widen_w(xb);
+            }
+            return out;
+        }
+#endif
+        // The max is NaN only where the old max or v is (max_nan).
+        const bool nan = any_nan_w(mf) | any_nan_w(vf) | (AMSGRAD && any_nan_w(X));
+        const u16v mb = bf16_bits_w(mf, nan), vb = bf16_bits_w(vf, nan);
+        out.m = value_w(mb);
+        out.v = value_w(vb);
+        store_w(m + i, narrow_w(mb));
+        store_w(v + i, narrow_w(vb));
+        if constexpr (AMSGRAD) {
+            const u16v xb = bf16_bits_w(max_nan(X, out.v), nan);
+            store_w(vm + i, narrow_w(xb));
+            out.v = value_w(xb);
+        }
+        return out;
+    }
+}
+
+// Stage 3: θ_new rounded by the update policy and stored (float32 params: nearest only).
+template <int U, class Pt>
+ADAMKIT_INLINE void write_dir_w(const Consts& c, const DirectionW& s, Pt* p, Pt* comp, float* master,
+                                int64_t i, uint32_t key) {
+    if constexpr (std::is_same_v<Pt, float>) {
+        static_assert(U == NEAREST, "float32 params are updated to nearest only");
+        store_w(p + i, apply(c, s.th, s.d));
+    } else {
+        write_w<U>(c, s.th, s.d, p, comp, master, i, key);
+    }
+}
+
+// run16's software pipeline (three groups in flight: moments of k, direction of k−1,
+// write of k−2) on 16-lane groups; returns where the scalar loop takes over.
+template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = false>
+int64_t run_w(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* comp, float* master,
+              uint32_t key, int64_t lo, int64_t hi) {
+    const int64_t n = (hi - lo) / 16;
+    if (n == 0) return lo;
+    const auto moments = [&](int64_t i) { return moments_w<Pt, St, U, AMSGRAD>(c, p, g, m, v, vm, comp, master, i); };
+    const auto dir = [&](const MomentsW& a) { return DirectionW{a.th, direction<BC2_ONE>(c, a.m, a.v)}; };
+    const auto write = [&](const DirectionW& d, int64_t i) { write_dir_w<U>(c, d, p, comp, master, i, key); };
+    MomentsW a = moments(lo);
+    if (n == 1) {
+        write(dir(a), lo);
+        return lo + 16;
+    }
+    DirectionW b = dir(a);
+    a = moments(lo + 16);
+    for (int64_t k = 2; k < n; ++k) {
+        write(b, lo + 16 * (k - 2));
+        b = dir(a);
+        a = moments(lo + 16 * k);
+    }
+    write(b, lo + 16 * (n - 2));
+    write(dir(a), lo + 16 * (n - 1));
+    return lo + 16 * n;
+}
+
 // The group interface of simd.h's int8_blocks on 16 lanes: one vector per group.
 struct Wide {};
 template <> struct Lanes<Wide> {
