@@ -344,34 +344,38 @@ ADAMKIT_INLINE void write16(const Consts& c, const Direction16& s, half* p, half
                 half_bits(xs[1] - half_value(pb[1])));
 }
 
-// Whole 16-element groups of [lo, hi), software-pipelined; returns where the scalar loop
+// Whole 16-element groups of [lo, hi) through the three stages, three groups in flight
+// (moments of group k, direction of k−1, write of k−2); returns where the scalar loop
 // takes over. Groups never overlap, so the stages' reads and writes are independent.
-template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = false>
-int64_t run16(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* comp,
-              float* master, uint32_t key, int64_t lo, int64_t hi) {
+// run16 and simd512.h's run_w are its two instantiations.
+template <class Moments, class Direction, class Write>
+ADAMKIT_INLINE int64_t pipelined(int64_t lo, int64_t hi, Moments moments, Direction direction, Write write) {
     const int64_t n = (hi - lo) / 16;
     if (n == 0) return lo;
-    const auto moments = [&](int64_t i) {
-        return moments16<Pt, St, U, AMSGRAD>(c, p, g, m, v, vm, comp, master, i);
-    };
-    const auto write = [&](const Direction16& d, int64_t i) {
-        write16<U>(c, d, p, comp, master, i, key);
-    };
-    Moments16 a = moments(lo);
+    auto a = moments(lo);
     if (n == 1) {
-        write(direction16<BC2_ONE>(c, a), lo);
+        write(direction(a), lo);
         return lo + 16;
     }
-    Direction16 b = direction16<BC2_ONE>(c, a);
+    auto b = direction(a);
     a = moments(lo + 16);
     for (int64_t k = 2; k < n; ++k) {
         write(b, lo + 16 * (k - 2));
-        b = direction16<BC2_ONE>(c, a);
+        b = direction(a);
         a = moments(lo + 16 * k);
     }
     write(b, lo + 16 * (n - 2));
-    write(direction16<BC2_ONE>(c, a), lo + 16 * (n - 1));
+    write(direction(a), lo + 16 * (n - 1));
     return lo + 16 * n;
+}
+
+template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = false>
+int64_t run16(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* comp,
+              float* master, uint32_t key, int64_t lo, int64_t hi) {
+    return pipelined(
+        lo, hi, [&](int64_t i) { return moments16<Pt, St, U, AMSGRAD>(c, p, g, m, v, vm, comp, master, i); },
+        [&](const Moments16& s) { return direction16<BC2_ONE>(c, s); },
+        [&](const Direction16& d, int64_t i) { write16<U>(c, d, p, comp, master, i, key); });
 }
 
 

@@ -188,31 +188,14 @@ ADAMKIT_INLINE void write_dir_w(const Consts& c, const DirectionW& s, Pt* p, Pt*
     }
 }
 
-// run16's software pipeline (three groups in flight: moments of k, direction of k−1,
-// write of k−2) on 16-lane groups; returns where the scalar loop takes over.
+// run16 on 16-lane groups (simd.h's pipelined: three groups in flight).
 template <class Pt, class St, int U, bool AMSGRAD, bool BC2_ONE = false>
 int64_t run_w(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* comp, float* master,
               uint32_t key, int64_t lo, int64_t hi) {
-    const int64_t n = (hi - lo) / 16;
-    if (n == 0) return lo;
-    const auto moments = [&](int64_t i) { return moments_w<Pt, St, U, AMSGRAD>(c, p, g, m, v, vm, comp, master, i); };
-    const auto dir = [&](const MomentsW& a) { return DirectionW{a.th, direction<BC2_ONE>(c, a.m, a.v)}; };
-    const auto write = [&](const DirectionW& d, int64_t i) { write_dir_w<U>(c, d, p, comp, master, i, key); };
-    MomentsW a = moments(lo);
-    if (n == 1) {
-        write(dir(a), lo);
-        return lo + 16;
-    }
-    DirectionW b = dir(a);
-    a = moments(lo + 16);
-    for (int64_t k = 2; k < n; ++k) {
-        write(b, lo + 16 * (k - 2));
-        b = dir(a);
-        a = moments(lo + 16 * k);
-    }
-    write(b, lo + 16 * (n - 2));
-    write(dir(a), lo + 16 * (n - 1));
-    return lo + 16 * n;
+    return pipelined(
+        lo, hi, [&](int64_t i) { return moments_w<Pt, St, U, AMSGRAD>(c, p, g, m, v, vm, comp, master, i); },
+        [&](const MomentsW& s) { return DirectionW{s.th, direction<BC2_ONE>(c, s.m, s.v)}; },
+        [&](const DirectionW& d, int64_t i) { write_dir_w<U>(c, d, p, comp, master, i, key); });
 }
 
 // The group interface of simd.h's int8_blocks on 16 lanes: one vector per group.
