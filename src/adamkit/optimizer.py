@@ -107,8 +107,9 @@ class Adam(Optimizer):
     Validation: the constructor and ``add_param_group`` check each group's hyperparameters
     with torch.optim's errors. Values set on a group later (a scheduler, your code, a
     loaded checkpoint) are stepped with as given, as torch.optim does; only those no step
-    can take raise, before anything changes: a value that is not a number, a Tensor lr of
-    several elements, betas that are not a pair, a β2 whose 1 − β2^t is negative,
+    can take raise, before anything changes: a value that is not a number (TypeError, as
+    torch.optim's step), a Tensor lr of several elements, betas that are not a pair, a β2
+    whose 1 − β2^t is negative,
     ``decouple_lr`` without a usable ``max_lr``, and (torch's RuntimeError) a float32
     step handed lr/(1 − β1^t) or a coupled λ beyond float32's range.
     """
