@@ -28,11 +28,11 @@ def _grad(shape, dtype, gen):
     return g.to(dtype)
 
 
-def _make(storage, backend, variant, seed=0):
+def _make(storage, backend, variant, seed=0, **overrides):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(storage.dtype)) for s in SHAPES]
     opt = adamkit.Adam(params, lr=1e-2, backend=backend, seed=7, **storage.kwargs(),
-                       **STORAGE_VARIANTS[variant])
+                       **{**STORAGE_VARIANTS[variant], **overrides})
     return params, opt
 
 
@@ -89,13 +89,17 @@ INJECT_AT = {"plain": 1, "late-steps": 3, "l2-amsgrad-max": 2}
 
 
 @needs_cpu
-@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nonfinite"])
-def test_every_isa_build_gives_the_same_bits(monkeypatch, nonfinite):
+@pytest.mark.parametrize("case", ["finite", "nonfinite", "amsgrad-max-binds"])
+def test_every_isa_build_gives_the_same_bits(monkeypatch, case):
     """Built with -ffp-contract=off, the generic, AVX2 and AVX-512 kernels round alike
     (GCC otherwise fuses a·b + c into an FMA where the target has one). With NaN/inf
     grads in int8 blocks too: the builds differ there in how a block is walked (16 lanes
     or one element at a time), and must still agree (formats.md leaves only the torch
-    backend free there)."""
+    backend free there). With β2 = 0.999, v stored in bf16 never falls within three steps
+    (0.1% a step, under half its resolution), so AMSGRAD's max never chose the old one;
+    "amsgrad-max-binds" takes β2 = 0.5 and grads 10× smaller each step, so it does."""
+    nonfinite = case == "nonfinite"
+    overrides = {"betas": (0.9, 0.5)} if case == "amsgrad-max-binds" else {}
     libs = []
     for isa in library.isa_candidates():
         path = library._installed_path(isa)
@@ -108,15 +112,20 @@ def test_every_isa_build_gives_the_same_bits(monkeypatch, nonfinite):
     for storage in storages:
         for isa, lib in libs:
             monkeypatch.setattr(cpu, "_library", lambda lib=lib, isa=isa: (lib, isa, None))
-            params, opt = _make(storage, "cpu", "plain" if nonfinite else "l2-amsgrad-max")
+            params, opt = _make(storage, "cpu", "plain" if nonfinite else "l2-amsgrad-max", **overrides)
             gen = torch.Generator().manual_seed(1)
             for step in range(3):
                 for p in params:
                     p.grad = _grad(p.shape, storage.dtype, gen)
+                    if overrides:
+                        p.grad = (p.grad.float() * 10.0 ** -step).to(storage.dtype)
                     if nonfinite and step == 1 and p.numel() > 1000:
                         p.grad.view(-1)[[5, 300, 700]] = torch.tensor(
                             [float("inf"), float("nan"), -float("inf")]).to(p.dtype)
                 opt.step()
+            if overrides and storage.state_format != "int8":  # the case's premise
+                st = opt.state[params[0]]
+                assert (st["max_exp_avg_sq"] != st["exp_avg_sq"]).any(), storage.id
             results.setdefault(storage.id, []).append(
                 (isa, [p.detach().clone() for p in params], [_tensors(opt, p) for p in params]))
     for sid, runs in results.items():
