@@ -46,6 +46,13 @@ inline f16v decode_m_w(const uint8_t* q, float scale) {
 
 inline bool any_nan_w(f16v x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0; }
 inline u16v bf16_bits_w(f16v x, bool nan) { return nan ? bf16_bits(x) : bf16_bits_not_nan(x); }
+inline f16v value_w(u16v bf16_bits) { return float_of(bf16_bits << 16); }  // bits_w's value
+#if defined(ADAMKIT_HW_BF16)
+// vcvtneps2bf16 rounds as bf16_bits but takes a denormal as ±0: the callers fall back to
+// bf16_bits_w for a vector holding one (simd.h's hardware_bf16).
+inline bool any_denormal_w(f16v x) { return _mm512_fpclass_ps_mask(x, 0x20) != 0; }
+inline __m256i hardware_bf16_w(f16v x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
+#endif
 // sr_bits of the 16 elements from i (a multiple of 16): the 8 pair hashes read as 16
 // 16-bit values are the elements' bits in memory order (simd.h's pair_hashes).
 inline u16v sr_bits_w(int64_t i, uint32_t key) {
@@ -58,16 +65,15 @@ ADAMKIT_INLINE void write_w(const Consts& c, f16v th, f16v d, bf16* p, bf16* com
                             int64_t i, uint32_t key) {
     const f16v x = apply(c, th, d);
 #if defined(ADAMKIT_HW_BF16)
-    constexpr int DENORMAL = 0x20;  // vcvtneps2bf16 takes a denormal as ±0: software below
-    if constexpr (U != STOCHASTIC) {
-        if (!_mm512_fpclass_ps_mask(x, DENORMAL)) {
-            const __m256i pb = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+    if constexpr (U != STOCHASTIC) {  // a denormal: the software rounding below
+        if (!any_denormal_w(x)) {
+            const __m256i pb = hardware_bf16_w(x);
             f16v r = {};
             if constexpr (U == KAHAN) r = x - widen_w(pb);  // x − round(x): NaN also where x is ±∞
-            if (U != KAHAN || !_mm512_fpclass_ps_mask(r, DENORMAL)) {
+            if (U != KAHAN || !any_denormal_w(r)) {
                 if constexpr (U == MASTER) store_w(master + i, x);
                 store_w(p + i, pb);
-                if constexpr (U == KAHAN) store_w(comp + i, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r)));
+                if constexpr (U == KAHAN) store_w(comp + i, hardware_bf16_w(r));
                 return;
             }
         }
@@ -83,7 +89,7 @@ ADAMKIT_INLINE void write_w(const Consts& c, f16v th, f16v d, bf16* p, bf16* com
     }
     if constexpr (U == MASTER) store_w(master + i, x);
     store_w(p + i, narrow_w(pb));
-    if constexpr (U == KAHAN) store_w(comp + i, narrow_w(bf16_bits_w(x - float_of(pb << 16), nan)));
+    if constexpr (U == KAHAN) store_w(comp + i, narrow_w(bf16_bits_w(x - value_w(pb), nan)));
 }
 
 // θ_new of 16 float16 params (simd.h's write16 for half).
@@ -116,12 +122,6 @@ struct MomentsW {  // after stage 1: θ (effective) and the moments as stored
 struct DirectionW {  // after stage 2
     f16v th, d;
 };
-
-inline f16v value_w(u16v bf16_bits) { return float_of(bf16_bits << 16); }
-#if defined(ADAMKIT_HW_BF16)
-inline bool any_denormal_w(f16v x) { return _mm512_fpclass_ps_mask(x, 0x20) != 0; }
-inline __m256i hardware_bf16_w(f16v x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
-#endif
 
 // Stage 1 (simd.h's moments16).
 template <class Pt, class St, int U, bool AMSGRAD>
