@@ -176,15 +176,16 @@ ADAMKIT_INLINE MomentsW moments_w(const Consts& c, const Pt* p, const Pt* g, St*
     }
 }
 
-// Stage 3: θ_new rounded by the update policy and stored (float32 params: nearest only).
+// Stage 3, of run_w and of the 16-lane int8 blocks (write_group below): θ_new rounded by
+// the update policy and stored (float32 params: nearest only).
 template <int U, class Pt>
-ADAMKIT_INLINE void write_dir_w(const Consts& c, const DirectionW& s, Pt* p, Pt* comp, float* master,
-                                int64_t i, uint32_t key) {
+ADAMKIT_INLINE void write_param_w(const Consts& c, f16v th, f16v d, Pt* p, Pt* comp, float* master,
+                                  int64_t i, uint32_t key) {
     if constexpr (std::is_same_v<Pt, float>) {
         static_assert(U == NEAREST, "float32 params are updated to nearest only");
-        store_w(p + i, apply(c, s.th, s.d));
+        store_w(p + i, apply(c, th, d));
     } else {
-        write_w<U>(c, s.th, s.d, p, comp, master, i, key);
+        write_w<U>(c, th, d, p, comp, master, i, key);
     }
 }
 
@@ -195,7 +196,7 @@ int64_t run_w(const Consts& c, Pt* p, const Pt* g, St* m, St* v, St* vm, Pt* com
     return pipelined(
         lo, hi, [&](int64_t i) { return moments_w<Pt, St, U, AMSGRAD>(c, p, g, m, v, vm, comp, master, i); },
         [&](const MomentsW& s) { return DirectionW{s.th, direction<BC2_ONE>(c, s.m, s.v)}; },
-        [&](const DirectionW& d, int64_t i) { write_dir_w<U>(c, d, p, comp, master, i, key); });
+        [&](const DirectionW& d, int64_t i) { write_param_w<U>(c, d.th, d.d, p, comp, master, i, key); });
 }
 
 // The group interface of simd.h's int8_blocks on 16 lanes: one vector per group.
@@ -212,8 +213,7 @@ ADAMKIT_INLINE void store_codes_group(Wide, uint8_t* q, const u16v (&c)[1]) { st
 template <int U, class P>
 ADAMKIT_INLINE void write_group(Wide, const Consts& c, const f16v (&th)[1], const f16v (&d)[1], P* p,
                                 P* comp, float* master, int64_t i, uint32_t key) {
-    if constexpr (std::is_same_v<P, float>) store_w(p + i, apply(c, th[0], d[0]));
-    else write_w<U>(c, th[0], d[0], p, comp, master, i, key);
+    write_param_w<U>(c, th[0], d[0], p, comp, master, i, key);
 }
 
 }  // namespace
