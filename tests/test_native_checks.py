@@ -138,8 +138,17 @@ def _state_subclass(opt, ps):  # same storage, another type
     st["exp_avg"] = st["exp_avg"].as_subclass(_Subclass)
 
 
+def _state_key_of_a_str_subclass(opt, ps):  # equal to "exp_avg", but not an exact str
+    st = opt.state[ps[5]]
+    st[_Key("exp_avg")] = st.pop("exp_avg")
+
+
+class _Key(str):
+    pass
+
+
 STATE_CHANGES = [_state_replaced, _state_new_storage, _state_key_dropped, _state_not_a_tensor,
-                 _state_subclass]
+                 _state_subclass, _state_key_of_a_str_subclass]
 
 
 @pytest.mark.parametrize("change", STATE_CHANGES, ids=lambda f: f.__name__.strip("_"))
@@ -152,6 +161,37 @@ def test_state_changes_are_caught(checks, change):
     assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]) == 1
     change(opt, params)
     assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]) == 0
+
+
+def _keys_rebuilt(opt, ps):  # equal str keys, other objects: as a checkpoint's may be
+    for p in ps:
+        st = opt.state[p]
+        items = list(st.items())
+        st.clear()
+        st.update(("".join(list(k)), v) for k, v in items)
+
+
+def _keys_added(opt, ps):  # keys of the user's own, of any type, are not read
+    opt.state[ps[0]]["note"] = "mine"
+    opt.state[ps[1]][7] = None
+    opt.state[ps[2]][_Key("extra")] = 1
+
+
+@pytest.mark.parametrize("change", [_keys_rebuilt, _keys_added], ids=lambda f: f.__name__.strip("_"))
+def test_state_keys_are_matched_by_value(checks, change):
+    """checks.cpp walks each state dict and matches its keys to the planned ones by
+    identity or as exact str, as a lookup would find them; other keys are skipped."""
+    params, opt, cb = _cached()
+    keys = tuple(key for key, _, _ in cb.key_rows)
+    pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
+    change(opt, params)
+    if change is _keys_rebuilt:
+        assert not any(k is key for st in cb.bucket.states for k in st for key in keys)
+    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]) == 1
+    not_str = (*keys[:-1], _Key(keys[-1]))  # the planned keys are exact str
+    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, not_str, pointers.buffer_info()[0]) == 0
+    opt.step()  # and the cached step runs on
+    assert opt._step_cache is not None and opt._step_cache.native is not None
 
 
 def test_identity_checks_read_addresses_only(checks):

@@ -27,6 +27,13 @@ inline c10::TensorImpl* impl_of(PyObject* obj) {
   return THPVariable_Unpack(obj).unsafeGetTensorImpl();
 }
 
+// The lines of a StorageImpl that address() reads: the data pointer, and the flags after it.
+inline void prefetch_storage(const c10::TensorImpl* t) {
+  const char* s = reinterpret_cast<const char*>(t->storage().unsafeGetStorageImpl());
+  prefetch(s);
+  prefetch(s + 64);
+}
+
 inline void prefetch_impl(const c10::TensorImpl* t) {
   prefetch(t);
   prefetch(reinterpret_cast<const char*>(t) + 64);
@@ -101,43 +108,69 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
   }
 }
 
-// For each dict in `states` and each key in `keys` (a tuple of str): dict[key] is a
+// Which of `keys` (exact str, with their hashes) `key` is, or -1: the same object, or an
+// exact str equal to it (a key read back from a checkpoint need not be the interned
+// literal). A key of any other type is none of them: an equal one could not be in the
+// dict beside the str, so if it stands for one of `keys`, that key is missing and the
+// check fails, safely.
+inline Py_ssize_t key_index(PyObject* keys, const std::vector<Py_hash_t>& hashes, PyObject* key) {
+  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
+  for (Py_ssize_t k = 0; k < n_keys; ++k) {
+    if (PyTuple_GET_ITEM(keys, k) == key) return k;
+  }
+  if (!PyUnicode_CheckExact(key)) return -1;
+  const Py_hash_t hash = PyObject_Hash(key);  // a str's: cached, and a dict key has it
+  for (Py_ssize_t k = 0; k < n_keys; ++k) {
+    if (hashes[k] == hash && PyUnicode_Compare(PyTuple_GET_ITEM(keys, k), key) == 0) return k;
+  }
+  return -1;
+}
+
+// For each dict in `states` and each key in `keys` (a tuple of exact str): dict[key] is a
 // tensor at expected[k * n + i] (step_cache: the bucket's state tensors, by address).
+//
+// Each dict is walked once with PyDict_Next instead of being looked up once per key, and
+// the values are held as borrowed references: nothing here runs Python code (keys are
+// matched by identity or as exact str, never through an __eq__), so no dict can change
+// before the last read. Cold, at 1024 tensors on Zen 5, this check takes 0.77-0.84 of the
+// time of lookups with owned references (fp32 state), 0.73-0.76 (int8) and 0.66-0.69
+// (bf16 kahan int8; paired ratios, 61 rounds each way), which also prefetched one line of
+// each StorageImpl where address() reads two.
 int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* expected) {
   try {
     if (!PyList_Check(states) || !PyTuple_Check(keys)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(states), n_keys = PyTuple_GET_SIZE(keys);
-    PyObject** dicts = reinterpret_cast<PyListObject*>(states)->ob_item;
-    // Owned references while we hold them: a lookup with a key of a type whose __eq__ is
-    // Python code (no adamkit state has one) could change a dict under us.
-    struct Owned {
-      std::vector<PyObject*> refs;
-      ~Owned() {
-        for (PyObject* o : refs) Py_DECREF(o);
+    std::vector<Py_hash_t> hashes(n_keys);
+    for (Py_ssize_t k = 0; k < n_keys; ++k) {
+      PyObject* key = PyTuple_GET_ITEM(keys, k);
+      if (!PyUnicode_CheckExact(key) || (hashes[k] = PyObject_Hash(key)) == -1) {
+        PyErr_Clear();
+        return 0;
       }
-    } owned;
-    owned.refs.reserve(n * n_keys);
-    std::vector<PyObject*> values(n * n_keys);
+    }
+    PyObject** dicts = reinterpret_cast<PyListObject*>(states)->ob_item;
+    std::vector<PyObject*> values(n * n_keys, nullptr);
     std::vector<c10::TensorImpl*> impls(n * n_keys);
     for (Py_ssize_t i = 0; i < n; ++i) prefetch(dicts[i]);
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!PyDict_Check(dicts[i])) return 0;
-      for (Py_ssize_t k = 0; k < n_keys; ++k) {
-        PyObject* value = PyDict_GetItemWithError(dicts[i], PyTuple_GET_ITEM(keys, k));  // borrowed
-        if (value == nullptr) {
-          PyErr_Clear();
-          return 0;
+      Py_ssize_t pos = 0, found = 0;
+      PyObject *key, *value;
+      while (PyDict_Next(dicts[i], &pos, &key, &value)) {
+        const Py_ssize_t k = key_index(keys, hashes, key);
+        if (k >= 0) {
+          values[k * n + i] = value;
+          prefetch(value);
+          ++found;
         }
-        Py_INCREF(value);
-        owned.refs.push_back(value);
-        values[k * n + i] = value;
       }
+      if (found != n_keys) return 0;  // a key missing (each is found at most once)
     }
     for (size_t j = 0; j < values.size(); ++j) {
       if ((impls[j] = impl_of(values[j])) == nullptr) return 0;
       prefetch_impl(impls[j]);
     }
-    for (auto* t : impls) prefetch(t->storage().unsafeGetStorageImpl());
+    for (auto* t : impls) prefetch_storage(t);
     for (size_t j = 0; j < impls.size(); ++j) {
       if (!impls[j]->has_storage() || address(impls[j]) != expected[j]) return 0;
     }
@@ -166,7 +199,7 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
       prefetch(ps[i]->autograd_meta());
-      prefetch(ps[i]->storage().unsafeGetStorageImpl());
+      prefetch_storage(ps[i]);
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
       const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
@@ -182,7 +215,7 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
       }
       c10::TensorImpl* g = gs[i];
       if (g->layout() != c10::kStrided || !g->device().is_cpu() || !g->has_storage()) return 0;
-      prefetch(g->storage().unsafeGetStorageImpl());
+      prefetch_storage(g);
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
       c10::TensorImpl* g = gs[i];
