@@ -194,6 +194,35 @@ def test_state_keys_are_matched_by_value(checks, change):
     assert opt._step_cache is not None and opt._step_cache.native is not None
 
 
+def test_bump_versions_is_increment_version(checks):
+    """adamkit_bump_versions bumps each counter once, as torch.autograd.graph.increment_version,
+    skips inference tensors (which have none), and bumps nothing where an item is not a
+    Tensor or Parameter exactly."""
+    tensors = [torch.zeros(3), torch.nn.Parameter(torch.zeros(2)), torch.zeros(4)]
+    with torch.inference_mode():
+        inference = torch.zeros(2)
+    before = [t._version for t in tensors]
+    assert checks.adamkit_bump_versions(tensors + [inference]) == 1
+    assert [t._version for t in tensors] == [v + 1 for v in before]
+    torch.autograd.graph.increment_version(tensors + [inference])  # torch skips it too
+    assert [t._version for t in tensors] == [v + 2 for v in before]
+    assert checks.adamkit_bump_versions(tensors + [torch.zeros(1).as_subclass(_Subclass)]) == 0
+    assert checks.adamkit_bump_versions(tuple(tensors)) == 0
+    assert [t._version for t in tensors] == [v + 2 for v in before]
+
+
+def test_a_cached_step_bumps_each_param_once(checks):
+    params, opt, cb = _cached()  # its second step ran from the plan, under checks.cpp
+    assert opt._step_cache.native is not None and cb.prepared.native_bump is not None
+    versions = [p._version for p in params]
+    opt.step()
+    assert [p._version for p in params] == [v + 1 for v in versions]
+    saved = params[0] * params[0]  # a graph that saved the param refuses to back-propagate
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
 def test_identity_checks_read_addresses_only(checks):
     items = [object() for _ in range(5)]
     ids = array("q", map(id, items))

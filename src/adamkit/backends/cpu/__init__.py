@@ -183,6 +183,7 @@ class PreparedBucket:
             setattr(self.args, row, base + 8 * n * k)
         self.grad_row = library.POINTER_ROWS.index("grads") * n
         self.native_args = None  # refresh_native's arrays, made at its first call
+        self.native_bump = None  # checks.cpp's version bump, once refresh_native has run
 
     def refresh(self, grads: list[Tensor]) -> bool:
         """Take this step's grads (parallel to bucket.params). False when the table no
@@ -228,6 +229,7 @@ class PreparedBucket:
             planned = checks.adamkit_scalar_type(torch.empty(0, dtype=self.dtype))
             self.native_args = (planned, array("q", self.param_ptrs), array("q", self.grad_nbytes))
         planned, param_ptrs, grad_nbytes = self.native_args
+        self.native_bump = checks.adamkit_bump_versions
         return bool(checks.adamkit_refresh(
             self.kernel_params, planned, param_ptrs.buffer_info()[0], grad_nbytes.buffer_info()[0],
             self.table.buffer_info()[0] + 8 * self.grad_row))
@@ -251,8 +253,11 @@ class PreparedBucket:
             if status != 0:
                 raise RuntimeError(f"adamkit cpu kernel rejected the bucket (status {status})")
             # The kernel wrote the params through raw pointers; tell autograd, as an
-            # in-place op would, so a graph that saved them refuses to back-propagate.
-            _increment_versions(self.kernel_params)
+            # in-place op would, so a graph that saved them refuses to back-propagate
+            # (by checks.cpp where the step cache's C++ checks run: the same bumps, with
+            # the counters' cache misses overlapped).
+            if self.native_bump is None or not self.native_bump(self.kernel_params):
+                _increment_versions(self.kernel_params)
         if self.rest:
             from ..torch_ops import BACKEND as torch_backend
 

@@ -35,7 +35,7 @@ import torch
 from . import library
 
 HERE = Path(__file__).parent
-VERSION = 1  # adamkit_checks_version() in checks.cpp
+VERSION = 2  # adamkit_checks_version() in checks.cpp
 MANY_TENSORS = 128
 
 _lock = threading.Lock()
@@ -132,6 +132,7 @@ def _open(path: Path) -> ctypes.PyDLL:
         "adamkit_grads_present": [obj, ptr],
         "adamkit_state_ptrs_equal": [obj, obj, ptr],
         "adamkit_refresh": [obj, c_int, ptr, ptr, ptr],
+        "adamkit_bump_versions": [obj],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
