@@ -516,6 +516,24 @@ def test_torch_optim_raises_the_same_type_for_those_edits(key, value, error):
         theirs.step()
 
 
+@pytest.mark.parametrize("make, backend", [(torch.optim.AdamW, None)] + [(adamkit.AdamW, b) for b in ALL_BACKENDS],
+                         ids=["torch.optim"] + [f"adamkit-{b}" for b in ALL_BACKENDS])
+def test_a_live_moment_cast_to_another_dtype_raises_torchs_runtime_error(make, backend):
+    """torch.optim's step raises RuntimeError on a moment cast to float64 between steps;
+    adamkit raises UnreadableStateError, which is that and a ValueError (what it raised
+    before, and what an unloadable checkpoint raises), before anything changes."""
+    kw = {} if make is torch.optim.AdamW else {"backend": backend}
+    opt, p, q = _two_groups_after_cached_steps(make=make, **kw)
+    opt.state[q]["exp_avg"] = opt.state[q]["exp_avg"].double()
+    snap = _snapshot(opt, [p, q])
+    with pytest.raises(RuntimeError) as caught:
+        opt.step()
+    if make is adamkit.AdamW:
+        assert isinstance(caught.value, ValueError)
+        assert "cannot be read: exp_avg has dtype torch.float64" in str(caught.value)
+        _assert_unchanged(opt, [p, q], snap)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("key, value", [
     ("eps", -1e-3), ("lr", -1e-2), ("betas", (0.95, torch.tensor(0.99))), ("weight_decay", -0.5),

@@ -25,6 +25,13 @@ from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 _FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
 
 
+class UnreadableStateError(ValueError, RuntimeError):
+    """A live optimizer state edited into one no storage format reads (a moment cast to
+    another dtype, an int8 scale cut short). A ValueError, as a checkpoint that cannot be
+    loaded; also a RuntimeError, which is what torch.optim's step raises on a moment of
+    the wrong dtype, so code written against either catches it."""
+
+
 def _betas_tuple(betas: Any) -> Any:
     """The defaults' betas as torch.optim stores them: a tuple, with 1-element Tensors
     squeezed to 0-dim. What is not iterable is kept as given, for ``validate_group`` to
@@ -111,7 +118,9 @@ class Adam(Optimizer):
     torch.optim's step), a Tensor lr of several elements, betas that are not a pair, a β2
     whose 1 − β2^t is negative,
     ``decouple_lr`` without a usable ``max_lr``, and (torch's RuntimeError) a float32
-    step handed lr/(1 − β1^t) or a coupled λ beyond float32's range.
+    step handed lr/(1 − β1^t) or a coupled λ beyond float32's range. A state edited into
+    one no format reads (a moment cast to another dtype) raises ``UnreadableStateError``,
+    both a ValueError and torch's RuntimeError; a moment of another shape, RuntimeError.
     """
 
     # torch.amp.GradScaler then sets `grad_scale` and `found_inf` on the optimizer instead
@@ -291,9 +300,9 @@ class Adam(Optimizer):
             try:
                 new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
             except ValueError as exc:  # a live state edited into one no format reads
-                raise ValueError(f"the optimizer state of param {index} (shape {tuple(p.shape)}, "
-                                 f"state_format {state.get('state_format')!r}) cannot be read: "
-                                 f"{exc}") from None
+                raise UnreadableStateError(
+                    f"the optimizer state of param {index} (shape {tuple(p.shape)}, state_format "
+                    f"{state.get('state_format')!r}) cannot be read: {exc}") from None
         elif resynced:
             new = state
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
