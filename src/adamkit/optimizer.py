@@ -9,6 +9,7 @@ bucket to its backend with scalars computed once.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -23,6 +24,22 @@ from .hyperparams import TORCH_FLAGS, check_live_group, refuse_torch_only, scala
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 
 _FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
+
+
+_EAGER: dict[Callable, Callable] = {}
+
+
+def _eagerly(fn: Callable) -> Callable:
+    """``fn`` as torch.compiler.disable wraps it, once torch._dynamo is imported; until
+    then ``fn`` itself, which nothing can trace. torch.compiler.disable imports
+    torch._dynamo: applied at class definition it was 1.4 of the 2.6 s that
+    ``import adamkit`` took (Zen 5), for every program, compiled or not."""
+    if "torch._dynamo" not in sys.modules:
+        return fn
+    wrapped = _EAGER.get(fn)
+    if wrapped is None:
+        wrapped = _EAGER[fn] = torch.compiler.disable(fn)
+    return wrapped
 
 
 class UnreadableStateError(ValueError, RuntimeError):
@@ -174,6 +191,7 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
         if foreach and isinstance(betas[0], Tensor):
             raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
+        _eagerly(type(self)._update)  # made here, not while dynamo traces a first step
 
     # ---- groups -------------------------------------------------------------------
 
@@ -320,15 +338,14 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._update()
+        _eagerly(type(self)._update)(self)
         return loss
 
     # Under torch.compile (of `opt.step` or of a training step that calls it) the update
-    # runs eagerly, as written: on the cpu backend it is one fused call per bucket already,
-    # and dynamo would trace the planning around it (caches of plans, ctypes calls) into
-    # graph breaks, warnings and seconds of compiling, for nothing. The closure above
-    # stays traceable.
-    @torch.compiler.disable
+    # runs eagerly, as written (`_eagerly`): on the cpu backend it is one fused call per
+    # bucket already, and dynamo would trace the planning around it (caches of plans,
+    # ctypes calls) into graph breaks, warnings and seconds of compiling, for nothing.
+    # The closure above stays traceable.
     def _update(self) -> None:
         grad_scale_inv = self._amp_grad_scale_inv()
         if grad_scale_inv is None:
