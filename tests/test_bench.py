@@ -267,3 +267,29 @@ def test_an_empty_selection_says_why_and_writes_nothing(tmp_path, capsys, only, 
 def test_an_optimizer_outside_the_chosen_configs_is_named(tmp_path, capsys):
     code = bench.main(["--config", "gpt2-small", "--only", "torchao", "--out", str(tmp_path / "b")])
     assert "'torchao' runs only in the configs 64 tensors, not in gpt2-small" in _one_line_error(capsys, code)
+
+
+@pytest.mark.skipif(cpu_backend.BACKEND.unavailable_reason() is not None, reason="no CPU kernels")
+@pytest.mark.parametrize("thp", [False, True], ids=["pages", "huge-pages"])
+def test_tensor_layout_steps_every_layout_alike(monkeypatch, thp):
+    """benchmarks/tensor_layout.py: the flat and shuffled layouts really are views of one
+    buffer per stream (state included) in order and out of it, and every layout of the same
+    params ends a tiny run with the same params."""
+    if thp and not sys.platform.startswith("linux"):
+        pytest.skip("madvise(MADV_HUGEPAGE) is Linux's")
+    layout = _benchmark_script("tensor_layout")
+    monkeypatch.setattr(layout, "N_PARAMS", 64 * 512)
+    for kind in layout.LAYOUTS:
+        opt = layout.build("bf16 kahan", 16, kind, thp and kind != "separate")
+        params = opt.param_groups[0]["params"]
+        for row in (params, [p.grad for p in params], [opt.state[p]["exp_avg"] for p in params],
+                    [opt.state[p]["kahan_comp"] for p in params]):
+            bases = {t.untyped_storage().data_ptr() for t in row}
+            assert len(bases) == (16 if kind == "separate" else 1), (kind, len(bases))
+            if kind != "separate":
+                offsets = [t.storage_offset() for t in row]
+                assert (offsets == sorted(offsets)) == (kind == "flat")
+    result = layout.measure("bf16 kahan", 16, rounds=2, thp=thp)
+    assert result["same_params"]
+    assert set(result["ms"]) == {"64 separate", "16 separate", "16 flat", "16 shuffled"}
+    assert all(v > 0 for v in result["ms"].values()) and result["paired"]["64 separate"] == 1.0
