@@ -383,16 +383,20 @@ def _five_steps_on_both_backends(storage, variant, edit_grad=None, edit_state=No
 
 @needs_cpu
 @pytest.mark.parametrize("storage", [s for s in STORAGE if s.dtype != torch.float32
-                                     and s.state_format != "int8"], ids=lambda s: s.id)
+                                     or s.state_format == "int8"], ids=lambda s: s.id)
 @pytest.mark.parametrize("variant", list(INJECT_AT))
 def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage, variant):
     """Non-finite grads inside 16-wide groups and in the scalar tail: the same elements
     turn NaN/inf on both backends (NaN payloads may differ), the rest agrees bitwise.
-    (int8 moments cannot hold a NaN: formats.md leaves that case to each backend.)"""
+    int8 moments too: a NaN makes its block's scale NaN on both (the kernel's block max
+    dropped it, and its params stepped on as if the gradient had been finite), and a NaN
+    y from an ∞ absmax takes the top code on both (the torch backend read its sign)."""
     def edit_grad(step, flat):
         if step == INJECT_AT[variant]:
             flat[[3, 17, 31, -1]] = torch.tensor([float("nan"), float("inf"), -float("inf"),
                                                   float("nan")]).to(flat.dtype)
+            if flat.numel() > 600:  # int8 blocks with an ∞ and no NaN: absmax ∞, y = ∞·0
+                flat[[300, 600]] = torch.tensor([float("inf"), -float("inf")]).to(flat.dtype)
 
     (pa, oa), (pb, ob) = _five_steps_on_both_backends(storage, variant, edit_grad=edit_grad)
     for i, (a, b) in enumerate(zip(pa, pb)):
@@ -401,6 +405,48 @@ def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage, variant):
             if k != "step":
                 assert_equal_nan_aware(oa.state[a][k], ob.state[b][k], f"param {i} {k}")
     assert any(torch.isnan(p).any() for p in pa), "the non-finite grads should reach a param"
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype, update", [(torch.float32, None), (torch.bfloat16, "kahan")], ids=["fp32", "bf16-kahan"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_int8_blocks_with_a_nan_or_an_inf_follow_formats_md_on_both_backends(dtype, update, amsgrad):
+    """Compared after every step (later steps turn such blocks all NaN and hide what the
+    first one gave): a NaN gradient makes its block's scale NaN and its params NaN (the
+    kernel's float max dropped the NaN, and its params stepped on as if the gradient were
+    finite); a block whose largest |m| is ∞ gets scale ∞ and the unsigned top code at the
+    infinite element, for −∞ too (the torch backend read the sign of ∞·0's NaN). Blocks
+    0-2 and the scalar tail hold one each; blocks 3 and 4 are untouched."""
+    nan, inf = float("nan"), float("inf")
+    n = 5 * 256 + 100
+    runs = {}
+    for backend in ("cpu", "torch"):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
+        kw = {"param_update": update} if update else {}
+        opt = adamkit.Adam([p], lr=1e-2, backend=backend, state_format="int8", int8_min_size=0,
+                           amsgrad=amsgrad, **kw)
+        history = []
+        for step in range(4):
+            g = torch.randn(n, generator=gen) * 0.1
+            if step == 1:
+                g[[5, 300, 600, 1300]] = torch.tensor([nan, inf, -inf, nan])
+            p.grad = g.to(dtype)
+            opt.step()
+            history.append({"param": p.detach().clone(),
+                            **{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}})
+        runs[backend] = history
+    for step, (a, b) in enumerate(zip(runs["cpu"], runs["torch"])):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_equal_nan_aware(a[key], b[key], f"step {step + 1}, {key}")
+    after = runs["cpu"][1]
+    blocks = after["param"].float().split(256)
+    assert [bool(b.isnan().all()) for b in blocks] == [True, True, True, False, False, True]
+    assert bool(torch.isfinite(torch.cat(blocks[3:5])).all())
+    scale = after["exp_avg_scale"]
+    assert scale[[0, 5]].isnan().all() and scale[1].isinf() and scale[2].isinf()
+    assert after["exp_avg"][[300, 600]].tolist() == [127, 127]
 
 
 # NaNs whose low 16 bits are set: rounding them to bf16 by the finite formula carries into
@@ -412,8 +458,6 @@ NAN_PAYLOADS = [0x7FFFFFFF, -1, 0x7F800001, 0x7FC0FFFF]  # -1: 0xFFFFFFFF; 0x7F8
 @pytest.mark.parametrize("storage, variant", [
     (s, v) for s in STORAGE for v in INJECT_AT
     if s.dtype != torch.float32 and (s.state_format == "fp32" or s.param_update == "master")
-    # L2 decay carries a NaN θ into the moments: in int8 blocks formats.md leaves it open
-    and not (s.state_format == "int8" and v == "l2-amsgrad-max")
 ], ids=lambda x: getattr(x, "id", x))
 def test_cpu_kernel_keeps_nan_payloads_nan(storage, variant):
     """NaNs with payload bits in float32 state (a moment, the master copy), inside 16-wide

@@ -116,16 +116,18 @@ def encode(x: Tensor, cmap: CodeMap) -> tuple[Tensor, Tensor]:
     top = torch.full_like(absmax, cmap.top)
     inv = torch.div(top, absmax)
     scale = torch.div(absmax, top)
-    y = blocks.abs() * inv[:, None]
+    xs = blocks * inv[:, None]
+    y = xs.abs()  # |x|·inv: the rounding is symmetric; and a NaN's sign bit is cleared
     # Subnormal codes 0..8: y·2^(b+2) is exact (a power of two); round half to even.
     sub = torch.round(y * 2.0 ** (cmap.bias + 2)).to(torch.int32)
-    # Normal codes: round the float32 to 3 mantissa bits (ties to even) and rebias.
+    # Normal codes: round the float32 to 3 mantissa bits (ties to even) and rebias (a NaN
+    # y, ∞·0 where absmax is ∞, is above every number and caps to cmax).
     u = y.view(torch.int32)
     u = u + (0x7FFFF + ((u >> 20) & 1))
     normal = (((u >> 23) - 127 + cmap.bias) << 3) | ((u >> 20) & 7)
     c = torch.where(y < 2.0 ** (1 - cmap.bias), sub, normal).clamp_max(cmap.cmax)
-    if cmap.signed:
-        c = c + 128 * ((blocks < 0) & (c > 0))
+    if cmap.signed:  # x·inv < −2^-10: negative with a nonzero code (false for a NaN y)
+        c = c + 128 * (xs < -(2.0 ** -10))
     else:  # a positive v never encodes to 0: the update would be m/ε (formats.md)
         c = torch.where((blocks > 0) & (c == 0), 1, c)
     codes = c.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape)

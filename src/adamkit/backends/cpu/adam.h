@@ -94,7 +94,7 @@ struct Step {
                       float* vsc, uint8_t* vmq, float* vmsc, P* comp, float* master, uint32_t key,
                       int64_t base, int64_t n, float* mbuf, float* vbuf, float* xbuf) {
         const float mscale = *msc, vscale = *vsc;
-        float mabs = 0.f, vabs = 0.f;
+        uint32_t mabs = 0, vabs = 0;  // magnitude_max's bits (a NaN is kept)
 #pragma omp simd reduction(max : mabs, vabs)
         for (int64_t i = 0; i < n; ++i) {
             const float th = theta_eff<P, U>(p, comp, master, i);
@@ -104,10 +104,10 @@ struct Step {
             const float vi = c.beta2 * decode_v(vq[i], vscale) + c.omb2 * gi * gi;
             mbuf[i] = mi;
             vbuf[i] = vi;
-            mabs = std::max(mabs, std::fabs(mi));
-            vabs = std::max(vabs, vi);
+            mabs = std::max(mabs, bits_of(std::fabs(mi)));
+            vabs = std::max(vabs, bits_of(vi));
         }
-        const Codec mcod(mabs, M_MAX), vcod(vabs, V_MAX);
+        const Codec mcod(float_of(mabs), M_MAX), vcod(float_of(vabs), V_MAX);
         *msc = mcod.scale;
         *vsc = vcod.scale;
 #pragma omp simd
@@ -117,14 +117,14 @@ struct Step {
         }
         if constexpr (AMSGRAD) {
             const float vmscale = *vmsc;
-            float xabs = 0.f;
+            uint32_t xabs = 0;
 #pragma omp simd reduction(max : xabs)
             for (int64_t i = 0; i < n; ++i) {
                 const float x = max_nan(decode_v(vmq[i], vmscale), vbuf[i]);
                 vbuf[i] = x;
-                xabs = std::max(xabs, x);
+                xabs = std::max(xabs, bits_of(x));
             }
-            const Codec xcod(xabs, V_MAX);
+            const Codec xcod(float_of(xabs), V_MAX);
             *vmsc = xcod.scale;
 #pragma omp simd
             for (int64_t i = 0; i < n; ++i) {

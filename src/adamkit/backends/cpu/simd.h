@@ -423,10 +423,10 @@ inline void store_codes(InOrder, uint8_t* q, u8v lo, u8v hi) {
     const __m256i w = _mm256_packus_epi32(reinterpret_cast<__m256i>(lo), reinterpret_cast<__m256i>(hi));
     store_codes16(q, _mm256_permute4x64_epi64(w, 0xD8));
 }
-// max over lanes, as the scalar loop's running std::max from 0 (a NaN never enters).
+// The block's absmax over lanes, as the scalar loop's (magnitude_max: a NaN is kept).
 template <class F> inline float max_lanes(F x) {
     float m = 0.f;
-    for (int k = 0; k < int(sizeof(F) / 4); ++k) m = max_(m, x[k]);
+    for (int k = 0; k < int(sizeof(F) / 4); ++k) m = magnitude_max(m, x[k]);
     return m;
 }
 
@@ -521,8 +521,8 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
                 B.th[H * k + h] = th;
                 B.m[H * k + h] = mi;
                 B.v[H * k + h] = vi;
-                mabs = max_(mabs, abs_(mi));
-                vabs = max_(vabs, vi);
+                mabs = magnitude_max(mabs, abs_(mi));
+                vabs = magnitude_max(vabs, vi);
             }
         }
         const Codec mcod(max_lanes(mabs), M_MAX), vcod(max_lanes(vabs), V_MAX);
@@ -545,7 +545,7 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
                 load_codes_group(layout, vmq + b0 + 16 * k, qvm);
                 for (int h = 0; h < H; ++h) {
                     B.v[H * k + h] = max_nan(decode_v_bits(qvm[h], vmscale), B.v[H * k + h]);
-                    vmabs = max_(vmabs, B.v[H * k + h]);
+                    vmabs = magnitude_max(vmabs, B.v[H * k + h]);
                 }
             }
             const Codec vmcod(max_lanes(vmabs), V_MAX);
