@@ -10,11 +10,12 @@ kahan's or master's buffer) alike:
              last ended;
   shuffled   the same views in a random order: every tensor starts somewhere unrelated.
 ``--thp`` backs the flat and shuffled buffers with transparent huge pages (Linux,
-madvise), which takes most TLB misses away. Only the kernel calls are timed (the
-cached plan's pointer table, no per-step checks), the layouts in turns, round after
-round, between them a 256 MiB rewrite as a training step's other work would do; reported
-are medians and paired ratios to 64 separate tensors. All layouts start from the same
-values and must end with the same params (checked). Run it on a quiet machine.
+madvise), which takes most TLB misses away; the huge pages obtained are reported. Only
+the cached plan's kernel calls are timed (the kernel and its version bumps, by checks.cpp
+for every layout; no per-step checks), the layouts in turns, round after round, between
+them a 256 MiB rewrite as a training step's other work would do; reported are medians
+and paired ratios to 64 separate tensors. All layouts start from the same values and
+must end with the same params (checked). Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 import adamkit
+from adamkit.backends.cpu import library, native_checks
 from adamkit.step_cache import scalars_for
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,9 +68,18 @@ def _tensors(values: list[torch.Tensor], layout: str, order: list[int], thp: boo
     return out
 
 
+def huge_pages_kB() -> int:
+    """This process's anonymous memory on transparent huge pages (Linux), else 0."""
+    try:
+        rollup = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return sum(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("AnonHugePages:"))
+
+
 def build(storage: str, n_tensors: int, layout: str, thp: bool = False, seed: int = 0) -> adamkit.Adam:
     """An optimizer over ``n_tensors`` params in ``layout``, its state in the same layout,
-    after two steps (the second from the cached plan, whose kernel calls are timed)."""
+    after its steps from the cached plan have begun (those kernel calls are timed)."""
     dtype, options = STORAGES[storage]
     gen = torch.Generator().manual_seed(seed)
     numel = N_PARAMS // n_tensors
@@ -86,7 +97,8 @@ def build(storage: str, n_tensors: int, layout: str, thp: bool = False, seed: in
                 moved = _tensors([opt.state[p][key] for p in params], layout, order, thp)
                 for p, t in zip(params, moved):
                     opt.state[p][key] = t
-    opt.step()
+    opt.step()  # plans again where the state moved
+    opt.step()  # from the cached plan: its checks (and so its version bumps) as every layout's
     return opt
 
 
@@ -97,11 +109,17 @@ def _kernel_calls(opt: adamkit.Adam) -> None:
 
 
 def measure(storage: str, n_tensors: int, rounds: int, thp: bool = False) -> dict:
+    if library.compiler_path() is not None:
+        native_checks.load_now()  # every layout's plan takes the C++ checks, or none does
+    huge_before = huge_pages_kB()
     opts = {"64 separate": build(storage, 64, "separate")}
     for layout in LAYOUTS:
         opts[f"{n_tensors} {layout}"] = build(storage, n_tensors, layout, thp and layout != "separate")
+    bumps = set()
     for opt in opts.values():
         assert opt._step_cache is not None, "the plan was not cached"
+        bumps |= {cb.prepared.native_bump is not None for cb in opt._step_cache.buckets}
+    assert len(bumps) == 1, "the layouts' version bumps differ"
     flush = torch.empty(1 << 26)
     times: dict[str, list[float]] = {name: [] for name in opts}
     for _ in range(rounds):
@@ -119,6 +137,7 @@ def measure(storage: str, n_tensors: int, rounds: int, thp: bool = False) -> dic
         "ms": {name: statistics.median(t) * 1e3 for name, t in times.items()},
         "paired": {name: statistics.median(a / b for a, b in zip(t, base)) for name, t in times.items()},
         "same_params": same,
+        "huge_pages_kB": huge_pages_kB() - huge_before,
     }
 
 
@@ -138,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     for storage in args.storage or ["bf16 nearest", "fp32"]:
         r = results[storage] = measure(storage, args.tensors, args.rounds, args.thp)
         cells = "  ".join(f"{name} {r['ms'][name]:.2f} ({r['paired'][name]:.3f})" for name in r["ms"])
-        print(f"{storage}: {cells}" + ("" if r["same_params"] else "  PARAMS DIFFER"))
+        huge = f"  (on huge pages: {r['huge_pages_kB'] / 1024:.0f} MiB)" if args.thp else ""
+        print(f"{storage}: {cells}" + ("" if r["same_params"] else "  PARAMS DIFFER") + huge)
     if args.out:
         args.out.write_text(json.dumps({"thp": args.thp, "tensors": args.tensors, "results": results}, indent=1))
 

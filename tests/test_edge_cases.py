@@ -529,6 +529,7 @@ def test_a_live_moment_cast_to_another_dtype_raises_torchs_runtime_error(make, b
     with pytest.raises(RuntimeError) as caught:
         opt.step()
     if make is adamkit.AdamW:
+        assert isinstance(caught.value, adamkit.UnreadableStateError)
         assert isinstance(caught.value, ValueError)
         assert "cannot be read: exp_avg has dtype torch.float64" in str(caught.value)
         _assert_unchanged(opt, [p, q], snap)

@@ -185,8 +185,16 @@ def test_compiled_step_is_the_eager_step(backend, with_closure):
 
 _COMPILED_AFTER_IMPORT = textwrap.dedent("""
     import sys, warnings
-    import torch, adamkit
-    assert "torch._dynamo" not in sys.modules, "import adamkit imported torch._dynamo"
+    import torch
+    preloaded = "torch._dynamo" in sys.modules  # a device plugin may import it with torch
+    import adamkit
+    assert preloaded or "torch._dynamo" not in sys.modules, "import adamkit imported torch._dynamo"
+    compiling = []  # torch.compiler.is_compiling() inside the update: False when eager
+    original = adamkit.Adam._amp_grad_scale_inv
+    def probe(self):
+        compiling.append(torch.compiler.is_compiling())
+        return original(self)
+    adamkit.Adam._amp_grad_scale_inv = probe
     torch.manual_seed(0)
     model, twin = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
     twin.load_state_dict(model.state_dict())
@@ -204,6 +212,7 @@ _COMPILED_AFTER_IMPORT = textwrap.dedent("""
                 b.grad = a.grad.clone()
             eager.step()
     assert [str(w.message) for w in caught] == [], caught
+    assert compiling == [False] * 6, compiling  # 3 compiled steps, 3 eager ones
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
         for k, v in opt.state[a].items():

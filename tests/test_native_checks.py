@@ -211,14 +211,21 @@ def test_bump_versions_is_increment_version(checks):
     assert [t._version for t in tensors] == [v + 2 for v in before]
 
 
-def test_a_cached_step_bumps_each_param_once(checks):
+def test_a_cached_step_bumps_each_param_once(checks, monkeypatch):
     params, opt, cb = _cached()  # its second step ran from the plan, under checks.cpp
     assert opt._step_cache.native is not None and cb.prepared.native_bump is not None
     versions = [p._version for p in params]
+    from adamkit.backends import cpu
+
+    def python_bump(tensors):
+        raise AssertionError("the Python bump ran: checks.cpp's did not")
+
+    monkeypatch.setattr(cpu, "_increment_versions", python_bump)
     opt.step()
     assert [p._version for p in params] == [v + 1 for v in versions]
     saved = params[0] * params[0]  # a graph that saved the param refuses to back-propagate
     opt.step()
+    monkeypatch.undo()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.sum().backward()
 

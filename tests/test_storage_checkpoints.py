@@ -315,8 +315,8 @@ def _mutations():
     def negative_scale(sd):
         sd["state"][0]["exp_avg_sq_scale"] = -sd["state"][0]["exp_avg_sq_scale"]
 
-    def nan_scale(sd):
-        sd["state"][0]["exp_avg_scale"][0] = float("nan")
+    def minus_inf_scale(sd):  # an encoder writes NaN and +∞ (non-finite blocks), never −∞
+        sd["state"][0]["exp_avg_scale"][0] = -float("inf")
 
     def integer_scale(sd):
         sd["state"][0]["exp_avg_sq_scale"] = sd["state"][0]["exp_avg_sq_scale"].long()
@@ -354,7 +354,7 @@ def _mutations():
 
     return [unknown_format, unknown_update, missing_scale, wrong_scale_shape, float_codes,
             wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed,
-            negative_scale, nan_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
+            negative_scale, minus_inf_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
             nan_step, infinite_step_late, fractional_step, negative_step, text_step,
             two_element_step, state_not_a_dict]
 
@@ -387,6 +387,35 @@ def test_unconvertible_checkpoint_raises_and_changes_nothing(mutate, target):
         target_opt.load_state_dict(bad)
     _assert_unchanged(target_opt, snap)
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_checkpoint_whose_blocks_went_nan_or_infinite_round_trips(backend):
+    """A NaN and an ∞ gradient give their int8 blocks scale NaN and +∞ (formats.md): what
+    the optimizer saved then must load (it was refused as a damaged checkpoint), into the
+    same state, from which both step alike."""
+    p = torch.nn.Parameter(torch.randn(4 * 256))
+    opt = adamkit.Adam([p], backend=backend, state_format="int8", int8_min_size=0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    p.grad = torch.randn_like(p)
+    p.grad[[5, 300]] = torch.tensor([float("nan"), float("inf")])
+    opt.step()
+    scale = opt.state[p]["exp_avg_scale"]
+    assert scale[0].isnan() and scale[1] == float("inf") and scale[2:].isfinite().all()
+    q = torch.nn.Parameter(p.detach().clone())
+    loaded = adamkit.Adam([q], backend=backend, state_format="int8", int8_min_size=0)
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for key, value in opt.state[p].items():
+        if isinstance(value, torch.Tensor):
+            mine = loaded.state[q][key]
+            assert torch.equal(mine.isnan(), value.isnan()) and torch.equal(mine.nan_to_num(), value.nan_to_num()), key
+    g = torch.randn_like(p)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    loaded.step()
+    assert torch.equal(p.isnan(), q.isnan()) and torch.equal(p.nan_to_num(), q.nan_to_num())
+    assert p[512:].isfinite().all()  # the untouched blocks stay finite
 
 
 def test_changing_the_group_storage_converts_at_the_next_step():

@@ -26,19 +26,19 @@ from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 _FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
 
 
-_EAGER: dict[Callable, Callable] = {}
-
-
 def _eagerly(fn: Callable) -> Callable:
     """``fn`` as torch.compiler.disable wraps it, once torch._dynamo is imported; until
     then ``fn`` itself, which nothing can trace. torch.compiler.disable imports
     torch._dynamo: applied at class definition it was 1.4 of the 2.6 s that
-    ``import adamkit`` took (Zen 5), for every program, compiled or not."""
+    ``import adamkit`` took (Zen 5), for every program, compiled or not. The wrapper is
+    made once per function and kept on it: at construction where dynamo is already
+    imported, else at the first step after, which may be inside dynamo's trace of it
+    (dynamo then runs the making eagerly, at a graph break, and skips the wrapper)."""
     if "torch._dynamo" not in sys.modules:
         return fn
-    wrapped = _EAGER.get(fn)
+    wrapped = fn.__dict__.get("_adamkit_eagerly")
     if wrapped is None:
-        wrapped = _EAGER[fn] = torch.compiler.disable(fn)
+        wrapped = fn._adamkit_eagerly = torch.compiler.disable(fn)
     return wrapped
 
 
@@ -136,7 +136,7 @@ class Adam(Optimizer):
     whose 1 − β2^t is negative,
     ``decouple_lr`` without a usable ``max_lr``, and (torch's RuntimeError) a float32
     step handed lr/(1 − β1^t) or a coupled λ beyond float32's range. A state edited into
-    one no format reads (a moment cast to another dtype) raises ``UnreadableStateError``,
+    one no format reads (a moment cast to another dtype) raises ``adamkit.UnreadableStateError``,
     both a ValueError and torch's RuntimeError; a moment of another shape, RuntimeError.
     """
 
@@ -191,7 +191,7 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
         if foreach and isinstance(betas[0], Tensor):
             raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
-        _eagerly(type(self)._update)  # made here, not while dynamo traces a first step
+        _eagerly(type(self)._update)  # made here where dynamo is imported (see _eagerly)
 
     # ---- groups -------------------------------------------------------------------
 

@@ -61,8 +61,8 @@ class CodeMap:
 
     @property
     def scale_range(self) -> tuple[float, float]:
-        """The scales an encoder can write: floor/M = 2^-126 and float32(max float32 / M)
-        (NaN is in neither, so a range check refuses it too)."""
+        """The finite scales an encoder can write: floor/M = 2^-126 to float32(max float32
+        / M). (It also writes NaN or +∞ for a block holding a NaN or an ∞.)"""
         top = torch.tensor(self.top, dtype=torch.float32)
         biggest = torch.tensor(torch.finfo(torch.float32).max, dtype=torch.float32)
         return 2.0**-126, torch.div(biggest, top).item()
@@ -126,8 +126,8 @@ def encode(x: Tensor, cmap: CodeMap) -> tuple[Tensor, Tensor]:
     u = u + (0x7FFFF + ((u >> 20) & 1))
     normal = (((u >> 23) - 127 + cmap.bias) << 3) | ((u >> 20) & 7)
     c = torch.where(y < 2.0 ** (1 - cmap.bias), sub, normal).clamp_max(cmap.cmax)
-    if cmap.signed:  # x·inv < −2^-10: negative with a nonzero code (false for a NaN y)
-        c = c + 128 * (xs < -(2.0 ** -10))
+    if cmap.signed:  # x·inv below −half the smallest code: negative with a nonzero code
+        c = c + 128 * (xs < -(2.0 ** -(cmap.bias + 3)))  # (false for a NaN x·inv)
     else:  # a positive v never encodes to 0: the update would be m/ε (formats.md)
         c = torch.where((blocks > 0) & (c == 0), 1, c)
     codes = c.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape)
@@ -260,12 +260,14 @@ def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
                 f"({n_blocks(p.numel())},) (one float32 per {BLOCK} elements)"
             )
         # An encoder only writes scales absmax/M with absmax floored at M·2^-126 and at
-        # most float32's largest: any other is a damaged checkpoint, and would make NaN,
-        # infinite or wrong moments silently
+        # most float32's largest, or NaN or +∞ for a block that held a NaN or an ∞
+        # (formats.md): any other is a damaged checkpoint, and would make infinite or
+        # wrong moments silently
         lo, hi = CODE_MAPS[name].scale_range
-        if scale.dtype != torch.float32 or not bool(((scale >= lo) & (scale <= hi)).all()):
-            raise ValueError(f"{name}_scale must hold float32 values in [{lo:.6g}, {hi:.6g}] "
-                             f"(one per block, as an encoder writes them); got dtype "
+        if scale.dtype != torch.float32 or not bool(
+                ((scale >= lo) & (scale <= hi) | scale.isnan() | (scale == math.inf)).all()):
+            raise ValueError(f"{name}_scale must hold float32 values in [{lo:.6g}, {hi:.6g}], "
+                             f"NaN or +inf (one per block, as an encoder writes them); got dtype "
                              f"{scale.dtype} and other values")
         scale = scale.to(device=p.device)
         return decode(value.to(p.device), scale, CODE_MAPS[name])

@@ -180,12 +180,12 @@ template <class F> inline F lerp(const Consts& c, F m, F g) {
 
 // max as std::max(a, b): a unless a < b (so a NaN in a is kept).
 template <class F> inline F max_(F a, F b) { return a < b ? b : a; }
-// The running maximum of an int8 block's magnitudes (|m| or v: never negative, or NaN),
-// as an unsigned max of their float32 bits: the same order as the numbers', with every
-// NaN above ∞, so that a NaN reaches the block's absmax and its scale, as torch's amax
-// does in the torch backend's encoder (a float max dropped it: the NaN was encoded as the
-// top code, a finite value, and a NaN gradient vanished from the params). One
-// instruction, as the float max.
+// The running maximum of an int8 block's magnitudes (|m|, or v = β2·v̂ + (1−β2)·g², which
+// is never −0 or below while rounding is to nearest; or NaN), as an unsigned max of their
+// float32 bits: the same order as the numbers', with every NaN above ∞, so that a NaN
+// reaches the block's absmax and its scale, as torch's amax does in the torch backend's
+// encoder (a float max dropped it: the NaN was encoded as the top code, a finite value,
+// and a NaN gradient vanished from the params). One instruction, as the float max.
 template <class F> inline F magnitude_max(F acc, F x) {
     const auto a = bits_of(acc), b = bits_of(x);
     return float_of(a < b ? b : a);
