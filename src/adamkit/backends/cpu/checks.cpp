@@ -46,6 +46,21 @@ inline int64_t address(c10::TensorImpl* t) {
   return reinterpret_cast<int64_t>(t->mutable_data());
 }
 
+// The TensorImpls of a list of Tensors or Parameters exactly, each prefetched (the first
+// pass over a cold list); false where it is not a list or an item is not one.
+inline bool list_impls(PyObject* list, std::vector<c10::TensorImpl*>& impls) {
+  if (!PyList_Check(list)) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  PyObject** items = reinterpret_cast<PyListObject*>(list)->ob_item;
+  impls.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) prefetch(items[i]);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if ((impls[i] = impl_of(items[i])) == nullptr) return false;
+    prefetch_impl(impls[i]);
+  }
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -89,15 +104,10 @@ int adamkit_dict_is(PyObject* dict, const int64_t* keys, const int64_t* values, 
 // params have grads").
 int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
   try {
-    if (!PyList_Check(params)) return 0;
+    std::vector<c10::TensorImpl*> impls;
+    if (!list_impls(params, impls)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(params);
     PyObject** items = reinterpret_cast<PyListObject*>(params)->ob_item;
-    std::vector<c10::TensorImpl*> impls(n);
-    for (Py_ssize_t i = 0; i < n; ++i) prefetch(items[i]);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if ((impls[i] = impl_of(items[i])) == nullptr) return 0;
-      prefetch_impl(impls[i]);
-    }
     for (Py_ssize_t i = 0; i < n; ++i) prefetch(impls[i]->autograd_meta());
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (THPVariable_Unpack(items[i]).grad().defined() != (has_grad[i] != 0)) return 0;
@@ -187,16 +197,12 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* ex
 int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs,
                     const int64_t* grad_nbytes, int64_t* grad_row) {
   try {
-    if (!PyList_Check(params)) return 0;
+    std::vector<c10::TensorImpl*> ps;
+    if (!list_impls(params, ps)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(params);
     PyObject** items = reinterpret_cast<PyListObject*>(params)->ob_item;
-    std::vector<c10::TensorImpl*> ps(n), gs(n);
+    std::vector<c10::TensorImpl*> gs(n);
     const auto dtype = static_cast<c10::ScalarType>(scalar_type);
-    for (Py_ssize_t i = 0; i < n; ++i) prefetch(items[i]);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if ((ps[i] = impl_of(items[i])) == nullptr) return 0;
-      prefetch_impl(ps[i]);
-    }
     for (Py_ssize_t i = 0; i < n; ++i) {
       prefetch(ps[i]->autograd_meta());
       prefetch_storage(ps[i]);
@@ -240,15 +246,8 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
 // Returns 0, having bumped nothing, where an item is not a Tensor or Parameter exactly.
 int adamkit_bump_versions(PyObject* params) {
   try {
-    if (!PyList_Check(params)) return 0;
-    const Py_ssize_t n = PyList_GET_SIZE(params);
-    PyObject** items = reinterpret_cast<PyListObject*>(params)->ob_item;
-    std::vector<c10::TensorImpl*> impls(n);
-    for (Py_ssize_t i = 0; i < n; ++i) prefetch(items[i]);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if ((impls[i] = impl_of(items[i])) == nullptr) return 0;
-      prefetch_impl(impls[i]);
-    }
+    std::vector<c10::TensorImpl*> impls;
+    if (!list_impls(params, impls)) return 0;
     uint32_t loaded = 0;  // loads independent of one another (atomic: not elided)
     for (auto* t : impls) {
       if (t->version_counter().enabled()) loaded += t->version_counter().current_version();
