@@ -32,10 +32,10 @@ import torch
 
 import adamkit
 from adamkit.backends.cpu import library, native_checks
-from adamkit.step_cache import scalars_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ab_builds import N_PARAMS, STORAGES  # noqa: E402
+from native_checks_ab import kernel_calls  # noqa: E402
 
 LAYOUTS = ("separate", "flat", "shuffled")
 _MADV_HUGEPAGE = 14
@@ -102,12 +102,6 @@ def build(storage: str, n_tensors: int, layout: str, thp: bool = False, seed: in
     return opt
 
 
-def _kernel_calls(opt: adamkit.Adam) -> None:
-    for cb in opt._step_cache.buckets:
-        cb.prepared.run(scalars_for(cb.group, cb.t + 1, 1.0, cb.dtype))
-        cb.t += 1
-
-
 def measure(storage: str, n_tensors: int, rounds: int, thp: bool = False) -> dict:
     if library.compiler_path() is not None:
         native_checks.load_now()  # every layout's plan takes the C++ checks, or none does
@@ -126,7 +120,7 @@ def measure(storage: str, n_tensors: int, rounds: int, thp: bool = False) -> dic
         for name, opt in opts.items():
             flush.add_(1.0)
             t0 = time.perf_counter()
-            _kernel_calls(opt)
+            kernel_calls(opt)
             times[name].append(time.perf_counter() - t0)
     finals = {name: torch.cat([p.detach().reshape(-1) for p in opt.param_groups[0]["params"]])
               for name, opt in opts.items()}
