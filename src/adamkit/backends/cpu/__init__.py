@@ -183,7 +183,7 @@ class PreparedBucket:
             setattr(self.args, row, base + 8 * n * k)
         self.grad_row = library.POINTER_ROWS.index("grads") * n
         self.native_args = None  # refresh_native's arrays, made at its first call
-        self.native_bump = None  # checks.cpp's version bump, once refresh_native has run
+        self.native_bump = None  # checks.cpp's version bump, from refresh_native's first call
 
     def refresh(self, grads: list[Tensor]) -> bool:
         """Take this step's grads (parallel to bucket.params). False when the table no
@@ -228,8 +228,8 @@ class PreparedBucket:
         if self.native_args is None:  # the planned dtype: not the params' (they may have changed)
             planned = checks.adamkit_scalar_type(torch.empty(0, dtype=self.dtype))
             self.native_args = (planned, array("q", self.param_ptrs), array("q", self.grad_nbytes))
+            self.native_bump = checks.adamkit_bump_versions
         planned, param_ptrs, grad_nbytes = self.native_args
-        self.native_bump = checks.adamkit_bump_versions
         return bool(checks.adamkit_refresh(
             self.kernel_params, planned, param_ptrs.buffer_info()[0], grad_nbytes.buffer_info()[0],
             self.table.buffer_info()[0] + 8 * self.grad_row))
