@@ -1,5 +1,5 @@
 // The CPU kernel's int8 encoders (common.h: encode_m_bits, encode_v_bits, on float and
-// on 8 lanes) against docs/design/formats.md's encode, written here step by step as the
+// on 8 lanes, capped and, for the x a finite block holds, uncapped) against docs/design/formats.md's encode, written here step by step as the
 // page states it, for every float32 bit pattern x and several block maxima: the code
 // and the value as stored (±value(c)·scale) must be equal bit for bit. Also the 16-lane
 // m decoder (simd.h: decode_m16, through F16C) for every code, in both lane orders.
@@ -106,8 +106,9 @@ void check(float absmax, uint64_t stride) {
             base += 8 * stride;
         }
         const f8 x = float_of(bits);
-        f8 lanes_value;
+        f8 lanes_value, open_value;
         const u8v lanes = M ? encode_m_bits(x, k, lanes_value) : encode_v_bits(x, k, lanes_value);
+        const u8v open = M ? encode_m_bits<false>(x, k, open_value) : encode_v_bits<false>(x, k, open_value);
         for (int j = 0; j < 8; ++j) {
             // v ≥ 0: a negative v is never encoded (−0 and NaNs of either sign are).
             if (!M && (bits[j] >> 31) && bits[j] != 0x80000000u && x[j] == x[j]) continue;
@@ -118,6 +119,42 @@ void check(float absmax, uint64_t stride) {
                 report(M ? 'm' : 'v', absmax, x[j], want, want_value, got, got_value, "float");
             if (lanes[j] != want || bits_of(lanes_value[j]) != bits_of(want_value))
                 report(M ? 'm' : 'v', absmax, x[j], want, want_value, lanes[j], lanes_value[j], "8 lanes");
+            // Uncapped (a finite block, int8_blocks): for every x a block of this maximum holds.
+            if (!(std::fabs(x[j]) <= absmax)) continue;
+            const uint32_t got_open = M ? encode_m_bits<false>(x[j], k, got_value) : encode_v_bits<false>(x[j], k, got_value);
+            if (got_open != want || bits_of(got_value) != bits_of(want_value))
+                report(M ? 'm' : 'v', absmax, x[j], want, want_value, got_open, got_value, "float, uncapped");
+            if (open[j] != want || bits_of(open_value[j]) != bits_of(want_value))
+                report(M ? 'm' : 'v', absmax, x[j], want, want_value, open[j], open_value[j], "8 lanes, uncapped");
+        }
+    }
+}
+
+// The uncapped encoders at the largest element of a finite block, ±absmax, for every
+// stride-th positive finite float32 absmax and the edges (powers of two, the codec's
+// floor, FLT_MAX): where x·inv comes closest to the cap, whatever top/absmax rounds to.
+void check_block_maxima(uint64_t stride) {
+    std::vector<uint32_t> maxima = {1u, 0x7F7FFFFFu, 0x7F7FFFFEu};
+    for (uint32_t e = 1; e < 255; ++e)
+        for (int d = -2; d <= 2; ++d) maxima.push_back((e << 23) + uint32_t(d));
+    for (float top : {M_MAX, V_MAX})
+        for (int d = -2; d <= 2; ++d) maxima.push_back(bits_of(top * 0x1p-126f) + uint32_t(d));
+    for (uint64_t u = 1; u < 0x7F800000u; u += stride) maxima.push_back(uint32_t(u));
+    for (uint32_t a_bits : maxima) {
+        const float a = float_of(a_bits);
+        if (!(a > 0.f && a < INFINITY)) continue;
+        const Codec km(a, M_MAX), kv(a, V_MAX);
+        for (float x : {a, -a}) {
+            float want_value, got_value;
+            uint32_t want = spec::encode_m(x, km, want_value);
+            uint32_t got = encode_m_bits<false>(x, km, got_value);
+            if (got != want || bits_of(got_value) != bits_of(want_value))
+                report('m', a, x, want, want_value, got, got_value, "block maximum, uncapped");
+            if (x < 0.f) continue;
+            want = spec::encode_v(x, kv, want_value);
+            got = encode_v_bits<false>(x, kv, got_value);
+            if (got != want || bits_of(got_value) != bits_of(want_value))
+                report('v', a, x, want, want_value, got, got_value, "block maximum, uncapped");
         }
     }
 }
@@ -155,6 +192,7 @@ int main(int argc, char** argv) {
         check<true>(a, stride);
         check<false>(a, stride);
     }
+    check_block_maxima(stride);
     std::printf("int8 encoders (and decode_m16) vs formats.md, edge values and every %llu-th float32 x, %zu block maxima: %ld mismatches\n",
                 (unsigned long long)stride, sizeof(absmaxes) / sizeof(float), mismatches);
     return mismatches != 0;

@@ -321,7 +321,9 @@ template <int B, class U> inline auto decode_magnitude(U c) {
 
 // y ≥ 0 rounded (to nearest even) onto the E?M3 map with bias B, capped at the value of
 // code cmax (also for NaN and ∞): the magnitude as stored, without forming the code.
-template <int B, class F> inline F round_to_map(F y, uint32_t cmax) {
+// CAP = false leaves the cap out, for a y known to be finite and at most top·(1 + 2^-23),
+// which r below already rounds to top or less (Int8Block's elements of a finite block).
+template <int B, bool CAP = true, class F> inline F round_to_map(F y, uint32_t cmax) {
     // The map's grid near y has spacing 2^(E−3), E = y's exponent, and 2^(−B−2) below
     // the smallest normal 2^(1−B). Adding big = 1.5·2^(E+20) (E at least 1−B) puts that
     // spacing at big's last bit (which is 0, so a tie goes to the even grid point, as
@@ -332,6 +334,7 @@ template <int B, class F> inline F round_to_map(F y, uint32_t cmax) {
     const auto e = bits_of(y) & 0x7F800000u;
     const F big = float_of((e > min_normal ? e : min_normal) + ((20u << 23) | 0x400000u));
     const F r = (y + big) - big;
+    if constexpr (!CAP) return r;
     // From halfway between the largest code's value (mantissa 7, odd: that tie rounds
     // up) and the next power of two, and for NaN and ∞: the largest code's value.
     const float top = decode_magnitude<B>(cmax);
@@ -349,9 +352,9 @@ template <int B, class F> inline auto code_of(F r) {
 // The encoders also give the value as stored (what the decoder returns for that code),
 // from their own intermediate results: the kernel uses moments as stored, and decoding
 // each code again was a fifth of an int8 step (benchmarks/kernel_ablation.py).
-template <class F> inline auto encode_m_bits(F x, const Codec& k, F& stored_value) {
+template <bool CAP = true, class F> inline auto encode_m_bits(F x, const Codec& k, F& stored_value) {
     const F xs = x * k.inv;  // |xs| = |x|·inv: rounding is symmetric
-    const F mag = round_to_map<7>(abs_(xs), 127u);
+    const F mag = round_to_map<7, CAP>(abs_(xs), 127u);
     // Negative with a nonzero code: |xs| above 2^-10, half the smallest magnitude 2^-9
     // (the tie rounds to 0); false for NaN.
     const auto neg = xs < -0x1p-10f;
@@ -362,8 +365,8 @@ template <class U> inline auto decode_m_bits(U q, float scale) {
     const auto x = decode_magnitude<7>(q & 127u) * scale;
     return (q & 128u) != 0u ? -x : x;
 }
-template <class F> inline auto encode_v_bits(F x, const Codec& k, F& stored_value) {
-    F mag = round_to_map<15>(x * k.inv, 255u);
+template <bool CAP = true, class F> inline auto encode_v_bits(F x, const Codec& k, F& stored_value) {
+    F mag = round_to_map<15, CAP>(x * k.inv, 255u);
     // A positive v that rounds to 0 takes the smallest code, 1 (value 2^-17): an element
     // whose m survives its block's scale would otherwise step by lr·m̂/ε. mag is never
     // NaN and every nonzero mag is ≥ 2^-17, so a max does it (vmaxps: 1.3% of an int8
