@@ -66,13 +66,16 @@ VARIANTS = {
                                  "{ return bf16_bits(x); }")],
     # The encoder also gives the stored value (session 5); without it: the codes only.
     "int8: no encode (codes = top bits)": [
-        ("simd.h", "mc[h] = encode_m_bits<CAP>(B.m[H * k + h], mcod, B.m[H * k + h]);",
+        ("simd.h", "mc[h] = encode_m_bits<R>(B.m[H * k + h], mcod, B.m[H * k + h]);",
          "mc[h] = bits_of(B.m[H * k + h]) >> 24;"),
-        ("simd.h", "vc[h] = encode_v_bits<CAP>(B.v[H * k + h], vcod, B.v[H * k + h]);",
+        ("simd.h", "vc[h] = encode_v_bits<R>(B.v[H * k + h], vcod, B.v[H * k + h]);",
          "vc[h] = bits_of(B.v[H * k + h]) >> 24;")],
-    # A block whose maxima are finite skips the cap on its codes; without that: the cap always.
-    "int8: capped codes in every block": [
-        ("simd.h", "if (mmax < INFINITY && vmax < INFINITY) encode", "if (false) encode")],
+    # What the block's range (common.h's BlockRange) saves: every block encoded as one
+    # holding a NaN (the cap and the subnormal path), or finite ones with the subnormal path.
+    "int8: every block encoded as ANY": [
+        ("simd.h", "if (!(mmax < INFINITY && vmax < INFINITY)) encode(", "if (true) encode(")],
+    "int8: no NORMAL blocks": [
+        ("simd.h", "else if (min_lanes(mlow) * mcod.inv", "else if (false && min_lanes(mlow) * mcod.inv")],
     "no software prefetch": [("simd.h", "    at(U == MASTER ? static_cast<const void*>(master + i) : p + i);\n"
                                         "    at(g + i);\n"
                                         "    if constexpr (U == KAHAN) at(comp + i);\n"

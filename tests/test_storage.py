@@ -449,6 +449,48 @@ def test_int8_blocks_with_a_nan_or_an_inf_follow_formats_md_on_both_backends(dty
     assert after["exp_avg"][[300, 600]].tolist() == [127, 127]
 
 
+@needs_cpu
+@pytest.mark.parametrize("dtype, update", [(torch.float32, None), (torch.bfloat16, "kahan")], ids=["fp32", "bf16-kahan"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_int8_blocks_on_either_side_of_the_maps_normal_range_match_the_torch_backend(dtype, update, amsgrad):
+    """The kernel encodes a finite block whose every x·inv is at least its map's smallest
+    normal (2^-6 for m, 2^-14 for v) without the subnormal path, and others with it
+    (common.h's BlockRange). Each block here holds one small gradient, its ratio to the
+    block's largest log-spaced across both thresholds (and some exact zeros), so that the
+    blocks fall on either side; compared bit for bit with the torch backend after every
+    step, and both kinds of block must occur."""
+    blocks, n = 96, 96 * 256 + 40
+    ratios = torch.logspace(-7.5, -3, blocks, dtype=torch.float64).float()
+    runs = {}
+    for backend in ("cpu", "torch"):
+        gen = torch.Generator().manual_seed(1)
+        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
+        kw = {"param_update": update} if update else {}
+        opt = adamkit.Adam([p], lr=1e-2, backend=backend, state_format="int8", int8_min_size=0,
+                           amsgrad=amsgrad, **kw)
+        history = []
+        for step in range(4):
+            g = torch.rand(n, generator=gen) * 0.5 + 0.5
+            g *= torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+            body = g[: blocks * 256].view(blocks, 256)
+            body *= torch.logspace(-3, 3, blocks).roll(step).unsqueeze(1)  # any block scale
+            body[:, 7 + step] *= ratios
+            body[::7, 200] = 0.0
+            p.grad = g.to(dtype)
+            opt.step()
+            history.append({"param": p.detach().clone(),
+                            **{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}})
+        runs[backend] = history
+    for step, (a, b) in enumerate(zip(runs["cpu"], runs["torch"])):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_equal_nan_aware(a[key], b[key], f"step {step + 1}, {key}")
+    m = runs["cpu"][0]["exp_avg"][: blocks * 256].view(blocks, 256).int() & 127
+    v = runs["cpu"][0]["exp_avg_sq"][: blocks * 256].view(blocks, 256).int()
+    subnormal = ((m < 8) | (v < 8)).any(dim=1)  # a code below the map's normal range
+    assert 10 < int(subnormal.sum()) < blocks - 10, subnormal
+
+
 # NaNs whose low 16 bits are set: rounding them to bf16 by the finite formula carries into
 # the exponent and sign (0x7FFFFFFF would become -0.0), so they test the NaN path.
 NAN_PAYLOADS = [0x7FFFFFFF, -1, 0x7F800001, 0x7FC0FFFF]  # -1: 0xFFFFFFFF; 0x7F800001 signals

@@ -1,5 +1,6 @@
 // The CPU kernel's int8 encoders (common.h: encode_m_bits, encode_v_bits, on float and
-// on 8 lanes, capped and, for the x a finite block holds, uncapped) against docs/design/formats.md's encode, written here step by step as the
+// on 8 lanes, for any block and for the x the finite and normal blocks of common.h's
+// BlockRange hold) against docs/design/formats.md's encode, written here step by step as the
 // page states it, for every float32 bit pattern x and several block maxima: the code
 // and the value as stored (±value(c)·scale) must be equal bit for bit. Also the 16-lane
 // m decoder (simd.h: decode_m16, through F16C) for every code, in both lane orders.
@@ -106,9 +107,10 @@ void check(float absmax, uint64_t stride) {
             base += 8 * stride;
         }
         const f8 x = float_of(bits);
-        f8 lanes_value, open_value;
+        f8 lanes_value, finite_value, normal_value;
         const u8v lanes = M ? encode_m_bits(x, k, lanes_value) : encode_v_bits(x, k, lanes_value);
-        const u8v open = M ? encode_m_bits<false>(x, k, open_value) : encode_v_bits<false>(x, k, open_value);
+        const u8v finite = M ? encode_m_bits<FINITE>(x, k, finite_value) : encode_v_bits<FINITE>(x, k, finite_value);
+        const u8v normal = M ? encode_m_bits<NORMAL>(x, k, normal_value) : encode_v_bits<NORMAL>(x, k, normal_value);
         for (int j = 0; j < 8; ++j) {
             // v ≥ 0: a negative v is never encoded (−0 and NaNs of either sign are).
             if (!M && (bits[j] >> 31) && bits[j] != 0x80000000u && x[j] == x[j]) continue;
@@ -119,18 +121,25 @@ void check(float absmax, uint64_t stride) {
                 report(M ? 'm' : 'v', absmax, x[j], want, want_value, got, got_value, "float");
             if (lanes[j] != want || bits_of(lanes_value[j]) != bits_of(want_value))
                 report(M ? 'm' : 'v', absmax, x[j], want, want_value, lanes[j], lanes_value[j], "8 lanes");
-            // Uncapped (a finite block, int8_blocks): for every x a block of this maximum holds.
+            // FINITE (BlockRange): every x a block of this maximum holds.
             if (!(std::fabs(x[j]) <= absmax)) continue;
-            const uint32_t got_open = M ? encode_m_bits<false>(x[j], k, got_value) : encode_v_bits<false>(x[j], k, got_value);
-            if (got_open != want || bits_of(got_value) != bits_of(want_value))
-                report(M ? 'm' : 'v', absmax, x[j], want, want_value, got_open, got_value, "float, uncapped");
-            if (open[j] != want || bits_of(open_value[j]) != bits_of(want_value))
-                report(M ? 'm' : 'v', absmax, x[j], want, want_value, open[j], open_value[j], "8 lanes, uncapped");
+            uint32_t got_range = M ? encode_m_bits<FINITE>(x[j], k, got_value) : encode_v_bits<FINITE>(x[j], k, got_value);
+            if (got_range != want || bits_of(got_value) != bits_of(want_value))
+                report(M ? 'm' : 'v', absmax, x[j], want, want_value, got_range, got_value, "float, FINITE");
+            if (finite[j] != want || bits_of(finite_value[j]) != bits_of(want_value))
+                report(M ? 'm' : 'v', absmax, x[j], want, want_value, finite[j], finite_value[j], "8 lanes, FINITE");
+            // NORMAL: and x·inv at least the map's smallest normal.
+            if (!(std::fabs(x[j]) * k.inv >= (M ? 0x1p-6f : 0x1p-14f))) continue;
+            got_range = M ? encode_m_bits<NORMAL>(x[j], k, got_value) : encode_v_bits<NORMAL>(x[j], k, got_value);
+            if (got_range != want || bits_of(got_value) != bits_of(want_value))
+                report(M ? 'm' : 'v', absmax, x[j], want, want_value, got_range, got_value, "float, NORMAL");
+            if (normal[j] != want || bits_of(normal_value[j]) != bits_of(want_value))
+                report(M ? 'm' : 'v', absmax, x[j], want, want_value, normal[j], normal_value[j], "8 lanes, NORMAL");
         }
     }
 }
 
-// The uncapped encoders at the largest element of a finite block, ±absmax, for every
+// The FINITE and NORMAL encoders at the largest element of a finite block, ±absmax, for every
 // stride-th positive finite float32 absmax and the edges (powers of two, the codec's
 // floor, FLT_MAX): where x·inv comes closest to the cap, whatever top/absmax rounds to.
 void check_block_maxima(uint64_t stride) {
@@ -147,14 +156,20 @@ void check_block_maxima(uint64_t stride) {
         for (float x : {a, -a}) {
             float want_value, got_value;
             uint32_t want = spec::encode_m(x, km, want_value);
-            uint32_t got = encode_m_bits<false>(x, km, got_value);
+            uint32_t got = encode_m_bits<FINITE>(x, km, got_value);
             if (got != want || bits_of(got_value) != bits_of(want_value))
-                report('m', a, x, want, want_value, got, got_value, "block maximum, uncapped");
+                report('m', a, x, want, want_value, got, got_value, "block maximum, FINITE");
+            got = encode_m_bits<NORMAL>(x, km, got_value);  // (a block maximum below the floor: no)
+            if (std::fabs(x) * km.inv >= 0x1p-6f && (got != want || bits_of(got_value) != bits_of(want_value)))
+                report('m', a, x, want, want_value, got, got_value, "block maximum, NORMAL");
             if (x < 0.f) continue;
             want = spec::encode_v(x, kv, want_value);
-            got = encode_v_bits<false>(x, kv, got_value);
+            got = encode_v_bits<FINITE>(x, kv, got_value);
             if (got != want || bits_of(got_value) != bits_of(want_value))
-                report('v', a, x, want, want_value, got, got_value, "block maximum, uncapped");
+                report('v', a, x, want, want_value, got, got_value, "block maximum, FINITE");
+            got = encode_v_bits<NORMAL>(x, kv, got_value);
+            if (x * kv.inv >= 0x1p-14f && (got != want || bits_of(got_value) != bits_of(want_value)))
+                report('v', a, x, want, want_value, got, got_value, "block maximum, NORMAL");
         }
     }
 }

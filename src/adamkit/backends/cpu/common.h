@@ -180,6 +180,7 @@ template <class F> inline F lerp(const Consts& c, F m, F g) {
 
 // max as std::max(a, b): a unless a < b (so a NaN in a is kept).
 template <class F> inline F max_(F a, F b) { return a < b ? b : a; }
+template <class F> inline F min_(F a, F b) { return b < a ? b : a; }
 // The running maximum of an int8 block's magnitudes (|m|, or v = β2·v̂ + (1−β2)·g², which
 // is never −0 or below while rounding is to nearest; or NaN), as an unsigned max of their
 // float32 bits: the same order as the numbers', with every NaN above ∞, so that a NaN
@@ -319,11 +320,17 @@ template <int B, class U> inline auto decode_magnitude(U c) {
     return e == 0u ? sub : normal;
 }
 
+// What the encoders may assume about every y = x·inv of a block (simd.h's int8_blocks
+// picks one per block from its maxima and minima; the scalar loop takes ANY):
+// ANY: nothing (NaN, ∞). FINITE: y finite and at most top·(1 + 2^-24)², which the map's
+// rounding takes to top or below, so the cap is left out. NORMAL: FINITE, and every y at
+// least the map's smallest normal 2^(1−B), so its subnormal path is left out too.
+// (tools/check_int8_encoder.cpp checks each against formats.md on the y it allows.)
+enum BlockRange { ANY, FINITE, NORMAL };
+
 // y ≥ 0 rounded (to nearest even) onto the E?M3 map with bias B, capped at the value of
 // code cmax (also for NaN and ∞): the magnitude as stored, without forming the code.
-// CAP = false leaves the cap out, for a y known to be finite and at most top·(1 + 2^-23),
-// which r below already rounds to top or less (Int8Block's elements of a finite block).
-template <int B, bool CAP = true, class F> inline F round_to_map(F y, uint32_t cmax) {
+template <int B, BlockRange R = ANY, class F> inline F round_to_map(F y, uint32_t cmax) {
     // The map's grid near y has spacing 2^(E−3), E = y's exponent, and 2^(−B−2) below
     // the smallest normal 2^(1−B). Adding big = 1.5·2^(E+20) (E at least 1−B) puts that
     // spacing at big's last bit (which is 0, so a tie goes to the even grid point, as
@@ -332,9 +339,10 @@ template <int B, bool CAP = true, class F> inline F round_to_map(F y, uint32_t c
     // garbage; the cap below replaces it.)
     constexpr uint32_t min_normal = uint32_t(128 - B) << 23;
     const auto e = bits_of(y) & 0x7F800000u;
-    const F big = float_of((e > min_normal ? e : min_normal) + ((20u << 23) | 0x400000u));
+    const auto e_grid = R == NORMAL ? e : (e > min_normal ? e : min_normal);
+    const F big = float_of(e_grid + ((20u << 23) | 0x400000u));
     const F r = (y + big) - big;
-    if constexpr (!CAP) return r;
+    if constexpr (R != ANY) return r;
     // From halfway between the largest code's value (mantissa 7, odd: that tie rounds
     // up) and the next power of two, and for NaN and ∞: the largest code's value.
     const float top = decode_magnitude<B>(cmax);
@@ -343,8 +351,9 @@ template <int B, bool CAP = true, class F> inline F round_to_map(F y, uint32_t c
 
 // The code of a magnitude on the map: below 2^(1−B), r·2^(B+2) ∈ [0, 8); above, r's
 // exponent and 3 mantissa bits, u >> 20 = 8·(E + 127) + f, rebiased to 8·(E + B) + f.
-template <int B, class F> inline auto code_of(F r) {
-    return r < float_of(uint32_t(128 - B) << 23) ? trunc_u32(r * float(1 << (B + 2)))
+template <int B, BlockRange R = ANY, class F> inline auto code_of(F r) {
+    if constexpr (R == NORMAL) return (bits_of(r) >> 20) - uint32_t(8 * (127 - B));
+    else return r < float_of(uint32_t(128 - B) << 23) ? trunc_u32(r * float(1 << (B + 2)))
                                                  : (bits_of(r) >> 20) - uint32_t(8 * (127 - B));
 }
 
@@ -352,28 +361,29 @@ template <int B, class F> inline auto code_of(F r) {
 // The encoders also give the value as stored (what the decoder returns for that code),
 // from their own intermediate results: the kernel uses moments as stored, and decoding
 // each code again was a fifth of an int8 step (benchmarks/kernel_ablation.py).
-template <bool CAP = true, class F> inline auto encode_m_bits(F x, const Codec& k, F& stored_value) {
+template <BlockRange R = ANY, class F> inline auto encode_m_bits(F x, const Codec& k, F& stored_value) {
     const F xs = x * k.inv;  // |xs| = |x|·inv: rounding is symmetric
-    const F mag = round_to_map<7, CAP>(abs_(xs), 127u);
+    const F mag = round_to_map<7, R>(abs_(xs), 127u);
     // Negative with a nonzero code: |xs| above 2^-10, half the smallest magnitude 2^-9
     // (the tie rounds to 0); false for NaN.
     const auto neg = xs < -0x1p-10f;
     stored_value = float_of(bits_of(mag) ^ when(neg, 0x80000000u)) * k.scale;
-    return code_of<7>(mag) | when(neg, 128u);
+    return code_of<7, R>(mag) | when(neg, 128u);
 }
 template <class U> inline auto decode_m_bits(U q, float scale) {
     const auto x = decode_magnitude<7>(q & 127u) * scale;
     return (q & 128u) != 0u ? -x : x;
 }
-template <bool CAP = true, class F> inline auto encode_v_bits(F x, const Codec& k, F& stored_value) {
-    F mag = round_to_map<15, CAP>(x * k.inv, 255u);
+template <BlockRange R = ANY, class F> inline auto encode_v_bits(F x, const Codec& k, F& stored_value) {
+    F mag = round_to_map<15, R>(x * k.inv, 255u);
     // A positive v that rounds to 0 takes the smallest code, 1 (value 2^-17): an element
     // whose m survives its block's scale would otherwise step by lr·m̂/ε. mag is never
     // NaN and every nonzero mag is ≥ 2^-17, so a max does it (vmaxps: 1.3% of an int8
     // step at 16.8M params on Zen 1, against 5% for testing mag == 0 too).
-    mag = max_(mag, float_of(when(x > 0.0f, bits_of(0x1p-17f))));
+    // (NORMAL: every mag is at least 2^-14 already.)
+    if constexpr (R != NORMAL) mag = max_(mag, float_of(when(x > 0.0f, bits_of(0x1p-17f))));
     stored_value = mag * k.scale;
-    return code_of<15>(mag);
+    return code_of<15, R>(mag);
 }
 template <class U> inline auto decode_v_bits(U q, float scale) {
     return decode_magnitude<15>(q) * scale;
