@@ -74,6 +74,8 @@ VARIANTS = {
     # holding a NaN (the cap and the subnormal path), or finite ones with the subnormal path.
     "int8: every block encoded as ANY": [
         ("simd.h", "if (!(mmax < INFINITY && vmax < INFINITY)) encode(", "if (true) encode(")],
+    "int8: v codes decoded with the subnormal path in every block": [
+        ("simd.h", "if (codes_at_least_8(vq + b0)) step(", "if (false) step(")],
     "int8: no NORMAL blocks": [
         ("simd.h", "else if (min_lanes(mlow) * mcod.inv", "else if (false && min_lanes(mlow) * mcod.inv")],
     "no software prefetch": [("simd.h", "    at(U == MASTER ? static_cast<const void*>(master + i) : p + i);\n"

@@ -3,7 +3,8 @@
 // BlockRange hold) against docs/design/formats.md's encode, written here step by step as the
 // page states it, for every float32 bit pattern x and several block maxima: the code
 // and the value as stored (±value(c)·scale) must be equal bit for bit. Also the 16-lane
-// m decoder (simd.h: decode_m16, through F16C) for every code, in both lane orders.
+// m decoder (simd.h: decode_m16, through F16C) for every code, in both lane orders, and
+// the v decoder of blocks without a code below 8 (and simd.h's test for such a block).
 //
 // The kernel rounds onto the code map by a float addition (round_to_map) instead of the
 // page's two integer paths; this is the proof that the two agree everywhere, not only
@@ -193,6 +194,26 @@ void check_decode_m16(L layout, const int* lane_element, float scale) {
     }
 }
 
+// decode_v_bits<NORMAL> (no subnormal path) for every code from 8, and codes_at_least_8,
+// which picks it for a block, with one low code at every position.
+void check_normal_v_decode() {
+    for (float scale : {1.f, 0x1p-126f, 3.7e-3f, 1e37f, 3.4e38f, 1e-45f, INFINITY, NAN}) {
+        for (uint32_t c = 8; c < 256; ++c) {
+            const float want = spec::value(c, 15) * scale, got = decode_v_bits<NORMAL>(c, scale);
+            if (bits_of(got) != bits_of(want) && !(got != got && want != want))
+                report('d', scale, float(c), c, want, c, got, "decode_v_bits<NORMAL>");
+        }
+    }
+    alignas(32) uint8_t q[BLOCK];
+    for (int j = 0; j < BLOCK; ++j) {
+        for (uint32_t c = 0; c < 256; ++c) {
+            for (int i = 0; i < BLOCK; ++i) q[i] = uint8_t(255 - (i % 200));
+            q[j] = uint8_t(c);
+            if (codes_at_least_8(q) != (c >= 8)) report('b', 0.f, float(j), c >= 8, 0.f, !(c >= 8), 0.f, "codes_at_least_8");
+        }
+    }
+}
+
 int main(int argc, char** argv) {
     const int unpacked[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
     const int in_order[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -208,6 +229,7 @@ int main(int argc, char** argv) {
         check<false>(a, stride);
     }
     check_block_maxima(stride);
+    check_normal_v_decode();
     std::printf("int8 encoders (and decode_m16) vs formats.md, edge values and every %llu-th float32 x, %zu block maxima: %ld mismatches\n",
                 (unsigned long long)stride, sizeof(absmaxes) / sizeof(float), mismatches);
     return mismatches != 0;

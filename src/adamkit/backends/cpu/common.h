@@ -385,8 +385,10 @@ template <BlockRange R = ANY, class F> inline auto encode_v_bits(F x, const Code
     stored_value = mag * k.scale;
     return code_of<15, R>(mag);
 }
-template <class U> inline auto decode_v_bits(U q, float scale) {
-    return decode_magnitude<15>(q) * scale;
+// NORMAL: every code q is at least 8 (int8_blocks checks a block's codes first).
+template <BlockRange R = ANY, class U> inline auto decode_v_bits(U q, float scale) {
+    if constexpr (R == NORMAL) return float_of((q << 20) + (uint32_t(127 - 15) << 23)) * scale;
+    else return decode_magnitude<15>(q) * scale;
 }
 
 inline uint8_t encode_m(float x, const Codec& k, float& stored_value) {

@@ -429,6 +429,15 @@ template <class F> inline float max_lanes(F x) {
     for (int k = 0; k < int(sizeof(F) / 4); ++k) m = magnitude_max(m, x[k]);
     return m;
 }
+// Whether every one of a block's BLOCK codes from q is at least 8.
+inline bool codes_at_least_8(const uint8_t* q) {
+    static_assert(BLOCK == 256, "eight 32-byte vectors");
+    __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    for (int j = 1; j < 8; ++j)
+        low = _mm256_min_epu8(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q) + j));
+    const __m256i eight = _mm256_set1_epi8(8);
+    return _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(low, eight), low)) == -1;
+}
 // The block's least magnitude, where its maxima are finite (no NaN).
 template <class F> inline float min_lanes(F x) {
     float m = x[0];
@@ -503,7 +512,9 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
         const bool has_prev = OVERLAP && b0 > lo;
         F mabs = {}, vabs = {}, mlow = F{} + INFINITY, vlow = F{} + INFINITY;
         const float mscale = msc[blk], vscale = vsc[blk];
-        for (int k = 0; k < 16; ++k) {  // decode and step, block maxima
+        const auto step = [&](auto v_range) {  // decode and step, block maxima and minima
+          constexpr BlockRange VR = decltype(v_range)::value;
+          for (int k = 0; k < 16; ++k) {
             const int64_t i = b0 + 16 * k;
             // Two blocks ahead: a block is three passes, well over a thousand micro-ops, so
             // the out-of-order window never reaches its loads (one block ahead: 8% faster
@@ -523,7 +534,7 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
                 const F th = U == KAHAN ? ts[h] + cs[h] : ts[h];
                 const F gi = grad(c, gs[h], th);
                 const F mi = lerp(c, ms[h], gi);
-                const F vi = c.beta2 * decode_v_bits(qv[h], vscale) + c.omb2 * gi * gi;
+                const F vi = c.beta2 * decode_v_bits<VR>(qv[h], vscale) + c.omb2 * gi * gi;
                 B.th[H * k + h] = th;
                 B.m[H * k + h] = mi;
                 B.v[H * k + h] = vi;
@@ -532,7 +543,14 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
                 mlow = min_(mlow, abs_(mi));
                 vlow = min_(vlow, vi);
             }
-        }
+          }
+        };
+        // v codes are decoded without their subnormal path where none of the block's is
+        // below 8 (as in the blocks encoded NORMAL below, most of them): in L1 on one core
+        // 4-5% less time per int8 step (Zen 5), at 16.8M params 3-6% with bf16 params and
+        // within the noise with float32 ones (interleaved A/B).
+        if (codes_at_least_8(vq + b0)) step(std::integral_constant<BlockRange, NORMAL>{});
+        else step(std::integral_constant<BlockRange, ANY>{});
         const float mmax = max_lanes(mabs), vmax = max_lanes(vabs);
         const Codec mcod(mmax, M_MAX), vcod(vmax, V_MAX);
         msc[blk] = mcod.scale;
