@@ -407,6 +407,31 @@ def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage, variant):
     assert any(torch.isnan(p).any() for p in pa), "the non-finite grads should reach a param"
 
 
+def _int8_steps_on_both_backends(n, seed, dtype, update, amsgrad, grad_at):
+    """Four int8 steps of one param of n elements on the cpu and torch backends, the grad
+    of each step from grad_at(step, gen); compared bit for bit after every step (NaN
+    where NaN). Returns the cpu backend's param and state after each step."""
+    runs = {}
+    for backend in ("cpu", "torch"):
+        gen = torch.Generator().manual_seed(seed)
+        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
+        kw = {"param_update": update} if update else {}
+        opt = adamkit.Adam([p], lr=1e-2, backend=backend, state_format="int8", int8_min_size=0,
+                           amsgrad=amsgrad, **kw)
+        history = []
+        for step in range(4):
+            p.grad = grad_at(step, gen).to(dtype)
+            opt.step()
+            history.append({"param": p.detach().clone(),
+                            **{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}})
+        runs[backend] = history
+    for step, (a, b) in enumerate(zip(runs["cpu"], runs["torch"])):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_equal_nan_aware(a[key], b[key], f"step {step + 1}, {key}")
+    return runs["cpu"]
+
+
 @needs_cpu
 @pytest.mark.parametrize("dtype, update", [(torch.float32, None), (torch.bfloat16, "kahan")], ids=["fp32", "bf16-kahan"])
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
@@ -419,28 +444,14 @@ def test_int8_blocks_with_a_nan_or_an_inf_follow_formats_md_on_both_backends(dty
     0-2 and the scalar tail hold one each; blocks 3 and 4 are untouched."""
     nan, inf = float("nan"), float("inf")
     n = 5 * 256 + 100
-    runs = {}
-    for backend in ("cpu", "torch"):
-        gen = torch.Generator().manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
-        kw = {"param_update": update} if update else {}
-        opt = adamkit.Adam([p], lr=1e-2, backend=backend, state_format="int8", int8_min_size=0,
-                           amsgrad=amsgrad, **kw)
-        history = []
-        for step in range(4):
-            g = torch.randn(n, generator=gen) * 0.1
-            if step == 1:
-                g[[5, 300, 600, 1300]] = torch.tensor([nan, inf, -inf, nan])
-            p.grad = g.to(dtype)
-            opt.step()
-            history.append({"param": p.detach().clone(),
-                            **{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}})
-        runs[backend] = history
-    for step, (a, b) in enumerate(zip(runs["cpu"], runs["torch"])):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_equal_nan_aware(a[key], b[key], f"step {step + 1}, {key}")
-    after = runs["cpu"][1]
+
+    def grad_at(step, gen):
+        g = torch.randn(n, generator=gen) * 0.1
+        if step == 1:
+            g[[5, 300, 600, 1300]] = torch.tensor([nan, inf, -inf, nan])
+        return g
+
+    after = _int8_steps_on_both_backends(n, 0, dtype, update, amsgrad, grad_at)[1]
     blocks = after["param"].float().split(256)
     assert [bool(b.isnan().all()) for b in blocks] == [True, True, True, False, False, True]
     assert bool(torch.isfinite(torch.cat(blocks[3:5])).all())
@@ -461,32 +472,19 @@ def test_int8_blocks_on_either_side_of_the_maps_normal_range_match_the_torch_bac
     step, and both kinds of block must occur."""
     blocks, n = 96, 96 * 256 + 40
     ratios = torch.logspace(-7.5, -3, blocks, dtype=torch.float64).float()
-    runs = {}
-    for backend in ("cpu", "torch"):
-        gen = torch.Generator().manual_seed(1)
-        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
-        kw = {"param_update": update} if update else {}
-        opt = adamkit.Adam([p], lr=1e-2, backend=backend, state_format="int8", int8_min_size=0,
-                           amsgrad=amsgrad, **kw)
-        history = []
-        for step in range(4):
-            g = torch.rand(n, generator=gen) * 0.5 + 0.5
-            g *= torch.randint(0, 2, (n,), generator=gen) * 2 - 1
-            body = g[: blocks * 256].view(blocks, 256)
-            body *= torch.logspace(-3, 3, blocks).roll(step).unsqueeze(1)  # any block scale
-            body[:, 7 + step] *= ratios
-            body[::7, 200] = 0.0
-            p.grad = g.to(dtype)
-            opt.step()
-            history.append({"param": p.detach().clone(),
-                            **{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}})
-        runs[backend] = history
-    for step, (a, b) in enumerate(zip(runs["cpu"], runs["torch"])):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_equal_nan_aware(a[key], b[key], f"step {step + 1}, {key}")
-    m = runs["cpu"][0]["exp_avg"][: blocks * 256].view(blocks, 256).int() & 127
-    v = runs["cpu"][0]["exp_avg_sq"][: blocks * 256].view(blocks, 256).int()
+
+    def grad_at(step, gen):
+        g = torch.rand(n, generator=gen) * 0.5 + 0.5
+        g *= torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+        body = g[: blocks * 256].view(blocks, 256)
+        body *= torch.logspace(-3, 3, blocks).roll(step).unsqueeze(1)  # any block scale
+        body[:, 7 + step] *= ratios
+        body[::7, 200] = 0.0
+        return g
+
+    first = _int8_steps_on_both_backends(n, 1, dtype, update, amsgrad, grad_at)[0]
+    m = first["exp_avg"][: blocks * 256].view(blocks, 256).int() & 127
+    v = first["exp_avg_sq"][: blocks * 256].view(blocks, 256).int()
     subnormal = ((m < 8) | (v < 8)).any(dim=1)  # a code below the map's normal range
     assert 10 < int(subnormal.sum()) < blocks - 10, subnormal
 
