@@ -407,7 +407,7 @@ def test_cpu_kernel_propagates_nan_and_inf_like_torch_backend(storage, variant):
     assert any(torch.isnan(p).any() for p in pa), "the non-finite grads should reach a param"
 
 
-def _int8_steps_on_both_backends(n, seed, dtype, update, amsgrad, grad_at):
+def _int8_steps_on_both_backends(n, seed, dtype, update, amsgrad, grad_at, betas=(0.9, 0.999)):
     """Four int8 steps of one param of n elements on the cpu and torch backends, the grad
     of each step from grad_at(step, gen); compared bit for bit after every step (NaN
     where NaN). Returns the cpu backend's param and state after each step."""
@@ -417,7 +417,7 @@ def _int8_steps_on_both_backends(n, seed, dtype, update, amsgrad, grad_at):
         p = torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype))
         kw = {"param_update": update} if update else {}
         opt = adamkit.Adam([p], lr=1e-2, backend=backend, state_format="int8", int8_min_size=0,
-                           amsgrad=amsgrad, **kw)
+                           amsgrad=amsgrad, betas=betas, **kw)
         history = []
         for step in range(4):
             p.grad = grad_at(step, gen).to(dtype)
@@ -469,8 +469,9 @@ def test_int8_blocks_on_either_side_of_the_maps_normal_range_match_the_torch_bac
     (common.h's BlockRange). Each block here holds one small gradient, its ratio to the
     block's largest log-spaced across both thresholds (and some exact zeros), so that the
     blocks fall on either side; compared bit for bit with the torch backend after every
-    step, and both kinds of block must occur."""
-    blocks, n = 96, 96 * 256 + 40
+    step, and both kinds of block must occur. The last block's one huge first gradient
+    leaves its v below the normal range while its m (β1 = 0.5) is back in it by step 3."""
+    blocks, n = 96, 97 * 256 + 40
     ratios = torch.logspace(-7.5, -3, blocks, dtype=torch.float64).float()
 
     def grad_at(step, gen):
@@ -480,9 +481,16 @@ def test_int8_blocks_on_either_side_of_the_maps_normal_range_match_the_torch_bac
         body *= torch.logspace(-3, 3, blocks).roll(step).unsqueeze(1)  # any block scale
         body[:, 7 + step] *= ratios
         body[::7, 200] = 0.0
+        g[blocks * 256:(blocks + 1) * 256].abs_()  # one sign: its m stays away from 0
+        if step == 0:
+            g[blocks * 256 + 9] = 1e5
         return g
 
-    first = _int8_steps_on_both_backends(n, 1, dtype, update, amsgrad, grad_at)[0]
+    history = _int8_steps_on_both_backends(n, 1, dtype, update, amsgrad, grad_at, betas=(0.5, 0.999))
+    first = history[0]
+    last = slice(blocks * 256, (blocks + 1) * 256)
+    assert int((history[2]["exp_avg"][last].int() & 127).min()) >= 8  # m in range, v not
+    assert int(history[2]["exp_avg_sq"][last].int().min()) < 8
     m = first["exp_avg"][: blocks * 256].view(blocks, 256).int() & 127
     v = first["exp_avg_sq"][: blocks * 256].view(blocks, 256).int()
     subnormal = ((m < 8) | (v < 8)).any(dim=1)  # a code below the map's normal range

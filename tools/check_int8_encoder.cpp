@@ -149,8 +149,11 @@ void check_block_maxima(uint64_t stride) {
         for (int d = -2; d <= 2; ++d) maxima.push_back((e << 23) + uint32_t(d));
     for (float top : {M_MAX, V_MAX})
         for (int d = -2; d <= 2; ++d) maxima.push_back(bits_of(top * 0x1p-126f) + uint32_t(d));
-    for (uint64_t u = 1; u < 0x7F800000u; u += stride) maxima.push_back(uint32_t(u));
-    for (uint32_t a_bits : maxima) {
+    // The edges, then every stride-th pattern (not stored: 2^31 of them at stride 1).
+    const uint64_t n_edges = maxima.size();
+    for (uint64_t t = 0, u = 1; t < n_edges || u < 0x7F800000u; ++t) {
+        const uint32_t a_bits = t < n_edges ? maxima[t] : uint32_t(u);
+        if (t >= n_edges) u += stride;
         const float a = float_of(a_bits);
         if (!(a > 0.f && a < INFINITY)) continue;
         const Codec km(a, M_MAX), kv(a, V_MAX);

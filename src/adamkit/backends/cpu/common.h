@@ -329,7 +329,8 @@ template <int B, class U> inline auto decode_magnitude(U c) {
 enum BlockRange { ANY, FINITE, NORMAL };
 
 // y ≥ 0 rounded (to nearest even) onto the E?M3 map with bias B, capped at the value of
-// code cmax (also for NaN and ∞): the magnitude as stored, without forming the code.
+// code cmax (also for NaN and ∞; for R = ANY only, the other ranges need no cap and leave
+// cmax unused): the magnitude as stored, without forming the code.
 template <int B, BlockRange R = ANY, class F> inline F round_to_map(F y, uint32_t cmax) {
     // The map's grid near y has spacing 2^(E−3), E = y's exponent, and 2^(−B−2) below
     // the smallest normal 2^(1−B). Adding big = 1.5·2^(E+20) (E at least 1−B) puts that

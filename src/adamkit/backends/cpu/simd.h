@@ -547,8 +547,9 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
         };
         // v codes are decoded without their subnormal path where none of the block's is
         // below 8 (as in the blocks encoded NORMAL below, most of them): in L1 on one core
-        // 4-5% less time per int8 step (Zen 5), at 16.8M params 3-6% with bf16 params and
-        // within the noise with float32 ones (interleaved A/B).
+        // without it int8 steps took 2-7% longer (Zen 5, kernel_ablation.py); at 16.8M
+        // params it saved 3-6% with bf16 params and 4-6% on avx2, fp32 int8 on avx512bf16
+        // within the noise (interleaved A/B).
         if (codes_at_least_8(vq + b0)) step(std::integral_constant<BlockRange, NORMAL>{});
         else step(std::integral_constant<BlockRange, ANY>{});
         const float mmax = max_lanes(mabs), vmax = max_lanes(vabs);
@@ -571,10 +572,11 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
         // the maxima are finite x·inv ≤ top·(1 + 2^-24)², and at least its minimum, whose
         // x·inv (rounded as the encoder's, monotone) bounds every element's from below.
         // Most blocks are NORMAL: a block's m and v rarely span the 2^15 and 2^31 of the
-        // maps' normal ranges (95.6% of the blocks after 300 steps of `adamkit train`; the
-        // rest hold a zero or a tiny m). In L1 on one core (kernel_ablation.py), Zen 5:
-        // every block as ANY takes 12-14% longer per int8 step, without NORMAL 8%; at
-        // 16.8M params NORMAL and FINITE made int8 steps 8-13% faster (interleaved A/B).
+        // maps' normal ranges (after 300 steps of `adamkit train`, 95.6% of the blocks had
+        // no code below 8; the rest held a zero or a tiny m). In L1 on one core
+        // (kernel_ablation.py), Zen 5: every block as ANY took 8-13% longer per int8
+        // step, no NORMAL blocks 8-10%; at 16.8M params the ranges and the v-code test
+        // together saved 8-16% (interleaved A/B, avx512bf16 and avx2).
         using std::integral_constant;
         if (!(mmax < INFINITY && vmax < INFINITY)) encode(integral_constant<BlockRange, ANY>{});
         else if (min_lanes(mlow) * mcod.inv >= 0x1p-6f && min_lanes(vlow) * vcod.inv >= 0x1p-14f)
