@@ -74,6 +74,13 @@ void report(char which, float absmax, float x, uint32_t want, float want_value, 
                     which, absmax, x, path, got, got_value, want, want_value);
 }
 
+// Reports unless the code and the value as stored are formats.md's.
+void expect(char which, float absmax, float x, uint32_t want, float want_value, uint32_t got,
+            float got_value, const char* path) {
+    if (got != want || bits_of(got_value) != bits_of(want_value))
+        report(which, absmax, x, want, want_value, got, got_value, path);
+}
+
 // Where the recipe branches, rounds a tie, or caps, each ±1 ulp, whatever the stride:
 // ±0, ±∞, NaNs of both signs, float32 subnormals, every code's value and the midpoints
 // between neighbouring codes (both maps, times the scale of the block under test).
@@ -117,25 +124,20 @@ void check(float absmax, uint64_t stride) {
             if (!M && (bits[j] >> 31) && bits[j] != 0x80000000u && x[j] == x[j]) continue;
             float want_value, got_value;
             const uint32_t want = M ? spec::encode_m(x[j], k, want_value) : spec::encode_v(x[j], k, want_value);
-            const uint32_t got = M ? encode_m_bits(x[j], k, got_value) : encode_v_bits(x[j], k, got_value);
-            if (got != want || bits_of(got_value) != bits_of(want_value))
-                report(M ? 'm' : 'v', absmax, x[j], want, want_value, got, got_value, "float");
-            if (lanes[j] != want || bits_of(lanes_value[j]) != bits_of(want_value))
-                report(M ? 'm' : 'v', absmax, x[j], want, want_value, lanes[j], lanes_value[j], "8 lanes");
+            const char which = M ? 'm' : 'v';
+            uint32_t got = M ? encode_m_bits(x[j], k, got_value) : encode_v_bits(x[j], k, got_value);
+            expect(which, absmax, x[j], want, want_value, got, got_value, "float");
+            expect(which, absmax, x[j], want, want_value, lanes[j], lanes_value[j], "8 lanes");
             // FINITE (BlockRange): every x a block of this maximum holds.
             if (!(std::fabs(x[j]) <= absmax)) continue;
-            uint32_t got_range = M ? encode_m_bits<FINITE>(x[j], k, got_value) : encode_v_bits<FINITE>(x[j], k, got_value);
-            if (got_range != want || bits_of(got_value) != bits_of(want_value))
-                report(M ? 'm' : 'v', absmax, x[j], want, want_value, got_range, got_value, "float, FINITE");
-            if (finite[j] != want || bits_of(finite_value[j]) != bits_of(want_value))
-                report(M ? 'm' : 'v', absmax, x[j], want, want_value, finite[j], finite_value[j], "8 lanes, FINITE");
+            got = M ? encode_m_bits<FINITE>(x[j], k, got_value) : encode_v_bits<FINITE>(x[j], k, got_value);
+            expect(which, absmax, x[j], want, want_value, got, got_value, "float, FINITE");
+            expect(which, absmax, x[j], want, want_value, finite[j], finite_value[j], "8 lanes, FINITE");
             // NORMAL: and x·inv at least the map's smallest normal.
             if (!(std::fabs(x[j]) * k.inv >= (M ? 0x1p-6f : 0x1p-14f))) continue;
-            got_range = M ? encode_m_bits<NORMAL>(x[j], k, got_value) : encode_v_bits<NORMAL>(x[j], k, got_value);
-            if (got_range != want || bits_of(got_value) != bits_of(want_value))
-                report(M ? 'm' : 'v', absmax, x[j], want, want_value, got_range, got_value, "float, NORMAL");
-            if (normal[j] != want || bits_of(normal_value[j]) != bits_of(want_value))
-                report(M ? 'm' : 'v', absmax, x[j], want, want_value, normal[j], normal_value[j], "8 lanes, NORMAL");
+            got = M ? encode_m_bits<NORMAL>(x[j], k, got_value) : encode_v_bits<NORMAL>(x[j], k, got_value);
+            expect(which, absmax, x[j], want, want_value, got, got_value, "float, NORMAL");
+            expect(which, absmax, x[j], want, want_value, normal[j], normal_value[j], "8 lanes, NORMAL");
         }
     }
 }
@@ -161,19 +163,15 @@ void check_block_maxima(uint64_t stride) {
             float want_value, got_value;
             uint32_t want = spec::encode_m(x, km, want_value);
             uint32_t got = encode_m_bits<FINITE>(x, km, got_value);
-            if (got != want || bits_of(got_value) != bits_of(want_value))
-                report('m', a, x, want, want_value, got, got_value, "block maximum, FINITE");
+            expect('m', a, x, want, want_value, got, got_value, "block maximum, FINITE");
             got = encode_m_bits<NORMAL>(x, km, got_value);  // (a block maximum below the floor: no)
-            if (std::fabs(x) * km.inv >= 0x1p-6f && (got != want || bits_of(got_value) != bits_of(want_value)))
-                report('m', a, x, want, want_value, got, got_value, "block maximum, NORMAL");
+            if (std::fabs(x) * km.inv >= 0x1p-6f) expect('m', a, x, want, want_value, got, got_value, "block maximum, NORMAL");
             if (x < 0.f) continue;
             want = spec::encode_v(x, kv, want_value);
             got = encode_v_bits<FINITE>(x, kv, got_value);
-            if (got != want || bits_of(got_value) != bits_of(want_value))
-                report('v', a, x, want, want_value, got, got_value, "block maximum, FINITE");
+            expect('v', a, x, want, want_value, got, got_value, "block maximum, FINITE");
             got = encode_v_bits<NORMAL>(x, kv, got_value);
-            if (x * kv.inv >= 0x1p-14f && (got != want || bits_of(got_value) != bits_of(want_value)))
-                report('v', a, x, want, want_value, got, got_value, "block maximum, NORMAL");
+            if (x * kv.inv >= 0x1p-14f) expect('v', a, x, want, want_value, got, got_value, "block maximum, NORMAL");
         }
     }
 }
@@ -233,7 +231,7 @@ int main(int argc, char** argv) {
     }
     check_block_maxima(stride);
     check_normal_v_decode();
-    std::printf("int8 encoders (and decode_m16) vs formats.md, edge values and every %llu-th float32 x, %zu block maxima: %ld mismatches\n",
-                (unsigned long long)stride, sizeof(absmaxes) / sizeof(float), mismatches);
+    std::printf("int8 encoders (and decode_m16) vs formats.md, edge values and every %llu-th float32 x, %zu block maxima (and every %llu-th at ±absmax): %ld mismatches\n",
+                (unsigned long long)stride, sizeof(absmaxes) / sizeof(float), (unsigned long long)stride, mismatches);
     return mismatches != 0;
 }

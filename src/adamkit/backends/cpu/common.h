@@ -290,6 +290,7 @@ inline void write_theta(P* p, P* comp, float* master, int64_t i, float x, uint32
 // ---- int8 moments: block-scaled 8-bit floats (E4M3 signed m, E5M3 unsigned v) ----------
 constexpr float M_MAX = 480.f;     // (8+7)·2^(15−7−3)
 constexpr float V_MAX = 122880.f;  // (8+7)·2^(31−15−3)
+constexpr float M_MIN_NORMAL = 0x1p-6f, V_MIN_NORMAL = 0x1p-14f;  // 2^(1−7), 2^(1−15)
 
 // absmax is floored at M·2^-126 (formats.md): scale stays a normal float32 and M/absmax
 // finite; otherwise a tiny block (long-decayed v) gets inv = inf and 0·inf = NaN codes.

@@ -579,7 +579,7 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
         // together saved 8-16% (interleaved A/B, avx512bf16 and avx2).
         using std::integral_constant;
         if (!(mmax < INFINITY && vmax < INFINITY)) encode(integral_constant<BlockRange, ANY>{});
-        else if (min_lanes(mlow) * mcod.inv >= 0x1p-6f && min_lanes(vlow) * vcod.inv >= 0x1p-14f)
+        else if (min_lanes(mlow) * mcod.inv >= M_MIN_NORMAL && min_lanes(vlow) * vcod.inv >= V_MIN_NORMAL)
             encode(integral_constant<BlockRange, NORMAL>{});
         else encode(integral_constant<BlockRange, FINITE>{});
         if constexpr (AMSGRAD) {  // max v: the old one decoded, against v as stored; re-encoded
