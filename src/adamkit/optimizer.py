@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends, checkpoints, formats
+from . import backends, checkpoints, formats, step_wrapper
 from .formats import param as param_policy
 from .hyperparams import TORCH_FLAGS, check_live_group, refuse_torch_only, scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
@@ -127,6 +127,12 @@ class Adam(Optimizer):
     Mixed precision: ``torch.amp.GradScaler`` hands the step its scale and ``found_inf``
     (``_step_supports_amp_scaling``): the grads are unscaled inside the step (``.grad``
     keeps the scaled values) and a step with an inf or NaN gradient is skipped whole.
+
+    Hooks and profiling: step hooks (``register_step_pre_hook``, the global ones) run as
+    in torch.optim, and while a profiler records, every step is its
+    ``Optimizer.step#Adam.step`` range. Where neither is there, the step skips torch's
+    wrapper, whose range alone cost more than the rest of the step's Python around the
+    kernel (``adamkit.step_wrapper``).
 
     Validation: the constructor and ``add_param_group`` check each group's hyperparameters
     with torch.optim's errors. Values set on a group later (a scheduler, your code, a
@@ -331,7 +337,10 @@ class Adam(Optimizer):
             new.update(formats.state.zeros(p, "max_exp_avg_sq", fmt))
         return new
 
-    @torch.no_grad()
+    # torch.optim's wrapper of `step` (hooks, a profiler range), taken where a hook or a
+    # profiler can see the step: step_wrapper.py
+    profile_hook_step = staticmethod(step_wrapper.profile_hook_step)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
@@ -347,6 +356,16 @@ class Adam(Optimizer):
     # ctypes calls) into graph breaks, warnings and seconds of compiling, for nothing.
     # The closure above stays traceable.
     def _update(self) -> None:
+        # torch.no_grad's effect in two C calls: as a decorator of `step` it took 20-45 us
+        # a step, cold after the kernel's streaming (benchmarks/step_overhead.py)
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._update_without_grad()
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+
+    def _update_without_grad(self) -> None:
         grad_scale_inv = self._amp_grad_scale_inv()
         if grad_scale_inv is None:
             return  # GradScaler found an inf or NaN: skip the step, change nothing

@@ -1,0 +1,131 @@
+"""The step's wrapper (step_wrapper.py) and its grad mode: torch.optim's behaviour wherever
+anything can observe it, and no profiler range built where nothing does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+import adamkit
+
+OPTIMIZERS = [adamkit.Adam, adamkit.AdamW]
+
+
+class _CountingRange:
+    """Stands in for torch.autograd.profiler.record_function, counting the ranges opened."""
+
+    opened: list[str] = []
+
+    def __init__(self, name: str, args: str | None = None) -> None:
+        self.name = name
+
+    def __enter__(self) -> _CountingRange:
+        _CountingRange.opened.append(self.name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.fixture
+def ranges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the profiler ranges steps open (torch's wrapper looks the class up at
+    each call)."""
+    _CountingRange.opened = []
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", _CountingRange)
+    return _CountingRange.opened
+
+
+def _stepped(make, **kwargs):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = make([p], **kwargs)
+    p.grad = torch.ones(3)
+    return opt, p
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS)
+def test_a_step_nothing_observes_opens_no_profiler_range(make, ranges):
+    opt, p = _stepped(make)
+    before = p.detach().clone()
+    opt.step()
+    opt.step()
+    assert ranges == []
+    assert not torch.equal(p, before)  # it stepped
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS)
+@pytest.mark.parametrize("hook", ["pre", "post", "global pre", "global post"])
+def test_any_step_hook_takes_torchs_wrapper(make, hook, ranges):
+    """With a hook registered, the step runs inside torch's own wrapper: its range is
+    opened, and the hook runs once."""
+    opt, _ = _stepped(make)
+    seen = []
+    register = {"pre": opt.register_step_pre_hook, "post": opt.register_step_post_hook,
+                "global pre": register_optimizer_step_pre_hook,
+                "global post": register_optimizer_step_post_hook}[hook]
+    handle = register(lambda o, a, k: seen.append(o))
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    assert seen == [opt]
+    assert ranges == [f"Optimizer.step#{make.__name__}.step"]
+    opt.step()  # removed: the fast path again
+    assert len(ranges) == 1
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS)
+def test_the_profilers_flag_takes_torchs_wrapper(make, ranges, monkeypatch):
+    """torch's profilers set torch.autograd.profiler._is_profiler_enabled while they run
+    (test_step_is_labelled_while_a_profiler_runs runs a real one)."""
+    opt, _ = _stepped(make)
+    monkeypatch.setattr(torch.autograd.profiler, "_is_profiler_enabled", True)
+    opt.step()
+    assert ranges == [f"Optimizer.step#{make.__name__}.step"]
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS)
+@pytest.mark.parametrize("with_hook", [False, True])
+def test_the_profilers_python_entry_point_runs_after_every_step(make, with_hook, monkeypatch):
+    """torch's profiler, tracing Python, reads the optimizer at _optimizer_step_code: it is
+    called once per step, after the update, on both paths."""
+    opt, p = _stepped(make)
+    calls = []
+    monkeypatch.setattr(opt, "_optimizer_step_code", lambda: calls.append(p.detach().clone()))
+    handle = opt.register_step_post_hook(lambda *a: None) if with_hook else None
+    before = p.detach().clone()
+    opt.step()
+    if handle is not None:
+        handle.remove()
+    assert len(calls) == 1 and not torch.equal(calls[0], before)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])  # auto: the kernel where built
+def test_the_update_runs_without_grad_and_the_mode_is_restored(grad_enabled, backend, monkeypatch):
+    """As torch.optim's steps (no_grad): the update runs with grad off, the closure with
+    grad on; afterwards the caller's mode is back, also when the step raises."""
+    opt, p = _stepped(adamkit.Adam, backend=backend)
+    modes = []
+    update = opt._update_without_grad
+
+    def recording_update():
+        modes.append(torch.is_grad_enabled())
+        update()
+
+    monkeypatch.setattr(opt, "_update_without_grad", recording_update)
+
+    def closure():
+        modes.append(("closure", torch.is_grad_enabled()))
+        return torch.tensor(0.0)
+
+    with torch.set_grad_enabled(grad_enabled):
+        opt.step(closure)
+        assert torch.is_grad_enabled() is grad_enabled
+        p.grad = torch.ones(3).to_sparse()
+        with pytest.raises(RuntimeError, match="sparse"):
+            opt.step()
+        assert torch.is_grad_enabled() is grad_enabled
+    assert modes == [("closure", True), False, False]
+    assert opt.state[p]["step"].item() == 1
