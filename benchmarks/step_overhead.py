@@ -1,9 +1,9 @@
-"""What a step costs beyond its kernel, and what step_wrapper.py saves of it: interleaved A/B.
+"""What a step costs beyond its kernel, and what wrappers.py saves of it: interleaved A/B.
 
     python benchmarks/step_overhead.py [--rounds 31] [--params 16777216]
 
 Two optimizers over two copies of the same params, identical but for the wrapper around
-``step``: adamkit's (step_wrapper.py: torch's wrapper only where a hook or a profiler can
+``step``: adamkit's (wrappers.py: torch's wrapper only where a hook or a profiler can
 see the step; grad mode set by two C calls) and torch.optim's (``profile_hook_step``'s
 profiler range and hooks, and ``@torch.no_grad()``), step in turn, round after round. Also
 timed in the same rounds: the cached plan's kernel calls alone, so "over the kernel" is

@@ -200,6 +200,19 @@ _COMPILED_AFTER_IMPORT = textwrap.dedent("""
     twin.load_state_dict(model.state_dict())
     opt = adamkit.AdamW(model.parameters(), lr=0.1)  # before anything imports dynamo
     eager = adamkit.AdamW(twin.parameters(), lr=0.1)
+    # Training without compiling imports it neither (torch.optim's constructor, zero_grad
+    # and state_dict would: torch._disable_dynamo's wrappers)
+    other = torch.nn.Linear(4, 2)
+    plain = adamkit.Adam(other.parameters(), lr=0.1, state_format="int8", int8_min_size=1)
+    for set_to_none in (True, False):
+        other(torch.randn(3, 4)).sum().backward()
+        plain.step()
+        plain.zero_grad(set_to_none=set_to_none)
+    plain.load_state_dict(plain.state_dict())
+    plain.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert preloaded or "torch._dynamo" not in sys.modules, "an eager training imported torch._dynamo"
+    assert compiling == [False, False], compiling
+    compiling.clear()
     compiled = torch.compile(opt.step)
     x, y = torch.randn(8, 4), torch.randn(8, 2)
     with warnings.catch_warnings(record=True) as caught:
@@ -223,9 +236,10 @@ _COMPILED_AFTER_IMPORT = textwrap.dedent("""
 
 def test_import_leaves_dynamo_out_and_a_later_compile_still_runs_the_step_eagerly():
     """``import adamkit`` does not import torch._dynamo (torch.compiler.disable would: 1.4 s
-    of a 2.6 s import), and an optimizer made before anything imported it still runs its
-    update eagerly under a later torch.compile: the same bits as an eager step, no
-    warnings. In a fresh interpreter, where nothing has imported dynamo yet."""
+    of a 2.6 s import), nor does training without torch.compile; an optimizer made before
+    anything imported it still runs its update eagerly under a later torch.compile: the
+    same bits as an eager step, no warnings. In a fresh interpreter, where nothing has
+    imported dynamo yet."""
     done = subprocess.run([sys.executable, "-c", _COMPILED_AFTER_IMPORT], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,7 +9,6 @@ bucket to its backend with scalars computed once.
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -18,28 +17,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import backends, checkpoints, formats, step_wrapper
+from . import backends, checkpoints, formats, wrappers
 from .formats import param as param_policy
 from .hyperparams import TORCH_FLAGS, check_live_group, refuse_torch_only, scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
+from .wrappers import eagerly, torch_eagerly
 
 _FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
-
-
-def _eagerly(fn: Callable) -> Callable:
-    """``fn`` as torch.compiler.disable wraps it, once torch._dynamo is imported; until
-    then ``fn`` itself, which nothing can trace. torch.compiler.disable imports
-    torch._dynamo: applied at class definition it was 1.4 of the 2.6 s that
-    ``import adamkit`` took (Zen 5), for every program, compiled or not. The wrapper is
-    made once per function and kept on it: at construction where dynamo is already
-    imported, else at the first step after, which may be inside dynamo's trace of it
-    (dynamo then runs the making eagerly, at a graph break, and skips the wrapper)."""
-    if "torch._dynamo" not in sys.modules:
-        return fn
-    wrapped = fn.__dict__.get("_adamkit_eagerly")
-    if wrapped is None:
-        wrapped = fn._adamkit_eagerly = torch.compiler.disable(fn)
-    return wrapped
 
 
 class UnreadableStateError(ValueError, RuntimeError):
@@ -132,7 +116,7 @@ class Adam(Optimizer):
     in torch.optim, and while a profiler records, every step is its
     ``Optimizer.step#Adam.step`` range. Where neither is there, the step skips torch's
     wrapper, whose range alone cost more than the rest of the step's Python around the
-    kernel (``adamkit.step_wrapper``).
+    kernel (``adamkit.wrappers``).
 
     Validation: the constructor and ``add_param_group`` check each group's hyperparameters
     with torch.optim's errors. Values set on a group later (a scheduler, your code, a
@@ -197,7 +181,8 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
         if foreach and isinstance(betas[0], Tensor):
             raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
-        _eagerly(type(self)._update)  # made here where dynamo is imported (see _eagerly)
+        eagerly(type(self)._update)  # made here where dynamo is imported (see wrappers.eagerly)
+        eagerly(wrappers.zero_grad)
 
     # ---- groups -------------------------------------------------------------------
 
@@ -228,7 +213,7 @@ class Adam(Optimizer):
             param_group["backend"] = group["backend"]
         if fill_max_lr:
             param_group["max_lr"] = group["max_lr"]
-        super().add_param_group(param_group)
+        torch_eagerly(Optimizer.add_param_group)(self, param_group)
         self._sync_decay_modes()  # records the new group's mode
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:
@@ -338,8 +323,13 @@ class Adam(Optimizer):
         return new
 
     # torch.optim's wrapper of `step` (hooks, a profiler range), taken where a hook or a
-    # profiler can see the step: step_wrapper.py
-    profile_hook_step = staticmethod(step_wrapper.profile_hook_step)
+    # profiler can see the step: wrappers.py
+    profile_hook_step = staticmethod(wrappers.profile_hook_step)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the grads, as torch.optim's ``zero_grad``: to None (default), or to zeros."""
+        # eagerly under torch.compile, as torch's own, which is torch._disable_dynamo's
+        eagerly(wrappers.zero_grad)(self, set_to_none)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -347,12 +337,12 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        _eagerly(type(self)._update)(self)
+        eagerly(type(self)._update)(self)
         return loss
 
     # Under torch.compile (of `opt.step` or of a training step that calls it) the update
-    # runs eagerly, as written (`_eagerly`): on the cpu backend it is one fused call per
-    # bucket already, and dynamo would trace the planning around it (caches of plans,
+    # runs eagerly, as written (`wrappers.eagerly`): on the cpu backend it is one fused call
+    # per bucket already, and dynamo would trace the planning around it (caches of plans,
     # ctypes calls) into graph breaks, warnings and seconds of compiling, for nothing.
     # The closure above stays traceable.
     def _update(self) -> None:
@@ -498,7 +488,7 @@ class Adam(Optimizer):
         so that torch.optim.Adam loads the same decay mode."""
         self._sync_decay_modes()  # before torch's state_dict, whose post-hooks see its dict
         self._resync_moved_masters()
-        return super().state_dict()
+        return torch_eagerly(Optimizer.state_dict)(self)
 
     @torch.no_grad()
     def _resync_moved_masters(self) -> None:

@@ -1,4 +1,4 @@
-"""The step's wrapper (step_wrapper.py) and its grad mode: torch.optim's behaviour wherever
+"""The step's wrapper (wrappers.py) and its grad mode: torch.optim's behaviour wherever
 anything can observe it, and no profiler range built where nothing does."""
 
 from __future__ import annotations
@@ -129,3 +129,29 @@ def test_the_update_runs_without_grad_and_the_mode_is_restored(grad_enabled, bac
         assert torch.is_grad_enabled() is grad_enabled
     assert modes == [("closure", True), False, False]
     assert opt.state[p]["step"].item() == 1
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS)
+def test_zero_grad_sets_grads_to_none_without_a_range_where_no_profiler_records(make, ranges):
+    opt, p = _stepped(make)
+    other = torch.nn.Parameter(torch.zeros(2))  # no grad: stays without one
+    opt.add_param_group({"params": [other]})
+    opt.zero_grad()
+    assert p.grad is None and other.grad is None
+    assert ranges == []
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS)
+@pytest.mark.parametrize("profiling", [False, True])
+def test_zero_grad_is_torchs_for_zeros_and_while_a_profiler_records(make, profiling, ranges, monkeypatch):
+    """set_to_none=False (torch's: detached grads zeroed in place), and any zero_grad
+    while a profiler records, run torch.optim's zero_grad, range included."""
+    monkeypatch.setattr(torch.autograd.profiler, "_is_profiler_enabled", profiling)
+    opt, p = _stepped(make)
+    grad = p.grad
+    opt.zero_grad(set_to_none=False)
+    assert p.grad is grad and torch.equal(grad, torch.zeros(3))
+    opt.zero_grad()
+    assert p.grad is None
+    name = f"Optimizer.zero_grad#{make.__name__}.zero_grad"
+    assert ranges == [name, name] if profiling else ranges == [name]
