@@ -155,3 +155,47 @@ def test_zero_grad_is_torchs_for_zeros_and_while_a_profiler_records(make, profil
     assert p.grad is None
     name = f"Optimizer.zero_grad#{make.__name__}.zero_grad"
     assert ranges == [name, name] if profiling else ranges == [name]
+
+
+def test_a_standalone_execution_trace_observer_records_the_steps_ranges(tmp_path):
+    """An observer that is no profiler (torch's Python flag and profiler state both down)
+    still gets torch.optim's ranges: the wrapper asks libtorch whether any RecordFunction
+    callback is registered."""
+    from torch.profiler import ExecutionTraceObserver
+
+    opt, _ = _stepped(adamkit.AdamW)
+    trace = tmp_path / "trace.json"
+    observer = ExecutionTraceObserver().register_callback(str(trace))
+    observer.start()
+    try:
+        assert not torch.autograd.profiler._is_profiler_enabled
+        opt.step()
+        opt.zero_grad()
+    finally:
+        observer.stop()
+        observer.unregister_callback()
+    text = trace.read_text()
+    assert "Optimizer.step#AdamW.step" in text and "Optimizer.zero_grad#AdamW.zero_grad" in text
+
+
+@pytest.mark.parametrize("base", [torch.optim.Adam, adamkit.Adam], ids=["torch.optim", "adamkit"])
+def test_a_subclass_overriding_step_runs_its_hooks_as_torch_optim_does(base, ranges):
+    """torch.optim wraps each class's own ``step`` once: a subclass whose step calls its
+    parent's, where the parent's is wrapped too (an instance of it was made), runs each
+    hook once per wrapper. adamkit's wrapper delegates to torch's wherever a hook is
+    registered, so the counts are torch.optim's, whichever the base."""
+    base([torch.nn.Parameter(torch.zeros(1))])  # the parent's step is wrapped
+
+    class Sub(base):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = Sub([p])
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert seen == ["pre", "pre", "post", "post"]
+    assert ranges == [f"Optimizer.step#Sub.step"] * 2

@@ -113,10 +113,10 @@ class Adam(Optimizer):
     keeps the scaled values) and a step with an inf or NaN gradient is skipped whole.
 
     Hooks and profiling: step hooks (``register_step_pre_hook``, the global ones) run as
-    in torch.optim, and while a profiler records, every step is its
-    ``Optimizer.step#Adam.step`` range. Where neither is there, the step skips torch's
-    wrapper, whose range alone cost more than the rest of the step's Python around the
-    kernel (``adamkit.wrappers``).
+    in torch.optim, and wherever a range can be recorded (a profiler, an execution-trace
+    observer), every step is its ``Optimizer.step#Adam.step`` range. Where neither is
+    there, the step skips torch's wrapper, whose range alone cost more than the rest of
+    the step's Python around the kernel (``adamkit.wrappers``).
 
     Validation: the constructor and ``add_param_group`` check each group's hyperparameters
     with torch.optim's errors. Values set on a group later (a scheduler, your code, a

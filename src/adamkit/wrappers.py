@@ -7,13 +7,15 @@ per-optimizer step hooks around the step. Right after a step has streamed the pa
 through the caches, that wrapper ran cold and took about 170 us per step on a 2-core Zen 5
 (8 us warm), more than the rest of adamkit's Python around the kernel
 (benchmarks/step_overhead.py); its ``zero_grad`` opens a range too. ``profile_hook_step``
-below keeps torch's wrapper for every step that can observe it: a profiler is recording
-(torch's Python flag, which its profilers set, or its C++ state), or any step hook is
-registered. Otherwise it calls the step and ``_optimizer_step_code`` (the profiler's
-Python-tracing entry point) directly. ``zero_grad`` keeps torch's for a profiler and for
-``set_to_none=False``, and otherwise sets the grads to None itself. What differs: a
-RecordFunction observer registered without a profiler (an execution-trace observer
-started on its own) sees neither range; torch's Inductor skips its ranges on the same flag.
+below keeps torch's wrapper for every step that anything can observe: a RecordFunction
+callback is registered (libtorch's ``at::hasCallbacks``: a profiler, on-demand Kineto, an
+execution-trace observer started on its own, on this thread or globally), torch's
+profilers' Python flag is up, or a step hook is registered. Otherwise no range could be
+recorded, and it calls the step and ``_optimizer_step_code`` (the profiler's
+Python-tracing entry point) directly. ``zero_grad`` keeps torch's where a range could be
+recorded and for ``set_to_none=False``, and otherwise sets the grads to None itself.
+(Session 9 replaced the wrapper on torch's profiler state alone, which misses such
+observers, and reverted it: benchmarks/RESULTS.md.)
 
 torch._dynamo. Importing it takes 1.4 s (Zen 5). torch.compiler.disable imports it, and
 so does the first call of every Optimizer method torch wraps in ``torch._disable_dynamo``
@@ -24,8 +26,10 @@ and one that does from tracing adamkit's planning.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -33,7 +37,26 @@ import torch.autograd.profiler as _profiler
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
-_profiler_state_on = torch._C._autograd._profiler_enabled
+
+
+def _find_has_callbacks() -> Callable[[], bool] | None:
+    """libtorch's ``at::hasCallbacks()``: whether any RecordFunction callback is registered,
+    global or on this thread (a profiler's, on-demand Kineto's, an execution-trace
+    observer's), which is when torch's ``record_function`` can record anything. None where
+    it is not found (then every step takes torch's wrapper)."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (lib_dir / name).exists():
+            try:
+                fn = ctypes.CDLL(str(lib_dir / name))["_ZN2at12hasCallbacksEv"]
+            except (OSError, AttributeError):
+                return None
+            fn.restype, fn.argtypes = ctypes.c_bool, []
+            return fn
+    return None
+
+
+_has_callbacks = _find_has_callbacks()
 
 
 def _global_hooks() -> tuple[dict, dict] | None:
@@ -48,8 +71,10 @@ _GLOBAL_HOOKS = _global_hooks()
 
 
 def profiling() -> bool:
-    """Whether a profiler records (torch's Python flag, or its C++ state)."""
-    return _profiler._is_profiler_enabled or _profiler_state_on()
+    """Whether anything can record a profiler range here: a RecordFunction callback is
+    registered, or torch's profilers' Python flag is up (also for one running on another
+    thread, which records nothing of this one's: conservative)."""
+    return _has_callbacks is None or _profiler._is_profiler_enabled or _has_callbacks()
 
 
 def observed(opt: Optimizer) -> bool:
