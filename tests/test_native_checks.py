@@ -265,16 +265,39 @@ def _wait_for_build():
             thread.join(timeout=120)
 
 
-def test_many_tensors_build_in_the_background_then_take_over(checks, fresh_module_state, monkeypatch):
+def test_many_tensors_build_in_the_background_then_take_over(checks, fresh_module_state, monkeypatch,
+                                                               tmp_path):
+    """Below MANY_TENSORS nothing is built, and the Python checks run; a plan of that
+    many starts the build, whose library the next cached step takes."""
+    import shutil
+
     monkeypatch.delenv("ADAMKIT_NATIVE_CHECKS", raising=False)
     native_checks.MANY_TENSORS = 4
+    built = native_checks._target()
+    monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))  # an empty cache
     params, opt, cb = _cached(n=3)
-    assert native_checks.status() == "not needed yet" and opt._step_cache.native is None
-    params, opt, cb = _cached(n=6)  # the built library is in the cache: loads at once
+    opt.step()
+    assert native_checks.status() == "not in the cache" and opt._step_cache.native is None
+    assert not list(tmp_path.glob("checks-*"))
+    shutil.copy(built, native_checks._target())  # as if built: the plan of 6 loads it at once
+    params, opt, cb = _cached(n=6)
     _wait_for_build()
     assert native_checks.status() == "loaded"
     opt.step()
     assert opt._step_cache.native is not None  # the next cached step took it
+
+
+def test_fewer_tensors_load_a_library_already_in_the_cache(checks, fresh_module_state, monkeypatch):
+    """Below MANY_TENSORS a library an earlier build left in the cache is loaded (nothing
+    is built), once per process: the C++ checks run from the first cached step."""
+    monkeypatch.delenv("ADAMKIT_NATIVE_CHECKS", raising=False)
+    native_checks.MANY_TENSORS = 100
+    assert native_checks._target().exists()  # the module fixture built it
+    params, opt, cb = _cached(n=3)
+    assert native_checks.status() == "loaded" and opt._step_cache.native is not None
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, params))
 
 
 def test_a_failed_build_leaves_the_python_checks(fresh_module_state, monkeypatch, tmp_path):

@@ -198,4 +198,81 @@ def test_a_subclass_overriding_step_runs_its_hooks_as_torch_optim_does(base, ran
     p.grad = torch.ones(3)
     opt.step()
     assert seen == ["pre", "pre", "post", "post"]
-    assert ranges == [f"Optimizer.step#Sub.step"] * 2
+    assert ranges == ["Optimizer.step#Sub.step"] * 2
+
+
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the profiler ops a dispatch mode sees (record_function is one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "record_function" in str(func):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make", [torch.optim.Adam, adamkit.Adam], ids=["torch.optim", "adamkit"])
+def test_a_dispatch_mode_sees_the_ranges_as_for_torch_optim(make):
+    """record_function is an op: a dispatch mode sees it (DebugMode records it as the
+    step's annotation), so with one active the step takes torch's wrapper."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = make([p])
+    p.grad = torch.ones(3)
+    with _OpsSeen() as mode:
+        opt.step()
+        opt.zero_grad()
+    enters = [op for op in mode.ops if "enter" in op]
+    assert len(enters) == 2, mode.ops  # the step's range and zero_grad's
+
+
+@pytest.mark.parametrize("base", [torch.optim.Adam, adamkit.Adam], ids=["torch.optim", "adamkit"])
+def test_a_mixins_overrides_of_torchs_methods_run(base):
+    """adamkit calls torch's add_param_group, state_dict and zero_grad past their dynamo
+    wrappers only where they are torch's own: a mixin's overrides run as for torch.optim."""
+    calls = []
+
+    class Mixin(torch.optim.Optimizer):
+        def add_param_group(self, group):
+            calls.append("add_param_group")
+            super().add_param_group(group)
+
+        def state_dict(self):
+            calls.append("state_dict")
+            return super().state_dict()
+
+        def zero_grad(self, set_to_none=True):
+            calls.append("zero_grad")
+            super().zero_grad(set_to_none)
+
+    class WithMixin(base, Mixin):
+        pass
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = WithMixin([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state_dict()
+    opt.zero_grad()
+    assert calls == ["add_param_group", "state_dict", "zero_grad"] and p.grad is None
+
+
+def test_a_library_patch_of_torchs_method_runs(monkeypatch):
+    """A patch of Optimizer.state_dict (functools.wraps style) runs for adamkit as for
+    torch.optim: adamkit unwraps only torch's own dynamo wrapper."""
+    import functools
+
+    calls = []
+    original = torch.optim.Optimizer.state_dict
+
+    @functools.wraps(original)
+    def patched(self):
+        calls.append(type(self).__name__)
+        return original(self)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "state_dict", patched)
+    for make in (torch.optim.Adam, adamkit.Adam):
+        make([torch.nn.Parameter(torch.randn(2))]).state_dict()
+    assert calls == ["Adam", "Adam"]

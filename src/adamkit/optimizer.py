@@ -213,7 +213,7 @@ class Adam(Optimizer):
             param_group["backend"] = group["backend"]
         if fill_max_lr:
             param_group["max_lr"] = group["max_lr"]
-        torch_eagerly(Optimizer.add_param_group)(self, param_group)
+        torch_eagerly(super().add_param_group, "add_param_group")(param_group)
         self._sync_decay_modes()  # records the new group's mode
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:
@@ -329,7 +329,7 @@ class Adam(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the grads, as torch.optim's ``zero_grad``: to None (default), or to zeros."""
         # eagerly under torch.compile, as torch's own, which is torch._disable_dynamo's
-        eagerly(wrappers.zero_grad)(self, set_to_none)
+        eagerly(wrappers.zero_grad)(self, set_to_none, super().zero_grad)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -488,7 +488,7 @@ class Adam(Optimizer):
         so that torch.optim.Adam loads the same decay mode."""
         self._sync_decay_modes()  # before torch's state_dict, whose post-hooks see its dict
         self._resync_moved_masters()
-        return torch_eagerly(Optimizer.state_dict)(self)
+        return torch_eagerly(super().state_dict, "state_dict")()
 
     @torch.no_grad()
     def _resync_moved_masters(self) -> None:

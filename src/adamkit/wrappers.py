@@ -42,18 +42,15 @@ from torch.optim import optimizer as _torch_optimizer
 def _find_has_callbacks() -> Callable[[], bool] | None:
     """libtorch's ``at::hasCallbacks()``: whether any RecordFunction callback is registered,
     global or on this thread (a profiler's, on-demand Kineto's, an execution-trace
-    observer's), which is when torch's ``record_function`` can record anything. None where
-    it is not found (then every step takes torch's wrapper)."""
-    lib_dir = Path(torch.__file__).parent / "lib"
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        if (lib_dir / name).exists():
-            try:
-                fn = ctypes.CDLL(str(lib_dir / name))["_ZN2at12hasCallbacksEv"]
-            except (OSError, AttributeError):
-                return None
-            fn.restype, fn.argtypes = ctypes.c_bool, []
-            return fn
-    return None
+    observer's), which is when torch's ``record_function`` can record anything. Looked up
+    through torch._C's extension, whose dependencies hold libtorch wherever it is
+    installed. None where it is not found (then every step takes torch's wrapper)."""
+    try:
+        fn = ctypes.CDLL(torch._C.__file__)["_ZN2at12hasCallbacksEv"]
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_bool, []
+    return fn
 
 
 _has_callbacks = _find_has_callbacks()
@@ -71,10 +68,13 @@ _GLOBAL_HOOKS = _global_hooks()
 
 
 def profiling() -> bool:
-    """Whether anything can record a profiler range here: a RecordFunction callback is
-    registered, or torch's profilers' Python flag is up (also for one running on another
-    thread, which records nothing of this one's: conservative)."""
-    return _has_callbacks is None or _profiler._is_profiler_enabled or _has_callbacks()
+    """Whether anything can see a profiler range opened here: a RecordFunction callback is
+    registered; torch's profilers' Python flag is up (also for one running on another
+    thread, which records nothing of this one's: conservative); or a torch function or
+    dispatch mode is active (``record_function`` is an op they see, as
+    torch.utils._debug_mode.DebugMode records it)."""
+    return (_has_callbacks is None or _profiler._is_profiler_enabled or _has_callbacks()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def observed(opt: Optimizer) -> bool:
@@ -92,7 +92,8 @@ def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         opt = args[0]
-        if observed(opt):
+        # under torch.compile, torch's wrapper: dynamo traces it as for torch.optim
+        if torch.compiler.is_compiling() or observed(opt):
             return hooked(*args, **kwargs)
         out = func(*args, **kwargs)
         opt._optimizer_step_code()
@@ -101,10 +102,11 @@ def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def zero_grad(opt: Optimizer, set_to_none: bool) -> None:
-    """``Optimizer.zero_grad`` (see the module docstring)."""
-    if profiling() or not set_to_none:
-        torch_eagerly(Optimizer.zero_grad)(opt, set_to_none)
+def zero_grad(opt: Optimizer, set_to_none: bool, inherited: Callable[[bool], None]) -> None:
+    """``Optimizer.zero_grad`` (see the module docstring); ``inherited``: the zero_grad the
+    optimizer's class inherits (torch's, or a mixin's, which then always runs)."""
+    if profiling() or not set_to_none or not _is_torchs(inherited, "zero_grad"):
+        torch_eagerly(inherited, "zero_grad")(set_to_none)
         return
     for group in opt.param_groups:
         for p in group["params"]:
@@ -127,10 +129,33 @@ def eagerly(fn: Callable) -> Callable:
     return wrapped
 
 
-def torch_eagerly(method: Callable) -> Callable:
-    """An Optimizer method that torch wraps in ``torch._disable_dynamo``: until dynamo is
-    imported, the method unwrapped (no trace can be running into it); from then on
-    torch's wrapper, which runs it eagerly under a trace as torch.optim does."""
-    if "torch._dynamo" in sys.modules:
-        return method
-    return getattr(method, "__wrapped__", method)
+def _torchs_unwrapped(name: str) -> Callable | None:
+    """torch's own ``Optimizer.<name>`` without its ``torch._disable_dynamo`` wrapper, where
+    the class attribute is exactly that wrapper around torch's function (its code object is
+    the one _disable_dynamo makes every wrapper with); None where a library replaced it."""
+    method = Optimizer.__dict__.get(name)
+    raw = getattr(method, "__wrapped__", None)
+    if raw is None or getattr(method, "__code__", None) is not _DISABLE_DYNAMO_CODE:
+        return None
+    return raw if getattr(raw, "__code__", None) is not None and \
+        raw.__code__.co_filename == _torch_optimizer.__file__ else None
+
+
+_DISABLE_DYNAMO_CODE = getattr(torch._disable_dynamo(lambda: None), "__code__", None)
+
+
+def torch_eagerly(bound: Callable, name: str) -> Callable:
+    """``bound``, ``super().<name>`` of an adamkit optimizer. Where that is torch's own
+    Optimizer method in its ``torch._disable_dynamo`` wrapper (whose first call imports
+    torch._dynamo): until dynamo is imported, the method unwrapped (no trace can be
+    running into it); from then on torch's wrapper, which runs it eagerly under a trace as
+    torch.optim does. Anything else (a mixin's override, a library's patch) as is."""
+    if "torch._dynamo" in sys.modules or not _is_torchs(bound, name):
+        return bound
+    return functools.partial(_torchs_unwrapped(name), bound.__self__)
+
+
+def _is_torchs(bound: Callable, name: str) -> bool:
+    """Whether ``bound`` is torch's own ``Optimizer.<name>``, in its dynamo wrapper."""
+    return (getattr(bound, "__func__", None) is Optimizer.__dict__.get(name)
+            and _torchs_unwrapped(name) is not None)
