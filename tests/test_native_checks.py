@@ -287,6 +287,25 @@ def test_many_tensors_build_in_the_background_then_take_over(checks, fresh_modul
     assert opt._step_cache.native is not None  # the next cached step took it
 
 
+@pytest.mark.parametrize("cache", ["unreadable", "junk"])
+def test_fewer_tensors_step_on_where_the_cache_fails(fresh_module_state, monkeypatch, tmp_path, cache):
+    """Below MANY_TENSORS, a cache whose root does not resolve (no home directory) or
+    whose library will not load leaves the Python checks, says why, and steps."""
+    monkeypatch.delenv("ADAMKIT_NATIVE_CHECKS", raising=False)
+    native_checks.MANY_TENSORS = 100
+    if cache == "unreadable":
+        monkeypatch.delenv("ADAMKIT_CACHE", raising=False)
+        monkeypatch.setattr(native_checks.library.Path, "home", classmethod(lambda cls: 1 / 0))
+    else:
+        monkeypatch.setenv("ADAMKIT_CACHE", str(tmp_path))
+        native_checks._target().write_bytes(b"not a library")
+    params, opt, cb = _cached(n=3)
+    assert native_checks.status().startswith("failed: ") and opt._step_cache.native is None
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, params))
+
+
 def test_fewer_tensors_load_a_library_already_in_the_cache(checks, fresh_module_state, monkeypatch):
     """Below MANY_TENSORS a library an earlier build left in the cache is loaded (nothing
     is built), once per process: the C++ checks run from the first cached step."""

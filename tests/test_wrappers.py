@@ -276,3 +276,21 @@ def test_a_library_patch_of_torchs_method_runs(monkeypatch):
     for make in (torch.optim.Adam, adamkit.Adam):
         make([torch.nn.Parameter(torch.randn(2))]).state_dict()
     assert calls == ["Adam", "Adam"]
+
+
+def test_the_default_device_mode_keeps_the_fast_path(ranges):
+    """``with torch.device(...)`` (and set_default_device) is a torch function mode that
+    only fills in factory functions' device: it sees nothing of a range, so the step
+    skips torch's wrapper under it; another function mode takes torch's."""
+    opt, _ = _stepped(adamkit.Adam)
+    with torch.device("cpu"):
+        opt.step()
+    assert ranges == []
+
+    class Watching(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.device("cpu"), Watching():
+        opt.step()
+    assert ranges == ["Optimizer.step#Adam.step"]

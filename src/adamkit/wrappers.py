@@ -74,7 +74,25 @@ def profiling() -> bool:
     dispatch mode is active (``record_function`` is an op they see, as
     torch.utils._debug_mode.DebugMode records it)."""
     return (_has_callbacks is None or _profiler._is_profiler_enabled or _has_callbacks()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0)
+            or _function_mode_watches() or torch._C._len_torch_dispatch_stack() > 0)
+
+
+def _function_mode_watches() -> bool:
+    """A torch function mode is active that is not torch's default-device one (the
+    DeviceContext of ``with torch.device(...)`` and ``torch.set_default_device``, which
+    only fills in factory functions' device: under set_default_device it is always on)."""
+    if not torch._C._is_torch_function_mode_enabled():
+        return False
+    if _DeviceContext is None:
+        return True
+    stack = (torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack()))
+    return not all(type(mode) is _DeviceContext for mode in stack)
+
+
+try:
+    from torch.utils._device import DeviceContext as _DeviceContext
+except ImportError:  # another torch: every function mode counts as watching
+    _DeviceContext = None
 
 
 def observed(opt: Optimizer) -> bool:
@@ -135,10 +153,11 @@ def _torchs_unwrapped(name: str) -> Callable | None:
     the one _disable_dynamo makes every wrapper with); None where a library replaced it."""
     method = Optimizer.__dict__.get(name)
     raw = getattr(method, "__wrapped__", None)
-    if raw is None or getattr(method, "__code__", None) is not _DISABLE_DYNAMO_CODE:
+    if (raw is None or _DISABLE_DYNAMO_CODE is None
+            or getattr(method, "__code__", None) is not _DISABLE_DYNAMO_CODE):
         return None
-    return raw if getattr(raw, "__code__", None) is not None and \
-        raw.__code__.co_filename == _torch_optimizer.__file__ else None
+    # defined in torch.optim.optimizer itself (a patch defined elsewhere is not unwrapped)
+    return raw if getattr(raw, "__globals__", None) is vars(_torch_optimizer) else None
 
 
 _DISABLE_DYNAMO_CODE = getattr(torch._disable_dynamo(lambda: None), "__code__", None)

@@ -90,21 +90,24 @@ def load_now() -> ctypes.PyDLL:
 
 def _load_if_built() -> ctypes.PyDLL | None:
     """The library where an earlier build left it in the cache, loaded; else None, and
-    ``get`` looks no more until a plan of MANY_TENSORS wants a build."""
+    ``get`` looks no more until a plan of MANY_TENSORS wants a build. Never raises: where
+    the cache cannot be read or its file not loaded, status() says why and the Python
+    checks stay (a build would find the same file: ``_build`` keeps an existing one)."""
     global _lib
     with _lock:
         if _state != "not needed yet":
             return _lib
-        target = _target()
         try:
-            if target.exists():
-                _lib = _open(target)
-                _set_state("loaded")
-                return _lib
-        except Exception:  # noqa: BLE001  (a file it cannot load: a build replaces it)
-            pass
-        _set_state("not in the cache")
-        return None
+            target = _target()  # (the cache's root may not resolve: no home directory)
+            if not target.exists():
+                _set_state("not in the cache")
+                return None
+            _lib = _open(target)
+        except Exception as exc:  # noqa: BLE001  (any failure leaves the Python checks)
+            _set_state(f"failed: {exc}")
+            return None
+        _set_state("loaded")
+        return _lib
 
 
 def _set_state(value: str) -> None:
