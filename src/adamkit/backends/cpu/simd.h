@@ -583,23 +583,40 @@ inline void int8_blocks(const Consts& c, P* p, const P* g, uint8_t* mq, float* m
             encode(integral_constant<BlockRange, NORMAL>{});
         else encode(integral_constant<BlockRange, FINITE>{});
         if constexpr (AMSGRAD) {  // max v: the old one decoded, against v as stored; re-encoded
-            F vmabs = {};
+            // by the block's range, as v above (the same decoder and encoder, and proofs):
+            // amsgrad int8 steps 11% faster at 16.8M params than with ANY for every block
+            // (interleaved A/B, Zen 5; avx2 build 8-9%)
+            F vmabs = {}, vmlow = F{} + INFINITY;
             const float vmscale = vmsc[blk];
-            for (int k = 0; k < 16; ++k) {
-                Q qvm[H];
-                load_codes_group(layout, vmq + b0 + 16 * k, qvm);
-                for (int h = 0; h < H; ++h) {
-                    B.v[H * k + h] = max_nan(decode_v_bits(qvm[h], vmscale), B.v[H * k + h]);
-                    vmabs = magnitude_max(vmabs, B.v[H * k + h]);
+            const auto take_max = [&](auto old_range) {
+                constexpr BlockRange OR = decltype(old_range)::value;
+                for (int k = 0; k < 16; ++k) {
+                    Q qvm[H];
+                    load_codes_group(layout, vmq + b0 + 16 * k, qvm);
+                    for (int h = 0; h < H; ++h) {
+                        F& x = B.v[H * k + h];
+                        x = max_nan(decode_v_bits<OR>(qvm[h], vmscale), x);
+                        vmabs = magnitude_max(vmabs, x);
+                        vmlow = min_(vmlow, x);
+                    }
                 }
-            }
-            const Codec vmcod(max_lanes(vmabs), V_MAX);
+            };
+            if (codes_at_least_8(vmq + b0)) take_max(integral_constant<BlockRange, NORMAL>{});
+            else take_max(integral_constant<BlockRange, ANY>{});
+            const float vmmax = max_lanes(vmabs);
+            const Codec vmcod(vmmax, V_MAX);
             vmsc[blk] = vmcod.scale;
-            for (int k = 0; k < 16; ++k) {
-                Q vc[H];
-                for (int h = 0; h < H; ++h) vc[h] = encode_v_bits(B.v[H * k + h], vmcod, B.v[H * k + h]);
-                store_codes_group(layout, vmq + b0 + 16 * k, vc);
-            }
+            const auto reencode = [&](auto range) {
+                constexpr BlockRange R = decltype(range)::value;
+                for (int k = 0; k < 16; ++k) {
+                    Q vc[H];
+                    for (int h = 0; h < H; ++h) vc[h] = encode_v_bits<R>(B.v[H * k + h], vmcod, B.v[H * k + h]);
+                    store_codes_group(layout, vmq + b0 + 16 * k, vc);
+                }
+            };
+            if (!(vmmax < INFINITY)) reencode(integral_constant<BlockRange, ANY>{});
+            else if (min_lanes(vmlow) * vmcod.inv >= V_MIN_NORMAL) reencode(integral_constant<BlockRange, NORMAL>{});
+            else reencode(integral_constant<BlockRange, FINITE>{});
         }
         if (!OVERLAP)
             for (int k = 0; k < 16; ++k) write(B, b0, k);
