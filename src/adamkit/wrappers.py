@@ -10,10 +10,12 @@ through the caches, that wrapper ran cold and took about 170 us per step on a 2-
 below keeps torch's wrapper for every step that anything can observe: a RecordFunction
 callback is registered (libtorch's ``at::hasCallbacks``: a profiler, on-demand Kineto, an
 execution-trace observer started on its own, on this thread or globally), torch's
-profilers' Python flag is up, or a step hook is registered. Otherwise no range could be
-recorded, and it calls the step and ``_optimizer_step_code`` (the profiler's
-Python-tracing entry point) directly. ``zero_grad`` keeps torch's where a range could be
-recorded and for ``set_to_none=False``, and otherwise sets the grads to None itself.
+profilers' Python flag is up, a torch function or dispatch mode other than the default
+device's is active (the range is an op they see), dynamo is tracing, or a step hook is
+registered. Otherwise nothing could see the range or the hooks, and it calls the step
+and ``_optimizer_step_code`` (the profiler's Python-tracing entry point) directly.
+``zero_grad`` keeps torch's (or a mixin's) where a range could be seen and for
+``set_to_none=False``, and otherwise sets the grads to None itself.
 (Session 9 replaced the wrapper on torch's profiler state alone, which misses such
 observers, and reverted it: benchmarks/RESULTS.md.)
 
@@ -29,14 +31,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.autograd.profiler as _profiler
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
-
 
 
 def _find_has_callbacks() -> Callable[[], bool] | None:
