@@ -15,8 +15,9 @@ steps use the Python checks until it has loaded, and from then on it (the build 
 and nothing is built; a library an earlier build left in the cache is loaded all the same
 (milliseconds, looked for once per process): at 16.8M params in 64 tensors the step's
 cost over its kernel was 0.09 ms against 0.28 with the Python checks for float32, 0.17
-against 0.27 for bfloat16 (benchmarks/native_checks_ab.py --tensors 64, Zen 5). Wherever the build or the load fails (no compiler, no headers, a
-torch it was not built for), the Python checks stay: nothing else changes.
+against 0.27 for bfloat16 (benchmarks/native_checks_ab.py --tensors 64, Zen 5). Wherever
+the build or the load fails (no compiler, no headers, a torch it was not built for), the
+Python checks stay: nothing else changes.
 
 ``ADAMKIT_NATIVE_CHECKS=0`` turns it off; ``=1`` builds it in the foreground at first
 need (the benchmark, and tests, which must not race a background build). It is read when
@@ -93,21 +94,21 @@ def _load_if_built() -> ctypes.PyDLL | None:
     ``get`` looks no more until a plan of MANY_TENSORS wants a build. Never raises: where
     the cache cannot be read or its file not loaded, status() says why and the Python
     checks stay (a build would find the same file: ``_build`` keeps an existing one)."""
-    global _lib
     with _lock:
         if _state != "not needed yet":
             return _lib
         try:
-            target = _target()  # (the cache's root may not resolve: no home directory)
-            if not target.exists():
-                _set_state("not in the cache")
-                return None
-            _lib = _open(target)
+            built = _target().exists()  # (the cache's root may not resolve: no home directory)
         except Exception as exc:  # noqa: BLE001  (any failure leaves the Python checks)
             _set_state(f"failed: {exc}")
             return None
-        _set_state("loaded")
-        return _lib
+        if not built:
+            _set_state("not in the cache")
+            return None
+    try:
+        return load_now()  # finds the file built: loads it, or says why it failed
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _set_state(value: str) -> None:
