@@ -33,6 +33,24 @@ def fresh_module_state():
     native_checks._lib, native_checks._state, native_checks.MANY_TENSORS = saved
 
 
+# (tensors, threads): the checks on one thread, and split between threads (checks.cpp's
+# in_parallel gives each thread at least PER_THREAD = 128 tensors), with the changes made
+# to the last tensors, in the last thread's share.
+SPLITS = [pytest.param(6, 1, id="one thread"), pytest.param(300, 3, id="split")]
+
+
+def _last_first(params, n_threads):
+    return params if n_threads == 1 else params[::-1]
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _cached(n=6, dtype=torch.bfloat16, **kw):
     params = [torch.nn.Parameter(torch.randn(37 + i, dtype=dtype)) for i in range(n)]
     for p in params:
@@ -90,14 +108,15 @@ CHANGES = [_no_change, _grad_none, _grad_sparse, _grad_strided, _grad_other_dtyp
            _grad_same_bytes_other_shape, _param_moved, _param_same_bytes_other_dtype, _param_strided]
 
 
+@pytest.mark.parametrize(("n", "n_threads"), SPLITS)
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
-def test_refresh_decides_as_python(checks, change):
-    params, _, cb = _cached()
-    change(params)
+def test_refresh_decides_as_python(checks, change, n, n_threads):
+    params, _, cb = _cached(n)
+    change(_last_first(params, n_threads))
     prepared = cb.prepared
     row = slice(prepared.grad_row, prepared.grad_row + prepared.n)
     before = list(prepared.table[row])
-    native = prepared.refresh_native(checks)
+    native = prepared.refresh_native(checks, n_threads)
     native_row = list(prepared.table[row])
     prepared.table[row] = array("q", before)
     grads = [p.grad for p in params]
@@ -151,16 +170,17 @@ STATE_CHANGES = [_state_replaced, _state_new_storage, _state_key_dropped, _state
                  _state_subclass, _state_key_of_a_str_subclass]
 
 
+@pytest.mark.parametrize(("n", "n_threads"), SPLITS)
 @pytest.mark.parametrize("change", STATE_CHANGES, ids=lambda f: f.__name__.strip("_"))
-def test_state_changes_are_caught(checks, change):
+def test_state_changes_are_caught(checks, change, n, n_threads):
     """Each change fails the address check (the Python one accepts a tensor subclass at
     the planned address; checks.cpp re-plans, and the new plan keeps Python checks)."""
-    params, opt, cb = _cached()
+    params, opt, cb = _cached(n)
     keys = tuple(key for key, _, _ in cb.key_rows)
     pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
-    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]) == 1
-    change(opt, params)
-    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]) == 0
+    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 1
+    change(opt, _last_first(params, n_threads))
+    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 0
 
 
 def _keys_rebuilt(opt, ps):  # equal str keys, other objects: as a checkpoint's may be
@@ -177,19 +197,20 @@ def _keys_added(opt, ps):  # keys of the user's own, of any type, are not read
     opt.state[ps[2]][_Key("extra")] = 1
 
 
+@pytest.mark.parametrize(("n", "n_threads"), SPLITS)
 @pytest.mark.parametrize("change", [_keys_rebuilt, _keys_added], ids=lambda f: f.__name__.strip("_"))
-def test_state_keys_are_matched_by_value(checks, change):
+def test_state_keys_are_matched_by_value(checks, change, n, n_threads):
     """checks.cpp walks each state dict and matches its keys to the planned ones by
     identity or as exact str, as a lookup would find them; other keys are skipped."""
-    params, opt, cb = _cached()
+    params, opt, cb = _cached(n)
     keys = tuple(key for key, _, _ in cb.key_rows)
     pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
-    change(opt, params)
+    change(opt, _last_first(params, n_threads))
     if change is _keys_rebuilt:
         assert not any(k is key for st in cb.bucket.states for k in st for key in keys)
-    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]) == 1
+    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 1
     not_str = (*keys[:-1], _Key(keys[-1]))  # the planned keys are exact str
-    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, not_str, pointers.buffer_info()[0]) == 0
+    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, not_str, pointers.buffer_info()[0], n_threads) == 0
     opt.step()  # and the cached step runs on
     assert opt._step_cache is not None and opt._step_cache.native is not None
 
@@ -370,7 +391,8 @@ def test_every_param_reinterpreted_before_the_first_cached_step_replans(checks, 
 @pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="no copy-on-write tensors in this torch")
 @pytest.mark.parametrize("native", [False, True], ids=["python checks", "native checks"])
 @pytest.mark.parametrize("which", ["param", "moment"])
-def test_a_copy_on_write_clone_is_not_written_through(checks, native, which, monkeypatch):
+@pytest.mark.parametrize("n", [6, 300], ids=["few", "many"])
+def test_a_copy_on_write_clone_is_not_written_through(checks, native, which, n, monkeypatch, two_threads):
     """A param or moment that came to share copy-on-write memory with another tensor
     between steps: its address is read as Tensor.data_ptr() reads it (mutable_data, which
     gives it its own copy), so the plan no longer holds and the other tensor keeps its
@@ -378,8 +400,8 @@ def test_a_copy_on_write_clone_is_not_written_through(checks, native, which, mon
     if not native:
         monkeypatch.setattr(native_checks, "_lib", None)
         monkeypatch.setenv("ADAMKIT_NATIVE_CHECKS", "0")
-    params, opt, _ = _cached()
-    shared = params[0].detach() if which == "param" else opt.state[params[0]]["exp_avg"]
+    params, opt, _ = _cached(n)  # with many, the native checks are split: the last is the second thread's
+    shared = params[-1].detach() if which == "param" else opt.state[params[-1]]["exp_avg"]
     other = torch._lazy_clone(shared)
     before = other.clone()
     opt.step()

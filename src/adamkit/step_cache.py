@@ -292,6 +292,7 @@ class _NativeArgs:
     def holds(self, state: dict, groups: list[dict[str, Any]], buckets: list[CachedBucket]) -> bool:
         """The Python checks' decision (``StepCache._python_checks``)."""
         checks = self.checks
+        n_threads = torch.get_num_threads()  # the longest checks split the tensors (checks.cpp)
         if not checks.adamkit_dict_is(state, self.state_keys.buffer_info()[0],
                                       self.state_values.buffer_info()[0], len(self.state_keys)):
             return False
@@ -307,10 +308,10 @@ class _NativeArgs:
                     return False
                 continue
             keys, pointers = rows
-            if not checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0]):
+            if not checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads):
                 return False
             if _versions_moved(cb):
                 return False
-            if not (cb.prepared.refresh_native(checks) and cb.prepared.steps_equal(cb.t)):
+            if not (cb.prepared.refresh_native(checks, n_threads) and cb.prepared.steps_equal(cb.t)):
                 return False
         return True

@@ -221,9 +221,10 @@ class PreparedBucket:
         self.bucket.grads = grads
         return True
 
-    def refresh_native(self, checks) -> bool:
+    def refresh_native(self, checks, n_threads: int) -> bool:
         """``refresh`` by checks.cpp (native_checks.py), for a bucket the kernel runs whole
-        (no ``rest``): the same checks, and the grads' row rewritten only when all hold.
+        (no ``rest``): the same checks, and the grads' row rewritten only when all hold;
+        on up to ``n_threads`` threads.
         ``bucket.grads`` stays empty: only the torch backend's ``rest`` reads it."""
         if self.native_args is None:  # the planned dtype: not the params' (they may have changed)
             planned = checks.adamkit_scalar_type(torch.empty(0, dtype=self.dtype))
@@ -232,7 +233,7 @@ class PreparedBucket:
         planned, param_ptrs, grad_nbytes = self.native_args
         return bool(checks.adamkit_refresh(
             self.kernel_params, planned, param_ptrs.buffer_info()[0], grad_nbytes.buffer_info()[0],
-            self.table.buffer_info()[0] + 8 * self.grad_row))
+            self.table.buffer_info()[0] + 8 * self.grad_row, n_threads))
 
     def steps_equal(self, value: int) -> bool:
         """Whether every counter of the kernel's tensors still reads ``value``."""

@@ -7,12 +7,16 @@
 // been pushed out of the caches (a step streams hundreds of MB), and the Python checks
 // wait for those misses one at a time, about 3 us per tensor. Here each check runs in
 // passes over all tensors of a bucket, prefetching what the next pass reads, so the
-// misses of different tensors overlap.
+// misses of different tensors overlap; the longest checks split the tensors between
+// torch's threads, each core overlapping its own misses (in_parallel below).
 //
 // Every function returns 1 when everything it checks holds and 0 otherwise; it never
 // raises (a C++ exception must not cross ctypes) and never changes a tensor.
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -46,18 +50,148 @@ inline int64_t address(c10::TensorImpl* t) {
   return reinterpret_cast<int64_t>(t->mutable_data());
 }
 
-// The TensorImpls of a list of Tensors or Parameters exactly, each prefetched (the first
-// pass over a cold list); false where it is not a list or an item is not one.
-inline bool list_impls(PyObject* list, std::vector<c10::TensorImpl*>& impls) {
-  if (!PyList_Check(list)) return false;
-  const Py_ssize_t n = PyList_GET_SIZE(list);
-  PyObject** items = reinterpret_cast<PyListObject*>(list)->ob_item;
-  impls.resize(n);
-  for (Py_ssize_t i = 0; i < n; ++i) prefetch(items[i]);
-  for (Py_ssize_t i = 0; i < n; ++i) {
+// The TensorImpls of items [lo, hi), Tensors or Parameters exactly, each prefetched (the
+// first pass over a cold list); false where an item is not one.
+inline bool impls_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, c10::TensorImpl** impls) {
+  for (Py_ssize_t i = lo; i < hi; ++i) prefetch(items[i]);
+  for (Py_ssize_t i = lo; i < hi; ++i) {
     if ((impls[i] = impl_of(items[i])) == nullptr) return false;
     prefetch_impl(impls[i]);
   }
+  return true;
+}
+
+// The same for a whole list; false where it is not a list.
+inline bool list_impls(PyObject* list, std::vector<c10::TensorImpl*>& impls) {
+  if (!PyList_Check(list)) return false;
+  impls.resize(PyList_GET_SIZE(list));
+  return impls_range(reinterpret_cast<PyListObject*>(list)->ob_item, 0, impls.size(), impls.data());
+}
+
+// range(lo, hi) over [0, n) split between up to n_threads threads (torch's count), with at
+// least PER_THREAD of `objects` (the tensors the check reads) each: below that, waking a
+// thread costs more than it saves. 1 where every range returned true.
+//
+// The callers hold the GIL and wait in the region's barrier while the other threads read
+// Python objects: no Python code runs meanwhile, and what the ranges do is read-only
+// (no reference counts, no errors set, no str hashed) but for address(), which may give a
+// copy-on-write tensor its own copy, as c10 does on any thread.
+//
+// The pool is torch's (libgomp, loaded by torch, is the one these OpenMP calls bind to)
+// and the kernel's: where its threads sleep, this region takes the wake-up the kernel's
+// would have had. At 1024 tensors on Zen 5, cold, the state check takes 0.50-0.65 of its
+// time on one thread, and whole steps 0.92-0.98 (RESULTS.md, "Zen 5, session 26").
+constexpr Py_ssize_t PER_THREAD = 128;
+
+template <class Range>
+int in_parallel(Py_ssize_t n, Py_ssize_t objects, int n_threads, const Range& range) {
+  const int most = static_cast<int>(std::max<Py_ssize_t>(1, std::min<Py_ssize_t>(n_threads, objects / PER_THREAD)));
+  int ok = 1;
+#pragma omp parallel num_threads(most) reduction(min : ok)
+  {
+    const Py_ssize_t nth = omp_get_num_threads(), me = omp_get_thread_num();
+    try {  // an exception must not leave the region
+      ok = range(n * me / nth, n * (me + 1) / nth);
+    } catch (...) {
+      ok = 0;
+    }
+  }
+  return ok;
+}
+
+// Which of `keys` (exact str, with their hashes) `key` is, or -1: the same object, or an
+// exact str equal to it (a key read back from a checkpoint need not be the interned
+// literal). A key of any other type is none of them: an equal one could not be in the
+// dict beside the str, so if it stands for one of `keys`, that key is missing and the
+// check fails, safely. The hash is the one the str caches (a dict's key has it: inserting
+// it computed it; -1 where not, and then only the comparison decides).
+inline Py_ssize_t key_index(PyObject* keys, const std::vector<Py_hash_t>& hashes, PyObject* key) {
+  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
+  for (Py_ssize_t k = 0; k < n_keys; ++k) {
+    if (PyTuple_GET_ITEM(keys, k) == key) return k;
+  }
+  if (!PyUnicode_CheckExact(key)) return -1;
+  const Py_hash_t hash = reinterpret_cast<PyASCIIObject*>(key)->hash;
+  for (Py_ssize_t k = 0; k < n_keys; ++k) {
+    if ((hash == -1 || hashes[k] == hash) && PyUnicode_Compare(PyTuple_GET_ITEM(keys, k), key) == 0) {
+      return k;
+    }
+  }
+  return -1;
+}
+
+// adamkit_state_ptrs_equal for dicts [lo, hi) of n: values[k * n + i], impls likewise.
+bool state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n, PyObject* keys,
+                      const std::vector<Py_hash_t>& hashes, const int64_t* expected,
+                      PyObject** values, c10::TensorImpl** impls) {
+  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
+  for (Py_ssize_t i = lo; i < hi; ++i) prefetch(dicts[i]);
+  for (Py_ssize_t i = lo; i < hi; ++i) {
+    if (!PyDict_Check(dicts[i])) return false;
+    Py_ssize_t pos = 0, found = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(dicts[i], &pos, &key, &value)) {
+      const Py_ssize_t k = key_index(keys, hashes, key);
+      if (k >= 0) {
+        values[k * n + i] = value;
+        prefetch(value);
+        ++found;
+      }
+    }
+    if (found != n_keys) return false;  // a key missing (each is found at most once)
+  }
+  for (Py_ssize_t k = 0; k < n_keys; ++k) {
+    for (Py_ssize_t i = lo; i < hi; ++i) {  // (the values were prefetched above)
+      if ((impls[k * n + i] = impl_of(values[k * n + i])) == nullptr) return false;
+      prefetch_impl(impls[k * n + i]);
+    }
+  }
+  for (Py_ssize_t k = 0; k < n_keys; ++k) {
+    for (Py_ssize_t i = lo; i < hi; ++i) prefetch_storage(impls[k * n + i]);
+  }
+  for (Py_ssize_t k = 0; k < n_keys; ++k) {
+    for (Py_ssize_t i = lo; i < hi; ++i) {
+      c10::TensorImpl* t = impls[k * n + i];
+      if (!t->has_storage() || address(t) != expected[k * n + i]) return false;
+    }
+  }
+  return true;
+}
+
+// adamkit_refresh for params [lo, hi): ps[i] their impls, grad_ptrs[i] their grads' addresses.
+bool refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, c10::ScalarType dtype,
+                   const int64_t* param_ptrs, const int64_t* grad_nbytes, c10::TensorImpl** ps,
+                   c10::TensorImpl** gs, int64_t* grad_ptrs) {
+  if (!impls_range(items, lo, hi, ps)) return false;
+  for (Py_ssize_t i = lo; i < hi; ++i) {
+    prefetch(ps[i]->autograd_meta());
+    prefetch_storage(ps[i]);
+  }
+  for (Py_ssize_t i = lo; i < hi; ++i) {
+    const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
+    if (!g.defined()) return false;
+    gs[i] = g.unsafeGetTensorImpl();
+    prefetch_impl(gs[i]);
+  }
+  for (Py_ssize_t i = lo; i < hi; ++i) {
+    c10::TensorImpl* p = ps[i];
+    if (!p->has_storage() || p->dtype().toScalarType() != dtype || !p->is_contiguous() ||
+        address(p) != param_ptrs[i]) {
+      return false;
+    }
+    c10::TensorImpl* g = gs[i];
+    if (g->layout() != c10::kStrided || !g->device().is_cpu() || !g->has_storage()) return false;
+    prefetch_storage(g);
+  }
+  for (Py_ssize_t i = lo; i < hi; ++i) {
+    c10::TensorImpl* g = gs[i];
+    if (g->dtype().toScalarType() != dtype || !g->is_contiguous() ||
+        static_cast<int64_t>(g->numel() * g->itemsize()) != grad_nbytes[i] ||
+        g->sizes() != ps[i]->sizes()) {  // a grad reshaped through `.grad.data =`
+      return false;
+    }
+  }
+  for (Py_ssize_t i = lo; i < hi; ++i) grad_ptrs[i] = address(gs[i]);
   return true;
 }
 
@@ -65,7 +199,7 @@ inline bool list_impls(PyObject* list, std::vector<c10::TensorImpl*>& impls) {
 
 extern "C" {
 
-int adamkit_checks_version() { return 2; }
+int adamkit_checks_version() { return 3; }
 
 // torch's ScalarType number of a tensor's dtype, or -1 for anything else: the planned
 // dtype the other checks compare with.
@@ -118,35 +252,17 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
   }
 }
 
-// Which of `keys` (exact str, with their hashes) `key` is, or -1: the same object, or an
-// exact str equal to it (a key read back from a checkpoint need not be the interned
-// literal). A key of any other type is none of them: an equal one could not be in the
-// dict beside the str, so if it stands for one of `keys`, that key is missing and the
-// check fails, safely.
-inline Py_ssize_t key_index(PyObject* keys, const std::vector<Py_hash_t>& hashes, PyObject* key) {
-  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
-  for (Py_ssize_t k = 0; k < n_keys; ++k) {
-    if (PyTuple_GET_ITEM(keys, k) == key) return k;
-  }
-  if (!PyUnicode_CheckExact(key)) return -1;
-  const Py_hash_t hash = PyObject_Hash(key);  // a str's: cached, and a dict key has it
-  for (Py_ssize_t k = 0; k < n_keys; ++k) {
-    if (hashes[k] == hash && PyUnicode_Compare(PyTuple_GET_ITEM(keys, k), key) == 0) return k;
-  }
-  return -1;
-}
-
 // For each dict in `states` and each key in `keys` (a tuple of exact str): dict[key] is a
 // tensor at expected[k * n + i] (step_cache: the bucket's state tensors, by address).
 //
 // Each dict is walked once with PyDict_Next instead of being looked up once per key, and
 // the values are held as borrowed references: nothing here runs Python code (keys are
 // matched by identity or as exact str, never through an __eq__), so no dict can change
-// before the last read. Cold, at 1024 tensors on Zen 5, this check takes 0.77-0.84 of the
+// before the last read. Cold, at 1024 tensors on Zen 5, this check took 0.77-0.84 of the
 // time of lookups with owned references (fp32 state), 0.73-0.76 (int8) and 0.66-0.69
 // (bf16 kahan int8; paired ratios, 61 rounds each way), which also prefetched one line of
-// each StorageImpl where address() reads two.
-int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* expected) {
+// each StorageImpl where address() reads two; that on one thread.
+int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* expected, int n_threads) {
   try {
     if (!PyList_Check(states) || !PyTuple_Check(keys)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(states), n_keys = PyTuple_GET_SIZE(keys);
@@ -161,30 +277,9 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* ex
     PyObject** dicts = reinterpret_cast<PyListObject*>(states)->ob_item;
     std::vector<PyObject*> values(n * n_keys, nullptr);
     std::vector<c10::TensorImpl*> impls(n * n_keys);
-    for (Py_ssize_t i = 0; i < n; ++i) prefetch(dicts[i]);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if (!PyDict_Check(dicts[i])) return 0;
-      Py_ssize_t pos = 0, found = 0;
-      PyObject *key, *value;
-      while (PyDict_Next(dicts[i], &pos, &key, &value)) {
-        const Py_ssize_t k = key_index(keys, hashes, key);
-        if (k >= 0) {
-          values[k * n + i] = value;
-          prefetch(value);
-          ++found;
-        }
-      }
-      if (found != n_keys) return 0;  // a key missing (each is found at most once)
-    }
-    for (size_t j = 0; j < values.size(); ++j) {
-      if ((impls[j] = impl_of(values[j])) == nullptr) return 0;
-      prefetch_impl(impls[j]);
-    }
-    for (auto* t : impls) prefetch_storage(t);
-    for (size_t j = 0; j < impls.size(); ++j) {
-      if (!impls[j]->has_storage() || address(impls[j]) != expected[j]) return 0;
-    }
-    return 1;
+    return in_parallel(n, n * n_keys, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi) {
+      return state_ptrs_range(dicts, lo, hi, n, keys, hashes, expected, values.data(), impls.data());
+    });
   } catch (...) {
     return 0;
   }
@@ -195,44 +290,20 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* ex
 // of grad_nbytes[i] bytes and of its param's shape. Then (and only then) grad_row[i] =
 // the grad's address.
 int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs,
-                    const int64_t* grad_nbytes, int64_t* grad_row) {
+                    const int64_t* grad_nbytes, int64_t* grad_row, int n_threads) {
   try {
-    std::vector<c10::TensorImpl*> ps;
-    if (!list_impls(params, ps)) return 0;
+    if (!PyList_Check(params)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(params);
     PyObject** items = reinterpret_cast<PyListObject*>(params)->ob_item;
-    std::vector<c10::TensorImpl*> gs(n);
     const auto dtype = static_cast<c10::ScalarType>(scalar_type);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      prefetch(ps[i]->autograd_meta());
-      prefetch_storage(ps[i]);
-    }
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
-      if (!g.defined()) return 0;
-      gs[i] = g.unsafeGetTensorImpl();
-      prefetch_impl(gs[i]);
-    }
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      c10::TensorImpl* p = ps[i];
-      if (!p->has_storage() || p->dtype().toScalarType() != dtype || !p->is_contiguous() ||
-          address(p) != param_ptrs[i]) {
-        return 0;
-      }
-      c10::TensorImpl* g = gs[i];
-      if (g->layout() != c10::kStrided || !g->device().is_cpu() || !g->has_storage()) return 0;
-      prefetch_storage(g);
-    }
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      c10::TensorImpl* g = gs[i];
-      if (g->dtype().toScalarType() != dtype || !g->is_contiguous() ||
-          static_cast<int64_t>(g->numel() * g->itemsize()) != grad_nbytes[i] ||
-          g->sizes() != ps[i]->sizes()) {  // a grad reshaped through `.grad.data =`
-        return 0;
-      }
-    }
-    for (Py_ssize_t i = 0; i < n; ++i) grad_row[i] = address(gs[i]);
-    return 1;
+    std::vector<c10::TensorImpl*> ps(n), gs(n);
+    std::vector<int64_t> grad_ptrs(n);
+    const int ok = in_parallel(n, n, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi) {
+      return refresh_range(items, lo, hi, dtype, param_ptrs, grad_nbytes, ps.data(), gs.data(),
+                           grad_ptrs.data());
+    });
+    if (ok) std::copy(grad_ptrs.begin(), grad_ptrs.end(), grad_row);
+    return ok;
   } catch (...) {
     return 0;
   }

@@ -39,7 +39,7 @@ import torch
 from . import library
 
 HERE = Path(__file__).parent
-VERSION = 2  # adamkit_checks_version() in checks.cpp
+VERSION = 3  # adamkit_checks_version() in checks.cpp
 MANY_TENSORS = 128
 
 _lock = threading.Lock()
@@ -141,7 +141,8 @@ def _build() -> Path:
     root = Path(torch.__file__).parent
     include, libs = root / "include", root / "lib"
     abi = int(getattr(torch, "compiled_with_cxx11_abi", lambda: True)())
-    args = ["-std=c++20", "-O2", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+    # -fopenmp: the OpenMP runtime torch loaded (its libgomp), whose threads the checks share
+    args = ["-std=c++20", "-O2", "-fopenmp", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
             f"-I{sysconfig.get_paths()['include']}", f"-I{include}", f"-I{include / 'torch/csrc/api/include'}",
             str(HERE / "checks.cpp"), f"-L{libs}", f"-Wl,-rpath,{libs}",
             "-ltorch_python", "-ltorch_cpu", "-lc10"]
@@ -159,8 +160,8 @@ def _open(path: Path) -> ctypes.PyDLL:
         "adamkit_list_is": [obj, ptr, i64],
         "adamkit_dict_is": [obj, ptr, ptr, i64],
         "adamkit_grads_present": [obj, ptr],
-        "adamkit_state_ptrs_equal": [obj, obj, ptr],
-        "adamkit_refresh": [obj, c_int, ptr, ptr, ptr],
+        "adamkit_state_ptrs_equal": [obj, obj, ptr, c_int],
+        "adamkit_refresh": [obj, c_int, ptr, ptr, ptr, c_int],
         "adamkit_bump_versions": [obj],
     }
     for name, argtypes in signatures.items():
