@@ -7,6 +7,9 @@ test_step_cache.py and test_edge_cases.py run whole optimizers through both (the
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from array import array
@@ -33,14 +36,17 @@ def fresh_module_state():
     native_checks._lib, native_checks._state, native_checks.MANY_TENSORS = saved
 
 
-# (tensors, threads): the checks on one thread, and split between threads (checks.cpp's
-# in_parallel gives each thread at least PER_THREAD = 128 tensors), with the changes made
-# to the last tensors, in the last thread's share.
-SPLITS = [pytest.param(6, 1, id="one thread"), pytest.param(300, 3, id="split")]
+# (tensors, threads, where the changes go): the checks on one thread, and split between
+# threads (checks.cpp's in_parallel gives each at least PER_THREAD = 128 tensors: 300
+# params are 2 shares of the refresh and, with 3 keys or more, 3 of the state check), with
+# the changes made to the first tensors (the calling thread's share) or to the last.
+SPLITS = [pytest.param(6, 1, "first", id="one thread"),
+          pytest.param(300, 3, "first", id="split, first share"),
+          pytest.param(300, 3, "last", id="split, last share")]
 
 
-def _last_first(params, n_threads):
-    return params if n_threads == 1 else params[::-1]
+def _at(params, where):
+    return params if where == "first" else params[::-1]
 
 
 @pytest.fixture
@@ -108,11 +114,11 @@ CHANGES = [_no_change, _grad_none, _grad_sparse, _grad_strided, _grad_other_dtyp
            _grad_same_bytes_other_shape, _param_moved, _param_same_bytes_other_dtype, _param_strided]
 
 
-@pytest.mark.parametrize(("n", "n_threads"), SPLITS)
+@pytest.mark.parametrize(("n", "n_threads", "where"), SPLITS)
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
-def test_refresh_decides_as_python(checks, change, n, n_threads):
+def test_refresh_decides_as_python(checks, change, n, n_threads, where):
     params, _, cb = _cached(n)
-    change(_last_first(params, n_threads))
+    change(_at(params, where))
     prepared = cb.prepared
     row = slice(prepared.grad_row, prepared.grad_row + prepared.n)
     before = list(prepared.table[row])
@@ -170,16 +176,16 @@ STATE_CHANGES = [_state_replaced, _state_new_storage, _state_key_dropped, _state
                  _state_subclass, _state_key_of_a_str_subclass]
 
 
-@pytest.mark.parametrize(("n", "n_threads"), SPLITS)
+@pytest.mark.parametrize(("n", "n_threads", "where"), SPLITS)
 @pytest.mark.parametrize("change", STATE_CHANGES, ids=lambda f: f.__name__.strip("_"))
-def test_state_changes_are_caught(checks, change, n, n_threads):
+def test_state_changes_are_caught(checks, change, n, n_threads, where):
     """Each change fails the address check (the Python one accepts a tensor subclass at
     the planned address; checks.cpp re-plans, and the new plan keeps Python checks)."""
     params, opt, cb = _cached(n)
     keys = tuple(key for key, _, _ in cb.key_rows)
     pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
     assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 1
-    change(opt, _last_first(params, n_threads))
+    change(opt, _at(params, where))
     assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 0
 
 
@@ -197,15 +203,15 @@ def _keys_added(opt, ps):  # keys of the user's own, of any type, are not read
     opt.state[ps[2]][_Key("extra")] = 1
 
 
-@pytest.mark.parametrize(("n", "n_threads"), SPLITS)
+@pytest.mark.parametrize(("n", "n_threads", "where"), SPLITS)
 @pytest.mark.parametrize("change", [_keys_rebuilt, _keys_added], ids=lambda f: f.__name__.strip("_"))
-def test_state_keys_are_matched_by_value(checks, change, n, n_threads):
+def test_state_keys_are_matched_by_value(checks, change, n, n_threads, where):
     """checks.cpp walks each state dict and matches its keys to the planned ones by
     identity or as exact str, as a lookup would find them; other keys are skipped."""
     params, opt, cb = _cached(n)
     keys = tuple(key for key, _, _ in cb.key_rows)
     pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
-    change(opt, _last_first(params, n_threads))
+    change(opt, _at(params, where))
     if change is _keys_rebuilt:
         assert not any(k is key for st in cb.bucket.states for k in st for key in keys)
     assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 1
@@ -406,6 +412,95 @@ def test_a_copy_on_write_clone_is_not_written_through(checks, native, which, n, 
     before = other.clone()
     opt.step()
     assert torch.equal(other, before)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="no copy-on-write tensors in this torch")
+def test_params_viewing_one_copy_on_write_buffer_are_read_on_one_thread(checks, two_threads):
+    """Params that are views of one buffer share its storage. Once the buffer is
+    copy-on-write, reading any param's address gives the storage its own copy: the split
+    checks leave that to the calling thread (two threads copying one storage at once would
+    corrupt it), the plan no longer holds, and the step is the one the same optimizer
+    takes without the clone, which keeps its values."""
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        flat = torch.randn(300, 40, generator=g)
+        params = [torch.nn.Parameter(row) for row in flat]  # each shares flat's storage
+        for p in params:
+            p.grad = torch.randn(40, generator=g)
+        opt = adamkit.Adam(params, lr=1e-3, backend="cpu")
+        opt.step()
+        opt.step()
+        return flat, params, opt
+
+    flat, params, opt = make()
+    cache = opt._step_cache
+    assert cache.native is not None and all(rows is not None for rows in cache.native.key_rows)
+    clone = torch._lazy_clone(flat)
+    before = clone.clone()
+    opt.step()
+    _, twin_params, twin = make()
+    twin.step()
+    assert torch.equal(clone, before)
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+    assert all(p.untyped_storage().data_ptr() == params[0].untyped_storage().data_ptr() for p in params)
+
+
+_PYTHON_GRAD = textwrap.dedent("""
+    import torch, adamkit
+    from torch.utils._pytree import tree_map
+    from adamkit.backends.cpu import native_checks
+
+    class Wrapped(torch.Tensor):  # strides (and contiguity) computed in Python
+        @staticmethod
+        def __new__(cls, elem):
+            return torch.Tensor._make_wrapper_subclass(cls, elem.shape, strides=elem.stride(), dtype=elem.dtype,
+                                                       device=elem.device, dispatch_sizes_strides_policy="strides")
+
+        def __init__(self, elem):
+            self.elem = elem
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format):
+                return True
+            if func is torch.ops.aten.stride.default:
+                return args[0].elem.stride()
+            unwrap = lambda x: x.elem if isinstance(x, Wrapped) else x
+            return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+
+    checks = native_checks.load_now()
+    runs = []
+    for wrap in (True, False):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(40, generator=g)) for _ in range(300)]
+        for p in params:
+            p.grad = torch.randn(40, generator=g)
+        opt = adamkit.Adam(params, lr=1e-3, backend="cpu")
+        opt.step()
+        opt.step()
+        assert opt._step_cache.native is not None
+        if wrap:
+            (cb,) = opt._step_cache.buckets
+            params[-1].grad = Wrapped(params[-1].grad)  # in the last share
+            print("decided", cb.prepared.refresh_native(checks, 1), cb.prepared.refresh_native(checks, 2),
+                  cb.prepared.refresh([p.grad for p in params]))
+        opt.step()  # re-planned: the wrapped grad goes to the torch backend
+        runs.append(torch.stack([p.detach() for p in params]))
+    print("same steps", torch.equal(*runs))
+""")
+
+
+def test_a_wrapper_subclass_grad_fails_the_plan(checks):
+    """A wrapper subclass assigned to a grad after the plan was made: it has no storage of
+    its values (data_ptr 0), so every refresh (checks.cpp on one thread and split, and
+    Python's) rejects it, and the step re-plans (both refreshes used to accept it, and the
+    kernel read address 0). Its strides are computed in Python: on a thread of the split
+    refresh, asking for them would wait for the GIL that the step's thread holds while it
+    waits for that thread. In a subprocess, so that a crash or a deadlock fails the test."""
+    done = subprocess.run([sys.executable, "-c", _PYTHON_GRAD], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["decided", "False", "False", "False", "same", "steps", "True"]
 
 
 @pytest.mark.slow

@@ -102,7 +102,12 @@ _PLAIN_DISPATCH = Tensor.__torch_dispatch__  # what tensors and Parameters that 
 def is_wrapper(t: Tensor) -> bool:
     """A wrapper tensor subclass (DTensor, ...): its data_ptr is no storage of its
     values, and ops mixing it with plain tensors raise."""
-    return type(t).__torch_dispatch__ is not _PLAIN_DISPATCH
+    return is_wrapper_type(type(t))
+
+
+def is_wrapper_type(cls: type) -> bool:
+    """Whether tensors of type ``cls`` are wrapper subclasses (``is_wrapper``)."""
+    return cls.__torch_dispatch__ is not _PLAIN_DISPATCH
 
 
 def check_storage(p: Tensor, state_format: str, param_update: str) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ...formats import state as state_formats
 from ...hyperparams import StepScalars
-from .. import Bucket, count_steps, grad_fits, is_wrapper
+from .. import Bucket, count_steps, grad_fits, is_wrapper, is_wrapper_type
 from . import library
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -197,6 +197,10 @@ class PreparedBucket:
             params, kernel_grads = [params[i] for i in self.fast], [grads[i] for i in self.fast]
         else:
             kernel_grads = grads
+        # a wrapper subclass (assigned to .grad since the plan) has no storage of its
+        # values: its data_ptr is 0, where the kernel would read
+        if any(map(is_wrapper_type, set(map(type, kernel_grads)))):
+            return False
         try:
             if not all(map(Tensor.is_contiguous, kernel_grads)):
                 return False

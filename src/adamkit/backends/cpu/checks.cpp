@@ -11,7 +11,10 @@
 // torch's threads, each core overlapping its own misses (in_parallel below).
 //
 // Every function returns 1 when everything it checks holds and 0 otherwise; it never
-// raises (a C++ exception must not cross ctypes) and never changes a tensor.
+// raises (a C++ exception must not cross ctypes) and never changes a tensor (but for
+// giving a copy-on-write one its own copy where it reads its address, as Tensor.data_ptr()
+// does).
+#include <c10/core/impl/COW.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <omp.h>
@@ -68,14 +71,39 @@ inline bool list_impls(PyObject* list, std::vector<c10::TensorImpl*>& impls) {
   return impls_range(reinterpret_cast<PyListObject*>(list)->ob_item, 0, impls.size(), impls.data());
 }
 
-// range(lo, hi) over [0, n) split between up to n_threads threads (torch's count), with at
-// least PER_THREAD of `objects` (the tensors the check reads) each: below that, waking a
-// thread costs more than it saves. 1 where every range returned true.
+// What a share of a check (a range of its tensors) finds: FAILS and HOLDS are the check's
+// answer; AGAIN_SERIALLY, that a tensor must be read on the calling thread (off_thread below).
+enum Verdict : int { FAILS = 0, AGAIN_SERIALLY = 1, HOLDS = 2 };
+
+// Whether the calling thread must read `t` itself: where t dispatches to Python (a tensor
+// subclass: its sizes, strides, device or layout may be computed in Python, which on
+// another thread would wait for the GIL its caller holds), or where reading its address
+// runs a materializer (a copy-on-write storage's, which gives it its own copy: two threads
+// must not do that to one storage at once, and params that are views of one buffer share it).
+template <class S>
+bool lazy(const S* s) {
+  if constexpr (requires { s->has_materializer(); }) {
+    return s->has_materializer();
+  } else {  // torch before 2.6: copy-on-write is the only materializer
+    return c10::impl::cow::is_cow_data_ptr(s->data_ptr());
+  }
+}
+inline bool off_thread(const c10::TensorImpl* t) {
+  if (t->is_python_dispatch()) return true;
+  const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
+  return s != nullptr && lazy(s);
+}
+
+// range(lo, hi, split) over [0, n), split between up to n_threads threads (torch's count)
+// with at least PER_THREAD of `objects` (the tensors the check reads) each: below that,
+// waking a thread costs more than it saves. With split, a range answers AGAIN_SERIALLY
+// before it reads a tensor that off_thread() keeps on the calling thread, and the whole
+// check then runs there, unsplit (as it did on one thread before; it decides the same).
+// 1 where the check holds.
 //
-// The callers hold the GIL and wait in the region's barrier while the other threads read
-// Python objects: no Python code runs meanwhile, and what the ranges do is read-only
-// (no reference counts, no errors set, no str hashed) but for address(), which may give a
-// copy-on-write tensor its own copy, as c10 does on any thread.
+// The caller holds the GIL and waits in the region's barrier while the other threads read
+// Python objects: no Python code runs meanwhile (off_thread), and what the ranges do is
+// read-only (no reference counts, no errors set, no str hashed, no materializer run).
 //
 // The pool is torch's (libgomp, loaded by torch, is the one these OpenMP calls bind to)
 // and the kernel's: where its threads sleep, this region takes the wake-up the kernel's
@@ -86,17 +114,19 @@ constexpr Py_ssize_t PER_THREAD = 128;
 template <class Range>
 int in_parallel(Py_ssize_t n, Py_ssize_t objects, int n_threads, const Range& range) {
   const int most = static_cast<int>(std::max<Py_ssize_t>(1, std::min<Py_ssize_t>(n_threads, objects / PER_THREAD)));
-  int ok = 1;
-#pragma omp parallel num_threads(most) reduction(min : ok)
+  if (most == 1) return range(0, n, false) == HOLDS;
+  int verdict = HOLDS;  // the least of the shares': FAILS, else AGAIN_SERIALLY, else HOLDS
+#pragma omp parallel num_threads(most) reduction(min : verdict)
   {
     const Py_ssize_t nth = omp_get_num_threads(), me = omp_get_thread_num();
     try {  // an exception must not leave the region
-      ok = range(n * me / nth, n * (me + 1) / nth);
+      verdict = range(n * me / nth, n * (me + 1) / nth, true);
     } catch (...) {
-      ok = 0;
+      verdict = FAILS;
     }
   }
-  return ok;
+  if (verdict == AGAIN_SERIALLY) verdict = range(0, n, false);
+  return verdict == HOLDS;
 }
 
 // Which of `keys` (exact str, with their hashes) `key` is, or -1: the same object, or an
@@ -121,13 +151,13 @@ inline Py_ssize_t key_index(PyObject* keys, const std::vector<Py_hash_t>& hashes
 }
 
 // adamkit_state_ptrs_equal for dicts [lo, hi) of n: values[k * n + i], impls likewise.
-bool state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n, PyObject* keys,
-                      const std::vector<Py_hash_t>& hashes, const int64_t* expected,
-                      PyObject** values, c10::TensorImpl** impls) {
+Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool split, Py_ssize_t n,
+                         PyObject* keys, const std::vector<Py_hash_t>& hashes,
+                         const int64_t* expected, PyObject** values, c10::TensorImpl** impls) {
   const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
   for (Py_ssize_t i = lo; i < hi; ++i) prefetch(dicts[i]);
   for (Py_ssize_t i = lo; i < hi; ++i) {
-    if (!PyDict_Check(dicts[i])) return false;
+    if (!PyDict_Check(dicts[i])) return FAILS;
     Py_ssize_t pos = 0, found = 0;
     PyObject *key, *value;
     while (PyDict_Next(dicts[i], &pos, &key, &value)) {
@@ -138,11 +168,11 @@ bool state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t
         ++found;
       }
     }
-    if (found != n_keys) return false;  // a key missing (each is found at most once)
+    if (found != n_keys) return FAILS;  // a key missing (each is found at most once)
   }
   for (Py_ssize_t k = 0; k < n_keys; ++k) {
     for (Py_ssize_t i = lo; i < hi; ++i) {  // (the values were prefetched above)
-      if ((impls[k * n + i] = impl_of(values[k * n + i])) == nullptr) return false;
+      if ((impls[k * n + i] = impl_of(values[k * n + i])) == nullptr) return FAILS;
       prefetch_impl(impls[k * n + i]);
     }
   }
@@ -152,35 +182,41 @@ bool state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t
   for (Py_ssize_t k = 0; k < n_keys; ++k) {
     for (Py_ssize_t i = lo; i < hi; ++i) {
       c10::TensorImpl* t = impls[k * n + i];
-      if (!t->has_storage() || address(t) != expected[k * n + i]) return false;
+      if (split && off_thread(t)) return AGAIN_SERIALLY;
+      if (!t->has_storage() || address(t) != expected[k * n + i]) return FAILS;
     }
   }
-  return true;
+  return HOLDS;
 }
 
 // adamkit_refresh for params [lo, hi): ps[i] their impls, grad_ptrs[i] their grads' addresses.
-bool refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, c10::ScalarType dtype,
-                   const int64_t* param_ptrs, const int64_t* grad_nbytes, c10::TensorImpl** ps,
-                   c10::TensorImpl** gs, int64_t* grad_ptrs) {
-  if (!impls_range(items, lo, hi, ps)) return false;
+Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split, c10::ScalarType dtype,
+                      const int64_t* param_ptrs, const int64_t* grad_nbytes, c10::TensorImpl** ps,
+                      c10::TensorImpl** gs, int64_t* grad_ptrs) {
+  if (!impls_range(items, lo, hi, ps)) return FAILS;
   for (Py_ssize_t i = lo; i < hi; ++i) {
     prefetch(ps[i]->autograd_meta());
     prefetch_storage(ps[i]);
   }
   for (Py_ssize_t i = lo; i < hi; ++i) {
     const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
-    if (!g.defined()) return false;
+    if (!g.defined()) return FAILS;
     gs[i] = g.unsafeGetTensorImpl();
     prefetch_impl(gs[i]);
   }
   for (Py_ssize_t i = lo; i < hi; ++i) {
     c10::TensorImpl* p = ps[i];
+    if (split && off_thread(p)) return AGAIN_SERIALLY;
     if (!p->has_storage() || p->dtype().toScalarType() != dtype || !p->is_contiguous() ||
         address(p) != param_ptrs[i]) {
-      return false;
+      return FAILS;
     }
     c10::TensorImpl* g = gs[i];
-    if (g->layout() != c10::kStrided || !g->device().is_cpu() || !g->has_storage()) return false;
+    // A wrapper subclass (Python dispatch, as the Python refresh's is_wrapper) has no
+    // storage of its values (the kernel would read address 0); and its accessors may run
+    // Python, which a thread of the split refresh must not.
+    if (g->is_python_dispatch()) return FAILS;
+    if (g->layout() != c10::kStrided || !g->device().is_cpu() || !g->has_storage()) return FAILS;
     prefetch_storage(g);
   }
   for (Py_ssize_t i = lo; i < hi; ++i) {
@@ -188,11 +224,14 @@ bool refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, c10::ScalarTy
     if (g->dtype().toScalarType() != dtype || !g->is_contiguous() ||
         static_cast<int64_t>(g->numel() * g->itemsize()) != grad_nbytes[i] ||
         g->sizes() != ps[i]->sizes()) {  // a grad reshaped through `.grad.data =`
-      return false;
+      return FAILS;
     }
   }
-  for (Py_ssize_t i = lo; i < hi; ++i) grad_ptrs[i] = address(gs[i]);
-  return true;
+  for (Py_ssize_t i = lo; i < hi; ++i) {
+    if (split && off_thread(gs[i])) return AGAIN_SERIALLY;
+    grad_ptrs[i] = address(gs[i]);
+  }
+  return HOLDS;
 }
 
 }  // namespace
@@ -277,8 +316,8 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* ex
     PyObject** dicts = reinterpret_cast<PyListObject*>(states)->ob_item;
     std::vector<PyObject*> values(n * n_keys, nullptr);
     std::vector<c10::TensorImpl*> impls(n * n_keys);
-    return in_parallel(n, n * n_keys, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi) {
-      return state_ptrs_range(dicts, lo, hi, n, keys, hashes, expected, values.data(), impls.data());
+    return in_parallel(n, n * n_keys, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi, bool split) {
+      return state_ptrs_range(dicts, lo, hi, split, n, keys, hashes, expected, values.data(), impls.data());
     });
   } catch (...) {
     return 0;
@@ -298,8 +337,8 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
     const auto dtype = static_cast<c10::ScalarType>(scalar_type);
     std::vector<c10::TensorImpl*> ps(n), gs(n);
     std::vector<int64_t> grad_ptrs(n);
-    const int ok = in_parallel(n, n, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi) {
-      return refresh_range(items, lo, hi, dtype, param_ptrs, grad_nbytes, ps.data(), gs.data(),
+    const int ok = in_parallel(n, n, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi, bool split) {
+      return refresh_range(items, lo, hi, split, dtype, param_ptrs, grad_nbytes, ps.data(), gs.data(),
                            grad_ptrs.data());
     });
     if (ok) std::copy(grad_ptrs.begin(), grad_ptrs.end(), grad_row);
