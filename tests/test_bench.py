@@ -299,3 +299,30 @@ def test_tensor_layout_steps_every_layout_alike(monkeypatch, thp):
     assert result["same_params"]
     assert set(result["ms"]) == {"64 separate", "16 separate", "16 flat", "16 shuffled"}
     assert all(v > 0 for v in result["ms"].values()) and result["paired"]["64 separate"] == 1.0
+
+
+@pytest.mark.skipif(cpu_backend.BACKEND.unavailable_reason() is not None, reason="no CPU kernels")
+@pytest.mark.skipif(library.compiler_path() is None, reason="no C++ compiler")
+def test_checks_builds_ab_checks_each_optimizer_with_each_build_in_turn(monkeypatch):
+    """benchmarks/checks_builds_ab.py: both builds check the same optimizer's state, and
+    in the whole-step A/B each optimizer is checked by A in one pairing and by B in the
+    other (else the geometric mean would not cancel the optimizers' own difference)."""
+    from adamkit.backends.cpu import native_checks
+
+    ab = _benchmark_script("checks_builds_ab")
+    monkeypatch.setattr(ab, "N", 256 * 64)
+    native_checks.load_now()
+    path = native_checks._target()
+    libs = {"A": native_checks._open(path), "B": native_checks._open(path)}
+    opts = (ab._optimizer(256, torch.float32, {}), ab._optimizer(256, torch.float32, {}))
+    flush = torch.empty(1024)
+    assert "paired B/A" in ab.state_check(libs, opts[0], flush, rounds=2)
+    seen = []
+    native_args = type(opts[0]._step_cache.native)
+    holds = native_args.holds
+    monkeypatch.setattr(native_args, "holds", lambda self, *a: seen.append(self.checks) or holds(self, *a))
+    report = ab.steps(libs, opts, flush, rounds=2)
+    assert "geometric mean" in report
+    # 2 pairings x 2 rounds x 2 optimizers: A and B each check 4 steps, 2 of each optimizer
+    assert seen.count(libs["A"]) == seen.count(libs["B"]) == 4
+    assert opts[0]._step_cache.native.checks is libs["B"] and opts[1]._step_cache.native.checks is libs["A"]

@@ -107,8 +107,8 @@ inline bool off_thread(const c10::TensorImpl* t) {
 //
 // The pool is torch's (libgomp, loaded by torch, is the one these OpenMP calls bind to)
 // and the kernel's: where its threads sleep, this region takes the wake-up the kernel's
-// would have had. At 1024 tensors on Zen 5, cold, the state check takes 0.50-0.65 of its
-// time on one thread, and whole steps 0.92-0.98 (RESULTS.md, "Zen 5, session 26").
+// would have had. At 1024 tensors on Zen 5, cold, the state check takes 0.54-0.78 of its
+// time on one thread, and whole steps 0.94-0.99 (RESULTS.md, "Zen 5, session 26").
 constexpr Py_ssize_t PER_THREAD = 128;
 
 template <class Range>
