@@ -9,6 +9,7 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from adamkit.backends.cpu import library
 
@@ -16,6 +17,28 @@ from adamkit.backends.cpu import library
 needs_gxx_avx2 = pytest.mark.skipif(
     shutil.which("g++") is None or "avx2" not in library.isa_candidates(),
     reason="needs g++ and AVX2")
+
+
+class Wrapped(torch.Tensor):
+    """A wrapper tensor subclass (as DTensor is one): no storage of its values (its
+    data_ptr is 0), ops unwrap it; its strides and contiguity are computed in Python."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_wrapper_subclass(cls, elem.shape, strides=elem.stride(), dtype=elem.dtype,
+                                                   device=elem.device, dispatch_sizes_strides_policy="strides")
+
+    def __init__(self, elem):
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format):
+            return True
+        if func is torch.ops.aten.stride.default:
+            return args[0].elem.stride()
+        unwrap = lambda x: x.elem if isinstance(x, Wrapped) else x  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
 
 
 class TinyMLP(nn.Module):

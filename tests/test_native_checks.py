@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from array import array
+from pathlib import Path
 
 import pytest
 import torch
@@ -446,28 +447,12 @@ def test_params_viewing_one_copy_on_write_buffer_are_read_on_one_thread(checks, 
     assert all(p.untyped_storage().data_ptr() == params[0].untyped_storage().data_ptr() for p in params)
 
 
-_PYTHON_GRAD = textwrap.dedent("""
+_PYTHON_GRAD = textwrap.dedent(f"""
+    import sys
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
     import torch, adamkit
-    from torch.utils._pytree import tree_map
     from adamkit.backends.cpu import native_checks
-
-    class Wrapped(torch.Tensor):  # strides (and contiguity) computed in Python
-        @staticmethod
-        def __new__(cls, elem):
-            return torch.Tensor._make_wrapper_subclass(cls, elem.shape, strides=elem.stride(), dtype=elem.dtype,
-                                                       device=elem.device, dispatch_sizes_strides_policy="strides")
-
-        def __init__(self, elem):
-            self.elem = elem
-
-        @classmethod
-        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format):
-                return True
-            if func is torch.ops.aten.stride.default:
-                return args[0].elem.stride()
-            unwrap = lambda x: x.elem if isinstance(x, Wrapped) else x
-            return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+    from helpers import Wrapped
 
     checks = native_checks.load_now()
     runs = []

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 import adamkit
 from adamkit import step_cache
 
+from helpers import Wrapped
+
 # every test twice: the step cache's checks in Python and in C++ (conftest.checks_mode)
 pytestmark = pytest.mark.usefixtures("checks_mode")
 
@@ -162,10 +164,15 @@ def _schedule_lr(k, params, opt):
     opt.param_groups[1]["lr"] = 0.003 * (k + 1)
 
 
+def _wrap_a_grad(k, params, opt):
+    if k >= 3:  # a wrapper subclass (no storage of its values: data_ptr 0) after the plan
+        params[2].grad = Wrapped(params[2].grad)
+
+
 EDITS = [_no_edit, _skip_a_grad, _replace_a_moment, _reset_a_state, _rewind_a_step_counter,
          _move_a_param, _swap_a_param, _recast_a_param, _drop_a_state_key,
          _float64_step_counter, _new_storage_for_a_moment,
-         _non_contiguous_grad, _change_state_format, _schedule_lr]
+         _non_contiguous_grad, _change_state_format, _schedule_lr, _wrap_a_grad]
 
 
 @pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__.strip("_"))
