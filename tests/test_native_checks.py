@@ -107,12 +107,25 @@ def _param_strided(ps):  # same address, every other element
     ps[0].data = ps[0].data.as_strided((ps[0].numel() // 2,), (2,))
 
 
+def _grad_negated(ps):  # its memory holds -grad
+    ps[1].grad = torch._neg_view(ps[1].grad.neg())
+
+
+def _grad_zero_tensor(ps):  # no memory: data_ptr 0
+    ps[2].grad = torch._efficientzerotensor(ps[2].shape, dtype=ps[2].dtype)
+
+
+def _param_negated(ps):  # same address, its memory holds -param
+    ps[3].data = torch._neg_view(ps[3].data)
+
+
 def _no_change(ps):
     pass
 
 
 CHANGES = [_no_change, _grad_none, _grad_sparse, _grad_strided, _grad_other_dtype, _grad_other_size,
-           _grad_same_bytes_other_shape, _param_moved, _param_same_bytes_other_dtype, _param_strided]
+           _grad_same_bytes_other_shape, _param_moved, _param_same_bytes_other_dtype, _param_strided,
+           _grad_negated, _grad_zero_tensor, _param_negated]
 
 
 @pytest.mark.parametrize(("n", "n_threads", "where"), SPLITS)
@@ -173,8 +186,33 @@ class _Key(str):
     pass
 
 
+def _state_sliced(opt, ps):  # another tensor at the planned address, with fewer elements
+    st = opt.state[ps[1]]
+    st["exp_avg"] = st["exp_avg"][:3]
+
+
+def _state_resized(opt, ps):  # the planned tensor, at its address, with fewer elements
+    opt.state[ps[2]]["exp_avg_sq"].resize_(3)
+
+
+def _state_recast(opt, ps):
+    st = opt.state[ps[3]]
+    st["exp_avg"].data = st["exp_avg"].data.view(torch.int16)
+
+
+def _state_strided(opt, ps):
+    st = opt.state[ps[4]]
+    st["exp_avg"].data = st["exp_avg"].data.as_strided((3,), (2,))
+
+
+def _state_negated(opt, ps):
+    st = opt.state[ps[5]]
+    st["exp_avg_sq"].data = torch._neg_view(st["exp_avg_sq"].data)
+
+
 STATE_CHANGES = [_state_replaced, _state_new_storage, _state_key_dropped, _state_not_a_tensor,
-                 _state_subclass, _state_key_of_a_str_subclass]
+                 _state_subclass, _state_key_of_a_str_subclass, _state_sliced, _state_resized,
+                 _state_recast, _state_strided, _state_negated]
 
 
 @pytest.mark.parametrize(("n", "n_threads", "where"), SPLITS)
@@ -183,8 +221,7 @@ def test_state_changes_are_caught(checks, change, n, n_threads, where):
     """Each change fails the address check (the Python one accepts a tensor subclass at
     the planned address; checks.cpp re-plans, and the new plan keeps Python checks)."""
     params, opt, cb = _cached(n)
-    keys = tuple(key for key, _, _ in cb.key_rows)
-    pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
+    keys, pointers = opt._step_cache.native.key_rows[0]  # the planned tensors (step_cache._NativeArgs)
     assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 1
     change(opt, _at(params, where))
     assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 0
@@ -210,8 +247,7 @@ def test_state_keys_are_matched_by_value(checks, change, n, n_threads, where):
     """checks.cpp walks each state dict and matches its keys to the planned ones by
     identity or as exact str, as a lookup would find them; other keys are skipped."""
     params, opt, cb = _cached(n)
-    keys = tuple(key for key, _, _ in cb.key_rows)
-    pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
+    keys, pointers = opt._step_cache.native.key_rows[0]
     change(opt, _at(params, where))
     if change is _keys_rebuilt:
         assert not any(k is key for st in cb.bucket.states for k in st for key in keys)

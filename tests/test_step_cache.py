@@ -347,3 +347,78 @@ def test_native_checks_take_the_kernel_buckets(checks_mode):
                       if rows is not None]
     assert sorted(map(str, native_buckets)) == ["torch.bfloat16", "torch.float32", "torch.float32"]
     assert len(cache.buckets) == 4
+
+
+# ---- state and grads whose memory the kernel cannot take as planned ------------------------
+
+def _moment_sliced(st):  # another tensor at the same address, with fewer elements
+    st["exp_avg"] = st["exp_avg"][:2]
+
+
+def _moment_flattened(st):
+    st["exp_avg"] = st["exp_avg"].view(-1)
+
+
+def _moment_resized(st):
+    st["exp_avg_sq"].resize_(2, 4)
+
+
+def _moment_as_int32(st):
+    st["exp_avg"].data = st["exp_avg"].data.view(torch.int32)
+
+
+def _moment_transposed(st):
+    st["exp_avg"].data = st["exp_avg"].data.t()
+
+
+def _moment_negated(st):
+    st["exp_avg"].data = torch._neg_view(st["exp_avg"].data)
+
+
+def _step_edited(cached: bool, edit) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+    opt = adamkit.Adam([p], lr=1e-2, backend="cpu")
+    off = mock.patch.object(step_cache.StepCache, "try_step", lambda *a: False)
+    with contextlib.nullcontext() if cached else off:
+        for t in range(3):
+            p.grad = torch.randn(8, 8, generator=g)
+            if t == 2:
+                edit(opt.state[p])
+            try:
+                opt.step()
+            except Exception as exc:  # noqa: BLE001  (the full path's error, whichever)
+                return type(exc), p.detach().clone()
+    return None, p.detach().clone()
+
+
+@pytest.mark.parametrize("edit", [_moment_sliced, _moment_flattened, _moment_resized, _moment_as_int32,
+                                  _moment_transposed, _moment_negated], ids=lambda f: f.__name__.strip("_"))
+def test_a_state_tensor_edited_in_place_steps_as_the_full_path(edit):
+    """The cached step checks each state tensor's identity, address, element count, dtype,
+    contiguity and negative bit: with any of them changed it takes the full path, which
+    raises (changing nothing) or steps as a fresh plan would. By address alone, a slice put
+    back at the moment's address ran the kernel over 64 elements of a 2-element tensor (a
+    tensor given a smaller storage at a freed tensor's address: a heap overflow)."""
+    cached, fresh = _step_edited(True, edit), _step_edited(False, edit)
+    assert cached[0] is fresh[0]
+    assert torch.equal(cached[1], fresh[1])
+
+
+@pytest.mark.parametrize("make", [lambda g: torch._neg_view(g.neg()), lambda g: torch._efficientzerotensor(g.shape)],
+                         ids=["negative bit", "zero tensor"])
+def test_grads_the_kernel_cannot_read_step_as_torch(make):
+    """A grad with the negative bit (its memory holds -g) or a zero tensor (no memory:
+    data_ptr 0) goes to the torch backend, planned or cached: the kernel stepped along -g,
+    or read address 0."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, generator=g))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, theirs = adamkit.Adam([p], lr=0.1, backend="cpu"), torch.optim.Adam([q], lr=0.1)
+    for t in range(4):
+        grad = torch.randn(64, generator=g)
+        p.grad = make(grad) if t % 2 else grad.clone()
+        q.grad = grad if t % 2 == 0 or make(grad).any() else torch.zeros(64)
+        ours.step()
+        theirs.step()
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -9,9 +9,12 @@ while
 
 * no param group was added or changed its storage settings, no state dict or state
   tensor was replaced, added or removed (identity checks, not values: the state
-  mapping's keys and values in order; each bucket's state tensors by address);
+  mapping's keys and values in order; each bucket's state tensors by identity and
+  address, and by element count, dtype, contiguity and negative bit, which catch one
+  resized, recast or restrided in place);
 * the same params have grads, and those are dense and contiguous, of their param's
-  dtype, size and shape (a param sliced in place keeps its address; a grad reshaped
+  dtype, size and shape, with memory of their own values (no wrapper subclass, negative
+  bit or zero tensor) (a param sliced in place keeps its address; a grad reshaped
   through ``.grad.data =`` skips the check of assigning ``.grad``, and the full path
   raises for it; a param of the cpu kernel reshaped through ``.data =`` together with
   its grad steps in memory order, elementwise the same numbers, where the full path
@@ -54,6 +57,14 @@ _VERSION = operator.attrgetter("_version")
 _EXACT = (Tensor, torch.nn.Parameter)
 
 
+# A state tensor's layout: what the kernel's pointer alone does not say.
+_LAYOUT = (Tensor.numel, operator.attrgetter("dtype"), Tensor.is_contiguous, Tensor.is_neg)
+
+
+def _layout(row: list) -> list[list]:
+    return [list(map(f, row)) for f in _LAYOUT]
+
+
 def _same(xs: list, ys: list) -> bool:
     return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
 
@@ -67,8 +78,11 @@ class CachedBucket:
     backend: Any
     bucket: backends.Bucket
     prepared: Any = None  # backend.prepare(bucket), where the backend offers it
-    # (state key, the state tensors under it, their data pointers): checked by address,
-    # which catches a replaced tensor and one given new storage through `.data =`.
+    # (state key, the state tensors under it, their data pointers, layouts): checked by
+    # identity and address, which catch a replaced tensor and one given new storage
+    # through `.data =`, and by layout (_LAYOUT), which catches one resized, recast,
+    # restrided or negated in place (a tensor put back at an address a freed one had, or
+    # given a smaller storage there, would have the kernel write past its end).
     key_rows: tuple = ()
     dtype: Any = None  # the params' dtype when planned
     # "master" buckets: the params' version counters after this bucket's last step; one
@@ -113,7 +127,7 @@ class StepCache:
         for cb in buckets:
             keys = ["step", "exp_avg", "exp_avg_sq", *_extra_keys(cb.bucket)]
             rows = [(k, [st[k] for st in cb.bucket.states]) for k in keys]
-            cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row))) for k, row in rows)
+            cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row)), _layout(row)) for k, row in rows)
             cb.dtype = cb.bucket.params[0].dtype
             cb.strides = list(map(Tensor.stride, cb.bucket.params))
             if cb.bucket.param_update == "master":
@@ -195,21 +209,20 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
     """One bucket's checks, in Python, given its params' grads (all present); a bucket
     the torch backend runs gets them as ``bucket.grads``."""
     b = cb.bucket
-    try:  # by address: the cache keeps the planned tensors alive, so a replaced
-        # tensor, or one given new storage, has another address; a key gone raises
-        for key, _, pointers in cb.key_rows:
-            if list(map(Tensor.data_ptr, map(dict.get, b.states, repeat(key)))) != pointers:
-                return False
-    except TypeError:
-        return False
+    for key, row, pointers, layout in cb.key_rows:  # the planned tensors (a key gone: None)
+        if not _same(list(map(dict.get, b.states, repeat(key))), row):
+            return False
+        if list(map(Tensor.data_ptr, row)) != pointers or _layout(row) != layout:
+            return False
     if _versions_moved(cb):
         return False
     if cb.prepared is not None:
         if not (cb.prepared.refresh(grads) and cb.prepared.steps_equal(cb.t)):
             return False
-        rest = cb.prepared.rest
+        rest = cb.prepared.rest  # as the unprepared bucket below (the torch backend runs them)
         return not rest or (_steps_read(b, rest, cb.t) and all(
-            b.params[i].dtype == cb.dtype and b.params[i].stride() == cb.strides[i] for i in rest))
+            b.params[i].dtype == cb.dtype and b.params[i].stride() == cb.strides[i]
+            and b.exp_avgs[i].shape == b.params[i].shape for i in rest))
     # Recast or restrided params re-plan; sparse or misfit grads and resized params too,
     # and the full path raises on them before anything changes.
     if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape
@@ -254,7 +267,7 @@ def _native_bucket(cb: CachedBucket) -> bool:
     return (cb.prepared is not None and not cb.prepared.rest
             and hasattr(cb.prepared, "refresh_native")
             and type(cb.bucket.states) is list and all(type(st) is dict for st in cb.bucket.states)
-            and all(type(t) in _EXACT for _, row, _ in cb.key_rows for t in row))
+            and all(type(t) in _EXACT for _, row, _, _ in cb.key_rows for t in row))
 
 
 class _NativeArgs:
@@ -272,9 +285,16 @@ class _NativeArgs:
             if not _native_bucket(cb):
                 self.key_rows.append(None)
                 continue
-            keys = tuple(key for key, _, _ in cb.key_rows)
-            pointers = array("q", [ptr for _, _, row in cb.key_rows for ptr in row])
-            self.key_rows.append((keys, pointers))
+            keys = tuple(key for key, _, _, _ in cb.key_rows)
+            # checks.cpp's planned tensors: by key, then by param, four rows of them: their
+            # addresses, objects, element counts and layout codes (layout_code in checks.cpp)
+            rows = [list(cb.key_rows[k][2]) for k in range(len(keys))]
+            objects = [list(map(id, cb.key_rows[k][1])) for k in range(len(keys))]
+            numels = [cb.key_rows[k][3][0] for k in range(len(keys))]
+            codes = [[checks.adamkit_scalar_type(t) + 256 * t.is_contiguous() + 512 * t.is_neg()
+                      for t in cb.key_rows[k][1]] for k in range(len(keys))]
+            planned = array("q", [x for table in (rows, objects, numels, codes) for row in table for x in row])
+            self.key_rows.append((keys, planned))
         # Which params have grads, for a group whose buckets leave some out or keep their
         # Python checks; in the others every param is in a native bucket, whose refresh
         # checks that it has a grad.

@@ -53,8 +53,8 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
     p, g, m, v, vmax, extra = tensors
     if fmt not in STATE_FORMATS or g.dtype != p.dtype:
         return False
-    if any(t is not None and is_wrapper(t) for t in tensors):
-        return False  # data_ptr is no storage of its values
+    if any(t is not None and (is_wrapper(t) or t.is_neg() or t._is_zerotensor()) for t in tensors):
+        return False  # data_ptr is no storage of its values; a negative bit; no memory at all
     moments_fit = all(t.dtype == STORAGE[fmt] for t in (m, v, vmax) if t is not None)
     buffer_dtype = p.dtype if policy == "kahan" else torch.float32
     n = p.numel()  # the kernel walks n elements of every stream (functional API callers
@@ -200,6 +200,11 @@ class PreparedBucket:
         # a wrapper subclass (assigned to .grad since the plan) has no storage of its
         # values: its data_ptr is 0, where the kernel would read
         if any(map(is_wrapper_type, set(map(type, kernel_grads)))):
+            return False
+        # the kernel reads memory: not a negative bit, nor a zero tensor's (it has none)
+        if any(map(Tensor.is_neg, kernel_grads)) or any(map(Tensor._is_zerotensor, kernel_grads)):
+            return False
+        if any(map(Tensor.is_neg, params)):
             return False
         try:
             if not all(map(Tensor.is_contiguous, kernel_grads)):

@@ -150,10 +150,18 @@ inline Py_ssize_t key_index(PyObject* keys, const std::vector<Py_hash_t>& hashes
   return -1;
 }
 
-// adamkit_state_ptrs_equal for dicts [lo, hi) of n: values[k * n + i], impls likewise.
+// What of a tensor's layout its address does not say, in one number (step_cache.py
+// computes the same for the plan): dtype, contiguity, the negative bit.
+inline int64_t layout_code(const c10::TensorImpl* t) {
+  return static_cast<int64_t>(t->dtype().toScalarType()) + 256 * t->is_contiguous() + 512 * t->is_neg();
+}
+
+// adamkit_state_ptrs_equal for dicts [lo, hi) of n: values[k * n + i], impls likewise;
+// planned[r * n * n_keys + k * n + i]: row r of the planned tensor's (address, object,
+// element count, layout code).
 Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool split, Py_ssize_t n,
                          PyObject* keys, const std::vector<Py_hash_t>& hashes,
-                         const int64_t* expected, PyObject** values, c10::TensorImpl** impls) {
+                         const int64_t* planned, PyObject** values, c10::TensorImpl** impls) {
   const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
   for (Py_ssize_t i = lo; i < hi; ++i) prefetch(dicts[i]);
   for (Py_ssize_t i = lo; i < hi; ++i) {
@@ -170,10 +178,16 @@ Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool sp
     }
     if (found != n_keys) return FAILS;  // a key missing (each is found at most once)
   }
+  const Py_ssize_t total = n * n_keys;
+  const int64_t *addresses = planned, *objects = planned + total, *numels = planned + 2 * total,
+                *codes = planned + 3 * total;
   for (Py_ssize_t k = 0; k < n_keys; ++k) {
     for (Py_ssize_t i = lo; i < hi; ++i) {  // (the values were prefetched above)
-      if ((impls[k * n + i] = impl_of(values[k * n + i])) == nullptr) return FAILS;
-      prefetch_impl(impls[k * n + i]);
+      const Py_ssize_t j = k * n + i;
+      // the planned object (one put back where a freed one was may have its address)
+      if (reinterpret_cast<int64_t>(values[j]) != objects[j]) return FAILS;
+      if ((impls[j] = impl_of(values[j])) == nullptr) return FAILS;
+      prefetch_impl(impls[j]);
     }
   }
   for (Py_ssize_t k = 0; k < n_keys; ++k) {
@@ -181,9 +195,15 @@ Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool sp
   }
   for (Py_ssize_t k = 0; k < n_keys; ++k) {
     for (Py_ssize_t i = lo; i < hi; ++i) {
-      c10::TensorImpl* t = impls[k * n + i];
+      const Py_ssize_t j = k * n + i;
+      c10::TensorImpl* t = impls[j];
       if (split && off_thread(t)) return AGAIN_SERIALLY;
-      if (!t->has_storage() || address(t) != expected[k * n + i]) return FAILS;
+      // resized, recast, restrided or negated in place: the kernel would write past its
+      // end or misread it
+      if (!t->has_storage() || t->numel() != numels[j] || layout_code(t) != codes[j] ||
+          address(t) != addresses[j]) {
+        return FAILS;
+      }
     }
   }
   return HOLDS;
@@ -207,6 +227,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
   for (Py_ssize_t i = lo; i < hi; ++i) {
     c10::TensorImpl* p = ps[i];
     if (split && off_thread(p)) return AGAIN_SERIALLY;
+    if (p->is_neg()) return FAILS;  // the kernel reads memory, not the negative bit
     if (!p->has_storage() || p->dtype().toScalarType() != dtype || !p->is_contiguous() ||
         address(p) != param_ptrs[i]) {
       return FAILS;
@@ -216,6 +237,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
     // storage of its values (the kernel would read address 0); and its accessors may run
     // Python, which a thread of the split refresh must not.
     if (g->is_python_dispatch()) return FAILS;
+    if (g->is_neg() || g->_is_zerotensor()) return FAILS;  // a negative bit; no memory at all
     if (g->layout() != c10::kStrided || !g->device().is_cpu() || !g->has_storage()) return FAILS;
     prefetch_storage(g);
   }
@@ -238,7 +260,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
 
 extern "C" {
 
-int adamkit_checks_version() { return 3; }
+int adamkit_checks_version() { return 4; }
 
 // torch's ScalarType number of a tensor's dtype, or -1 for anything else: the planned
 // dtype the other checks compare with.
@@ -291,8 +313,9 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
   }
 }
 
-// For each dict in `states` and each key in `keys` (a tuple of exact str): dict[key] is a
-// tensor at expected[k * n + i] (step_cache: the bucket's state tensors, by address).
+// For each dict in `states` and each key in `keys` (a tuple of exact str): dict[key] is the
+// planned tensor, at its planned address, with its element count and layout (`planned`:
+// state_ptrs_range; step_cache: the bucket's state tensors).
 //
 // Each dict is walked once with PyDict_Next instead of being looked up once per key, and
 // the values are held as borrowed references: nothing here runs Python code (keys are
@@ -301,7 +324,7 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
 // time of lookups with owned references (fp32 state), 0.73-0.76 (int8) and 0.66-0.69
 // (bf16 kahan int8; paired ratios, 61 rounds each way), which also prefetched one line of
 // each StorageImpl where address() reads two; that on one thread.
-int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* expected, int n_threads) {
+int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* planned, int n_threads) {
   try {
     if (!PyList_Check(states) || !PyTuple_Check(keys)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(states), n_keys = PyTuple_GET_SIZE(keys);
@@ -317,7 +340,7 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* ex
     std::vector<PyObject*> values(n * n_keys, nullptr);
     std::vector<c10::TensorImpl*> impls(n * n_keys);
     return in_parallel(n, n * n_keys, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi, bool split) {
-      return state_ptrs_range(dicts, lo, hi, split, n, keys, hashes, expected, values.data(), impls.data());
+      return state_ptrs_range(dicts, lo, hi, split, n, keys, hashes, planned, values.data(), impls.data());
     });
   } catch (...) {
     return 0;

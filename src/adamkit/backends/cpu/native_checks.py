@@ -39,7 +39,7 @@ import torch
 from . import library
 
 HERE = Path(__file__).parent
-VERSION = 3  # adamkit_checks_version() in checks.cpp
+VERSION = 4  # adamkit_checks_version() in checks.cpp
 MANY_TENSORS = 128
 
 _lock = threading.Lock()
