@@ -164,6 +164,11 @@ def _schedule_lr(k, params, opt):
     opt.param_groups[1]["lr"] = 0.003 * (k + 1)
 
 
+def _reseed_in_place(k, params, opt):
+    if k == 3:  # as a checkpoint loaded into the live state tensors does
+        opt.state[params[1]]["sr_seed"].fill_(12345)
+
+
 def _wrap_a_grad(k, params, opt):
     if k >= 3:  # a wrapper subclass (no storage of its values: data_ptr 0) after the plan
         params[2].grad = Wrapped(params[2].grad)
@@ -172,7 +177,7 @@ def _wrap_a_grad(k, params, opt):
 EDITS = [_no_edit, _skip_a_grad, _replace_a_moment, _reset_a_state, _rewind_a_step_counter,
          _move_a_param, _swap_a_param, _recast_a_param, _drop_a_state_key,
          _float64_step_counter, _new_storage_for_a_moment,
-         _non_contiguous_grad, _change_state_format, _schedule_lr, _wrap_a_grad]
+         _non_contiguous_grad, _change_state_format, _schedule_lr, _wrap_a_grad, _reseed_in_place]
 
 
 @pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__.strip("_"))

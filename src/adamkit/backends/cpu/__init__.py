@@ -63,6 +63,13 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
             and all(t is None or (t.numel() == n and t.is_contiguous()) for t in tensors))
 
 
+def _seed_fits(seed) -> bool:
+    """A stochastic param's seed as the kernel reads it each step: an int64 scalar of
+    its own memory (the step cache checks it stays so, step_cache._LAYOUT)."""
+    return (type(seed) in (Tensor, torch.nn.Parameter) and seed.dtype == torch.int64 and seed.dim() == 0
+            and seed.device.type == "cpu" and not seed._is_zerotensor() and not seed.is_neg())
+
+
 def _overlapping(params, idx: list[int]) -> set[int]:
     """Those of params[idx] whose memory overlaps another's: the kernel's threads would
     update it concurrently (views of one storage; or a param listed twice, which
@@ -137,7 +144,8 @@ class PreparedBucket:
             # keeps a bucket built some other way off the kernel's raw pointers
             scales_fit = not int8 or state_formats.scales_fit(
                 st, p, state_formats.MOMENTS[:3 if vmax is not None else 2])
-            if scales_fit and _fits(members, bucket.state_format, policy) and (
+            seed_fits = policy != "stochastic" or _seed_fits(st.get("sr_seed"))
+            if scales_fit and seed_fits and _fits(members, bucket.state_format, policy) and (
                     step is None or (step.dtype == step_dtype and step.is_contiguous())):
                 candidates.append((i, members, step))
         shared = _overlapping(bucket.params, [i for i, _, _ in candidates])
@@ -154,7 +162,7 @@ class PreparedBucket:
                 row.append(st[key].data_ptr() if int8 and key in st else 0)
             rows["steps"].append(0 if step is None else step.data_ptr())
             numels.append(p.numel())
-            seeds.append(int(st["sr_seed"]) & 0xFFFFFFFF if policy == "stochastic" else 0)
+            seeds.append(st["sr_seed"].data_ptr() if policy == "stochastic" else 0)
         n = self.n = len(numels)
         self.kernel_params = [bucket.params[i] for i in self.fast]
         self.table = table = array("q")
@@ -162,7 +170,7 @@ class PreparedBucket:
             table.extend(rows[row])
         table.extend(numels)
         table.extend([0] * (n + 1))  # chunk_start scratch
-        self.seeds = array("I", seeds)
+        self.seeds = array("q", seeds)
         self.param_ptrs = rows["params"]
         # A grad of another size or dtype (a param sliced in place, `.grad.data =`) would
         # be read past its end: refresh compares the grads' bytes with the params'.

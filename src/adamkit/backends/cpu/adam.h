@@ -29,8 +29,11 @@ struct Step {
         void* vmax = AMSGRAD ? a.max_exp_avg_sqs[t] : nullptr;
         P* comp = U == KAHAN ? static_cast<P*>(a.extras[t]) : nullptr;
         float* master = U == MASTER ? static_cast<float*>(a.extras[t]) : nullptr;
-        // formats.md's per-step key: mix32(seed ^ mix32(t)).
-        const uint32_t key = U == STOCHASTIC ? mix32(a.sr_seeds[t] ^ mix32(uint32_t(a.step))) : 0u;
+        // formats.md's per-step key: mix32(seed ^ mix32(t)), the seed's low 32 bits read
+        // from the state tensor itself (a seed changed in place takes effect, as on the
+        // full path).
+        const uint32_t key = U == STOCHASTIC
+            ? mix32(uint32_t(*static_cast<const int64_t*>(a.sr_seeds[t])) ^ mix32(uint32_t(a.step))) : 0u;
         const Consts c(a.h);
         if constexpr (S == INT8) {
             float mbuf[BLOCK], vbuf[BLOCK], xbuf[BLOCK];

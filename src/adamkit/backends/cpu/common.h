@@ -13,7 +13,7 @@
 #include <immintrin.h>
 #endif
 
-constexpr int ABI_VERSION = 3;
+constexpr int ABI_VERSION = 4;
 constexpr int64_t BLOCK = 256;     // int8 quantization block (elements)
 constexpr int64_t CHUNK = 16384;   // unit of work per thread: a multiple of BLOCK
 
@@ -52,7 +52,7 @@ struct StepArgs {
     float* const* exp_avg_sq_scales;
     float* const* max_exp_avg_sq_scales;
     void* const* steps;  // state["step"] scalars: incremented by the call (step_dtype)
-    const uint32_t* sr_seeds;  // per-tensor stochastic-rounding seeds (formats.md)
+    void* const* sr_seeds;  // per tensor, its state["sr_seed"] (an int64 scalar), read each step (formats.md)
     const int64_t* numels;
     int64_t* chunk_start;  // scratch, n_tensors + 1 entries
     int64_t step;          // the bucket's step t (1-based), keys stochastic rounding

@@ -27,7 +27,7 @@ import torch
 from .build_flags import COMPILE_FLAGS, ISA_FLAGS, digest_define, source_digest
 
 HERE = Path(__file__).parent
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = [*COMPILE_FLAGS, "-fPIC", "-shared"]
 
 
