@@ -380,7 +380,7 @@ def _moment_negated(st):
     st["exp_avg"].data = torch._neg_view(st["exp_avg"].data)
 
 
-def _step_edited(cached: bool, edit) -> tuple:
+def _step_edited(cached: bool, edit, at: int) -> tuple:
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(8, 8, generator=g))
     opt = adamkit.Adam([p], lr=1e-2, backend="cpu")
@@ -388,7 +388,7 @@ def _step_edited(cached: bool, edit) -> tuple:
     with contextlib.nullcontext() if cached else off:
         for t in range(3):
             p.grad = torch.randn(8, 8, generator=g)
-            if t == 2:
+            if t == at:
                 edit(opt.state[p])
             try:
                 opt.step()
@@ -399,13 +399,16 @@ def _step_edited(cached: bool, edit) -> tuple:
 
 @pytest.mark.parametrize("edit", [_moment_sliced, _moment_flattened, _moment_resized, _moment_as_int32,
                                   _moment_transposed, _moment_negated], ids=lambda f: f.__name__.strip("_"))
-def test_a_state_tensor_edited_in_place_steps_as_the_full_path(edit):
+@pytest.mark.parametrize("at", [1, 2], ids=["before the first cached step", "later"])
+def test_a_state_tensor_edited_in_place_steps_as_the_full_path(edit, at):
     """The cached step checks each state tensor's identity, address, element count, dtype,
     contiguity and negative bit: with any of them changed it takes the full path, which
     raises (changing nothing) or steps as a fresh plan would. By address alone, a slice put
     back at the moment's address ran the kernel over 64 elements of a 2-element tensor (a
-    tensor given a smaller storage at a freed tensor's address: a heap overflow)."""
-    cached, fresh = _step_edited(True, edit), _step_edited(False, edit)
+    tensor given a smaller storage at a freed tensor's address: a heap overflow). Edited
+    before the first cached step, it is checked against the plan's layout too (the C++
+    checks' arguments, made at that step, took the tensor's layout then)."""
+    cached, fresh = _step_edited(True, edit, at), _step_edited(False, edit, at)
     assert cached[0] is fresh[0]
     assert torch.equal(cached[1], fresh[1])
 

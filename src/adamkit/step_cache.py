@@ -210,7 +210,10 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
     the torch backend runs gets them as ``bucket.grads``."""
     b = cb.bucket
     for key, row, pointers, layout in cb.key_rows:  # the planned tensors (a key gone: None)
-        if not _same(list(map(dict.get, b.states, repeat(key))), row):
+        try:
+            if not _same(list(map(dict.get, b.states, repeat(key))), row):
+                return False
+        except TypeError:  # a state that is no dict
             return False
         if list(map(Tensor.data_ptr, row)) != pointers or _layout(row) != layout:
             return False
@@ -273,7 +276,8 @@ def _native_bucket(cb: CachedBucket) -> bool:
 class _NativeArgs:
     """The plan's checks as checks.cpp's arguments (native_checks.py): the identities the
     cache holds, per group which params have grads, per bucket the state tensors' planned
-    addresses (None for a bucket that keeps its Python checks)."""
+    objects, addresses, element counts and layouts (None for a bucket that keeps its
+    Python checks)."""
 
     def __init__(self, checks: Any, cache: StepCache) -> None:
         self.checks = checks
@@ -281,6 +285,7 @@ class _NativeArgs:
         self.state_values = array("q", map(id, cache.state_values))
         self.group_params = [array("q", map(id, ps)) for ps in cache.group_params]
         self.key_rows = []
+        scalar_types: dict[torch.dtype, int] = {}
         for cb in cache.buckets:
             if not _native_bucket(cb):
                 self.key_rows.append(None)
@@ -290,9 +295,12 @@ class _NativeArgs:
             # addresses, objects, element counts and layout codes (layout_code in checks.cpp)
             rows = [list(cb.key_rows[k][2]) for k in range(len(keys))]
             objects = [list(map(id, cb.key_rows[k][1])) for k in range(len(keys))]
+            # the plan's layouts, not the tensors' now (this runs at the first cached step:
+            # a tensor recast in place since the plan must fail the check, not become it)
             numels = [cb.key_rows[k][3][0] for k in range(len(keys))]
-            codes = [[checks.adamkit_scalar_type(t) + 256 * t.is_contiguous() + 512 * t.is_neg()
-                      for t in cb.key_rows[k][1]] for k in range(len(keys))]
+            codes = [[scalar_types.setdefault(dtype, checks.adamkit_scalar_type(torch.empty(0, dtype=dtype)))
+                      + 256 * contiguous + 512 * neg for dtype, contiguous, neg in zip(*cb.key_rows[k][3][1:])]
+                     for k in range(len(keys))]
             planned = array("q", [x for table in (rows, objects, numels, codes) for row in table for x in row])
             self.key_rows.append((keys, planned))
         # Which params have grads, for a group whose buckets leave some out or keep their

@@ -9,7 +9,8 @@ one template (adam.h), so formats join without touching the loop.
 
 Storage comes from the bucket (``state_format``, ``param_update``). Tensors it cannot run
 (non-contiguous ones, wrapper subclasses such as DTensor, whose data_ptr is not their
-values' storage, or moments in a format it has no kernel for, such as float16 moments
+values' storage, tensors with the negative bit or zero tensors, stochastic seeds that are
+not int64 scalars, or moments in a format it has no kernel for, such as float16 moments
 handed to the functional API) go to the torch backend, in the same step.
 """
 

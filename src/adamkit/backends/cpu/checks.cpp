@@ -108,7 +108,8 @@ inline bool off_thread(const c10::TensorImpl* t) {
 // The pool is torch's (libgomp, loaded by torch, is the one these OpenMP calls bind to)
 // and the kernel's: where its threads sleep, this region takes the wake-up the kernel's
 // would have had. At 1024 tensors on Zen 5, cold, the state check takes 0.54-0.78 of its
-// time on one thread, and whole steps 0.94-0.99 (RESULTS.md, "Zen 5, session 26").
+// time on one thread, and whole steps 0.94-0.99 (RESULTS.md, "Zen 5, session 26"; measured
+// before the check compared element counts and layouts too).
 constexpr Py_ssize_t PER_THREAD = 128;
 
 template <class Range>
@@ -348,9 +349,10 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* pl
 }
 
 // PreparedBucket.refresh for the kernel's params: each param keeps its planned address,
-// dtype and contiguity; its grad is a dense, contiguous CPU tensor of the planned dtype,
-// of grad_nbytes[i] bytes and of its param's shape. Then (and only then) grad_row[i] =
-// the grad's address.
+// dtype and contiguity, and has no negative bit; its grad is a dense, contiguous CPU
+// tensor of the planned dtype, of grad_nbytes[i] bytes and of its param's shape, with
+// memory of its own values (no wrapper subclass, negative bit or zero tensor). Then (and
+// only then) grad_row[i] = the grad's address.
 int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs,
                     const int64_t* grad_nbytes, int64_t* grad_row, int n_threads) {
   try {
