@@ -430,3 +430,19 @@ def test_grads_the_kernel_cannot_read_step_as_torch(make):
         ours.step()
         theirs.step()
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("key", ["step", "exp_avg_scale"])
+def test_a_zero_tensor_in_the_state_is_not_read_by_the_kernel(key):
+    """A state tensor with no memory at all (a zero tensor: data_ptr 0) put in the state
+    goes to the torch backend, which raises torch's error for it (the kernel wrote the
+    step counter at address 0: a segfault)."""
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = adamkit.Adam([p], lr=0.1, backend="cpu", state_format="int8", int8_min_size=1)
+    p.grad = torch.randn(64)
+    opt.step()
+    st = opt.state[p]
+    st[key] = torch._efficientzerotensor(st[key].shape, dtype=st[key].dtype)
+    with pytest.raises(RuntimeError):
+        p.grad = torch.randn(64)
+        opt.step()

@@ -54,8 +54,8 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
     p, g, m, v, vmax, extra = tensors
     if fmt not in STATE_FORMATS or g.dtype != p.dtype:
         return False
-    if any(t is not None and (is_wrapper(t) or t.is_neg() or t._is_zerotensor()) for t in tensors):
-        return False  # data_ptr is no storage of its values; a negative bit; no memory at all
+    if not all(t is None or _own_memory(t) for t in tensors):
+        return False
     moments_fit = all(t.dtype == STORAGE[fmt] for t in (m, v, vmax) if t is not None)
     buffer_dtype = p.dtype if policy == "kahan" else torch.float32
     n = p.numel()  # the kernel walks n elements of every stream (functional API callers
@@ -64,11 +64,18 @@ def _fits(tensors, fmt: str, policy: str) -> bool:
             and all(t is None or (t.numel() == n and t.is_contiguous()) for t in tensors))
 
 
+def _own_memory(t: Tensor) -> bool:
+    """Whether t's data_ptr holds its values as the kernel reads them: not a wrapper
+    subclass (no storage of its values), not a zero tensor (no memory at all), no
+    negative bit (the memory holds -t)."""
+    return not (is_wrapper(t) or t._is_zerotensor() or t.is_neg())
+
+
 def _seed_fits(seed) -> bool:
     """A stochastic param's seed as the kernel reads it each step: an int64 scalar of
     its own memory (the step cache checks it stays so, step_cache._LAYOUT)."""
     return (type(seed) in (Tensor, torch.nn.Parameter) and seed.dtype == torch.int64 and seed.dim() == 0
-            and seed.device.type == "cpu" and not seed._is_zerotensor() and not seed.is_neg())
+            and seed.device.type == "cpu" and _own_memory(seed))
 
 
 def _overlapping(params, idx: list[int]) -> set[int]:
@@ -143,11 +150,12 @@ class PreparedBucket:
             step = steps[i]
             # the step's planning converts a state whose int8 scales do not fit; this
             # keeps a bucket built some other way off the kernel's raw pointers
-            scales_fit = not int8 or state_formats.scales_fit(
-                st, p, state_formats.MOMENTS[:3 if vmax is not None else 2])
+            moments = state_formats.MOMENTS[:3 if vmax is not None else 2]
+            scales_fit = not int8 or (state_formats.scales_fit(st, p, moments) and all(
+                _own_memory(st[f"{name}_scale"]) for name in moments))
             seed_fits = policy != "stochastic" or _seed_fits(st.get("sr_seed"))
             if scales_fit and seed_fits and _fits(members, bucket.state_format, policy) and (
-                    step is None or (step.dtype == step_dtype and step.is_contiguous())):
+                    step is None or (step.dtype == step_dtype and step.is_contiguous() and _own_memory(step))):
                 candidates.append((i, members, step))
         shared = _overlapping(bucket.params, [i for i, _, _ in candidates])
         self.fast = [i for i, _, _ in candidates if i not in shared]
