@@ -286,22 +286,30 @@ class _NativeArgs:
         self.group_params = [array("q", map(id, ps)) for ps in cache.group_params]
         self.key_rows = []
         scalar_types: dict[torch.dtype, int] = {}
+
+        def scalar_type(dtype: torch.dtype) -> int:
+            if dtype not in scalar_types:
+                scalar_types[dtype] = checks.adamkit_scalar_type(torch.empty(0, dtype=dtype))
+            return scalar_types[dtype]
+
         for cb in cache.buckets:
             if not _native_bucket(cb):
                 self.key_rows.append(None)
                 continue
             keys = tuple(key for key, _, _, _ in cb.key_rows)
-            # checks.cpp's planned tensors: by key, then by param, four rows of them: their
-            # addresses, objects, element counts and layout codes (layout_code in checks.cpp)
-            rows = [list(cb.key_rows[k][2]) for k in range(len(keys))]
-            objects = [list(map(id, cb.key_rows[k][1])) for k in range(len(keys))]
-            # the plan's layouts, not the tensors' now (this runs at the first cached step:
-            # a tensor recast in place since the plan must fail the check, not become it)
-            numels = [cb.key_rows[k][3][0] for k in range(len(keys))]
-            codes = [[scalar_types.setdefault(dtype, checks.adamkit_scalar_type(torch.empty(0, dtype=dtype)))
-                      + 256 * contiguous + 512 * neg for dtype, contiguous, neg in zip(*cb.key_rows[k][3][1:])]
-                     for k in range(len(keys))]
-            planned = array("q", [x for table in (rows, objects, numels, codes) for row in table for x in row])
+            # checks.cpp's planned tensors, four rows of them (each by key, then by param):
+            # their addresses, objects, element counts and layout codes (layout_code in
+            # checks.cpp), from the plan's layouts, not the tensors' now (this runs at the
+            # first cached step: a tensor recast in place since the plan must fail the
+            # check, not become it)
+            addresses, objects, numels, codes = [], [], [], []
+            for _, row, pointers, (counts, dtypes, contiguous, negative) in cb.key_rows:
+                addresses += pointers
+                objects += map(id, row)
+                numels += counts
+                codes += (scalar_type(dtype) + 256 * c + 512 * neg
+                          for dtype, c, neg in zip(dtypes, contiguous, negative))
+            planned = array("q", addresses + objects + numels + codes)
             self.key_rows.append((keys, planned))
         # Which params have grads, for a group whose buckets leave some out or keep their
         # Python checks; in the others every param is in a native bucket, whose refresh

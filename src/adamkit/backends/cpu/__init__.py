@@ -214,11 +214,12 @@ class PreparedBucket:
             params, kernel_grads = [params[i] for i in self.fast], [grads[i] for i in self.fast]
         else:
             kernel_grads = grads
-        # a wrapper subclass (assigned to .grad since the plan) has no storage of its
-        # values: its data_ptr is 0, where the kernel would read
+        # _own_memory, a test at a time over all grads (cheaper than a call per grad): a
+        # wrapper subclass (assigned to .grad since the plan) has data_ptr 0, where the
+        # kernel would read; the kernel reads memory, not a negative bit, nor a zero
+        # tensor's (it has none)
         if any(map(is_wrapper_type, set(map(type, kernel_grads)))):
             return False
-        # the kernel reads memory: not a negative bit, nor a zero tensor's (it has none)
         if any(map(Tensor.is_neg, kernel_grads)) or any(map(Tensor._is_zerotensor, kernel_grads)):
             return False
         if any(map(Tensor.is_neg, params)):
