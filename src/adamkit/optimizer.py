@@ -407,6 +407,8 @@ class Adam(Optimizer):
                 fmt, update = formats.resolve(p, group)
                 backends.check_storage(p, fmt, update)
                 state = self.state.get(p)
+                if state:  # torch's errors for what no in-place op writes, before any write
+                    backends.check_written(formats.written_tensors(state))
                 t = int(state["step"].item()) + 1 if state else 1
                 buckets[(p.device, p.dtype, fmt, update, t)].append((position, p))
                 pending[p] = self._planned_state(p, group, fmt, update, index)

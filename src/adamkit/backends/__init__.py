@@ -50,8 +50,15 @@ class Bucket:
 def count_steps(backend: Backend, bucket: Bucket) -> None:
     """Add 1 to the bucket's step counters after its update, unless the backend did
     (``counts_steps``: the CPU kernel does it in the same call)."""
-    if bucket.steps and not getattr(backend, "counts_steps", False):
-        torch._foreach_add_(bucket.steps, 1.0)
+    if not bucket.steps or getattr(backend, "counts_steps", False):
+        return
+    if any(map(Tensor.is_neg, bucket.steps)):
+        # torch's foreach ops refuse a list holding a negative-bit tensor (its for-loop
+        # step, as this loop, adds to one): the params have moved by now, so no raising
+        for step in bucket.steps:
+            step.add_(1)
+    else:
+        torch._foreach_add_(bucket.steps, 1)  # an int: an integer counter stays one, as in torch
 
 
 class Backend(Protocol):
@@ -82,7 +89,11 @@ def check_param(p: Tensor) -> None:
     stride of 0 over more than one element, as ``expand`` gives: what torch's
     internal-overlap check reports as overlapping; others it cannot tell and lets be).
     A tensor given inference data through ``.data =`` keeps its version counter, and torch
-    updates it in place as any other."""
+    updates it in place as any other. Also a zero tensor (no memory to write)."""
+    if p._is_zerotensor():
+        raise RuntimeError(
+            "ZeroTensors are immutable. Please use the materialized zero tensor obtained using "
+            ".clone() if you want a mutable tensor.")
     if p.is_inference() and not torch.is_inference_mode_enabled() and not _tracks_version(p):
         raise RuntimeError(
             "Inplace update to inference tensor outside InferenceMode is not allowed.You can "
@@ -94,6 +105,15 @@ def check_param(p: Tensor) -> None:
             "unsupported operation: more than one element of the written-to tensor refers to "
             "a single memory location. Please clone() the tensor before performing the "
             "operation.")
+
+
+def check_written(tensors: list[Tensor]) -> None:
+    """check_param for each of ``tensors`` (state a step writes in place), where one of
+    three C calls finds something to look at (0.3 us a tensor, not 2.5: the full path
+    checks each param's state this way)."""
+    for t in tensors:
+        if t.is_inference() or t._is_zerotensor() or not t.is_contiguous():
+            check_param(t)
 
 
 _PLAIN_DISPATCH = Tensor.__torch_dispatch__  # what tensors and Parameters that hold one keep

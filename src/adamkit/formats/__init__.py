@@ -132,6 +132,8 @@ def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
     bfloat16, an int8 scale replaced or deleted, a buffer of another dtype after
     ``model.half()``). Where not, the step converts the state as it converts a
     checkpoint, which validates it: the native kernel reads these through raw pointers."""
+    if any(t.is_neg() for t in written_tensors(st, _FORMAT_KEYS)):
+        return False  # its memory holds -t: the conversion's copy holds t
     want = state.storage_dtype(fmt, p)
     for name in state.MOMENTS:
         t = st.get(name)
@@ -142,6 +144,18 @@ def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
         if fmt == "int8" and not state.scales_fit(st, p, [name]):
             return False
     return param.buffers_fit(p, st, update)
+
+
+def written_tensors(st: dict[str, Any], keys: frozenset[str] | None = None) -> list[Tensor]:
+    """The tensors of a live state that a step writes in place: the step counter, the
+    moments, their int8 scales and the policy's buffer (``keys``: of those, only these)."""
+    keys = _WRITTEN_KEYS if keys is None else keys
+    return [t for k, t in st.items() if k in keys and isinstance(t, Tensor)]
+
+
+_FORMAT_KEYS = frozenset((*state.MOMENTS, *(f"{m}_scale" for m in state.MOMENTS),
+                          *param.BUFFERS.values()))
+_WRITTEN_KEYS = _FORMAT_KEYS | {"step"}
 
 
 _OWN_KEYS = {"step", "state_format", "param_update", "sr_seed", *param.BUFFERS.values(),
