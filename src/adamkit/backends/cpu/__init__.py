@@ -71,6 +71,12 @@ def _own_memory(t: Tensor) -> bool:
     return not (is_wrapper(t) or t._is_zerotensor() or t.is_neg())
 
 
+def _kernel_reads(grad: Tensor) -> bool:
+    """Whether the kernel reads ``grad`` (of its param's dtype and shape: grad_fits) as
+    it is: contiguous memory of its own."""
+    return _own_memory(grad) and grad.is_contiguous()
+
+
 def _seed_fits(seed) -> bool:
     """A stochastic param's seed as the kernel reads it each step: an int64 scalar of
     its own memory (the step cache checks it stays so, step_cache._LAYOUT)."""
@@ -141,7 +147,7 @@ class PreparedBucket:
         rows = {name: [] for name in library.POINTER_ROWS}
         pointer_rows = [rows[name] for name in library.POINTER_ROWS[:6]]
         scale_rows = [rows[name] for name in library.POINTER_ROWS[6:9]]
-        numels, seeds, candidates = [], [], []
+        numels, seeds, candidates, grad_bound = [], [], [], []
         for i, p in enumerate(bucket.params):
             st = bucket.states[i]
             vmax = bucket.max_exp_avg_sqs[i] if bucket.max_exp_avg_sqs else None
@@ -154,13 +160,22 @@ class PreparedBucket:
             scales_fit = not int8 or (state_formats.scales_fit(st, p, moments) and all(
                 _own_memory(st[f"{name}_scale"]) for name in moments))
             seed_fits = policy != "stochastic" or _seed_fits(st.get("sr_seed"))
-            if scales_fit and seed_fits and _fits(members, bucket.state_format, policy) and (
-                    step is None or (step.dtype == step_dtype and step.is_contiguous() and _own_memory(step))):
+            if not (scales_fit and seed_fits and (step is None or (
+                    step.dtype == step_dtype and step.is_contiguous() and _own_memory(step)))):
+                continue
+            if _fits(members, bucket.state_format, policy):
                 candidates.append((i, members, step))
+            elif _fits((p, p, *members[2:]), bucket.state_format, policy):
+                grad_bound.append(i)  # only its grad keeps it off the kernel
         shared = _overlapping(bucket.params, [i for i, _, _ in candidates])
         self.fast = [i for i, _, _ in candidates if i not in shared]
         fast = set(self.fast)
         self.rest = [i for i in range(len(bucket.params)) if i not in fast]
+        # refresh re-plans when one of these gets a grad the kernel reads: a param's
+        # first grad (a transposed view, a wrapper) must not keep it on the torch backend
+        # (and would not share memory with another kernel param then)
+        overlaps = _overlapping(bucket.params, [*self.fast, *grad_bound]) if grad_bound else ()
+        self.grad_bound = [i for i in grad_bound if i not in overlaps]
         for i, members, step in candidates:
             if i in shared:
                 continue
@@ -211,6 +226,8 @@ class PreparedBucket:
         if self.rest:  # grads the full path would raise on: it raises, nothing changed
             if not all(grad_fits(params[i], grads[i]) for i in self.rest):
                 return False
+            if any(_kernel_reads(grads[i]) for i in self.grad_bound):
+                return False  # the kernel can run this param now
             params, kernel_grads = [params[i] for i in self.fast], [grads[i] for i in self.fast]
         else:
             kernel_grads = grads
