@@ -407,11 +407,15 @@ class Adam(Optimizer):
                 fmt, update = formats.resolve(p, group)
                 backends.check_storage(p, fmt, update)
                 state = self.state.get(p)
-                if state:  # torch's errors for what no in-place op writes, before any write
-                    backends.check_written(formats.written_tensors(state))
+                if state:
+                    backends.check_step_counter(state["step"])
                 t = int(state["step"].item()) + 1 if state else 1
                 buckets[(p.device, p.dtype, fmt, update, t)].append((position, p))
-                pending[p] = self._planned_state(p, group, fmt, update, index)
+                new = pending[p] = self._planned_state(p, group, fmt, update, index)
+                if state:  # torch's errors for what no in-place op writes, before any write
+                    used = state if new is None else new  # (a conversion's copies pass)
+                    written = formats.written_keys(fmt, update, group["amsgrad"])
+                    backends.check_written(formats.written_tensors(used, written))
             for (device, dtype, fmt, update, t), members in buckets.items():
                 backend = backends.resolve(group["backend"], device, dtype)
                 ps = [p for _, p in members]
@@ -526,7 +530,11 @@ class Adam(Optimizer):
         optimizer as it was. A group without amsgrad or maximize (older torch) loads
         them as False, as torch.optim does.
         """
-        checkpoints.load(self, state_dict)
+        # torch.optim's load keeps the state's tensors as given (an inference-mode load
+        # gives normal tensors); this one copies them, and copies made in inference mode
+        # would be inference tensors, which no later step outside it may write
+        with torch.inference_mode(False):
+            checkpoints.load(self, state_dict)
 
     def torch_state_dict(self) -> dict[str, Any]:
         """This optimizer's state dict as torch.optim.Adam/AdamW would have saved it, for

@@ -108,12 +108,20 @@ def check_param(p: Tensor) -> None:
 
 
 def check_written(tensors: list[Tensor]) -> None:
-    """check_param for each of ``tensors`` (state a step writes in place), where one of
-    three C calls finds something to look at (0.3 us a tensor, not 2.5: the full path
-    checks each param's state this way)."""
+    """check_param for each of ``tensors`` (state a step writes in place), where a quick
+    look finds something to look at (0.3 us a tensor, not 2.5: the full path checks each
+    param's state this way). A plain tensor with a stride 0 over more than one element
+    is not contiguous; a subclass may say it is."""
     for t in tensors:
-        if t.is_inference() or t._is_zerotensor() or not t.is_contiguous():
+        if type(t) is not Tensor or t.is_inference() or t._is_zerotensor() or not t.is_contiguous():
             check_param(t)
+
+
+def check_step_counter(step: Tensor) -> None:
+    """torch.optim's error for a counter its ``step += 1`` cannot take (raised after
+    the params moved there), raised before anything changes: a bool one."""
+    if step.dtype == torch.bool:
+        raise RuntimeError("result type Long can't be cast to the desired output type Bool")
 
 
 _PLAIN_DISPATCH = Tensor.__torch_dispatch__  # what tensors and Parameters that hold one keep

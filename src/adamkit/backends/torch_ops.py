@@ -18,6 +18,8 @@ Two paths:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -77,6 +79,19 @@ class TorchBackend:
                 self._step_formatted(bucket, i, s)
 
     def _step_plain(self, bucket: Bucket, s: StepScalars) -> None:
+        written = (bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs)
+        if any(t.is_neg() for ts in written for t in ts):
+            # torch's foreach ops refuse to write a negative-bit tensor (its memory holds
+            # -t; torch's for-loop step writes one): step plain copies, then write them back
+            copies = [[t.resolve_neg() for t in ts] for ts in written]
+            self._step_plain(dataclasses.replace(
+                bucket, params=copies[0], exp_avgs=copies[1], exp_avg_sqs=copies[2],
+                max_exp_avg_sqs=copies[3]), s)
+            for ts, cs in zip(written, copies):
+                for t, c in zip(ts, cs):
+                    if c is not t:
+                        t.copy_(c)
+            return
         params, grads = _as_real(bucket.params), _as_real(bucket.grads)
         exp_avgs, exp_avg_sqs = _as_real(bucket.exp_avgs), _as_real(bucket.exp_avg_sqs)
 

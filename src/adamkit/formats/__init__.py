@@ -11,6 +11,7 @@ A param's state records what it is in two strings, ``state_format`` and
 
 from __future__ import annotations
 
+import functools
 from copy import deepcopy
 from typing import Any
 
@@ -132,7 +133,7 @@ def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
     bfloat16, an int8 scale replaced or deleted, a buffer of another dtype after
     ``model.half()``). Where not, the step converts the state as it converts a
     checkpoint, which validates it: the native kernel reads these through raw pointers."""
-    if any(t.is_neg() for t in written_tensors(st, _FORMAT_KEYS)):
+    if any(t.is_neg() for t in written_tensors(st, written_keys(None, None, True)) if t is not st.get("step")):
         return False  # its memory holds -t: the conversion's copy holds t
     want = state.storage_dtype(fmt, p)
     for name in state.MOMENTS:
@@ -146,16 +147,22 @@ def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
     return param.buffers_fit(p, st, update)
 
 
-def written_tensors(st: dict[str, Any], keys: frozenset[str] | None = None) -> list[Tensor]:
-    """The tensors of a live state that a step writes in place: the step counter, the
-    moments, their int8 scales and the policy's buffer (``keys``: of those, only these)."""
-    keys = _WRITTEN_KEYS if keys is None else keys
+def written_tensors(st: dict[str, Any], keys: frozenset[str]) -> list[Tensor]:
+    """The tensors of a live state under ``keys`` (written_keys): those a step writes."""
     return [t for k, t in st.items() if k in keys and isinstance(t, Tensor)]
 
 
-_FORMAT_KEYS = frozenset((*state.MOMENTS, *(f"{m}_scale" for m in state.MOMENTS),
-                          *param.BUFFERS.values()))
-_WRITTEN_KEYS = _FORMAT_KEYS | {"step"}
+@functools.lru_cache(maxsize=None)
+def written_keys(fmt: str | None, update: str | None, amsgrad: bool) -> frozenset[str]:
+    """The state keys whose tensors a step in (fmt, update) writes in place: the step
+    counter, the moments (max v with amsgrad), their int8 scales, the policy's buffer;
+    None for any format, policy: every one a step may write."""
+    moments = state.MOMENTS if amsgrad else state.MOMENTS[:2]
+    keys = {"step", *moments}
+    if fmt in ("int8", None):
+        keys.update(f"{m}_scale" for m in moments)
+    keys.update(buf for policy, buf in param.BUFFERS.items() if update in (policy, None))
+    return frozenset(keys)
 
 
 _OWN_KEYS = {"step", "state_format", "param_update", "sr_seed", *param.BUFFERS.values(),

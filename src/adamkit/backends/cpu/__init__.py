@@ -139,11 +139,9 @@ class PreparedBucket:
         extra_key = EXTRA_KEY.get(policy)
         int8 = bucket.state_format == "int8"
         steps = bucket.steps or [None] * len(bucket.params)
-        # One counter dtype per call (float32, or float64 under a float64 default); a
-        # counter of another dtype, or of one the kernel does not count, goes to `rest`.
-        step_dtype = bucket.steps[0].dtype if bucket.steps else None
-        if step_dtype not in library.STEP_DTYPES:
-            step_dtype = None
+        # One counter dtype per call (float32, or float64 under a float64 default): the
+        # first the kernel counts; a counter of another dtype goes to `rest`.
+        step_dtype = next((c.dtype for c in bucket.steps if c.dtype in library.STEP_DTYPES), None)
         rows = {name: [] for name in library.POINTER_ROWS}
         pointer_rows = [rows[name] for name in library.POINTER_ROWS[:6]]
         scale_rows = [rows[name] for name in library.POINTER_ROWS[6:9]]
