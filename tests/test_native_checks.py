@@ -555,3 +555,39 @@ def test_a_build_removes_build_directories_that_dead_builds_left(tmp_path):
     target = library.compile_into(tmp_path / "tiny.so", "tiny", ["-shared", "-fPIC", str(src)])
     assert target.exists()
     assert sorted(p.name for p in tmp_path.glob(library.BUILD_PREFIX + "*")) == [running.name]
+
+
+def test_the_grads_stay_alive_while_the_kernel_reads_them(checks_mode, monkeypatch):
+    """The kernel runs without the GIL. The native refresh wrote the grads' addresses
+    into the kernel's table and kept no reference to them: another thread's zero_grad()
+    during a cached step freed them under the kernel (a segfault with 64 MB grads). Here
+    the zero_grad() runs just before the kernel, as that thread could."""
+    import gc
+    import weakref
+
+    from adamkit.backends.cpu import PreparedBucket
+
+    ps = [torch.nn.Parameter(torch.zeros(256)) for _ in range(3)]
+    opt = adamkit.Adam(ps, backend="cpu")
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.ones(256)
+        opt.step()
+    cache = opt._step_cache
+    for p in ps:
+        p.grad = torch.ones(256)
+    alive = [weakref.ref(p.grad) for p in ps]
+    seen, run = [], PreparedBucket.run
+
+    def run_after_zero_grad(self, s):
+        opt.zero_grad()
+        gc.collect()
+        seen.append([r() is not None for r in alive])
+        run(self, s)
+
+    monkeypatch.setattr(PreparedBucket, "run", run_after_zero_grad)
+    opt.step()
+    assert opt._step_cache is cache  # the cached step ran (the full path makes a new cache)
+    assert seen == [[True, True, True]]
+    assert all(r() is None for r in alive)  # and the cache let them go after the step
+    assert all(float(opt.state[p]["step"]) == 3 for p in ps)

@@ -294,3 +294,34 @@ def test_the_functional_step_writes_negative_bit_tensors_as_plain_ones(backend, 
                 assert_close_scaled(x, y, *TORCH_PARITY_TOL[torch.float32])
             else:
                 assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("made", ["state", "params"])
+def test_steps_in_inference_mode_then_outside_raise_torchs_error_and_change_nothing(backend, made):
+    """State made by steps under torch.inference_mode(), or params made there, are
+    inference tensors: torch's step outside it raises. The cached plan (made inside)
+    stepped them outside, or, on the torch backend with decoupled decay, decayed the
+    params and then raised."""
+    def make():
+        if made == "params":
+            with torch.inference_mode():
+                return [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+        return [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+    ps, twins = make(), make()
+    opt = adamkit.AdamW(ps, lr=0.1, weight_decay=0.5, backend=backend)
+    theirs = torch.optim.AdamW(twins, lr=0.1, weight_decay=0.5, foreach=False)
+    for o, qs in ((opt, ps), (theirs, twins)):
+        for q in qs:
+            q.grad = torch.ones(4)
+        with torch.inference_mode():
+            o.step()
+            o.step()
+    for a, b in zip(ps, twins):
+        assert_close_scaled(a.detach(), b.detach(), *TORCH_PARITY_TOL[torch.float32])
+    with pytest.raises(RuntimeError, match=UNWRITABLE["inference"]):
+        theirs.step()
+    snap = _snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match=UNWRITABLE["inference"]):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)

@@ -139,6 +139,9 @@ class StepCache:
         self.n_tensors = sum(len(cb.bucket.params) for cb in buckets)
         self.native: _NativeArgs | None = None
         self.native_fits = _native_fits(optimizer.param_groups)
+        # inference tensors (params, state) may be written only in inference mode: the
+        # full path's check_param and check_written decide it, for the mode they ran in
+        self.inference_mode = torch.is_inference_mode_enabled()
 
     @staticmethod
     def _signature(group: dict[str, Any]) -> tuple:
@@ -151,7 +154,7 @@ class StepCache:
         state, groups = optimizer.state, optimizer.param_groups
         if state is not self.state or len(groups) != len(self.groups) or any(
             self._signature(g) != sig for g, sig in zip(groups, self.groups)
-        ):
+        ) or torch.is_inference_mode_enabled() != self.inference_mode:
             return False
         if self.native is None and self.native_fits:
             checks = native_checks.get(self.n_tensors)

@@ -267,15 +267,20 @@ class PreparedBucket:
         """``refresh`` by checks.cpp (native_checks.py), for a bucket the kernel runs whole
         (no ``rest``): the same checks, and the grads' row rewritten only when all hold;
         on up to ``n_threads`` threads.
-        ``bucket.grads`` stays empty: only the torch backend's ``rest`` reads it."""
+        ``bucket.grads`` holds the grads until the step is done (the kernel runs without
+        the GIL: another thread's ``zero_grad()`` would free memory the table points to)."""
         if self.native_args is None:  # the planned dtype: not the params' (they may have changed)
             planned = checks.adamkit_scalar_type(torch.empty(0, dtype=self.dtype))
             self.native_args = (planned, array("q", self.param_ptrs), array("q", self.grad_nbytes))
             self.native_bump = checks.adamkit_bump_versions
         planned, param_ptrs, grad_nbytes = self.native_args
-        return bool(checks.adamkit_refresh(
-            self.kernel_params, planned, param_ptrs.buffer_info()[0], grad_nbytes.buffer_info()[0],
-            self.table.buffer_info()[0] + 8 * self.grad_row, n_threads))
+        held = [None] * self.n
+        if not checks.adamkit_refresh(
+                self.kernel_params, planned, param_ptrs.buffer_info()[0], grad_nbytes.buffer_info()[0],
+                self.table.buffer_info()[0] + 8 * self.grad_row, n_threads, held):
+            return False
+        self.bucket.grads = held
+        return True
 
     def steps_equal(self, value: int) -> bool:
         """Whether every counter of the kernel's tensors still reads ``value``."""

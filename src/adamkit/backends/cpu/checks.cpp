@@ -261,7 +261,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
 
 extern "C" {
 
-int adamkit_checks_version() { return 4; }
+int adamkit_checks_version() { return 5; }
 
 // torch's ScalarType number of a tensor's dtype, or -1 for anything else: the planned
 // dtype the other checks compare with.
@@ -352,12 +352,13 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* pl
 // dtype and contiguity, and has no negative bit; its grad is a dense, contiguous CPU
 // tensor of the planned dtype, of grad_nbytes[i] bytes and of its param's shape, with
 // memory of its own values (no wrapper subclass, negative bit or zero tensor). Then (and
-// only then) grad_row[i] = the grad's address.
+// only then) grad_row[i] = the grad's address, and held[i] = the grad.
 int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs,
-                    const int64_t* grad_nbytes, int64_t* grad_row, int n_threads) {
+                    const int64_t* grad_nbytes, int64_t* grad_row, int n_threads, PyObject* held) {
   try {
-    if (!PyList_Check(params)) return 0;
+    if (!PyList_Check(params) || !PyList_Check(held)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(params);
+    if (PyList_GET_SIZE(held) != n) return 0;
     PyObject** items = reinterpret_cast<PyListObject*>(params)->ob_item;
     const auto dtype = static_cast<c10::ScalarType>(scalar_type);
     std::vector<c10::TensorImpl*> ps(n), gs(n);
@@ -366,7 +367,17 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
       return refresh_range(items, lo, hi, split, dtype, param_ptrs, grad_nbytes, ps.data(), gs.data(),
                            grad_ptrs.data());
     });
-    if (ok) std::copy(grad_ptrs.begin(), grad_ptrs.end(), grad_row);
+    if (!ok) return 0;
+    // The grads' Python objects into `held`, which keeps them alive until the kernel has
+    // read them: the kernel runs without the GIL, and another thread's zero_grad() could
+    // free memory whose address is in the table. (Once all checks hold: nothing is left
+    // to fail. The previous step's grads, released here, were let go by the caller.)
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* grad = THPVariable_Wrap(THPVariable_Unpack(items[i]).grad());
+      if (grad == nullptr) return 0;
+      PyList_SetItem(held, i, grad);  // steals the reference, releases the old item
+    }
+    std::copy(grad_ptrs.begin(), grad_ptrs.end(), grad_row);
     return ok;
   } catch (...) {
     return 0;
