@@ -371,7 +371,7 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
     // The grads' Python objects into `held`, which keeps them alive until the kernel has
     // read them: the kernel runs without the GIL, and another thread's zero_grad() could
     // free memory whose address is in the table. (Once all checks hold: nothing is left
-    // to fail. The previous step's grads, released here, were let go by the caller.)
+    // to fail. `held` comes filled with None, and a failure leaves the table as it was.)
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* grad = THPVariable_Wrap(THPVariable_Unpack(items[i]).grad());
       if (grad == nullptr) return 0;
