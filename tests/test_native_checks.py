@@ -591,3 +591,55 @@ def test_the_grads_stay_alive_while_the_kernel_reads_them(checks_mode, monkeypat
     assert seen == [[True, True, True]]
     assert all(r() is None for r in alive)  # and the cache let them go after the step
     assert all(float(opt.state[p]["step"]) == 3 for p in ps)
+
+
+def test_a_grad_cleared_while_the_refresh_wraps_the_grads_is_still_the_one_read(checks_mode, monkeypatch):
+    """Wrapping a grad autograd made (no Python object yet) allocates, and an allocation
+    may run the garbage collector's callbacks, and so another thread: one clearing a later
+    grad there freed it, while its address, checked already, went to the kernel (a
+    segfault with 64 MB grads), and `held` got None. Here a gc callback clears it."""
+    import gc
+    import sys
+
+    from adamkit.backends.cpu import PreparedBucket
+
+    ps = [torch.nn.Parameter(torch.zeros(1024)) for _ in range(3)]
+    opt = adamkit.Adam(ps, backend="cpu")
+
+    def backward():
+        opt.zero_grad()
+        sum((p * (i + 1)).sum() for i, p in enumerate(ps)).backward()
+
+    for _ in range(2):
+        backward()
+        opt.step()
+    backward()
+    fired, seen, run = [], [], PreparedBucket.run
+
+    def clear_a_grad(phase, info):
+        frame = sys._getframe(1)
+        if phase == "start" and not fired and frame.f_code.co_name == "refresh_native" \
+                and (frame.f_locals.get("held") or [None])[0] is not None:
+            fired.append(True)
+            ps[2].grad = None
+
+    def run_and_look(self, s):
+        table = list(self.table[self.grad_row:self.grad_row + self.n])
+        seen.append((table, [None if g is None else g.data_ptr() for g in self.bucket.grads]))
+        run(self, s)
+
+    monkeypatch.setattr(PreparedBucket, "run", run_and_look)
+    threshold = gc.get_threshold()
+    gc.callbacks.append(clear_a_grad)
+    gc.set_threshold(1)
+    try:
+        opt.step()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(clear_a_grad)
+    if checks_mode == "native checks":
+        assert fired, "the gc callback did not run inside the refresh: nothing was tested"
+    (table, held), = seen
+    assert held == table  # every address the kernel reads belongs to a grad held alive
+    assert [float(opt.state[p]["step"]) for p in ps] == [3, 3, 3]
+    assert torch.allclose(ps[2].detach(), ps[0].detach())  # grad 3 read as 3 (Adam: sign)

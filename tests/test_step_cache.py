@@ -472,3 +472,30 @@ def test_a_param_whose_first_grad_kept_it_off_the_kernel_returns_to_it(make):
         for p, q in zip(ps, twins):
             assert torch.equal(p, q), t
     assert cached._step_cache is not None
+
+
+def test_a_cached_step_that_raises_keeps_no_grad(checks_mode):
+    """The refresh hands the buckets the step's grads; they were let go only after a
+    step that ran, so a step raising after the refresh (a group left without lr, an
+    interrupt) kept them alive past zero_grad()."""
+    import weakref
+
+    ps = [torch.nn.Parameter(torch.zeros(64)) for _ in range(3)]
+    opt = adamkit.Adam(ps, backend="cpu")
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.ones(64)
+        opt.step()
+    for p in ps:
+        p.grad = torch.ones(64)
+    alive = [weakref.ref(p.grad) for p in ps]
+    lr = opt.param_groups[0].pop("lr")
+    with pytest.raises(KeyError):
+        opt.step()
+    opt.zero_grad()
+    assert all(r() is None for r in alive)
+    opt.param_groups[0]["lr"] = lr
+    for p in ps:
+        p.grad = torch.ones(64)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in ps] == [3, 3, 3]

@@ -151,6 +151,14 @@ class StepCache:
     def try_step(self, optimizer: Any, grad_scale_inv: float) -> bool:
         """Run the step from the cached plan and return True, or change nothing and
         return False when the plan no longer holds."""
+        try:
+            return self._try_step(optimizer, grad_scale_inv)
+        finally:  # the refreshes hand the buckets this step's grads: none kept after it,
+            # also where it raised (a group edited into one without lr, an interrupt)
+            for cb in self.buckets:
+                cb.bucket.grads = []
+
+    def _try_step(self, optimizer: Any, grad_scale_inv: float) -> bool:
         state, groups = optimizer.state, optimizer.param_groups
         if state is not self.state or len(groups) != len(self.groups) or any(
             self._signature(g) != sig for g, sig in zip(groups, self.groups)
@@ -176,7 +184,6 @@ class StepCache:
         # Everything holds: run. Nothing above changed the optimizer.
         for cb, s in zip(self.buckets, scalars):
             run_bucket(cb.backend, cb.bucket, s, cb.prepared)
-            cb.bucket.grads = []
             cb.t += 1
         for cb in self.buckets:  # after all ran: views of one tensor share a counter
             if cb.versions is not None:

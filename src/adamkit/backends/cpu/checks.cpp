@@ -372,8 +372,16 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
     // read them: the kernel runs without the GIL, and another thread's zero_grad() could
     // free memory whose address is in the table. (Once all checks hold: nothing is left
     // to fail. `held` comes filled with None, and a failure leaves the table as it was.)
+    // First a reference to each checked grad, which runs no Python: wrapping one may
+    // allocate its Python object, and an allocation may run the garbage collector's
+    // callbacks and let another thread clear a later grad.
+    std::vector<at::Tensor> grads(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* grad = THPVariable_Wrap(THPVariable_Unpack(items[i]).grad());
+      grads[i] = THPVariable_Unpack(items[i]).grad();
+      if (grads[i].unsafeGetTensorImpl() != gs[i]) return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* grad = THPVariable_Wrap(grads[i]);
       if (grad == nullptr) return 0;
       PyList_SetItem(held, i, grad);  // steals the reference, releases the old item
     }
