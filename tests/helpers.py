@@ -130,3 +130,18 @@ def assert_same_state(model_a, opt_a, model_b, opt_b, rtol: float, atol: float, 
                 assert float(sa[key]) == float(sb[key]), f"{msg} {name}: step differs"
             else:
                 assert_close_scaled(sa[key], sb[key], rtol, atol, f"{msg} {name}.{key}")
+
+
+def on_a_cached_plan(numel: int, n_params: int = 3):
+    """n zero params on the cpu backend, stepped twice with grads of ones and given new
+    ones: their next step runs from the cached plan. Returns (params, optimizer)."""
+    import adamkit
+
+    ps = [nn.Parameter(torch.zeros(numel)) for _ in range(n_params)]
+    opt = adamkit.Adam(ps, backend="cpu")
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.ones(numel)
+        if step < 2:  # and the third set of grads waits for the caller's step
+            opt.step()
+    return ps, opt

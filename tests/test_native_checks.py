@@ -20,6 +20,7 @@ import torch
 
 import adamkit
 from adamkit.backends.cpu import library, native_checks
+from helpers import on_a_cached_plan
 
 pytestmark = pytest.mark.skipif(library.compiler_path() is None, reason="no C++ compiler")
 
@@ -567,15 +568,8 @@ def test_the_grads_stay_alive_while_the_kernel_reads_them(checks_mode, monkeypat
 
     from adamkit.backends.cpu import PreparedBucket
 
-    ps = [torch.nn.Parameter(torch.zeros(256)) for _ in range(3)]
-    opt = adamkit.Adam(ps, backend="cpu")
-    for _ in range(2):
-        for p in ps:
-            p.grad = torch.ones(256)
-        opt.step()
+    ps, opt = on_a_cached_plan(256)
     cache = opt._step_cache
-    for p in ps:
-        p.grad = torch.ones(256)
     alive = [weakref.ref(p.grad) for p in ps]
     seen, run = [], PreparedBucket.run
 

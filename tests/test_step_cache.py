@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import adamkit
 from adamkit import step_cache
 
-from helpers import Wrapped
+from helpers import Wrapped, on_a_cached_plan
 
 # every test twice: the step cache's checks in Python and in C++ (conftest.checks_mode)
 pytestmark = pytest.mark.usefixtures("checks_mode")
@@ -480,14 +480,7 @@ def test_a_cached_step_that_raises_keeps_no_grad(checks_mode):
     interrupt) kept them alive past zero_grad()."""
     import weakref
 
-    ps = [torch.nn.Parameter(torch.zeros(64)) for _ in range(3)]
-    opt = adamkit.Adam(ps, backend="cpu")
-    for _ in range(2):
-        for p in ps:
-            p.grad = torch.ones(64)
-        opt.step()
-    for p in ps:
-        p.grad = torch.ones(64)
+    ps, opt = on_a_cached_plan(64)
     alive = [weakref.ref(p.grad) for p in ps]
     lr = opt.param_groups[0].pop("lr")
     with pytest.raises(KeyError):

@@ -133,7 +133,7 @@ def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
     bfloat16, an int8 scale replaced or deleted, a buffer of another dtype after
     ``model.half()``). Where not, the step converts the state as it converts a
     checkpoint, which validates it: the native kernel reads these through raw pointers."""
-    if any(t.is_neg() for t in written_tensors(st, written_keys(None, None, True)) if t is not st.get("step")):
+    if any(t.is_neg() for t in written_tensors(st, _FORMATS_TENSORS)):
         return False  # its memory holds -t: the conversion's copy holds t
     want = state.storage_dtype(fmt, p)
     for name in state.MOMENTS:
@@ -163,6 +163,10 @@ def written_keys(fmt: str | None, update: str | None, amsgrad: bool) -> frozense
         keys.update(f"{m}_scale" for m in moments)
     keys.update(buf for policy, buf in param.BUFFERS.items() if update in (policy, None))
     return frozenset(keys)
+
+
+# every state tensor a format or policy keeps (the step counter is the optimizer's)
+_FORMATS_TENSORS = written_keys(None, None, True) - {"step"}
 
 
 _OWN_KEYS = {"step", "state_format", "param_update", "sr_seed", *param.BUFFERS.values(),

@@ -71,12 +71,6 @@ def _own_memory(t: Tensor) -> bool:
     return not (is_wrapper(t) or t._is_zerotensor() or t.is_neg())
 
 
-def _kernel_reads(grad: Tensor) -> bool:
-    """Whether the kernel reads ``grad`` (of its param's dtype and shape: grad_fits) as
-    it is: contiguous memory of its own."""
-    return _own_memory(grad) and grad.is_contiguous()
-
-
 def _seed_fits(seed) -> bool:
     """A stochastic param's seed as the kernel reads it each step: an int64 scalar of
     its own memory (the step cache checks it stays so, step_cache._LAYOUT)."""
@@ -164,7 +158,7 @@ class PreparedBucket:
             if _fits(members, bucket.state_format, policy):
                 candidates.append((i, members, step))
             elif _fits((p, p, *members[2:]), bucket.state_format, policy):
-                grad_bound.append(i)  # only its grad keeps it off the kernel
+                grad_bound.append((i, members))  # only its grad keeps it off the kernel
         shared = _overlapping(bucket.params, [i for i, _, _ in candidates])
         self.fast = [i for i, _, _ in candidates if i not in shared]
         fast = set(self.fast)
@@ -172,8 +166,8 @@ class PreparedBucket:
         # refresh re-plans when one of these gets a grad the kernel reads: a param's
         # first grad (a transposed view, a wrapper) must not keep it on the torch backend
         # (and would not share memory with another kernel param then)
-        overlaps = _overlapping(bucket.params, [*self.fast, *grad_bound]) if grad_bound else ()
-        self.grad_bound = [i for i in grad_bound if i not in overlaps]
+        overlaps = _overlapping(bucket.params, [*self.fast, *(i for i, _ in grad_bound)]) if grad_bound else ()
+        self.grad_bound = [(i, members) for i, members in grad_bound if i not in overlaps]
         for i, members, step in candidates:
             if i in shared:
                 continue
@@ -224,7 +218,8 @@ class PreparedBucket:
         if self.rest:  # grads the full path would raise on: it raises, nothing changed
             if not all(grad_fits(params[i], grads[i]) for i in self.rest):
                 return False
-            if any(_kernel_reads(grads[i]) for i in self.grad_bound):
+            fmt, policy = self.bucket.state_format, self.bucket.param_update
+            if any(_fits((members[0], grads[i], *members[2:]), fmt, policy) for i, members in self.grad_bound):
                 return False  # the kernel can run this param now
             params, kernel_grads = [params[i] for i in self.fast], [grads[i] for i in self.fast]
         else:
