@@ -55,14 +55,15 @@ def _paired(a: list[float], b: list[float]) -> float:
 
 def state_check(libs, opt, flush, rounds: int) -> str:
     cache = opt._step_cache
-    calls = [(cb.bucket.states, rows[0], rows[1]) for cb, rows in zip(cache.buckets, cache.native.key_rows)]
+    calls = [(cb.bucket.states, *rows) for cb, rows in zip(cache.buckets, cache.native.key_rows)]
     n_threads = torch.get_num_threads()
     times = {"A": [], "B": []}
     for r in range(rounds):
         for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
             flush.add_(1.0)
             t0 = time.perf_counter()
-            ok = all(libs[name].adamkit_state_ptrs_equal(s, k, p.buffer_info()[0], n_threads) for s, k, p in calls)
+            ok = all(libs[name].adamkit_state_ptrs_equal(s, k, p.buffer_info()[0], n_threads, tags, ids.buffer_info()[0])
+                     for s, k, p, tags, ids in calls)
             times[name].append(time.perf_counter() - t0)
             assert ok
     med = {k: statistics.median(v) * 1e6 for k, v in times.items()}

@@ -211,9 +211,23 @@ def _state_negated(opt, ps):
     st["exp_avg_sq"].data = torch._neg_view(st["exp_avg_sq"].data)
 
 
+def _tag_edited(opt, ps):  # the state now says another format than its tensors hold
+    opt.state[ps[1]]["state_format"] = "fp32"
+
+
+def _tag_dropped(opt, ps):
+    del opt.state[ps[2]]["param_update"]
+
+
+def _tag_equal_but_another_object(opt, ps):  # by identity, as the tensors: a re-plan, no more
+    st = opt.state[ps[3]]
+    st["state_format"] = "".join(list(st["state_format"]))
+
+
 STATE_CHANGES = [_state_replaced, _state_new_storage, _state_key_dropped, _state_not_a_tensor,
                  _state_subclass, _state_key_of_a_str_subclass, _state_sliced, _state_resized,
-                 _state_recast, _state_strided, _state_negated]
+                 _state_recast, _state_strided, _state_negated, _tag_edited, _tag_dropped,
+                 _tag_equal_but_another_object]
 
 
 @pytest.mark.parametrize(("n", "n_threads", "where"), SPLITS)
@@ -222,10 +236,17 @@ def test_state_changes_are_caught(checks, change, n, n_threads, where):
     """Each change fails the address check (the Python one accepts a tensor subclass at
     the planned address; checks.cpp re-plans, and the new plan keeps Python checks)."""
     params, opt, cb = _cached(n)
-    keys, pointers = opt._step_cache.native.key_rows[0]  # the planned tensors (step_cache._NativeArgs)
-    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 1
+    rows = opt._step_cache.native.key_rows[0]  # the planned tensors and tags (step_cache._NativeArgs)
+    assert _state_check(checks, cb, rows, n_threads) == 1
     change(opt, _at(params, where))
-    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 0
+    assert _state_check(checks, cb, rows, n_threads) == 0
+
+
+def _state_check(checks, cb, rows, n_threads, keys=None):
+    planned_keys, pointers, tags, tag_objects = rows
+    return checks.adamkit_state_ptrs_equal(cb.bucket.states, planned_keys if keys is None else keys,
+                                           pointers.buffer_info()[0], n_threads, tags,
+                                           tag_objects.buffer_info()[0])
 
 
 def _keys_rebuilt(opt, ps):  # equal str keys, other objects: as a checkpoint's may be
@@ -248,13 +269,14 @@ def test_state_keys_are_matched_by_value(checks, change, n, n_threads, where):
     """checks.cpp walks each state dict and matches its keys to the planned ones by
     identity or as exact str, as a lookup would find them; other keys are skipped."""
     params, opt, cb = _cached(n)
-    keys, pointers = opt._step_cache.native.key_rows[0]
+    rows = opt._step_cache.native.key_rows[0]
+    keys = rows[0]
     change(opt, _at(params, where))
     if change is _keys_rebuilt:
         assert not any(k is key for st in cb.bucket.states for k in st for key in keys)
-    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads) == 1
+    assert _state_check(checks, cb, rows, n_threads) == 1
     not_str = (*keys[:-1], _Key(keys[-1]))  # the planned keys are exact str
-    assert checks.adamkit_state_ptrs_equal(cb.bucket.states, not_str, pointers.buffer_info()[0], n_threads) == 0
+    assert _state_check(checks, cb, rows, n_threads, keys=not_str) == 0
     opt.step()  # and the cached step runs on
     assert opt._step_cache is not None and opt._step_cache.native is not None
 

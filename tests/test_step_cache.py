@@ -492,3 +492,64 @@ def test_a_cached_step_that_raises_keeps_no_grad(checks_mode):
         p.grad = torch.ones(64)
     opt.step()
     assert [float(opt.state[p]["step"]) for p in ps] == [3, 3, 3]
+
+
+# ---- a state's tags, edited between steps ---------------------------------------------------
+
+def _tag_names_another_format(st):  # its tensors stay int8 codes
+    st["state_format"] = "bf16"
+
+
+def _tag_removed(st):
+    del st["state_format"]
+
+
+def _policy_tag_edited(st):  # a kahan state said to be master's
+    st["param_update"] = "master"
+
+
+def _tag_rewritten_equal(st):  # the same value, another str object: nothing to read differently
+    st["state_format"] = "".join(["in", "t8"])
+
+
+def _tag_edited_run(cached: bool, edit, backend: str) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5000, generator=g).bfloat16())
+    opt = adamkit.Adam([p], lr=1e-2, backend=backend, state_format="int8")
+    off = mock.patch.object(step_cache.StepCache, "try_step", lambda *a: False)
+    with contextlib.nullcontext() if cached else off:
+        for t in range(4):
+            p.grad = torch.randn(5000, generator=g).bfloat16()
+            if t == 2:
+                edit(opt.state[p])
+                before = _state_copy(opt, p)
+            try:
+                opt.step()
+            except Exception as exc:  # noqa: BLE001  (the full path's error, whichever)
+                assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                           for a, b in zip(before, _state_copy(opt, p)))  # nothing changed
+                return type(exc), p.detach().clone()
+    return None, p.detach().clone()
+
+
+def _state_copy(opt, p):
+    st = opt.state[p]
+    return [p.detach().clone()] + [v.clone() if isinstance(v, torch.Tensor) else v
+                                   for _, v in sorted(st.items())]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("edit", [_tag_names_another_format, _tag_removed, _policy_tag_edited,
+                                  _tag_rewritten_equal], ids=lambda f: f.__name__.strip("_"))
+def test_a_state_tag_edited_between_steps_steps_as_the_full_path(checks_mode, edit, backend):
+    """The full path reads a state by its tags (state_format, param_update): a tag that
+    no longer says what the tensors hold raises UnreadableStateError with nothing changed.
+    The cached step checks the tags by identity, as the tensors, so it does the same; by
+    the tensors alone it stepped on, and the state dict it left could not be loaded."""
+    cached, fresh = _tag_edited_run(True, edit, backend), _tag_edited_run(False, edit, backend)
+    assert cached[0] is fresh[0]
+    assert torch.equal(cached[1], fresh[1])
+    if edit is _tag_rewritten_equal:
+        assert cached[0] is None
+    else:
+        assert cached[0] is adamkit.UnreadableStateError

@@ -11,7 +11,8 @@ while
   tensor was replaced, added or removed (identity checks, not values: the state
   mapping's keys and values in order; each bucket's state tensors by identity and
   address, and by element count, dtype, contiguity and negative bit, which catch one
-  resized, recast or restrided in place);
+  resized, recast or restrided in place), and no state's tags (``state_format``,
+  ``param_update``: the full path reads a state by them) were edited or removed;
 * the same params have grads, and those are dense and contiguous, of their param's
   dtype, size and shape, with memory of their own values (no wrapper subclass, negative
   bit or zero tensor) (a param sliced in place keeps its address; a grad reshaped
@@ -51,6 +52,9 @@ _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min
                  "decouple_wd", "decoupled_weight_decay")
 
 
+# The str tags a state is read by (formats.py): checked by identity, as the tensors.
+_TAG_KEYS = ("state_format", "param_update")
+
 _VERSION = operator.attrgetter("_version")
 # What checks.cpp reads as a tensor: Tensor or Parameter exactly (a subclass may mean
 # something else by its data).
@@ -84,6 +88,9 @@ class CachedBucket:
     # restrided or negated in place (a tensor put back at an address a freed one had, or
     # given a smaller storage there, would have the kernel write past its end).
     key_rows: tuple = ()
+    # (tag key, the states' values under it): a tag edited between steps (the state then
+    # says another format than its tensors hold) takes the full path, which raises for it
+    tag_rows: tuple = ()
     dtype: Any = None  # the params' dtype when planned
     # "master" buckets: the params' version counters after this bucket's last step; one
     # that moved was written in place, and the full path re-seeds its master copy
@@ -128,6 +135,7 @@ class StepCache:
             keys = ["step", "exp_avg", "exp_avg_sq", *_extra_keys(cb.bucket)]
             rows = [(k, [st[k] for st in cb.bucket.states]) for k in keys]
             cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row)), _layout(row)) for k, row in rows)
+            cb.tag_rows = tuple((k, [st.get(k) for st in cb.bucket.states]) for k in _TAG_KEYS)
             cb.dtype = cb.bucket.params[0].dtype
             cb.strides = list(map(Tensor.stride, cb.bucket.params))
             if cb.bucket.param_update == "master":
@@ -219,11 +227,16 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
     """One bucket's checks, in Python, given its params' grads (all present); a bucket
     the torch backend runs gets them as ``bucket.grads``."""
     b = cb.bucket
+    try:
+        if not all(_same(list(map(dict.get, b.states, repeat(key))), row) for key, row in cb.tag_rows):
+            return False
+    except TypeError:  # a state that is no dict
+        return False
     for key, row, pointers, layout in cb.key_rows:  # the planned tensors (a key gone: None)
         try:
             if not _same(list(map(dict.get, b.states, repeat(key))), row):
                 return False
-        except TypeError:  # a state that is no dict
+        except TypeError:
             return False
         if list(map(Tensor.data_ptr, row)) != pointers or _layout(row) != layout:
             return False
@@ -280,7 +293,8 @@ def _native_bucket(cb: CachedBucket) -> bool:
     return (cb.prepared is not None and not cb.prepared.rest
             and hasattr(cb.prepared, "refresh_native")
             and type(cb.bucket.states) is list and all(type(st) is dict for st in cb.bucket.states)
-            and all(type(t) in _EXACT for _, row, _, _ in cb.key_rows for t in row))
+            and all(type(t) in _EXACT for _, row, _, _ in cb.key_rows for t in row)
+            and all(v is not None for _, row in cb.tag_rows for v in row))
 
 
 class _NativeArgs:
@@ -320,7 +334,9 @@ class _NativeArgs:
                 codes += (scalar_type(dtype) + 256 * c + 512 * neg
                           for dtype, c, neg in zip(dtypes, contiguous, negative))
             planned = array("q", addresses + objects + numels + codes)
-            self.key_rows.append((keys, planned))
+            tags = tuple(key for key, _ in cb.tag_rows)
+            tag_objects = array("q", [id(v) for _, row in cb.tag_rows for v in row])
+            self.key_rows.append((keys, planned, tags, tag_objects))
         # Which params have grads, for a group whose buckets leave some out or keep their
         # Python checks; in the others every param is in a native bucket, whose refresh
         # checks that it has a grad.
@@ -353,8 +369,9 @@ class _NativeArgs:
                 if not _bucket_holds(cb, [p.grad for p in cb.bucket.params]):
                     return False
                 continue
-            keys, pointers = rows
-            if not checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads):
+            keys, pointers, tags, tag_objects = rows
+            if not checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads,
+                                                   tags, tag_objects.buffer_info()[0]):
                 return False
             if _versions_moved(cb):
                 return False

@@ -157,27 +157,56 @@ inline int64_t layout_code(const c10::TensorImpl* t) {
   return static_cast<int64_t>(t->dtype().toScalarType()) + 256 * t->is_contiguous() + 512 * t->is_neg();
 }
 
+// A tuple of exact str and their hashes (for key_index); false where it is not one.
+inline bool str_hashes(PyObject* keys, std::vector<Py_hash_t>& hashes) {
+  if (!PyTuple_Check(keys)) return false;
+  hashes.resize(PyTuple_GET_SIZE(keys));
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(keys); ++k) {
+    PyObject* key = PyTuple_GET_ITEM(keys, k);
+    if (!PyUnicode_CheckExact(key) || (hashes[k] = PyObject_Hash(key)) == -1) {
+      PyErr_Clear();
+      return false;
+    }
+  }
+  return true;
+}
+
+// The keys a state check reads: the planned tensors' and the planned tags' (str values
+// such as "state_format", compared by identity).
+struct StateKeys {
+  PyObject* keys;
+  std::vector<Py_hash_t> hashes;
+  PyObject* tags;
+  std::vector<Py_hash_t> tag_hashes;
+};
+
 // adamkit_state_ptrs_equal for dicts [lo, hi) of n: values[k * n + i], impls likewise;
 // planned[r * n * n_keys + k * n + i]: row r of the planned tensor's (address, object,
-// element count, layout code).
+// element count, layout code); tag_objects[k * n + i]: the planned object of tag k.
 Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool split, Py_ssize_t n,
-                         PyObject* keys, const std::vector<Py_hash_t>& hashes,
-                         const int64_t* planned, PyObject** values, c10::TensorImpl** impls) {
-  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
+                         const StateKeys& sk, const int64_t* planned, const int64_t* tag_objects,
+                         PyObject** values, c10::TensorImpl** impls) {
+  PyObject* keys = sk.keys;
+  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys), n_tags = PyTuple_GET_SIZE(sk.tags);
   for (Py_ssize_t i = lo; i < hi; ++i) prefetch(dicts[i]);
   for (Py_ssize_t i = lo; i < hi; ++i) {
     if (!PyDict_Check(dicts[i])) return FAILS;
-    Py_ssize_t pos = 0, found = 0;
+    Py_ssize_t pos = 0, found = 0, tags_found = 0;
     PyObject *key, *value;
     while (PyDict_Next(dicts[i], &pos, &key, &value)) {
-      const Py_ssize_t k = key_index(keys, hashes, key);
+      const Py_ssize_t k = key_index(keys, sk.hashes, key);
       if (k >= 0) {
         values[k * n + i] = value;
         prefetch(value);
         ++found;
+      } else if (const Py_ssize_t t = key_index(sk.tags, sk.tag_hashes, key); t >= 0) {
+        // a tag edited or replaced: the full path reads the state by its tags
+        if (reinterpret_cast<int64_t>(value) != tag_objects[t * n + i]) return FAILS;
+        ++tags_found;
       }
     }
-    if (found != n_keys) return FAILS;  // a key missing (each is found at most once)
+    // a key or tag missing (each is found at most once)
+    if (found != n_keys || tags_found != n_tags) return FAILS;
   }
   const Py_ssize_t total = n * n_keys;
   const int64_t *addresses = planned, *objects = planned + total, *numels = planned + 2 * total,
@@ -261,7 +290,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
 
 extern "C" {
 
-int adamkit_checks_version() { return 5; }
+int adamkit_checks_version() { return 6; }
 
 // torch's ScalarType number of a tensor's dtype, or -1 for anything else: the planned
 // dtype the other checks compare with.
@@ -316,7 +345,9 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
 
 // For each dict in `states` and each key in `keys` (a tuple of exact str): dict[key] is the
 // planned tensor, at its planned address, with its element count and layout (`planned`:
-// state_ptrs_range; step_cache: the bucket's state tensors).
+// state_ptrs_range; step_cache: the bucket's state tensors); and for each key in `tags`
+// (exact str too), dict[key] is the planned object, tag_objects[k * n + i] (the str tags
+// the state's format is read by).
 //
 // Each dict is walked once with PyDict_Next instead of being looked up once per key, and
 // the values are held as borrowed references: nothing here runs Python code (keys are
@@ -325,23 +356,17 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
 // time of lookups with owned references (fp32 state), 0.73-0.76 (int8) and 0.66-0.69
 // (bf16 kahan int8; paired ratios, 61 rounds each way), which also prefetched one line of
 // each StorageImpl where address() reads two; that on one thread.
-int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* planned, int n_threads) {
+int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* planned, int n_threads,
+                             PyObject* tags, const int64_t* tag_objects) {
   try {
-    if (!PyList_Check(states) || !PyTuple_Check(keys)) return 0;
+    StateKeys sk{keys, {}, tags, {}};
+    if (!PyList_Check(states) || !str_hashes(keys, sk.hashes) || !str_hashes(tags, sk.tag_hashes)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(states), n_keys = PyTuple_GET_SIZE(keys);
-    std::vector<Py_hash_t> hashes(n_keys);
-    for (Py_ssize_t k = 0; k < n_keys; ++k) {
-      PyObject* key = PyTuple_GET_ITEM(keys, k);
-      if (!PyUnicode_CheckExact(key) || (hashes[k] = PyObject_Hash(key)) == -1) {
-        PyErr_Clear();
-        return 0;
-      }
-    }
     PyObject** dicts = reinterpret_cast<PyListObject*>(states)->ob_item;
     std::vector<PyObject*> values(n * n_keys, nullptr);
     std::vector<c10::TensorImpl*> impls(n * n_keys);
     return in_parallel(n, n * n_keys, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi, bool split) {
-      return state_ptrs_range(dicts, lo, hi, split, n, keys, hashes, planned, values.data(), impls.data());
+      return state_ptrs_range(dicts, lo, hi, split, n, sk, planned, tag_objects, values.data(), impls.data());
     });
   } catch (...) {
     return 0;
