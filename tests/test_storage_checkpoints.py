@@ -311,6 +311,18 @@ def _mutations():
         sd["state"][0]["param_update"] = "stochastic"
         sd["state"][0]["sr_seed"] = torch.zeros(3, dtype=torch.int64)
 
+    def complex_sr_seed(sd):  # cast to int64 it lost its imaginary part, silently
+        sd["state"][0]["param_update"] = "stochastic"
+        sd["state"][0]["sr_seed"] = torch.tensor(3 + 4j)
+
+    def bool_sr_seed(sd):
+        sd["state"][0]["param_update"] = "stochastic"
+        sd["state"][0]["sr_seed"] = torch.tensor(True)
+
+    def text_sr_seed(sd):  # was replaced by the loading optimizer's, silently
+        sd["state"][0]["param_update"] = "stochastic"
+        sd["state"][0]["sr_seed"] = "12345"
+
     # scales no encoder writes (they made NaN params, or v silently the block's max)
     def negative_scale(sd):
         sd["state"][0]["exp_avg_sq_scale"] = -sd["state"][0]["exp_avg_sq_scale"]
@@ -349,6 +361,12 @@ def _mutations():
     def two_element_step(sd):
         sd["state"][0]["step"] = torch.tensor([1.0, 2.0])
 
+    def step_beyond_float32(sd):  # the float32 counter rounded it to ∞: every step failed
+        sd["state"][0]["step"] = torch.tensor(1e39, dtype=torch.float64)
+
+    def step_beyond_float64(sd):  # an int no float holds (OverflowError)
+        sd["state"][1]["step"] = 10**400
+
     def state_not_a_dict(sd):
         sd["state"][0] = sd["state"][0]["exp_avg"]
 
@@ -356,7 +374,8 @@ def _mutations():
             wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed,
             negative_scale, minus_inf_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
             nan_step, infinite_step_late, fractional_step, negative_step, text_step,
-            two_element_step, state_not_a_dict]
+            two_element_step, step_beyond_float32, step_beyond_float64, state_not_a_dict,
+            complex_sr_seed, bool_sr_seed, text_sr_seed]
 
 
 @pytest.mark.parametrize("target", ["bfloat16-int8-kahan", "bfloat16-fp32-master",
@@ -376,7 +395,7 @@ def test_unconvertible_checkpoint_raises_and_changes_nothing(mutate, target):
     _train(params, target_opt, 1, seed=3)
     snap = _snapshot(target_opt)
     before = [p.detach().clone() for p in params]
-    if mutate.__name__ == "bad_sr_seed" and storage.param_update != "stochastic":
+    if mutate.__name__.endswith("sr_seed") and storage.param_update != "stochastic":
         target_opt.load_state_dict(bad)  # an sr_seed nobody reads is dropped, not checked
         return
     if (mutate.__name__ in ("missing_comp", "wrong_comp_shape_late", "integer_comp")
@@ -692,3 +711,20 @@ def test_saved_tensors_in_another_layout_load_in_the_params(storage):
         _train(resumed_params, resumed, 2, seed=7)
     _train(params, opt, 2, seed=7)
     assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
+
+
+def test_a_stochastic_seed_given_as_an_int_is_kept():
+    """An sr_seed put into a checkpoint as a Python int is the seed it says (it was
+    replaced by the loading optimizer's, silently); one beyond int64 raises."""
+    params = _params(torch.bfloat16)
+    opt = adamkit.Adam(params, lr=1e-2, param_update="stochastic", seed=7)
+    _train(params, opt, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["sr_seed"] = 12345
+    back = adamkit.Adam(params, lr=1e-2, param_update="stochastic", seed=11)
+    back.load_state_dict(saved)
+    seed = back.state[params[0]]["sr_seed"]
+    assert seed.dtype == torch.int64 and seed.shape == () and int(seed) == 12345
+    saved["state"][0]["sr_seed"] = 2**63
+    with pytest.raises(ValueError, match="sr_seed 9223372036854775808 is beyond int64"):
+        adamkit.Adam(params, lr=1e-2, param_update="stochastic").load_state_dict(saved)

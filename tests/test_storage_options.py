@@ -142,6 +142,8 @@ def test_state_bytes_counts_every_param_and_small_int8_tensors_as_fp32():
     expected = (2 * 8192 + 2 * 4 * math.ceil(8192 / fmt_state.BLOCK)) + 2 * 4 * 100 + 2 * STEP
     assert opt.state_bytes() == expected
     assert opt.state_bytes(per_element=True) == pytest.approx(expected / 8292)
+    opt.state[idle].get("step")  # reading the state's defaultdict stores {} for idle
+    assert opt.state_bytes(per_element=True) == pytest.approx(expected / 8292)
 
 
 def _master_opt(backend, n=300, **kwargs):

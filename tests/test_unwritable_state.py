@@ -10,6 +10,8 @@ does adamkit, on every backend (the foreach ops and the native kernel cannot tak
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -195,16 +197,23 @@ def test_a_wrapper_subclass_that_calls_an_expanded_view_contiguous_is_refused_to
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_a_bool_step_counter_raises_torchs_error_before_anything_changes(backend):
+@pytest.mark.parametrize(("counter", "message"), [
+    (lambda: torch.tensor(True), "result type Long can't be cast to the desired output type Bool"),
+    # a number set by hand (a checkpoint's int step loads: it is made a counter there)
+    (lambda: 1.0, "API has changed, `state_steps` argument must contain a list of singleton tensors"),
+    (lambda: 3, "API has changed, `state_steps` argument must contain a list of singleton tensors"),
+], ids=["bool tensor", "float", "int"])
+def test_a_step_counter_torch_cannot_count_raises_torchs_error_before_anything_changes(
+        backend, counter, message):
     ps, twins = _two_params(torch.float32), _two_params(torch.float32)
     opt = adamkit.Adam(ps, lr=0.01, backend=backend)
     theirs = torch.optim.Adam(twins, lr=0.01, foreach=False)
     for o, qs in ((opt, ps), (theirs, twins)):
         _set_grads(qs, 0)
         o.step()
-        o.state[qs[1]]["step"] = torch.tensor(True)
+        o.state[qs[1]]["step"] = counter()
         _set_grads(qs, 1)
-    message = "result type Long can't be cast to the desired output type Bool"
+    message = re.escape(message)
     with pytest.raises(RuntimeError, match=message):
         theirs.step()
     snap = _snapshot(opt, ps)

@@ -113,18 +113,19 @@ def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
     fmt, update = formats.resolve(p, group)
     seed = param_policy.sr_seed(group["seed"], index)
     try:
-        step = _saved_step(saved["step"])
+        step = _saved_step(saved["step"], scalar_dtype())
         converted = formats.convert_state(p, saved, fmt, update, seed)
     except ValueError as exc:
         raise ValueError(f"loaded state for parameter {saved_id}: {exc}") from None
-    return {"step": torch.tensor(step, dtype=scalar_dtype()), **converted}
+    return {"step": step, **converted}
 
 
-def _saved_step(step: object) -> float:
-    """A saved step count as the step reads it (ValueError otherwise): a whole number
-    ≥ 0, as an int, a float or a one-element real Tensor (torch.optim saves any). A NaN
-    or infinite one loaded and then failed every step; a fractional one was truncated
-    by the step (torch.optim would use it as is)."""
+def _saved_step(step: object, dtype: torch.dtype) -> Tensor:
+    """A saved step count as the step's counter of ``dtype`` (ValueError otherwise): a
+    whole number ≥ 0 that the counter holds, as an int, a float or a one-element real
+    Tensor (torch.optim saves any). A NaN or infinite one loaded and then failed every
+    step, as did one beyond the counter's range (float32: 3.4e38), which it rounded to ∞;
+    a fractional one was truncated by the step (torch.optim would use it as is)."""
     if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
         step = step.item()
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not (
@@ -132,7 +133,15 @@ def _saved_step(step: object) -> float:
         shown = f"a Tensor of shape {tuple(step.shape)}" if isinstance(step, Tensor) else repr(step)
         raise ValueError(f"step must be a whole number of steps ≥ 0 (an int, float or one-element "
                          f"Tensor), got {shown}")
-    return float(step)
+    try:
+        value = float(step)
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"step is beyond the range of the {dtype} step counter (an int of "
+                         f"{step.bit_length()} bits)") from None
+    counter = torch.tensor(value, dtype=dtype)
+    if not counter.isfinite():
+        raise ValueError(f"step {value:.4g} is beyond the range of the {dtype} step counter")
+    return counter
 
 
 def torch_state_dict(opt: Adam) -> dict[str, Any]:

@@ -480,6 +480,8 @@ class Adam(Optimizer):
         adds 2 for "kahan", 4 for "master"). 0 when no param has state yet."""
         total, elements = 0, 0
         for p, state in self.state.items():
+            if not state:  # reading ``self.state[p]`` of a param never stepped stores {}
+                continue
             tensors = [v for v in state.values() if isinstance(v, Tensor)]
             total += sum(t.numel() * t.element_size() for t in tensors)
             elements += p.numel()

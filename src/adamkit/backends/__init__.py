@@ -118,8 +118,11 @@ def check_written(tensors: list[Tensor]) -> None:
 
 
 def check_step_counter(step: Tensor) -> None:
-    """torch.optim's error for a counter its ``step += 1`` cannot take (raised after
-    the params moved there), raised before anything changes: a bool one."""
+    """torch.optim's errors for a counter its step cannot take, raised before anything
+    changes: one that is no Tensor (a number set by hand), and a bool one (which torch's
+    ``step += 1`` refuses after the params moved)."""
+    if not isinstance(step, Tensor):
+        raise RuntimeError("API has changed, `state_steps` argument must contain a list of singleton tensors")
     if step.dtype == torch.bool:
         raise RuntimeError("result type Long can't be cast to the desired output type Bool")
 

@@ -184,10 +184,17 @@ def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
     "Checkpoints"): none→kahan 0, none→master p, kahan→master p + comp, master→kahan
     round(master − p); to nearest or stochastic they are dropped (≤ half an ulp of p).
     A saved sr_seed is kept, so a resumed stochastic run draws the same bits."""
-    if dst == "stochastic" and isinstance(saved.get("sr_seed"), torch.Tensor):
+    if dst == "stochastic" and saved.get("sr_seed") is not None:
+        seed = saved["sr_seed"]
+        if type(seed) is int:  # a number put in by hand: the seed it says
+            if not -2**63 <= seed < 2**63:
+                raise ValueError(f"sr_seed {seed} is beyond int64")
+            return {"sr_seed": torch.tensor(seed, dtype=torch.int64)}
         _check(saved, "sr_seed", p, shape=())
-        if not saved["sr_seed"].is_floating_point():
-            return {"sr_seed": saved["sr_seed"].to(device="cpu", dtype=torch.int64, copy=True)}
+        if seed.is_complex() or seed.dtype == torch.bool:
+            raise ValueError(f"sr_seed has dtype {seed.dtype}, expected an integer tensor")
+        if not seed.is_floating_point():
+            return {"sr_seed": seed.to(device="cpu", dtype=torch.int64, copy=True)}
         # torch.optim casts every state tensor but `step` to the param's dtype on load,
         # which rounds a 32-bit seed away: this optimizer's own seed replaces it
         warnings.warn("a saved sr_seed of floating dtype (the state went through "
@@ -218,7 +225,8 @@ def _check(saved: dict, key: str, p: Tensor, shape: tuple | None = None) -> None
     value = saved.get(key)
     want = p.shape if shape is None else shape
     if not isinstance(value, torch.Tensor) or value.shape != want:
-        got = tuple(value.shape) if isinstance(value, torch.Tensor) else "missing"
+        got = (tuple(value.shape) if isinstance(value, torch.Tensor) else
+               "missing" if value is None else f"a {type(value).__name__}")
         raise ValueError(f"{key} is {got}, expected a tensor of shape {tuple(want)}")
     if shape is None and not value.is_floating_point():  # a buffer holds param values
         raise ValueError(f"{key} has dtype {value.dtype}, expected a floating-point tensor")
