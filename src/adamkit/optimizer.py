@@ -110,7 +110,9 @@ class Adam(Optimizer):
 
     Mixed precision: ``torch.amp.GradScaler`` hands the step its scale and ``found_inf``
     (``_step_supports_amp_scaling``): the grads are unscaled inside the step (``.grad``
-    keeps the scaled values) and a step with an inf or NaN gradient is skipped whole.
+    keeps the scaled values) and a step with an inf or NaN gradient is skipped whole. As
+    with torch.optim's fused Adam, the scaler then calls ``step`` also for the steps it
+    skips, so step hooks run for them too, and see the scaled grads.
 
     Hooks and profiling: step hooks (``register_step_pre_hook``, the global ones) run as
     in torch.optim, and wherever a range can be recorded (a profiler, an execution-trace
