@@ -393,3 +393,18 @@ def test_the_kernel_takes_no_int8_scale_it_cannot_address(scale):
     bucket.states[0]["exp_avg_scale"] = scale
     prepared = cpu.BACKEND.prepare(bucket)
     assert prepared.fast == [] and prepared.rest == [0]
+
+
+@pytest.mark.parametrize("value", ["0", ""])
+def test_disable_cpu_kernels_set_to_0_or_empty_does_not_disable(monkeypatch, value):
+    """ADAMKIT_DISABLE_CPU_KERNELS=1 skips the kernels; =0 (as ADAMKIT_NATIVE_CHECKS=0 is
+    "off") or empty leaves them on."""
+    from adamkit.backends.cpu import library
+
+    monkeypatch.setenv("ADAMKIT_DISABLE_CPU_KERNELS", "1")
+    assert library.load()[2] == "disabled by ADAMKIT_DISABLE_CPU_KERNELS"
+    monkeypatch.setenv("ADAMKIT_DISABLE_CPU_KERNELS", value)
+    lib, isa, why = library.load()
+    if lib is None:
+        pytest.skip(f"no CPU kernel here: {why}")
+    assert why is None and isa

@@ -163,7 +163,7 @@ def _built_from(lib: ctypes.CDLL) -> str | None:
 
 def load() -> tuple[ctypes.CDLL | None, str, str | None]:
     """(library, its instruction set, None) or (None, "", why it is unavailable)."""
-    if os.environ.get("ADAMKIT_DISABLE_CPU_KERNELS"):
+    if os.environ.get("ADAMKIT_DISABLE_CPU_KERNELS", "0") not in ("", "0"):  # =0: not disabled
         return None, "", "disabled by ADAMKIT_DISABLE_CPU_KERNELS"
     if sys.platform == "win32":
         return None, "", "the CPU kernels are built for Linux and macOS only"
