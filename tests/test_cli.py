@@ -182,6 +182,8 @@ BAD = {
     "batch larger than the text": ["train", "--batch-size", "10000000000", "--steps", "1"],
     "viz not png": ["viz", "--out", "picture.txt"],
     "viz no dir": ["viz", "--out", "no/such/dir/v.png"],
+    "train empty out": ["train", "--out", "", "--steps", "1"],  # was the current directory
+    "bench empty out": ["bench", "--quick", "--out", ""],
 }
 
 
@@ -197,7 +199,8 @@ def assert_one_line_error(capsys, code: int) -> str:
 @pytest.mark.parametrize("argv", BAD.values(), ids=BAD.keys())
 def test_bad_arguments(argv, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths (and the default --out) land in tmp
-    code = main([*argv, "--out", str(tmp_path / "run")] if argv[:1] == ["train"] else argv)
+    given_out = "--out" in argv
+    code = main([*argv, "--out", str(tmp_path / "run")] if argv[:1] == ["train"] and not given_out else argv)
     assert_one_line_error(capsys, code)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -525,6 +528,12 @@ EDITS = {
     "config lr a bool": lambda s: s["config"].__setitem__("lr", True),
     "config weight_decay a bool": lambda s: s["config"].__setitem__("weight_decay", False),
     "config optimizer unknown": lambda s: s["config"].__setitem__("optimizer", "rmsprop"),
+    # found by review: these failed with tracebacks (torch.manual_seed, the first
+    # scheduler step)
+    "config seed beyond torch's": lambda s: s["config"].__setitem__("seed", 2**64),
+    "scheduler last_epoch a string": lambda s: s["scheduler"].__setitem__("last_epoch", "x"),
+    "scheduler last_epoch not the step": lambda s: s["scheduler"].__setitem__("last_epoch", 7),
+    "scheduler without base_lrs": lambda s: s["scheduler"].__setitem__("base_lrs", []),
 }
 
 
@@ -553,3 +562,98 @@ def test_compare_names_its_own_keys_in_errors():
     assert "backend in 'sgd:backend=cpu' is only for adamkit's optimizers" in str(info.value)
     assert "--backend" not in str(info.value)
     assert parse_compare("adamw:backend=cpu")[0][1]["backend"] == "cpu"
+
+
+# ---- found by review: closed output, out of memory, SIGTERM, --compare's picture -------
+
+@pytest.mark.parametrize("sink", ["closed pipe", "full device"])
+def test_output_that_cannot_be_written_is_no_traceback(tmp_path, sink):
+    """`adamkit train | head` gave a BrokenPipeError traceback (exit 1); a full stdout an
+    OSError one. Now: quiet, exit 141, where the reader closed the pipe; one line and
+    exit 2 where the write failed. The run's files are as the last save left them."""
+    cmd = [sys.executable, "-m", "adamkit", "viz", "--out", str(tmp_path / "v.png")]
+    if sink == "full device":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full here")
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == "adamkit viz: error: cannot write output: No space left on device"
+        return
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    proc = subprocess.Popen(cmd, stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and err == "", err
+    assert (tmp_path / "v.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_running_out_of_memory_in_a_step_is_one_line_and_leaves_no_directory(tmp_path, capsys, monkeypatch):
+    from adamkit.cli.model import CharTransformer
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(CharTransformer, "loss", no_memory)
+    out = tmp_path / "new" / "run"
+    assert train(out) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "adamkit train: error: out of memory in step 1 at --batch-size 4 (try a smaller one)"
+    assert not (tmp_path / "new").exists()  # made by this run, empty: removed
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_no_new_directory(tmp_path, capsys, monkeypatch):
+    def interrupt(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CharCorpus, "train_batch", interrupt)
+    assert train(tmp_path / "a" / "b") == 130
+    assert "before this run's first checkpoint" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_unwinds_as_ctrl_c(tmp_path, capsys, monkeypatch):
+    """SIGTERM left a temp file of the save it interrupted; now it unwinds as Ctrl-C
+    (exit 143): the temp file removed, the last checkpoint kept."""
+    import signal
+
+    import adamkit.cli.files as files
+
+    assert train(tmp_path, "--stop-at", "2") == 0
+    capsys.readouterr()
+    real_fsync = files.os.fsync
+
+    def terminated_mid_save(fd):
+        real_fsync(fd)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(files.os, "fsync", terminated_mid_save)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert train(tmp_path, "--resume") == 143
+    assert signal.getsignal(signal.SIGTERM) is handler  # main's own, for its run only
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("adamkit train: error: terminated at step 3;") and "holds step 2" in last
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "loss.png", "metrics.csv"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_compare_picture_in_the_way_fails_before_training_and_a_finished_resume_writes_nothing(tmp_path, capsys):
+    (tmp_path / "compare.png").mkdir()
+    assert main(["train", "--out", str(tmp_path), *TINY, "--compare", "adam"]) == 2
+    assert "compare.png is in the way" in assert_one_line_error(capsys, 2)
+    assert sorted(os.listdir(tmp_path)) == ["compare.png"]  # nothing trained
+    (tmp_path / "compare.png").rmdir()
+    assert main(["train", "--out", str(tmp_path), *TINY, "--compare", "adam,sgd:lr=0.1"]) == 0
+    before = (tmp_path / "compare.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path), "--resume", "--compare", "adam,sgd:lr=0.1"]) == 0
+    assert "already complete, nothing written" in capsys.readouterr().out
+    assert (tmp_path / "compare.png").stat().st_mtime_ns == before
+
+
+def test_bench_output_names_in_the_way_fail_before_measuring(tmp_path, capsys):
+    (tmp_path / "bench.json").mkdir()
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 2
+    err = assert_one_line_error(capsys, 2)
+    assert "bench.json is in the way" in err and "machine:" not in capsys.readouterr().out

@@ -38,6 +38,7 @@ COMPARISONS = [
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     from ..cli import OneLineErrorParser  # a bad option is one line and exit code 2
+    from ..cli.files import output_dir
 
     ap = OneLineErrorParser(prog="adamkit bench", description=__doc__.split("\n\n")[0].replace("``", ""))
     ap.add_argument("--quick", action="store_true",
@@ -48,7 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="run only optimizers whose name contains TEXT (repeatable)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
     ap.add_argument("--steps-per-round", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for JSON and PNG")
+    ap.add_argument("--out", type=output_dir, default=Path("bench-results"), help="directory for JSON and PNG")
     args = ap.parse_args(argv)
     if args.rounds is not None and args.rounds < 1 or args.steps_per_round < 1:
         ap.error("--rounds and --steps-per-round must be at least 1")
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with removed_if_failing(args.out):  # nor does Ctrl-C while measuring leave an empty --out
             writable_dir(args.out)
+            for name in ("bench.json", "bench.png"):
+                if (args.out / name).exists() and not (args.out / name).is_file():
+                    raise CliError(f"{args.out / name} is in the way of an output file: it is not a file")
             return _run(args, configs, rounds)
     except CliError as err:
         print(f"adamkit bench: error: {err}", file=sys.stderr)
@@ -241,12 +245,8 @@ def _run(args: argparse.Namespace, configs: list[str], rounds: int) -> int:
         print(f"skipped {line}")
     payload = {"machine": info, "rounds": rounds, "steps_per_round": args.steps_per_round,
                "results": results, "comparisons": ratios, "skipped": skipped}
-    try:
-        report.save_json(args.out / "bench.json", payload)
-        charted = report.save_chart(args.out / "bench.png", results)
-    except OSError as exc:  # the directory was writable at the start
-        print(f"adamkit bench: error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+    report.save_json(args.out / "bench.json", payload)  # a failed write: CliError, one line
+    charted = report.save_chart(args.out / "bench.png", results)
     print(f"\nwrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if charted else
                                                  " (no chart: pip install matplotlib)"))
     return 0

@@ -64,7 +64,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def save_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2))
+    from ..cli.files import atomic_write  # a kill mid-write leaves the old file or the new
+
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
 
 
 def save_chart(path: Path, results: list[dict[str, Any]]) -> bool:
@@ -95,6 +97,8 @@ def save_chart(path: Path, results: list[dict[str, Any]]) -> bool:
                      "(bytes moved / time, medians)", fontsize=9)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from ..cli.files import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return True

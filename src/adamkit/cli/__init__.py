@@ -6,8 +6,10 @@ Each subcommand is one module of this package that exposes ``add_parser(subparse
 :data:`SUBCOMMANDS`.
 
 Exit codes: 0 success (a run that diverged included: it warns), 2 a usage error (bad
-option, unusable path, a checkpoint that does not fit) or a failed write, or 130 on
-Ctrl-C, reported as one line on stderr, never as a traceback. main() imports the
+option, unusable path, a checkpoint that does not fit) or a failed write (standard
+output too), 130 on Ctrl-C, 143 on SIGTERM (both as interrupts: temp files removed,
+the checkpoint as the last save left it), reported as one line on stderr, never as a
+traceback; 141, silently, where standard output was closed (``adamkit train | head``). main() imports the
 subcommands, and torch with them, inside its guard; only an interrupt while the
 ``adamkit`` package itself imports torch (before main runs) is Python's traceback.
 """
@@ -15,10 +17,12 @@ subcommands, and torch with them, inside its guard; only an interrupt while the
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from importlib import import_module
 
-from .errors import CliError
+from .errors import CliError, Terminated
 
 SUBCOMMANDS = ("train", "bench", "viz")
 
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     Everything heavy (the subcommands import torch and adamkit's optimizers) is imported
     inside the guard below, so Ctrl-C while it loads is one line too."""
     command = "adamkit"  # until the subcommand is known
+    previous = _terminate_as_interrupt()
     try:
         parser = build_parser()
         try:
@@ -65,6 +70,38 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # always a single line
         print(f"{command}: error: {message}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:  # outside a training loop (start-up, set-up, plotting), which says more
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # outside a training loop (start-up, set-up, plotting), which says more
+        print(f"{command}: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    except BrokenPipeError:  # stdout closed by its reader: stop quietly, as `head` expects
+        _stdout_to_devnull()
+        return 141
+    except OSError as err:  # a write to stdout failed (files are CliErrors: files.atomic_write)
+        _stdout_to_devnull()
+        print(f"{command}: error: cannot write output: {err.strerror or err}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises Terminated (a KeyboardInterrupt), so that it unwinds as Ctrl-C does:
+    temp files removed, new empty directories too. The previous handler, or None where
+    none can be set (not the main thread)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # signal only works in the main thread
+        return None
+
+
+def _stdout_to_devnull() -> None:
+    # what is still buffered would fail again at exit, as a second error
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured, closed)
+        pass

@@ -15,6 +15,10 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by ``main``'s handler: unwinds as Ctrl-C does, exit code 143."""
+
+
 def require(module: str, extra: str = "cli") -> ModuleType:
     """Import an optional dependency, or fail with the command that installs it."""
     try:

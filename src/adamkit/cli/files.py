@@ -68,6 +68,16 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def output_dir(text: str) -> Path:
+    """An --out option's directory (argparse type): an empty one was the current
+    directory, silently."""
+    if not text.strip():
+        import argparse
+
+        raise argparse.ArgumentTypeError("must name a directory, got an empty path")
+    return Path(text)
+
+
 def writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and check that files can be created in it."""
     if path.exists() and not path.is_dir():

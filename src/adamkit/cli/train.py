@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import CliError, require
-from .files import removed_if_failing, writable_dir
+from .files import output_dir, removed_if_failing, writable_dir
 from .trainer import ADAMKIT_ONLY, ADAMKIT_OPTIMIZERS, DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, Run
 
 COMPARE_HELP = """\
@@ -33,8 +33,8 @@ def positive_int(text: str) -> int:
 def seed_int(text: str) -> int:
     """torch.manual_seed takes 0 <= seed < 2^64; larger ones failed with a traceback."""
     value = _number(int, text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {text}")
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^64), got {text}")
     return value
 
 
@@ -123,7 +123,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--state-format", help="adamkit state format (passed only when given)")
     p.add_argument("--param-update", help="adamkit param update mode (passed only when given)")
     p.add_argument("--compare", metavar="CONFIGS", help="run several configurations and plot them together (see below)")
-    p.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/train"), help="output directory (default runs/train)")
+    p.add_argument("--out", metavar="DIR", type=output_dir, default=Path("runs/train"), help="output directory (default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in DIR")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if DIR holds a checkpoint")
     p.add_argument("--stop-at", type=positive_int, metavar="STEP",
@@ -149,19 +149,25 @@ def run(args: argparse.Namespace) -> int:
     from .data import CharCorpus, load_text  # after the cheap checks
 
     # Set every run up before training any, so a bad configuration fails before hours of
-    # work; and one that fails leaves no directories behind.
+    # work; and one that fails (or is interrupted, or runs out of memory, before its first
+    # checkpoint) leaves no directories behind.
+    compare_png = args.out / "compare.png"
     with removed_if_failing(args.out, *(out for out, _, _ in plans)):
         writable_dir(args.out)
+        if args.compare is not None and compare_png.exists() and not compare_png.is_file():
+            raise CliError(f"{compare_png} is in the way of an output file: it is not a file")
         corpus = CharCorpus(load_text())
         runs = [Run(corpus, writable_dir(out), config, resume=args.resume, overwrite=args.overwrite, label=label)
                 for out, label, config in plans]
-    for r in runs:
-        r.train(stop_at=args.stop_at)
+        for r in runs:
+            r.train(stop_at=args.stop_at)
     baseline = math.log(corpus.vocab_size)
-    if args.compare is not None:  # one configuration too: the docs promise DIR/compare.png
+    # one configuration too: the docs promise DIR/compare.png; a resume of finished runs
+    # writes nothing, as it says
+    if args.compare is not None and (any(r.saved_this_session for r in runs) or not compare_png.exists()):
         from .plots import plot_runs
 
-        plot_runs({r.label: r.rows for r in runs}, args.out / "compare.png", baseline,
+        plot_runs({r.label: r.rows for r in runs}, compare_png, baseline,
                   f"adamkit train --compare ({runs[0].config.steps} steps)")
     for r in runs:
         report(r, baseline, args.stop_at)

@@ -25,7 +25,7 @@ import adamkit
 
 from .checkpoint import METRICS, check_progress, is_number, load_checkpoint
 from .data import CharCorpus
-from .errors import CliError, require
+from .errors import CliError, Terminated, require
 from .files import atomic_write
 from .model import CharTransformer
 from .plots import plot_runs
@@ -96,7 +96,8 @@ def _checked_config(saved: object, where: Path) -> dict:
         if isinstance(kind, tuple):
             ok = value in kind
         elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= (field.name != "seed")
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= (field.name != "seed")
+                  and (field.name != "seed" or value < 2**64))  # torch.manual_seed's range
         elif kind is float:
             ok = is_number(value) and 0 < value < math.inf
         elif field.name == "weight_decay":
@@ -205,6 +206,7 @@ class Run:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        _check_scheduler(self.scheduler, saved["step"], len(self.optimizer.param_groups))
         self.data_rng.set_state(saved["rng"]["data"])
         self.global_rng = {"torch": saved["rng"]["torch"], "python": saved["rng"]["python"]}
         random.setstate(saved["rng"]["python"])  # fails now, not mid-run, if malformed
@@ -263,13 +265,20 @@ class Run:
                     self.elapsed += now - start
                     start = now
                     self.save()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli.main: Terminated)
             bar.close()  # before the message, which must be the last line
+            how, code = ("terminated", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
             if self.saved_step is None:  # a file there is another run's (--overwrite)
-                raise CliError(f"interrupted at step {self.step}, before this run's first checkpoint: "
-                               "nothing to resume", exit_code=130) from None
-            raise CliError(f"interrupted at step {self.step}; {self.checkpoint_path} holds step "
-                           f"{self.saved_step}, continue with --resume", exit_code=130) from None
+                raise CliError(f"{how} at step {self.step}, before this run's first checkpoint: "
+                               "nothing to resume", exit_code=code) from None
+            raise CliError(f"{how} at step {self.step}; {self.checkpoint_path} holds step "
+                           f"{self.saved_step}, continue with --resume", exit_code=code) from None
+        except (RuntimeError, MemoryError) as err:
+            if not _out_of_memory(err):
+                raise
+            raise CliError(f"out of memory in step {self.step + 1} at --batch-size {config.batch_size} "
+                           "(try a smaller one)" + (f"; {self.checkpoint_path} holds step {self.saved_step}"
+                                                    if self.saved_step is not None else "")) from None
         finally:
             bar.close()  # also on a failed write: the error line comes after the bar
 
@@ -316,3 +325,20 @@ def metrics_csv(rows: list[dict]) -> str:
     for row in rows:
         writer.writerow(["" if row[k] is None else (repr(row[k]) if isinstance(row[k], float) else row[k]) for k in METRICS])
     return buffer.getvalue()
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: torch's CPU allocator raises RuntimeError for it."""
+    return isinstance(err, MemoryError) or "can't allocate memory" in str(err)
+
+
+def _check_scheduler(scheduler, step: int, n_groups: int) -> None:
+    """The LambdaLR state as this trainer leaves it (ValueError otherwise): a hand-edited
+    one loaded and then failed at the first step."""
+    state = scheduler.state_dict()
+    last, base = state.get("last_epoch"), state.get("base_lrs")
+    if type(last) is not int or last != step:
+        raise ValueError(f"scheduler last_epoch {last!r}, at step {step}")
+    if not (isinstance(base, list) and len(base) == n_groups
+            and all(is_number(x) and 0 < x < math.inf for x in base)):
+        raise ValueError(f"scheduler base_lrs {base!r}: not {n_groups} learning rates")
