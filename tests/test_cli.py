@@ -182,6 +182,7 @@ BAD = {
     "batch larger than the text": ["train", "--batch-size", "10000000000", "--steps", "1"],
     "viz not png": ["viz", "--out", "picture.txt"],
     "viz no dir": ["viz", "--out", "no/such/dir/v.png"],
+    "viz dir a file": ["viz", "--out", f"{sys.executable}/v.png"],
     "train empty out": ["train", "--out", "", "--steps", "1"],  # was the current directory
     "bench empty out": ["bench", "--quick", "--out", ""],
 }

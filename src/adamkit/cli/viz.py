@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -220,7 +221,10 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise CliError(f"--out {out} is a directory; name a .png file")
     if not out.parent.is_dir():
-        raise CliError(f"the directory of --out does not exist: {out.parent}")
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise CliError(f"the directory of --out {what}: {out.parent}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):  # before seconds of drawing
+        raise CliError(f"cannot write {out}: its directory is not writable")
     try:
         draw(out)
     except PermissionError as err:
