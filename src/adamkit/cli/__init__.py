@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except OSError as err:  # a write to stdout failed (files are CliErrors: files.atomic_write)
         _stdout_to_devnull()
-        print(f"{command}: error: cannot write output: {err.strerror or err}", file=sys.stderr)
+        what = f"{err.filename}" if err.filename else "cannot write output"  # else: not stdout's
+        print(f"{command}: error: {what}: {err.strerror or err}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:
