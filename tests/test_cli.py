@@ -573,17 +573,19 @@ def test_output_that_cannot_be_written_is_no_traceback(tmp_path, sink):
     OSError one. Now: quiet, exit 141, where the reader closed the pipe; one line and
     exit 2 where the write failed. The run's files are as the last save left them."""
     cmd = [sys.executable, "-m", "adamkit", "viz", "--out", str(tmp_path / "v.png")]
+    # buffered, as a pipe or a file is by default: the output is written at the end
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     if sink == "full device":
         if not os.path.exists("/dev/full"):
             pytest.skip("no /dev/full here")
         with open("/dev/full", "w") as full:
-            done = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+            done = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300, env=env)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip() == "adamkit viz: error: cannot write output: No space left on device"
         return
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first line
-    proc = subprocess.Popen(cmd, stdout=write, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=write, stderr=subprocess.PIPE, text=True, env=env)
     os.close(write)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141 and err == "", err
@@ -658,3 +660,33 @@ def test_bench_output_names_in_the_way_fail_before_measuring(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 2
     err = assert_one_line_error(capsys, 2)
     assert "bench.json is in the way" in err and "machine:" not in capsys.readouterr().out
+
+
+def test_an_error_naming_a_path_keeps_stdout(tmp_path, capsys):
+    """An OSError of a path (a name too long) is one line naming it; standard output,
+    which only a failed write to it sends to /dev/null, stays as it was."""
+    code = main(["viz", "--out", str(tmp_path / ("a" * 300 + ".png"))])
+    err = assert_one_line_error(capsys, code)
+    assert "File name too long" in err
+    print("still here")
+    assert capsys.readouterr().out == "still here\n"
+
+
+@pytest.mark.parametrize("inherited", ["ignored", "own handler"])
+def test_main_leaves_a_sigterm_handler_it_did_not_set_as_it_was(tmp_path, monkeypatch, inherited):
+    """An ignored SIGTERM (a parent's `trap '' TERM`) stays ignored during the run; a
+    handler of the host program is put back after it."""
+    import signal
+
+    import adamkit.cli.viz as viz
+
+    seen = []
+    mine = signal.SIG_IGN if inherited == "ignored" else (lambda *a: None)
+    monkeypatch.setattr(viz, "draw", lambda out: seen.append(signal.getsignal(signal.SIGTERM)))
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert main(["viz", "--out", str(tmp_path / "v.png")]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (seen[0] is signal.SIG_IGN) == (inherited == "ignored")

@@ -63,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             if extra:  # left over past a subcommand: its own --help lists what it takes
                 parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as stop:  # --help, --version and argparse's errors end here
+            sys.stdout.flush()  # in the guard: a closed or full stdout fails here, not at exit
             return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
         command = f"adamkit {args.command}"
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # what a pipe or file still buffers
+        return code
     except CliError as err:
         message = " ".join(str(err).split())  # always a single line
         print(f"{command}: error: {message}", file=sys.stderr)
@@ -76,27 +79,37 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed by its reader: stop quietly, as `head` expects
         _stdout_to_devnull()
         return 141
-    except OSError as err:  # a write to stdout failed (files are CliErrors: files.atomic_write)
-        _stdout_to_devnull()
-        what = f"{err.filename}" if err.filename else "cannot write output"  # else: not stdout's
-        print(f"{command}: error: {what}: {err.strerror or err}", file=sys.stderr)
+    except OSError as err:
+        if err.filename is not None:  # a path's (files are CliErrors: files.atomic_write)
+            print(f"{command}: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+            return 2
+        _stdout_to_devnull()  # a write to stdout failed: what is buffered would fail again
+        print(f"{command}: error: cannot write output: {err.strerror or err}", file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
+        if previous is not _UNCHANGED:
             signal.signal(signal.SIGTERM, previous)
+
+
+_UNCHANGED = object()
 
 
 def _terminate_as_interrupt():
     """SIGTERM raises Terminated (a KeyboardInterrupt), so that it unwinds as Ctrl-C does:
-    temp files removed, new empty directories too. The previous handler, or None where
-    none can be set (not the main thread)."""
+    temp files removed, new empty directories too. Returns the previous handler, or
+    _UNCHANGED where it is left as it is: an ignored SIGTERM (the parent's choice), a
+    handler set outside Python (which could not be put back), or a thread other than the
+    main one (which cannot set handlers)."""
     def handler(signum, frame):
         raise Terminated()
 
+    current = signal.getsignal(signal.SIGTERM)
+    if current is signal.SIG_IGN or current is None:
+        return _UNCHANGED
     try:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # signal only works in the main thread
-        return None
+        return _UNCHANGED
 
 
 def _stdout_to_devnull() -> None:

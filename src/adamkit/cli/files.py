@@ -71,7 +71,7 @@ def _fsync_dir(directory: Path) -> None:
 def output_dir(text: str) -> Path:
     """An --out option's directory (argparse type): an empty one was the current
     directory, silently."""
-    if not text.strip():
+    if not text:
         import argparse
 
         raise argparse.ArgumentTypeError("must name a directory, got an empty path")
