@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..cli.files import atomic_write  # a kill mid-write leaves the old file or the new
+
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
@@ -64,8 +66,6 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def save_json(path: Path, payload: dict[str, Any]) -> None:
-    from ..cli.files import atomic_write  # a kill mid-write leaves the old file or the new
-
     atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
 
 
@@ -97,8 +97,6 @@ def save_chart(path: Path, results: list[dict[str, Any]]) -> bool:
                      "(bytes moved / time, medians)", fontsize=9)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    from ..cli.files import atomic_write
-
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return True

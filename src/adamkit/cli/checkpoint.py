@@ -77,6 +77,17 @@ def check_progress(saved: dict, steps: int) -> None:
             raise ValueError(f"metrics row {i} is {_short(row)}, not one of adamkit train's")
 
 
+def check_scheduler(state: dict, step: int, n_groups: int) -> None:
+    """The LambdaLR state as this trainer leaves it (ValueError otherwise): a hand-edited
+    one loaded and then failed at the first step."""
+    last, base = state.get("last_epoch"), state.get("base_lrs")
+    if type(last) is not int or last != step:
+        raise ValueError(f"scheduler last_epoch {last!r}, at step {step}")
+    if not (isinstance(base, list) and len(base) == n_groups
+            and all(is_number(x) and 0 < x < math.inf for x in base)):
+        raise ValueError(f"scheduler base_lrs {base!r}: not {n_groups} learning rates")
+
+
 def is_number(value: object) -> bool:
     """An int or float, not a bool (json and pickle keep True apart from 1)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -4,6 +4,7 @@ then ``os.replace`` it over the target (atomic on POSIX and Windows)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import tempfile
@@ -72,8 +73,6 @@ def output_dir(text: str) -> Path:
     """An --out option's directory (argparse type): an empty one was the current
     directory, silently."""
     if not text:
-        import argparse
-
         raise argparse.ArgumentTypeError("must name a directory, got an empty path")
     return Path(text)
 

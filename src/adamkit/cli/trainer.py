@@ -23,7 +23,7 @@ import torch
 
 import adamkit
 
-from .checkpoint import METRICS, check_progress, is_number, load_checkpoint
+from .checkpoint import METRICS, check_progress, check_scheduler, is_number, load_checkpoint
 from .data import CharCorpus
 from .errors import CliError, Terminated, require
 from .files import atomic_write
@@ -206,7 +206,7 @@ class Run:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        _check_scheduler(self.scheduler, saved["step"], len(self.optimizer.param_groups))
+        check_scheduler(self.scheduler.state_dict(), saved["step"], len(self.optimizer.param_groups))
         self.data_rng.set_state(saved["rng"]["data"])
         self.global_rng = {"torch": saved["rng"]["torch"], "python": saved["rng"]["python"]}
         random.setstate(saved["rng"]["python"])  # fails now, not mid-run, if malformed
@@ -331,14 +331,3 @@ def _out_of_memory(err: BaseException) -> bool:
     """An allocation that failed: torch's CPU allocator raises RuntimeError for it."""
     return isinstance(err, MemoryError) or "can't allocate memory" in str(err)
 
-
-def _check_scheduler(scheduler, step: int, n_groups: int) -> None:
-    """The LambdaLR state as this trainer leaves it (ValueError otherwise): a hand-edited
-    one loaded and then failed at the first step."""
-    state = scheduler.state_dict()
-    last, base = state.get("last_epoch"), state.get("base_lrs")
-    if type(last) is not int or last != step:
-        raise ValueError(f"scheduler last_epoch {last!r}, at step {step}")
-    if not (isinstance(base, list) and len(base) == n_groups
-            and all(is_number(x) and 0 < x < math.inf for x in base)):
-        raise ValueError(f"scheduler base_lrs {base!r}: not {n_groups} learning rates")
