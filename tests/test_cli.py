@@ -535,6 +535,7 @@ EDITS = {
     "scheduler last_epoch a string": lambda s: s["scheduler"].__setitem__("last_epoch", "x"),
     "scheduler last_epoch not the step": lambda s: s["scheduler"].__setitem__("last_epoch", 7),
     "scheduler without base_lrs": lambda s: s["scheduler"].__setitem__("base_lrs", []),
+    "model of another dtype": lambda s: s["model"].update({k: v.double() for k, v in s["model"].items()}),
 }
 
 

@@ -203,6 +203,9 @@ class Run:
         # Everything the loop reads later is checked here: an edited field failed mid-run.
         check_progress(saved, self.config.steps)
         torch.Generator().set_state(saved["rng"]["torch"])  # fails now, on a throwaway
+        dtype = DTYPES[self.config.dtype]  # load_state_dict would cast the params silently
+        if any(t.dtype != dtype for t in saved["model"].values() if t.is_floating_point()):
+            raise ValueError(f"its model's params are not {self.config.dtype}, as its config says")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
