@@ -507,15 +507,19 @@ def half_run(tmp_path_factory) -> bytes:
     return (out / "checkpoint.pt").read_bytes()
 
 
-def _flip_tensor_bytes(path: Path) -> None:
+def _flip_tensor_bytes(path: Path, member=lambda infos: max(infos, key=lambda info: info.file_size)) -> None:
     import zipfile
 
     with zipfile.ZipFile(path) as archive:
-        largest = max(archive.infolist(), key=lambda info: info.file_size)
+        chosen = member(archive.infolist())
     data = bytearray(path.read_bytes())
-    middle = largest.header_offset + 100 + largest.file_size // 2  # past its local header
+    middle = chosen.header_offset + 100 + chosen.file_size // 2  # past its local header
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
     path.write_bytes(bytes(data))
+
+
+def _flip_pickle_bytes(path: Path) -> None:  # torch.load then fails (UnicodeDecodeError, ...)
+    _flip_tensor_bytes(path, lambda infos: next(i for i in infos if i.filename.endswith("data.pkl")))
 
 
 EDITS = {
@@ -539,7 +543,7 @@ EDITS = {
 }
 
 
-@pytest.mark.parametrize("damage", [*EDITS, "flipped tensor bytes"])
+@pytest.mark.parametrize("damage", [*EDITS, "flipped tensor bytes", "flipped pickle bytes"])
 def test_an_edited_or_damaged_checkpoint_fails_before_training(tmp_path, capsys, half_run, damage):
     """Bad elapsed or metric rows failed with a TypeError mid-run; flipped bytes in a
     tensor resumed silently (torch.load does not check the zip's CRCs)."""
@@ -547,6 +551,8 @@ def test_an_edited_or_damaged_checkpoint_fails_before_training(tmp_path, capsys,
     path.write_bytes(half_run)
     if damage in EDITS:
         _edit_checkpoint(path, EDITS[damage])
+    elif damage == "flipped pickle bytes":  # said "is it one adamkit train wrote?"
+        _flip_pickle_bytes(path)
     else:
         _flip_tensor_bytes(path)
     before = path.read_bytes()

@@ -23,6 +23,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         saved = torch.load(path, weights_only=True)
     except Exception as err:  # any unreadable file is the user's input, not our bug
+        damaged = _failing_crc(path)  # a changed byte that breaks unpickling says so too
+        if damaged:
+            raise _damaged(path, damaged) from None
         raise CliError(f"cannot read checkpoint {path} ({type(err).__name__}): is it one adamkit train wrote?")
     if not isinstance(saved, dict) or "config" not in saved or "step" not in saved:
         raise CliError(f"{path} is not a checkpoint of adamkit train (no config and step)")
@@ -31,9 +34,13 @@ def load_checkpoint(path: Path) -> dict:
         raise CliError(f"{path} is not a checkpoint of adamkit train (step {step!r})")
     damaged = _failing_crc(path)
     if damaged:
-        raise CliError(f"checkpoint {path} is damaged: its part {damaged} fails its CRC-32 check "
-                       "(the file changed after it was written)")
+        raise _damaged(path, damaged)
     return saved
+
+
+def _damaged(path: Path, part: str) -> CliError:
+    return CliError(f"checkpoint {path} is damaged: its part {part} fails its CRC-32 check "
+                    "(the file changed after it was written)")
 
 
 def _failing_crc(path: Path) -> str | None:
