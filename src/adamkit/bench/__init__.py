@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     # reported now, not after minutes of work; and before --out is made, so that an
     # error leaves nothing behind.
     from ..cli.errors import CliError
-    from ..cli.files import removed_if_failing, writable_dir
+    from ..cli.files import not_in_the_way, removed_if_failing, writable_dir
 
     selections = [_selected(args, config) for config in configs]
     if not any(chosen for chosen, _ in selections):
@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with removed_if_failing(args.out):  # nor does Ctrl-C while measuring leave an empty --out
             writable_dir(args.out)
-            for name in ("bench.json", "bench.png"):
-                if (args.out / name).exists() and not (args.out / name).is_file():
-                    raise CliError(f"{args.out / name} is in the way of an output file: it is not a file")
+            not_in_the_way(args.out / "bench.json", args.out / "bench.png")
             return _run(args, configs, rounds)
     except CliError as err:
         print(f"adamkit bench: error: {err}", file=sys.stderr)

@@ -77,6 +77,14 @@ def output_dir(text: str) -> Path:
     return Path(text)
 
 
+def not_in_the_way(*paths: Path) -> None:
+    """Output files to be (re)written: each is a file or absent, checked before any work
+    (os.replace onto a directory failed only at the first save)."""
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise CliError(f"{path} is in the way of an output file: it is not a file")
+
+
 def writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and check that files can be created in it."""
     if path.exists() and not path.is_dir():

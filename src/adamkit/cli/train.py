@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import CliError, require
-from .files import output_dir, removed_if_failing, writable_dir
+from .files import not_in_the_way, output_dir, removed_if_failing, writable_dir
 from .trainer import ADAMKIT_ONLY, ADAMKIT_OPTIMIZERS, DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, Run
 
 COMPARE_HELP = """\
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
     compare_png = args.out / "compare.png"
     with removed_if_failing(args.out, *(out for out, _, _ in plans)):
         writable_dir(args.out)
-        if args.compare is not None and compare_png.exists() and not compare_png.is_file():
-            raise CliError(f"{compare_png} is in the way of an output file: it is not a file")
+        if args.compare is not None:
+            not_in_the_way(compare_png)
         corpus = CharCorpus(load_text())
         runs = [Run(corpus, writable_dir(out), config, resume=args.resume, overwrite=args.overwrite, label=label)
                 for out, label, config in plans]

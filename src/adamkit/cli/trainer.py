@@ -26,7 +26,7 @@ import adamkit
 from .checkpoint import METRICS, check_progress, check_scheduler, is_number, load_checkpoint
 from .data import CharCorpus
 from .errors import CliError, Terminated, require
-from .files import atomic_write
+from .files import atomic_write, not_in_the_way
 from .model import CharTransformer
 from .plots import plot_runs
 
@@ -149,9 +149,7 @@ class Run:
     def __init__(self, corpus: CharCorpus, out: Path, given: dict, *, resume: bool, overwrite: bool, label: str = "") -> None:
         self.corpus, self.out, self.label = corpus, out, label or given.get("optimizer") or ""
         self.checkpoint_path = out / CHECKPOINT
-        for name in (CHECKPOINT, "metrics.csv", "loss.png"):
-            if (out / name).exists() and not (out / name).is_file():
-                raise CliError(f"{out / name} is in the way of an output file: it is not a file")
+        not_in_the_way(*(out / name for name in (CHECKPOINT, "metrics.csv", "loss.png")))
         saved = load_checkpoint(self.checkpoint_path) if resume else None
         if saved is None and self.checkpoint_path.exists() and not overwrite:
             raise CliError(
