@@ -540,6 +540,10 @@ EDITS = {
     "scheduler last_epoch not the step": lambda s: s["scheduler"].__setitem__("last_epoch", 7),
     "scheduler without base_lrs": lambda s: s["scheduler"].__setitem__("base_lrs", []),
     "model of another dtype": lambda s: s["model"].update({k: v.double() for k, v in s["model"].items()}),
+    "model a list": lambda s: s.__setitem__("model", []),
+    "scheduler a list": lambda s: s.__setitem__("scheduler", []),
+    "optimizer a list": lambda s: s.__setitem__("optimizer", []),
+    "model with a number": lambda s: s["model"].update({next(iter(s["model"])): 3}),
 }
 
 

@@ -175,7 +175,7 @@ class Run:
         if saved is not None:
             try:
                 self._restore(saved)
-            except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:  # a part not a dict
                 raise CliError(f"checkpoint {self.checkpoint_path} does not fit this run: {err}")
         try:
             self.val_batches = corpus.val_batches(config.batch_size, MODEL["context"], VAL_BATCHES)
@@ -202,7 +202,9 @@ class Run:
         check_progress(saved, self.config.steps)
         torch.Generator().set_state(saved["rng"]["torch"])  # fails now, on a throwaway
         dtype = DTYPES[self.config.dtype]  # load_state_dict would cast the params silently
-        if any(t.dtype != dtype for t in saved["model"].values() if t.is_floating_point()):
+        model = saved["model"]  # (not a dict, or no tensors: load_state_dict says so below)
+        if isinstance(model, dict) and any(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                           and t.dtype != dtype for t in model.values()):
             raise ValueError(f"its model's params are not {self.config.dtype}, as its config says")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
