@@ -227,17 +227,13 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
     """One bucket's checks, in Python, given its params' grads (all present); a bucket
     the torch backend runs gets them as ``bucket.grads``."""
     b = cb.bucket
-    try:
-        if not all(_same(list(map(dict.get, b.states, repeat(key))), row) for key, row in cb.tag_rows):
+    planned = (*cb.tag_rows, *((key, row) for key, row, _, _ in cb.key_rows))
+    try:  # the planned tags and tensors, by identity (a key gone: None)
+        if not all(_same(list(map(dict.get, b.states, repeat(key))), row) for key, row in planned):
             return False
     except TypeError:  # a state that is no dict
         return False
-    for key, row, pointers, layout in cb.key_rows:  # the planned tensors (a key gone: None)
-        try:
-            if not _same(list(map(dict.get, b.states, repeat(key))), row):
-                return False
-        except TypeError:
-            return False
+    for _, row, pointers, layout in cb.key_rows:
         if list(map(Tensor.data_ptr, row)) != pointers or _layout(row) != layout:
             return False
     if _versions_moved(cb):

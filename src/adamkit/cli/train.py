@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import CliError, require
 from .files import not_in_the_way, output_dir, removed_if_failing, writable_dir
-from .trainer import ADAMKIT_ONLY, ADAMKIT_OPTIMIZERS, DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, Run
+from .trainer import ADAMKIT_ONLY, ADAMKIT_OPTIMIZERS, DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, SEED_LIMIT, Run
 
 COMPARE_HELP = """\
 --compare takes configurations separated by commas; each is an optimizer name,
@@ -31,9 +31,9 @@ def positive_int(text: str) -> int:
 
 
 def seed_int(text: str) -> int:
-    """torch.manual_seed takes 0 <= seed < 2^64; larger ones failed with a traceback."""
+    """torch.manual_seed's range (SEED_LIMIT); larger seeds failed with a traceback."""
     value = _number(int, text)
-    if not 0 <= value < 2**64:
+    if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^64), got {text}")
     return value
 

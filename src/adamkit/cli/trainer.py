@@ -37,6 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SGD needs a much larger lr than Adam: its step is proportional to the gradient's size.
 DEFAULT_LR = {"adam": 3e-3, "adamw": 3e-3, "torch-adam": 3e-3, "sgd": 0.3}
 DEFAULTS = dict(optimizer="adam", dtype="fp32", steps=1500, batch_size=32, seed=0)
+SEED_LIMIT = 2**64  # torch.manual_seed takes 0 <= seed < 2^64
 # The model's shape is fixed by the code, not by options, so checkpoints always fit it.
 MODEL = dict(context=64, width=96, layers=3, heads=4)
 EVALS_PER_RUN = 10
@@ -96,8 +97,8 @@ def _checked_config(saved: object, where: Path) -> dict:
         if isinstance(kind, tuple):
             ok = value in kind
         elif kind is int:
-            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= (field.name != "seed")
-                  and (field.name != "seed" or value < 2**64))  # torch.manual_seed's range
+            low, high = (0, SEED_LIMIT) if field.name == "seed" else (1, math.inf)
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value < high
         elif kind is float:
             ok = is_number(value) and 0 < value < math.inf
         elif field.name == "weight_decay":
@@ -333,4 +334,3 @@ def metrics_csv(rows: list[dict]) -> str:
 def _out_of_memory(err: BaseException) -> bool:
     """An allocation that failed: torch's CPU allocator raises RuntimeError for it."""
     return isinstance(err, MemoryError) or "can't allocate memory" in str(err)
-
