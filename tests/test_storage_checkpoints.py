@@ -370,11 +370,14 @@ def _mutations():
     def state_not_a_dict(sd):
         sd["state"][0] = sd["state"][0]["exp_avg"]
 
+    def state_none(sd):  # torch.optim loads it and fails at the next step (TypeError)
+        sd["state"][1] = None
+
     return [unknown_format, unknown_update, missing_scale, wrong_scale_shape, float_codes,
             wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed,
             negative_scale, minus_inf_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
             nan_step, infinite_step_late, fractional_step, negative_step, text_step,
-            two_element_step, step_beyond_float32, step_beyond_float64, state_not_a_dict,
+            two_element_step, step_beyond_float32, step_beyond_float64, state_not_a_dict, state_none,
             complex_sr_seed, bool_sr_seed, text_sr_seed]
 
 

@@ -87,8 +87,9 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         for saved_id, p in zip(saved["params"], group["params"]):
             # `{}` is no state: reading opt.state[p] (a defaultdict) before p's
             # first step saves one, and torch.optim loads it as a param without state
-            entry = saved_state.get(saved_id)
-            if entry is not None and not isinstance(entry, dict):
+            # torch.optim loads a None (or any non-dict) and fails at the next step
+            entry = saved_state.get(saved_id, {})
+            if not isinstance(entry, dict):
                 raise ValueError(f"loaded state for parameter {saved_id} is a {type(entry).__name__}, "
                                  "not a dict of its state")
             if entry:
