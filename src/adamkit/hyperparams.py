@@ -27,6 +27,18 @@ def _scalar(x: float | Tensor) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
+def _lr_scalar(x: Any) -> Any:
+    """The lr as the step computes with it: a NumPy float32 or float16 (a scalar or a
+    0-dim array) is kept, because torch.optim's ``lr / (1 - beta1**t)`` and ``1 - lr*λ``
+    then run in that precision (NumPy rounds the Python float to it first); anything else
+    is a Python float."""
+    dtype = getattr(x, "dtype", None)
+    if (type(x).__module__ == "numpy" and getattr(dtype, "kind", None) == "f"
+            and dtype.itemsize < 8 and getattr(x, "shape", None) == ()):
+        return x[()]  # a 0-dim array as its scalar
+    return _scalar(x)
+
+
 def _is_number(x: Any) -> bool:
     """A real number the step can take as float(x): a Python or NumPy number, a 0-dim
     array, a 1-element Tensor (not a str, which float() would parse)."""
@@ -120,7 +132,7 @@ class StepScalars:
     backend reads a device tensor (no host sync).
     """
 
-    lr: float
+    lr: float  # or a NumPy float32/float16 scalar (_lr_scalar)
     beta1: float
     beta2: float
     eps: float
@@ -143,8 +155,9 @@ class StepScalars:
 
     @property
     def step_size(self) -> float:
-        """lr / (1 − β1^t): multiplies m in the update."""
-        return self.lr / self.bias_correction1
+        """lr / (1 − β1^t): multiplies m in the update (computed in a NumPy lr's own
+        precision, as torch.optim does)."""
+        return float(self.lr / self.bias_correction1)
 
     @property
     def bias_correction2_sqrt(self) -> float:
@@ -153,14 +166,14 @@ class StepScalars:
 
 def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
     """The scalars for a bucket of ``group`` whose params are at step ``step`` (from 1)."""
-    lr = _scalar(group["lr"])
+    lr = _lr_scalar(group["lr"])
     wd = float(group["weight_decay"])
     beta1, beta2 = (float(b) for b in group["betas"])
     coupled, decay = wd, 1.0
     if wd != 0.0 and group["decouple_lr"]:
-        coupled, decay = 0.0, 1.0 - (lr / _scalar(group["max_lr"])) * wd
+        coupled, decay = 0.0, float(1.0 - (lr / _scalar(group["max_lr"])) * wd)
     elif wd != 0.0 and group["decouple_wd"]:
-        coupled, decay = 0.0, 1.0 - lr * wd
+        coupled, decay = 0.0, float(1.0 - lr * wd)
     return StepScalars(
         lr=lr,
         beta1=beta1,
