@@ -444,7 +444,8 @@ class Adam(Optimizer):
                 steps=[s["step"] for s in states],
             )
             prepared = run_bucket(backend, bucket, s)
-            done.append(CachedBucket(group_index, group, positions, t, backend, bucket, prepared))
+            done.append(CachedBucket(group_index, group, positions, backends.counter_reads(t, bucket.steps),
+                                     backend, bucket, prepared))
         # After every bucket ran: views of one tensor share a version counter, and a
         # later bucket's write to one would look like a user's write to another
         versions = self._master_versions()

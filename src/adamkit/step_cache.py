@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .formats import param as param_policy
 from .backends.cpu import native_checks
 from .hyperparams import check_live_group, check_scalar_range, step_scalars
 
@@ -78,7 +79,7 @@ class CachedBucket:
     group_index: int
     group: dict[str, Any]
     positions: list[int]  # indices into the group's params
-    t: int  # the step this bucket took last
+    t: int  # what its step counters read after its last step (backends.counter_reads)
     backend: Any
     bucket: backends.Bucket
     prepared: Any = None  # backend.prepare(bucket), where the backend offers it
@@ -118,6 +119,8 @@ def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any, prepared: An
         backends.count_steps(backend, bucket)
     else:
         prepared.run(scalars)
+    if bucket.param_update == "stochastic" and backends.counter_reads(scalars.step, bucket.steps) != scalars.step:
+        param_policy.advance_seeds(bucket.states)
     return prepared
 
 
@@ -192,7 +195,7 @@ class StepCache:
         # Everything holds: run. Nothing above changed the optimizer.
         for cb, s in zip(self.buckets, scalars):
             run_bucket(cb.backend, cb.bucket, s, cb.prepared)
-            cb.t += 1
+            cb.t = backends.counter_reads(cb.t + 1, cb.bucket.steps)
         for cb in self.buckets:  # after all ran: views of one tensor share a counter
             if cb.versions is not None:
                 cb.versions = list(map(_VERSION, cb.bucket.params))

@@ -47,6 +47,20 @@ class Bucket:
     steps: list[Tensor] = field(default_factory=list)  # state["step"] counters, or none
 
 
+# the largest n such that the dtype holds every whole number up to it
+_COUNTS_EXACTLY = {torch.bfloat16: 2**8, torch.float16: 2**11, torch.float32: 2**24, torch.float64: 2**53}
+
+
+def counter_reads(t: int, steps: list[Tensor]) -> int:
+    """What the bucket's step counters read once they have counted step t: t, unless
+    their dtype cannot hold it. A float32 counter stops at 2^24 (2^24 + 1 rounds back to
+    it, as torch.optim's does), so past there every step is planned as 2^24 + 1."""
+    dtype = steps[0].dtype if steps else torch.float32
+    if not dtype.is_floating_point or t <= _COUNTS_EXACTLY.get(dtype, 0):
+        return t
+    return int(torch.tensor(float(t), dtype=dtype).item())
+
+
 def count_steps(backend: Backend, bucket: Bucket) -> None:
     """Add 1 to the bucket's step counters after its update, unless the backend did
     (``counts_steps``: the CPU kernel does it in the same call)."""

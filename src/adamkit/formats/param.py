@@ -63,6 +63,19 @@ def step_key(seed_of_param: int, step: int) -> int:
     return mix32(seed_of_param ^ mix32(step))
 
 
+# Odd (2^32/φ): sr_seed + k·SEED_STRIDE mod 2^32 takes 2^32 distinct values in turn.
+SEED_STRIDE = 0x9E3779B9
+
+
+def advance_seeds(states: list[dict[str, Any]]) -> None:
+    """After a step whose number the step counter could not count (float32 past 2^24:
+    each later step is planned as the same t, so its key would repeat and every element
+    would round the same way step after step): sr_seed ← (sr_seed + SEED_STRIDE) mod 2^32,
+    in place, so the next key differs (formats.md). The seed is in the checkpoint."""
+    for st in states:
+        st["sr_seed"].add_(SEED_STRIDE).bitwise_and_(MASK)
+
+
 def random_bits(numel: int, key: int, device: torch.device) -> Tensor:
     """16 random bits r_i for the flat indices i of a tensor (int64 in [0, 2^16)): the
     hash h = mix32(((i >> 1) mod 2^32) ^ key) of each pair of elements, its low half for
