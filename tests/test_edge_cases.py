@@ -387,11 +387,13 @@ def test_a_param_listed_twice_is_updated_once_per_listing_as_torchs_for_loop(bac
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("make,group_value", [(adamkit.Adam, True), (adamkit.AdamW, False)],
-                         ids=["Adam-group-decoupled", "AdamW-group-coupled"])
+@pytest.mark.parametrize("make,group_value", [(adamkit.Adam, True), (adamkit.AdamW, False),
+                                              (adamkit.AdamW, None)],
+                         ids=["Adam-group-decoupled", "AdamW-group-coupled", "AdamW-group-None"])
 def test_a_groups_decoupled_weight_decay_key_is_honoured(backend, make, group_value):
     """torch's per-group `decoupled_weight_decay` sets that group's decay mode, as in
-    torch.optim (it was ignored: the other mode's math ran)."""
+    torch.optim (it was ignored: the other mode's math ran). None is falsy there, so
+    coupled (adamkit took it for "not given" and decoupled AdamW's group)."""
     def run(factory):
         p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
         opt = factory([{"params": [p]}, {"params": [q], "decoupled_weight_decay": group_value}])
@@ -403,7 +405,7 @@ def test_a_groups_decoupled_weight_decay_key_is_honoured(backend, make, group_va
     theirs, _ = run(lambda groups: torch_cls(groups, lr=0.1, weight_decay=0.5))
     ours, opt = run(lambda groups: make(groups, lr=0.1, weight_decay=0.5, backend=backend))
     assert_close_scaled(ours, theirs, *TORCH_PARITY_TOL[torch.float32])
-    assert opt.state_dict()["param_groups"][1]["decoupled_weight_decay"] is group_value
+    assert opt.state_dict()["param_groups"][1]["decoupled_weight_decay"] is bool(group_value)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -429,6 +431,24 @@ def test_either_decay_key_set_on_a_live_group_switches_the_mode(backend, key, at
     group = opt.param_groups[0]
     assert group["decouple_wd"] is True and group["decoupled_weight_decay"] is True
     assert opt.state_dict()["param_groups"][0]["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_torchs_decay_key_set_to_none_on_a_live_group_makes_decay_coupled(backend):
+    """As torch.optim reads it (None is falsy); adamkit kept the group decoupled."""
+    def run(make):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = make([p])
+        for k in range(4):
+            if k == 1:
+                opt.param_groups[0]["decoupled_weight_decay"] = None
+            p.grad = torch.full((3,), 0.1)
+            opt.step()
+        return p.detach(), opt
+    theirs, _ = run(lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5))
+    ours, opt = run(lambda ps: adamkit.AdamW(ps, lr=0.1, weight_decay=0.5, backend=backend))
+    assert_close_scaled(ours, theirs, *TORCH_PARITY_TOL[torch.float32])
+    assert opt.param_groups[0]["decouple_wd"] is False
 
 
 @pytest.mark.parametrize("make, mode", [(adamkit.Adam, False), (adamkit.AdamW, True)])

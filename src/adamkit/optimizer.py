@@ -582,12 +582,14 @@ def _decay_mode(group: dict[str, Any], last: bool | None, default: bool) -> bool
     ``decoupled_weight_decay``. ``last``: the mode both keys held when last synced, so that
     the one changed since then wins; None for a dict not synced yet (passed to the
     optimizer, or loaded), where torch's key wins when given (torch.optim reads and
-    changes only its own). ``default``: the mode where neither key is given."""
-    theirs, ours = group.get("decoupled_weight_decay"), group.get("decouple_wd")
-    if theirs is not None and (last is None or bool(theirs) != last):
-        return bool(theirs)
-    if ours is not None:
-        return bool(ours)
+    changes only its own). ``default``: the mode where neither key is given. A key given
+    as None is given: False, as torch.optim reads it."""
+    if "decoupled_weight_decay" in group:
+        theirs = bool(group["decoupled_weight_decay"])
+        if last is None or theirs != last:
+            return theirs
+    if "decouple_wd" in group:
+        return bool(group["decouple_wd"])
     return default if last is None else last
 
 
