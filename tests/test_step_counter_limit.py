@@ -1,10 +1,10 @@
 """Steps past what a float32 step counter counts (2^24, as torch.optim's counter).
 
-``state["step"]`` is a float32 tensor, as in torch.optim, so past 2^24 it stays at 2^24
-and every step is planned as t = 2^24 + 1. The bias corrections are 1 there either way;
-what depends on t is stochastic rounding's key, which then repeated: every element
-rounded the same way step after step (90% of them never moved in 300 steps), and the
-step cache re-planned every step because the counters no longer read t."""
+``state["step"]`` is a float32 tensor, as in torch.optim, so past 2^24 it stays at 2^24,
+and torch.optim takes every step there at t = 2^24. adamkit took them at 2^24 + 1 (bias
+corrections one step off torch's), its stochastic rounding key then repeated (every
+element rounded the same way step after step: 90% of them never moved in 300 steps),
+and the step cache re-planned every step because the counters no longer read t."""
 
 from __future__ import annotations
 
@@ -113,3 +113,31 @@ def test_the_step_cache_holds_past_the_counters_limit(monkeypatch, backend, dtyp
         opt.step()
     assert len(full) == 1  # the step after the counters were edited
     assert isinstance(opt._step_cache, step_cache.StepCache)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "planned"])
+def test_past_the_limit_bias_corrections_are_torchs(monkeypatch, cached):
+    """torch.optim takes each step past 2^24 at t = 2^24 (its counter's reading); adamkit
+    took t = 2^24 + 1: with β2 = 1 − 1e-7 every float64 element differed (by up to 1.5e-8)
+    from torch.optim resumed from the same checkpoint."""
+    if not cached:
+        monkeypatch.setattr(step_cache.StepCache, "try_step", lambda *a: False)
+    torch.manual_seed(0)
+    x = torch.randn(1000, dtype=torch.float64)
+    ours, theirs = torch.nn.Parameter(x.clone()), torch.nn.Parameter(x.clone())
+    kw = dict(lr=1e-2, betas=(0.9, 1 - 1e-7))
+    ref = torch.optim.Adam([theirs], **kw)
+    theirs.grad = torch.randn_like(x)
+    ref.step()
+    ref.state[theirs]["step"].fill_(LIMIT - 2)
+    with torch.no_grad():
+        ours.copy_(theirs)
+    opt = adamkit.Adam([ours], backend="torch", **kw)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for _ in range(4):
+        g = torch.randn_like(x)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(ours.detach(), theirs.detach())
+    assert opt.state[ours]["step"].item() == ref.state[theirs]["step"].item() == LIMIT

@@ -412,21 +412,24 @@ class Adam(Optimizer):
                 if state:
                     backends.check_step_counter(state["step"])
                 t = int(state["step"].item()) + 1 if state else 1
-                buckets[(p.device, p.dtype, fmt, update, t)].append((position, p))
+                # the step as torch.optim takes it: what the counter reads once it counted
+                # t (2^24 for float32 past there; t is then stochastic rounding's cue)
+                counted = backends.counter_reads(t, [state["step"]]) if state else 1
+                buckets[(p.device, p.dtype, fmt, update, t, counted)].append((position, p))
                 new = pending[p] = self._planned_state(p, group, fmt, update, index)
                 if state:  # torch's errors for what no in-place op writes, before any write
                     used = state if new is None else new  # (a conversion's copies pass)
                     written = formats.written_keys(fmt, update, group["amsgrad"])
                     backends.check_written(formats.written_tensors(used, written))
-            for (device, dtype, fmt, update, t), members in buckets.items():
+            for (device, dtype, fmt, update, t, counted), members in buckets.items():
                 backend = backends.resolve(group["backend"], device, dtype)
                 ps = [p for _, p in members]
-                plans.append((group_index, group, [pos for pos, _ in members], t, ps, fmt,
-                              update, backend, [pending[p] for p in ps],
-                              scalars_for(group, t, grad_scale_inv, dtype)))
+                plans.append((group_index, group, [pos for pos, _ in members], t, counted, ps,
+                              fmt, update, backend, [pending[p] for p in ps],
+                              scalars_for(group, counted, grad_scale_inv, dtype)))
 
         done = []
-        for group_index, group, positions, t, ps, fmt, update, backend, new_states, s in plans:
+        for group_index, group, positions, t, counted, ps, fmt, update, backend, new_states, s in plans:
             for p, new in zip(ps, new_states):
                 if new is not None:
                     self.state[p] = new
@@ -443,9 +446,8 @@ class Adam(Optimizer):
                 param_update=update,
                 steps=[s["step"] for s in states],
             )
-            prepared = run_bucket(backend, bucket, s)
-            done.append(CachedBucket(group_index, group, positions, backends.counter_reads(t, bucket.steps),
-                                     backend, bucket, prepared))
+            prepared = run_bucket(backend, bucket, s, stalled=counted != t)
+            done.append(CachedBucket(group_index, group, positions, counted, backend, bucket, prepared))
         # After every bucket ran: views of one tensor share a version counter, and a
         # later bucket's write to one would look like a user's write to another
         versions = self._master_versions()

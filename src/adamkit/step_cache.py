@@ -109,9 +109,15 @@ def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float, dtype: tor
     return scalars if grad_scale_inv == 1.0 else replace(scalars, grad_scale_inv=grad_scale_inv)
 
 
-def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any, prepared: Any = None) -> Any:
+def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any, prepared: Any = None,
+               stalled: bool = False) -> Any:
     """Run one bucket (and count its steps) with what the backend prepared for it, or
-    prepare it now where the backend offers that; returns the prepared object, if any."""
+    prepare it now where the backend offers that; returns the prepared object, if any.
+    ``stalled``: the counters cannot count this step (backends.counter_reads), so it is
+    taken at the number they read, as the last one was: stochastic rounding advances its
+    seeds first, or the key would repeat."""
+    if stalled and bucket.param_update == "stochastic":
+        param_policy.advance_seeds(bucket.states)
     if prepared is None and hasattr(backend, "prepare"):
         prepared = backend.prepare(bucket)
     if prepared is None:
@@ -119,8 +125,6 @@ def run_bucket(backend: Any, bucket: backends.Bucket, scalars: Any, prepared: An
         backends.count_steps(backend, bucket)
     else:
         prepared.run(scalars)
-    if bucket.param_update == "stochastic" and backends.counter_reads(scalars.step, bucket.steps) != scalars.step:
-        param_policy.advance_seeds(bucket.states)
     return prepared
 
 
@@ -188,14 +192,15 @@ class StepCache:
             # the full path raises its validation error with nothing changed
             for group in groups:
                 check_live_group(group)
-            scalars = [scalars_for(cb.group, cb.t + 1, grad_scale_inv, cb.dtype)
-                       for cb in self.buckets]
+            counted = [backends.counter_reads(cb.t + 1, cb.bucket.steps) for cb in self.buckets]
+            scalars = [scalars_for(cb.group, t, grad_scale_inv, cb.dtype)
+                       for cb, t in zip(self.buckets, counted)]
         except (TypeError, ValueError, ZeroDivisionError, RuntimeError):
             return False
         # Everything holds: run. Nothing above changed the optimizer.
-        for cb, s in zip(self.buckets, scalars):
-            run_bucket(cb.backend, cb.bucket, s, cb.prepared)
-            cb.t = backends.counter_reads(cb.t + 1, cb.bucket.steps)
+        for cb, s, t in zip(self.buckets, scalars, counted):
+            run_bucket(cb.backend, cb.bucket, s, cb.prepared, stalled=t != cb.t + 1)
+            cb.t = t
         for cb in self.buckets:  # after all ran: views of one tensor share a counter
             if cb.versions is not None:
                 cb.versions = list(map(_VERSION, cb.bucket.params))

@@ -54,7 +54,7 @@ _COUNTS_EXACTLY = {torch.bfloat16: 2**8, torch.float16: 2**11, torch.float32: 2*
 def counter_reads(t: int, steps: list[Tensor]) -> int:
     """What the bucket's step counters read once they have counted step t: t, unless
     their dtype cannot hold it. A float32 counter stops at 2^24 (2^24 + 1 rounds back to
-    it, as torch.optim's does), so past there every step is planned as 2^24 + 1."""
+    it, as torch.optim's does), and torch.optim takes every later step at that t."""
     dtype = steps[0].dtype if steps else torch.float32
     if not dtype.is_floating_point or t <= _COUNTS_EXACTLY.get(dtype, 0):
         return t

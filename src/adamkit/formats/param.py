@@ -68,10 +68,10 @@ SEED_STRIDE = 0x9E3779B9
 
 
 def advance_seeds(states: list[dict[str, Any]]) -> None:
-    """After a step whose number the step counter could not count (float32 past 2^24:
-    each later step is planned as the same t, so its key would repeat and every element
+    """Before a step the step counter cannot count (float32 past 2^24, where every step
+    is taken at t = 2^24, as in torch.optim, so its key would repeat and every element
     would round the same way step after step): sr_seed ← (sr_seed + SEED_STRIDE) mod 2^32,
-    in place, so the next key differs (formats.md). The seed is in the checkpoint."""
+    in place, so the key differs (formats.md). The seed is in the checkpoint."""
     for st in states:
         st["sr_seed"].add_(SEED_STRIDE).bitwise_and_(MASK)
 
