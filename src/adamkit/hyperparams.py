@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -28,15 +29,18 @@ def _scalar(x: float | Tensor) -> float:
 
 
 def _lr_scalar(x: Any) -> Any:
-    """The lr as the step computes with it: a NumPy float32 or float16 (a scalar or a
-    0-dim array) is kept, because torch.optim's ``lr / (1 - beta1**t)`` and ``1 - lr*λ``
-    then run in that precision (NumPy rounds the Python float to it first); anything else
-    is a Python float."""
+    """The lr as the step computes with it. torch.optim's ``lr / (1 - beta1**t)`` and
+    ``1 - lr*λ`` run in the lr's own precision: a NumPy float32 or float16 (a scalar or a
+    0-dim array) is kept, and so is a Tensor (squeezed to 0-dim and detached, on its own
+    device, as torch's for-loop step uses it: tensor arithmetic in its dtype there);
+    anything else is a Python float."""
+    if isinstance(x, Tensor):
+        return x.detach().squeeze()
     dtype = getattr(x, "dtype", None)
     if (type(x).__module__ == "numpy" and getattr(dtype, "kind", None) == "f"
             and dtype.itemsize < 8 and getattr(x, "shape", None) == ()):
         return x[()]  # a 0-dim array as its scalar
-    return _scalar(x)
+    return float(x)
 
 
 def _is_number(x: Any) -> bool:
@@ -132,7 +136,7 @@ class StepScalars:
     backend reads a device tensor (no host sync).
     """
 
-    lr: float  # or a NumPy float32/float16 scalar (_lr_scalar)
+    lr: Any  # a Python float, or a NumPy float32/float16 scalar or 0-dim Tensor (_lr_scalar)
     beta1: float
     beta2: float
     eps: float
@@ -153,10 +157,10 @@ class StepScalars:
     def bias_correction2(self) -> float:
         return 1.0 - self.beta2**self.step
 
-    @property
+    @cached_property  # once: with a Tensor lr it is a tensor op (and a sync on a GPU)
     def step_size(self) -> float:
-        """lr / (1 − β1^t): multiplies m in the update (computed in a NumPy lr's own
-        precision, as torch.optim does)."""
+        """lr / (1 − β1^t): multiplies m in the update (computed in a NumPy or Tensor lr's
+        own precision, as torch.optim does)."""
         return float(self.lr / self.bias_correction1)
 
     @property
