@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import assert_same_state, lockstep
 from registry import ALL_BACKENDS, CASES, FAST_BACKENDS, TORCH_CASES, TORCH_PARITY_TOL
@@ -83,6 +85,32 @@ def test_a_tensor_lr_steps_in_its_own_precision_as_torch(case, lr, dtype):
         dtype=dtype,
         compare=lambda s, ma, oa, mb, ob: assert_same_state(ma, oa, mb, ob, 0.0, 0.0, f"step {s}"),
     )
+
+
+@settings(max_examples=40, deadline=None)
+@given(lr=st.floats(1e-5, 1.0), lr_dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       param_dtype=st.sampled_from([torch.float32, torch.float64]), wd=st.floats(0.0, 0.2),
+       decoupled=st.booleans(), amsgrad=st.booleans(), seed=st.integers(0, 2**16))
+def test_any_tensor_lr_gives_torchs_for_loop_numbers(lr, lr_dtype, param_dtype, wd, decoupled, amsgrad, seed):
+    """A Tensor lr of any value and float dtype, with either decay mode: the torch backend
+    gives torch.optim's for-loop numbers bit for bit (1-D params: the 0-dim exception of
+    docs/precision.md does not arise)."""
+    import adamkit
+
+    gen = torch.Generator().manual_seed(seed)
+    p0 = torch.randn(257, generator=gen, dtype=param_dtype)
+    a, b = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    kw = dict(weight_decay=wd, amsgrad=amsgrad)
+    oa = adamkit.Adam([a], lr=torch.tensor(lr, dtype=lr_dtype), backend="torch", decouple_wd=decoupled, **kw)
+    ob = torch.optim.Adam([b], lr=torch.tensor(lr, dtype=lr_dtype), foreach=False,
+                          decoupled_weight_decay=decoupled, **kw)
+    for _ in range(5):
+        g = torch.randn(257, generator=gen, dtype=param_dtype)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        assert torch.equal(a, b)
+        assert torch.equal(oa.state[a]["exp_avg_sq"], ob.state[b]["exp_avg_sq"])
 
 
 def test_frozen_param_keeps_its_own_step_count():
