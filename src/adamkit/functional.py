@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends, formats
-from .hyperparams import check_scalar_range, step_scalars, validate_group
+from .hyperparams import check_scalar_range, for_param_dtype, step_scalars, validate_group
 
 
 def adam_step(
@@ -88,7 +88,7 @@ def adam_step(
                 states=[{} for _ in idx], state_format=fmt,
             )
             with torch.no_grad():
-                backends.resolve(backend, device, dtype).step(bucket, scalars)
+                backends.resolve(backend, device, dtype).step(bucket, for_param_dtype(scalars, dtype))
 
 
 def _check_tensors(columns: list[list[Tensor]]) -> None:

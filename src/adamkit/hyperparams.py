@@ -16,7 +16,7 @@ before the update (1 when decay is coupled).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -149,30 +149,42 @@ class StepScalars:
     # `_step_supports_amp_scaling`): g ← g·grad_scale_inv before anything else.
     grad_scale_inv: float = 1.0
 
+    # The betas as given, where they are Tensors (0-dim, detached): torch.optim's for-loop
+    # step computes 1 − β^t, lr/(1 − β1^t) and √(1 − β2^t) from them in their dtype.
+    given_betas: tuple | None = None
+
+    @cached_property
+    def _bias_corrections(self) -> tuple[Any, Any]:
+        """(1 − β1^t, 1 − β2^t), as torch.optim computes them: host floats, or tensor
+        arithmetic in a Tensor beta's dtype (to the power of float(t), as torch's is)."""
+        b1, b2 = self.given_betas or (self.beta1, self.beta2)
+        return 1 - b1 ** float(self.step), 1 - b2 ** float(self.step)
+
     @property
     def bias_correction1(self) -> float:
-        return 1.0 - self.beta1**self.step
+        return float(self._bias_corrections[0])
 
     @property
     def bias_correction2(self) -> float:
-        return 1.0 - self.beta2**self.step
+        return float(self._bias_corrections[1])
 
     @cached_property  # once: with a Tensor lr it is a tensor op (and a sync on a GPU)
     def step_size(self) -> float:
         """lr / (1 − β1^t): multiplies m in the update (computed in a NumPy or Tensor lr's
-        own precision, as torch.optim does)."""
-        return float(self.lr / self.bias_correction1)
+        own precision, or a Tensor β1's, as torch.optim does)."""
+        return float(self.lr / self._bias_corrections[0])
 
-    @property
+    @cached_property
     def bias_correction2_sqrt(self) -> float:
-        return self.bias_correction2**0.5
+        return float(self._bias_corrections[1] ** 0.5)
 
 
 def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
     """The scalars for a bucket of ``group`` whose params are at step ``step`` (from 1)."""
     lr = _lr_scalar(group["lr"])
     wd = float(group["weight_decay"])
-    beta1, beta2 = (float(b) for b in group["betas"])
+    betas = tuple(b.detach().squeeze() if isinstance(b, Tensor) else b for b in group["betas"])
+    beta1, beta2 = (float(b) for b in betas)
     coupled, decay = wd, 1.0
     if wd != 0.0 and group["decouple_lr"]:
         coupled, decay = 0.0, float(1.0 - (lr / _scalar(group["max_lr"])) * wd)
@@ -188,7 +200,21 @@ def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
         decay=decay,
         amsgrad=bool(group["amsgrad"]),
         maximize=bool(group["maximize"]),
+        given_betas=betas if any(isinstance(b, Tensor) for b in betas) else None,
     )
+
+
+def for_param_dtype(s: StepScalars, dtype: torch.dtype) -> StepScalars:
+    """``s`` for a bucket of ``dtype`` params. torch.optim's for-loop step casts a Tensor
+    β1 to the param's dtype for its lerp (weight 1 − β1 there): a float64 β1 decays
+    float32 params' m by float32(β1), as here. Only float32 and float64 (complex: their
+    real dtype) params, where adamkit gives torch's numbers; bf16/fp16 params keep
+    the β1 given (torch's rounding it to their 8 or 11 bits is not Adam's β1)."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    if s.given_betas is None or not isinstance(s.given_betas[0], Tensor) \
+            or real not in (torch.float32, torch.float64):
+        return s
+    return replace(s, beta1=float(s.given_betas[0].to(real)))
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)

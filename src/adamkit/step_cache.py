@@ -44,7 +44,7 @@ from torch import Tensor
 from . import backends
 from .formats import param as param_policy
 from .backends.cpu import native_checks
-from .hyperparams import check_live_group, check_scalar_range, step_scalars
+from .hyperparams import check_live_group, check_scalar_range, for_param_dtype, step_scalars
 
 # Group keys that decide storage and backends; a change to any of them re-plans.
 _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min_size", "seed",
@@ -104,7 +104,7 @@ class CachedBucket:
 def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float, dtype: torch.dtype) -> Any:
     """The StepScalars at step t of a bucket of ``dtype`` params, unscaling by a
     GradScaler's 1/scale; check_scalar_range's errors for scalars no step can take."""
-    scalars = step_scalars(group, t)
+    scalars = for_param_dtype(step_scalars(group, t), dtype)
     check_scalar_range(scalars, dtype)
     return scalars if grad_scale_inv == 1.0 else replace(scalars, grad_scale_inv=grad_scale_inv)
 
