@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_same_state, lockstep
@@ -88,15 +88,19 @@ def test_a_tensor_lr_steps_in_its_own_precision_as_torch(case, lr, dtype):
 
 
 @settings(max_examples=60, deadline=None)
+# float32 1 − lr·λ differs from float64's rounded here (as for 3.5% of random pairs)
+@example(lr=0.12, lr_dtype=None, beta1=0.9, beta2=0.999, beta_dtypes=(None, None), param_dtype=torch.float32,
+         wd=0.19, wd_dtype=torch.float32, decoupled=True, amsgrad=False, seed=0)
 @given(lr=st.floats(1e-5, 1.0), lr_dtype=st.sampled_from([None, torch.float16, torch.bfloat16, torch.float32]),
        beta1=st.floats(0.0, 0.99), beta2=st.floats(0.5, 0.9999),
        beta_dtypes=st.sampled_from([(None, None), (torch.float32, torch.float32), (torch.float64, torch.float64),
                                     (torch.float32, None), (None, torch.float64)]),
        param_dtype=st.sampled_from([torch.float32, torch.float64, torch.complex64]), wd=st.floats(0.0, 0.2),
-       decoupled=st.booleans(), amsgrad=st.booleans(), seed=st.integers(0, 2**16))
+       wd_dtype=st.sampled_from([None, torch.float32]), decoupled=st.booleans(), amsgrad=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_tensor_hyperparameters_give_torchs_for_loop_numbers(lr, lr_dtype, beta1, beta2, beta_dtypes, param_dtype,
-                                                             wd, decoupled, amsgrad, seed):
-    """A Tensor lr or Tensor betas (any float dtype, beside floats or not), either decay
+                                                             wd, wd_dtype, decoupled, amsgrad, seed):
+    """A Tensor lr, λ or betas (any float dtype, betas beside floats or not), either decay
     mode: the torch backend gives torch.optim's for-loop numbers bit for bit. torch
     computes lr/(1 − β1^t), √(1 − β2^t) and 1 − lr·λ in the Tensors' dtypes and decays m
     by β1 cast to the param's dtype; adamkit took .item() of each (with float32 betas
@@ -112,7 +116,8 @@ def test_tensor_hyperparameters_give_torchs_for_loop_numbers(lr, lr_dtype, beta1
     a, b = p0.clone().requires_grad_(), p0.clone().requires_grad_()
     betas = (given(beta1, beta_dtypes[0]), given(beta2, beta_dtypes[1]))
     mixed = len({type(x) for x in betas}) == 2  # both constructors refuse it: set later, as a scheduler does
-    kw = dict(lr=given(lr, lr_dtype), betas=(beta1, beta2) if mixed else betas, weight_decay=wd, amsgrad=amsgrad)
+    kw = dict(lr=given(lr, lr_dtype), betas=(beta1, beta2) if mixed else betas, weight_decay=given(wd, wd_dtype),
+              amsgrad=amsgrad)
     oa = adamkit.Adam([a], backend="torch", decouple_wd=decoupled, **kw)
     ob = torch.optim.Adam([b], foreach=False, decoupled_weight_decay=decoupled, **kw)
     oa.param_groups[0]["betas"] = ob.param_groups[0]["betas"] = betas

@@ -28,9 +28,9 @@ def _scalar(x: float | Tensor) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
-def _lr_scalar(x: Any) -> Any:
-    """The lr as the step computes with it. torch.optim's ``lr / (1 - beta1**t)`` and
-    ``1 - lr*λ`` run in the lr's own precision: a NumPy float32 or float16 (a scalar or a
+def _as_given(x: Any) -> Any:
+    """An lr (or λ) as the step computes with it. torch.optim's ``lr / (1 - beta1**t)``
+    and ``1 - lr*λ`` run in their own precision: a NumPy float32 or float16 (a scalar or a
     0-dim array) is kept, and so is a Tensor (squeezed to 0-dim and detached, on its own
     device, as torch's for-loop step uses it: tensor arithmetic in its dtype there);
     anything else is a Python float."""
@@ -136,7 +136,7 @@ class StepScalars:
     backend reads a device tensor (no host sync).
     """
 
-    lr: Any  # a Python float, or a NumPy float32/float16 scalar or 0-dim Tensor (_lr_scalar)
+    lr: Any  # a Python float, or a NumPy float32/float16 scalar or 0-dim Tensor (_as_given)
     beta1: float
     beta2: float
     eps: float
@@ -181,15 +181,17 @@ class StepScalars:
 
 def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
     """The scalars for a bucket of ``group`` whose params are at step ``step`` (from 1)."""
-    lr = _lr_scalar(group["lr"])
-    wd = float(group["weight_decay"])
+    lr = _as_given(group["lr"])
+    # a Tensor λ, like a Tensor lr, makes torch's 1 − lr·λ tensor arithmetic in its dtype
+    given_wd = _as_given(group["weight_decay"])
+    wd = float(given_wd)
     betas = tuple(b.detach().squeeze() if isinstance(b, Tensor) else b for b in group["betas"])
     beta1, beta2 = (float(b) for b in betas)
     coupled, decay = wd, 1.0
     if wd != 0.0 and group["decouple_lr"]:
-        coupled, decay = 0.0, float(1.0 - (lr / _scalar(group["max_lr"])) * wd)
+        coupled, decay = 0.0, float(1.0 - (lr / _scalar(group["max_lr"])) * given_wd)
     elif wd != 0.0 and group["decouple_wd"]:
-        coupled, decay = 0.0, float(1.0 - lr * wd)
+        coupled, decay = 0.0, float(1.0 - lr * given_wd)
     return StepScalars(
         lr=lr,
         beta1=beta1,
