@@ -716,6 +716,29 @@ def test_saved_tensors_in_another_layout_load_in_the_params(storage):
     assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
 
 
+@pytest.mark.parametrize("src,dst", [("master", "kahan"), ("kahan", "master"), ("master", "master")])
+def test_buffers_converted_from_another_layout_take_the_params(src, dst):
+    """A column-major saved master_param loaded into "kahan" gave kahan_comp the saved
+    layout (master → kahan computes round(master − p) from it), and the cpu backend ran the
+    contiguous param on its torch fallback from then on, without a word."""
+    params = _params(torch.bfloat16)
+    opt = adamkit.Adam(params, lr=1e-2, param_update=src, backend="cpu")
+    _train(params, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for st in saved["state"].values():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                st[key] = value.t().contiguous().t()
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = adamkit.Adam(resumed_params, lr=1e-2, param_update=dst, backend="cpu")
+    resumed.load_state_dict(saved)
+    buffer = policy.BUFFERS[dst]
+    for p in resumed_params:
+        assert resumed.state[p][buffer].stride() == p.stride()
+    _train(resumed_params, resumed, 1)
+    assert all(not cb.prepared.rest for cb in resumed._step_cache.buckets)
+
+
 def test_a_stochastic_seed_given_as_an_int_is_kept():
     """An sr_seed put into a checkpoint as a Python int is the seed it says (it was
     replaced by the loading optimizer's, silently); one beyond int64 raises."""

@@ -229,9 +229,10 @@ def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
     elif src == "master":
         _check(saved, "master_param", p)
         theta = saved["master_param"].to(p.device, torch.float32, copy=True)
+    # in p's layout, as fresh buffers (theta is in a saved master's, which may differ)
     if dst == "master":
-        return {"master_param": theta}
-    return {"kahan_comp": (theta - p.detach().float()).to(p.dtype)}
+        return {"master_param": copy_like(p, theta, torch.float32)}
+    return {"kahan_comp": copy_like(p, theta - p.detach().float(), p.dtype)}
 
 
 def _check(saved: dict, key: str, p: Tensor, shape: tuple | None = None) -> None:
