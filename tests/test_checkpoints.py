@@ -163,6 +163,9 @@ def _mutations():
     def bad_max_lr(sd):
         sd["param_groups"][0].update(decouple_lr=True, max_lr=0.0)
 
+    def bad_lr_as_max_lr(sd):  # max_lr defaults to the lr: lr.item() raised RuntimeError
+        sd["param_groups"][0].update(decouple_lr=True, max_lr=None, lr=torch.tensor([0.1, 0.2]))
+
     def lr_not_a_number(sd):  # loaded, then every step raised
         sd["param_groups"][0]["lr"] = "x"
 
@@ -187,7 +190,7 @@ def _mutations():
         del sd["param_groups"][0]["eps"]
 
     return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
-            bad_betas, bad_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
+            bad_betas, bad_max_lr, bad_lr_as_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
             group_without_lr, group_without_betas, group_without_eps]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -286,6 +287,12 @@ def _mutations():
     def unknown_update(sd):
         sd["state"][0]["param_update"] = "sometimes"
 
+    def listed_format(sd):  # unhashable: a TypeError from the lookup
+        sd["state"][0]["state_format"] = ["int8"]
+
+    def listed_update(sd):
+        sd["state"][0]["param_update"] = ["kahan"]
+
     def missing_scale(sd):
         del sd["state"][0]["exp_avg_scale"]
 
@@ -373,7 +380,7 @@ def _mutations():
     def state_none(sd):  # torch.optim loads it and fails at the next step (TypeError)
         sd["state"][1] = None
 
-    return [unknown_format, unknown_update, missing_scale, wrong_scale_shape, float_codes,
+    return [unknown_format, unknown_update, listed_format, listed_update, missing_scale, wrong_scale_shape, float_codes,
             wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed,
             negative_scale, minus_inf_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
             nan_step, infinite_step_late, fractional_step, negative_step, text_step,
@@ -737,6 +744,25 @@ def test_buffers_converted_from_another_layout_take_the_params(src, dst):
         assert resumed.state[p][buffer].stride() == p.stride()
     _train(resumed_params, resumed, 1)
     assert all(not cb.prepared.rest for cb in resumed._step_cache.buckets)
+
+
+@pytest.mark.parametrize("step", [np.int64(2), np.float32(2.0), np.array(2.0)], ids=["int64", "float32", "0-dim"])
+def test_a_numpy_step_count_loads_as_torch_loads_it(step):
+    """A step count saved as a NumPy number (a count converted from JAX or optax, say):
+    torch.optim loads it, adamkit refused it as no whole number."""
+    params = _params(torch.bfloat16)
+    opt = adamkit.Adam(params, lr=1e-2)
+    _train(params, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for st in saved["state"].values():
+        st["step"] = step
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = adamkit.Adam(resumed_params, lr=1e-2)
+    resumed.load_state_dict(saved)
+    assert all(float(resumed.state[p]["step"]) == 2 for p in resumed_params)
+    _train(resumed_params, resumed, 1, seed=7)
+    _train(params, opt, 1, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
 
 
 def test_a_stochastic_seed_given_as_an_int_is_kept():

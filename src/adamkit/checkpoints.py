@@ -76,10 +76,10 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
             new_group.pop(key, None)
         if "param_names" in group and "param_names" not in saved:
             new_group["param_names"] = group["param_names"]
-        opt._normalize_group(new_group, fallback)
         try:
+            opt._normalize_group(new_group, fallback)
             check_live_group(new_group)  # its values as saved, which torch.optim loads as given
-        except TypeError as e:  # a step's TypeError; every misfit checkpoint is a ValueError
+        except (TypeError, ValueError) as e:  # every misfit checkpoint is a ValueError
             raise ValueError(f"loaded param group {i}: {e}") from None
         formats.validate(new_group)
         backends.check_name(new_group["backend"])
@@ -123,17 +123,20 @@ def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
 
 def _saved_step(step: object, dtype: torch.dtype) -> Tensor:
     """A saved step count as the step's counter of ``dtype`` (ValueError otherwise): a
-    whole number ≥ 0 that the counter holds, as an int, a float or a one-element real
-    Tensor (torch.optim saves any). A NaN or infinite one loaded and then failed every
-    step, as did one beyond the counter's range (float32: 3.4e38), which it rounded to ∞;
+    whole number ≥ 0 that the counter holds, as an int, a float, a NumPy number or a
+    one-element real Tensor (torch.optim loads any). A NaN or infinite one loaded and then
+    failed every step, as did one beyond the counter's range (float32: 3.4e38), which it
+    rounded to ∞;
     a fractional one was truncated by the step (torch.optim would use it as is)."""
     if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
         step = step.item()
+    elif type(step).__module__ == "numpy" and getattr(step, "shape", None) == ():
+        step = step.item()  # a NumPy scalar (a count converted from JAX, say), as torch loads it
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not (
             0 <= step < math.inf and step == int(step)):
         shown = f"a Tensor of shape {tuple(step.shape)}" if isinstance(step, Tensor) else repr(step)
-        raise ValueError(f"step must be a whole number of steps ≥ 0 (an int, float or one-element "
-                         f"Tensor), got {shown}")
+        raise ValueError(f"step must be a whole number of steps ≥ 0 (an int, float, NumPy "
+                         f"number or one-element Tensor), got {shown}")
     try:
         value = float(step)
     except OverflowError:  # an int beyond float64

@@ -203,7 +203,8 @@ class Adam(Optimizer):
         fill_max_lr = group["decouple_lr"] and group["max_lr"] is None
         if fill_max_lr:
             lr = group["lr"]
-            group["max_lr"] = lr.item() if isinstance(lr, Tensor) else lr
+            # (a Tensor lr of several elements stays: the group's check names it)
+            group["max_lr"] = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
         validate_group(group)
         formats.validate(group)
         backends.check_name(group["backend"])
@@ -227,7 +228,8 @@ class Adam(Optimizer):
             group.setdefault(key, value)
         if group["decouple_lr"] and group["max_lr"] is None:
             lr = group["lr"]
-            group["max_lr"] = lr.item() if isinstance(lr, Tensor) else lr
+            # (a Tensor lr of several elements stays: the group's check names it)
+            group["max_lr"] = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

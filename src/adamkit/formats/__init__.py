@@ -117,11 +117,11 @@ def saved_formats(saved: dict[str, Any]) -> tuple[str, str]:
             raise ValueError(f"untagged state (no state_format) with exp_avg of {got}: "
                              "only float moments can be read without a tag")
         return _DTYPE_FORMAT[moment.dtype], "nearest"
-    if fmt not in state.STORAGE:
+    if not isinstance(fmt, str) or fmt not in state.STORAGE:  # (a list is unhashable)
         raise ValueError(f"unknown state_format {fmt!r}; known formats are "
                          f"{_names(state.STORAGE, none=False)}")
     update = "nearest" if update is None else update
-    if update not in PARAM_UPDATES:
+    if not isinstance(update, str) or update not in PARAM_UPDATES:
         known = _names(PARAM_UPDATES, none=False)
         raise ValueError(f"unknown param_update {update!r}; known are {known}")
     return fmt, update
