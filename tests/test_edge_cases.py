@@ -387,6 +387,34 @@ def test_a_param_listed_twice_is_updated_once_per_listing_as_torchs_for_loop(bac
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("late", [False, True], ids=["from-the-start", "after-3-steps"])
+def test_a_param_in_two_groups_is_updated_by_each_in_turn_as_torchs_for_loop(backend, late):
+    """A param put into a second group by an edit of param_groups (add_param_group refuses
+    it): torch.optim's step updates it once per group, in group order, with one state.
+    adamkit planned both groups from the state before either stored one: the second
+    group's fresh state replaced the first's (step 3 where torch has 6, other numbers),
+    and the replaced one lived on in the step cache's bucket; with state already there,
+    both updates ran at one step count (2.6e-3 apart from torch's)."""
+    def run(factory):
+        torch.manual_seed(0)
+        p, q = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7))
+        opt = factory([{"params": [p]}, {"params": [q], "lr": 0.05, "weight_decay": 0.1}], lr=0.01)
+        gen = torch.Generator().manual_seed(1)
+        for t in range(6):
+            if t == (3 if late else 0):
+                opt.param_groups[1]["params"].append(p)
+            p.grad, q.grad = torch.randn(300, generator=gen), torch.randn(7, generator=gen)
+            opt.step()
+        return p.detach(), q.detach(), opt.state[p]["exp_avg_sq"], opt.state[p]["step"]
+    ours = run(lambda *a, **k: adamkit.Adam(*a, backend=backend, **k))
+    theirs = run(lambda *a, **k: torch.optim.Adam(*a, foreach=False, **k))
+    assert ours[3] == theirs[3] == (9 if late else 12)
+    rtol, atol = (0.0, 0.0) if backend == "torch" else TORCH_PARITY_TOL[torch.float32]
+    for x, y in zip(ours[:3], theirs[:3]):
+        assert_close_scaled(x, y, rtol, atol)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("make,group_value", [(adamkit.Adam, True), (adamkit.AdamW, False),
                                               (adamkit.AdamW, None)],
                          ids=["Adam-group-decoupled", "AdamW-group-coupled", "AdamW-group-None"])

@@ -267,16 +267,17 @@ class Adam(Optimizer):
     def _gather(self, repeat: int = 0) -> list[tuple[dict[str, Any], list[tuple[int, Tensor, int]]]]:
         """Per group, the params to update as (position in the optimizer, param, position
         in the group); the first orders groups then params and seeds stochastic rounding.
-        ``repeat``: only each param's occurrence of that number in its group (a param
-        listed twice is updated twice, _repeats). Raises before anything is changed."""
+        ``repeat``: only each param's occurrence of that number in the optimizer (a param
+        listed twice, in one group or in two, is updated twice, _repeats). Raises before
+        anything is changed."""
         work, offset = [], 0
         self._sync_decay_modes()
-        for group in self.param_groups:
+        for group, listings in zip(self.param_groups, _listings(self.param_groups)):
             check_live_group(group)  # edited since it was added (a scheduler, by hand)
             formats.validate(group)
             backends.check_name(group["backend"])
             params = [(offset + j, p, j)
-                      for j, (p, k) in enumerate(zip(group["params"], _listings(group["params"])))
+                      for j, (p, k) in enumerate(zip(group["params"], listings))
                       if k == repeat and p.grad is not None]
             offset += len(group["params"])
             for _, p, _ in params:
@@ -378,12 +379,13 @@ class Adam(Optimizer):
         self._step_cache = StepCache(self, self._planned_step(grad_scale_inv))
 
     def _repeats(self) -> int:
-        """The most times one param is listed in a group (torch.optim warns that this will
-        be an error). torch's default CPU step (the for-loop) then updates it once per
-        listing, in turn; its foreach and fused steps each give other numbers. adamkit
-        does as the for-loop on every backend: one full step per listing."""
-        return 1 + max((max(_listings(g["params"]), default=0) for g in self.param_groups),
-                       default=0)
+        """The most times one param is listed: in one group (torch.optim warns that this
+        will be an error) or in two (add_param_group refuses it; an edit of param_groups
+        does it). torch's default CPU step (the for-loop) then updates it once per listing,
+        in turn (group by group), with one state; its foreach and fused steps give other
+        numbers within a group. adamkit does as the for-loop on every backend: one full
+        step per listing."""
+        return 1 + max((k for ks in _listings(self.param_groups) for k in ks), default=0)
 
     def _master_versions(self) -> WeakIdKeyDictionary:
         """param → its version counter when its master copy was last in sync with it
@@ -570,14 +572,17 @@ class Adam(Optimizer):
         return checkpoints.torch_state_dict(self)
 
 
-def _listings(params: list[Tensor]) -> list[int]:
-    """Per position in a group's params, how often that param was listed before it (0 at
-    its first listing): ``Adam._gather(repeat)`` takes the listings numbered ``repeat``."""
+def _listings(groups: list[dict[str, Any]]) -> list[list[int]]:
+    """Per group, per position in its params, how often that param was listed before it,
+    in this group or an earlier one (0 at its first listing): ``Adam._gather(repeat)``
+    takes the listings numbered ``repeat``, so that a param's updates run in torch's order."""
     seen: dict[int, int] = {}
     numbers = []
-    for p in params:
-        numbers.append(seen.get(id(p), 0))
-        seen[id(p)] = numbers[-1] + 1
+    for group in groups:
+        numbers.append([])
+        for p in group["params"]:
+            numbers[-1].append(seen.get(id(p), 0))
+            seen[id(p)] = numbers[-1][-1] + 1
     return numbers
 
 
