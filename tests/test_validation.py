@@ -47,13 +47,16 @@ BAD_BETAS_KIND = [
 ]
 
 
+@pytest.mark.parametrize("n_params", [1, 0], ids=["a-param", "no-params"])
 @pytest.mark.parametrize("kwargs", BAD + BAD_FOREACH + BAD_BETAS_KIND, ids=lambda kw: repr(kw))
-def test_same_error_as_torch(kwargs):
-    p = torch.zeros(2, requires_grad=True)
+def test_same_error_as_torch(kwargs, n_params):
+    """(With no params torch names the value first: its constructor checks values before
+    params; adamkit's said "empty parameter list".)"""
+    params = [torch.zeros(2, requires_grad=True)] * n_params
     with pytest.raises(Exception) as theirs:
-        torch.optim.Adam([p], **kwargs)
+        torch.optim.Adam(params, **kwargs)
     with pytest.raises(type(theirs.value)) as ours:
-        adamkit.Adam([p], **kwargs)
+        adamkit.Adam(params, **kwargs)
     assert str(ours.value) == str(theirs.value)
 
 

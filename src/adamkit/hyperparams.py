@@ -59,6 +59,16 @@ def _is_number(x: Any) -> bool:
 
 def validate_group(group: dict[str, Any]) -> None:
     """Raise torch's ValueError for any invalid hyperparameter of a new ``group``."""
+    check_ranges(group)
+    betas = group["betas"]
+    if len(betas) != 2:  # torch.optim takes (0.9, 0.99, 0.1) here and fails at its step
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_live_group(group)
+
+
+def check_ranges(group: dict[str, Any]) -> None:
+    """torch.optim.Adam's checks of its constructor's values, in its order (the
+    constructor runs them before it looks at the params, as torch's does)."""
     lr, eps, betas, wd = group["lr"], group["eps"], group["betas"], group["weight_decay"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
@@ -73,12 +83,9 @@ def validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= wd:
         raise ValueError(f"Invalid weight_decay value: {wd}")
-    if len(betas) != 2:  # torch.optim takes (0.9, 0.99, 0.1) here and fails at its step
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     # after the ranges, as torch: betas=(0.9, 1) names the beta, not its kind
-    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+    if not (all(isinstance(b, float) for b in betas[:2]) or all(isinstance(b, Tensor) for b in betas[:2])):
         raise ValueError("betas must be either both floats or both Tensors")
-    check_live_group(group)
 
 
 # torch.optim's implementation flags: accepted for drop-in code (Adam's docstring); a

@@ -19,7 +19,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, checkpoints, formats, wrappers
 from .formats import param as param_policy
-from .hyperparams import TORCH_FLAGS, check_live_group, refuse_torch_only, scalar_dtype, validate_group
+from .hyperparams import (TORCH_FLAGS, check_live_group, check_ranges, refuse_torch_only, scalar_dtype,
+                          validate_group)
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 from .wrappers import eagerly, torch_eagerly
 
@@ -180,9 +181,11 @@ class Adam(Optimizer):
             seed=seed,
             int8_min_size=int8_min_size,
         )
-        super().__init__(params, defaults)
+        # before the params, as torch: Adam([], lr=-1) names the lr
+        check_ranges(defaults)
         if foreach and isinstance(betas[0], Tensor):
             raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
+        super().__init__(params, defaults)
         eagerly(type(self)._update)  # made here where dynamo is imported (see wrappers.eagerly)
         eagerly(wrappers.zero_grad)
 
