@@ -3,6 +3,7 @@ is updated, and the same numbers on every backend."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.optim._functional import adam as torch_adam
@@ -201,3 +202,21 @@ def test_views_into_one_flat_buffer_keep_one_bucket(monkeypatch):
     adam_step(ps, gs, [torch.zeros(3) for _ in ps], [torch.zeros(3) for _ in ps], step=1, lr=0.1)
     assert len(calls) == 1
     torch.testing.assert_close(flat, torch.full((12,), 0.9))
+
+
+@pytest.mark.parametrize("step", [np.int64(3), torch.tensor(3)], ids=["numpy-int64", "0-dim-tensor"])
+def test_an_integer_step_of_numpy_or_torch_is_taken(step):
+    """A step count kept as a NumPy int or an integer tensor (it was refused as no int)
+    is the step it says: the same update as step=3."""
+    outs = []
+    for s in (step, 3):
+        p, m, v = [torch.ones(4)], [torch.full((4,), 0.1)], [torch.full((4,), 0.01)]
+        adam_step(p, [torch.full((4,), 0.5)], m, v, step=s, lr=0.1)
+        outs.append(p[0])
+    assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("step", [0, True, 2.0, torch.tensor(2.0), np.float64(2.0), "2"])
+def test_a_step_that_is_no_count_from_1_raises(step):
+    with pytest.raises(ValueError, match="step is an int counted from 1"):
+        adam_step([torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)], step=step)

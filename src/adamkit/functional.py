@@ -11,6 +11,8 @@ tensor([0.9000, 0.9000, 0.9000])
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -53,8 +55,13 @@ def adam_step(
     step does (its foreach step reads every listing first); the lists then run one index
     at a time.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step is an int counted from 1, got {step!r}")
+    given = step
+    try:  # an int, or an integer that says so (a NumPy int, a 0-dim integer tensor)
+        step = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        step = None
+    if step is None or step < 1:
+        raise ValueError(f"step is an int counted from 1, got {given!r}")
     group = dict(
         lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
         maximize=maximize, decouple_wd=decouple_wd, decouple_lr=decouple_lr,
