@@ -455,3 +455,36 @@ def test_zero_redundancy_optimizer_runs_adamkit_as_torch_optim(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split("\n")[:2] == ["ok False", "ok True"]
+
+
+@pytest.mark.parametrize("storage", [dict(state_format="int8", int8_min_size=0, param_update="stochastic"),
+                                     dict(param_update="master"), dict(state_format="bf16")],
+                         ids=["int8-stochastic", "master", "bf16-kahan"])
+def test_a_distributed_checkpoint_of_the_optimizer_resumes_bit_for_bit(storage):
+    """torch.distributed.checkpoint's get/set_optimizer_state_dict (default options: the
+    state keyed by parameter names) carry adamkit's tagged state: the resumed run is the
+    uninterrupted one (docs/precision.md, "Checkpoints")."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 3)).bfloat16()
+    opt = adamkit.Adam(model.parameters(), lr=1e-2, **storage)
+    x = torch.randn(8, 64).bfloat16()
+    model(x).square().sum().backward()
+    opt.step()
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert "0.weight" in saved["state"]
+    resumed_model = copy.deepcopy(model)
+    resumed = adamkit.Adam(resumed_model.parameters(), lr=1e-2, **storage)
+    set_optimizer_state_dict(resumed_model, resumed, saved)
+    for m, o in ((model, opt), (resumed_model, resumed)):
+        for _ in range(2):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+    p, q = next(model.parameters()), next(resumed_model.parameters())
+    assert set(opt.state[p]) == set(resumed.state[q])
+    assert all(torch.equal(v, resumed.state[q][k]) for k, v in opt.state[p].items() if isinstance(v, torch.Tensor))
