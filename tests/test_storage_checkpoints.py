@@ -693,6 +693,17 @@ def test_torch_state_dict_keeps_float64_moments(dtype):
 
 
 
+def _column_major(state_dict: dict) -> dict:
+    """A copy of ``state_dict`` with every 2-D state tensor column-major (same values)."""
+    saved = copy.deepcopy(state_dict)
+    for st in saved["state"].values():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                st[key] = value.t().contiguous().t()
+                assert not st[key].is_contiguous()
+    return saved
+
+
 @pytest.mark.parametrize("storage", [s for s in STORAGE if s.id in (
     "float32-fp32-nearest", "float32-int8-nearest", "bfloat16-bf16-kahan", "bfloat16-int8-master")],
     ids=lambda s: s.id)
@@ -703,12 +714,7 @@ def test_saved_tensors_in_another_layout_load_in_the_params(storage):
     params = _params(storage.dtype)
     opt = _opt(params, storage, backend="cpu")
     _train(params, opt, 2)
-    saved = copy.deepcopy(opt.state_dict())
-    for st in saved["state"].values():
-        for key, value in st.items():
-            if isinstance(value, torch.Tensor) and value.dim() == 2:
-                st[key] = value.t().contiguous().t()
-                assert not st[key].is_contiguous()
+    saved = _column_major(opt.state_dict())
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = _opt(resumed_params, storage, backend="cpu")
     resumed.load_state_dict(saved)
@@ -731,11 +737,7 @@ def test_buffers_converted_from_another_layout_take_the_params(src, dst):
     params = _params(torch.bfloat16)
     opt = adamkit.Adam(params, lr=1e-2, param_update=src, backend="cpu")
     _train(params, opt, 2)
-    saved = copy.deepcopy(opt.state_dict())
-    for st in saved["state"].values():
-        for key, value in st.items():
-            if isinstance(value, torch.Tensor) and value.dim() == 2:
-                st[key] = value.t().contiguous().t()
+    saved = _column_major(opt.state_dict())
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = adamkit.Adam(resumed_params, lr=1e-2, param_update=dst, backend="cpu")
     resumed.load_state_dict(saved)

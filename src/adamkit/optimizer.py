@@ -205,9 +205,7 @@ class Adam(Optimizer):
         _set_decay_mode(group, _decay_mode(param_group, None, self.defaults["decouple_wd"]))
         fill_max_lr = group["decouple_lr"] and group["max_lr"] is None
         if fill_max_lr:
-            lr = group["lr"]
-            # (a Tensor lr of several elements stays: the group's check names it)
-            group["max_lr"] = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+            group["max_lr"] = _initial_lr(group["lr"])
         validate_group(group)
         formats.validate(group)
         backends.check_name(group["backend"])
@@ -230,9 +228,7 @@ class Adam(Optimizer):
         for key, value in {**formats.GROUP_DEFAULTS, **fallback}.items():
             group.setdefault(key, value)
         if group["decouple_lr"] and group["max_lr"] is None:
-            lr = group["lr"]
-            # (a Tensor lr of several elements stays: the group's check names it)
-            group["max_lr"] = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+            group["max_lr"] = _initial_lr(group["lr"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -573,6 +569,12 @@ class Adam(Optimizer):
             theirs.load_state_dict(opt.torch_state_dict())
         """
         return checkpoints.torch_state_dict(self)
+
+
+def _initial_lr(lr: Any) -> Any:
+    """max_lr's default, the group's lr as a number: a Tensor's value (one of several
+    elements stays a Tensor, for the group's check to name it)."""
+    return lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
 
 
 def _listings(groups: list[dict[str, Any]]) -> list[list[int]]:
