@@ -701,3 +701,39 @@ def test_main_leaves_a_sigterm_handler_it_did_not_set_as_it_was(tmp_path, monkey
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert (seen[0] is signal.SIG_IGN) == (inherited == "ignored")
+
+
+@pytest.mark.parametrize("lost", ["metrics.csv", "loss.png"])
+def test_a_final_save_interrupted_after_its_checkpoint_is_completed_by_resume(tmp_path, capsys, monkeypatch, lost):
+    """Ctrl-C (or a failed write) after the final checkpoint's rename, before metrics.csv
+    or loss.png were rewritten: the checkpoint said the run was complete, and --resume
+    said so too and wrote nothing, leaving the files a validation behind for good."""
+    from adamkit.cli import trainer
+
+    real_write, real_plot = trainer.atomic_write, trainer.plot_runs
+
+    def interrupt_at_the_end(path):
+        if path.name == lost and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4:
+            raise KeyboardInterrupt
+
+    def write(path, *args):
+        interrupt_at_the_end(path)
+        return real_write(path, *args)
+
+    def plot(runs, path, *args):
+        interrupt_at_the_end(path)
+        return real_plot(runs, path, *args)
+
+    monkeypatch.setattr(trainer, "atomic_write", write)
+    monkeypatch.setattr(trainer, "plot_runs", plot)
+    assert train(tmp_path) == 130
+    monkeypatch.undo()
+    stale_png = (tmp_path / "loss.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert train(tmp_path, "--resume") == 0
+    assert "rewrote" in capsys.readouterr().out
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "metrics.csv")] == [1, 2, 3, 4]
+    assert (tmp_path / "loss.png").stat().st_mtime_ns > stale_png
+    capsys.readouterr()
+    assert train(tmp_path, "--resume") == 0  # now current: nothing to write
+    assert "nothing written" in capsys.readouterr().out

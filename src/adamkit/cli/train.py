@@ -161,10 +161,14 @@ def run(args: argparse.Namespace) -> int:
                 for out, label, config in plans]
         for r in runs:
             r.train(stop_at=args.stop_at)
+            if not r.saved_this_session and r.saved_step is not None and r.outputs_behind():
+                r.write_outputs()
+                r.rewrote_outputs = True
     baseline = math.log(corpus.vocab_size)
     # one configuration too: the docs promise DIR/compare.png; a resume of finished runs
     # writes nothing, as it says
-    if args.compare is not None and (any(r.saved_this_session for r in runs) or not compare_png.exists()):
+    if args.compare is not None and (any(r.saved_this_session or r.rewrote_outputs for r in runs)
+                                     or not compare_png.exists()):
         from .plots import plot_runs
 
         plot_runs({r.label: r.rows for r in runs}, compare_png, baseline,
@@ -182,6 +186,8 @@ def report(r: Run, baseline: float, stop_at: int | None) -> None:
     val = "n/a" if val_loss is None else f"{val_loss:.3f}"
     if r.saved_this_session:
         wrote = f"wrote {r.out}/metrics.csv, loss.png, checkpoint.pt"
+    elif r.rewrote_outputs:
+        wrote = f"rewrote {r.out}/metrics.csv, loss.png from the checkpoint (they were behind it)"
     elif r.step == r.config.steps:
         wrote = f"already complete, nothing written to {r.out}"
     else:  # resumed with --stop-at at or below the checkpoint's step
