@@ -6,6 +6,7 @@ Runs are tiny (a few steps, small batches) so the whole file stays fast on 2 cor
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import subprocess
@@ -737,3 +738,45 @@ def test_a_final_save_interrupted_after_its_checkpoint_is_completed_by_resume(tm
     capsys.readouterr()
     assert train(tmp_path, "--resume") == 0  # now current: nothing to write
     assert "nothing written" in capsys.readouterr().out
+
+
+class _Unwritable(io.TextIOBase):
+    """A stdout whose writes fail as a full disk's or a closed pipe's."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def write(self, text: str) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["train", "--help"]], ids=" ".join)
+@pytest.mark.parametrize("error,code", [(OSError(28, "No space left on device"), 2), (BrokenPipeError(32, "Broken pipe"), 141)],
+                         ids=["full", "closed-pipe"])
+def test_help_and_version_that_cannot_be_written_say_so(argv, error, code, capsys, monkeypatch):
+    """argparse drops an OSError of its own writes: unbuffered (PYTHONUNBUFFERED) into
+    /dev/full or a pipe without a reader, --help and --version exited 0, unwritten."""
+    monkeypatch.setattr(sys, "stdout", _Unwritable(error))
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err == ("" if code == 141 else "adamkit: error: cannot write output: No space left on device\n")
+
+
+def test_a_sample_the_terminal_cannot_encode_is_escaped(tmp_path, monkeypatch):
+    """Under LC_ALL=C (an ASCII stdout) the finished run's sample, whose text has ’ and …,
+    raised UnicodeEncodeError with a traceback after the run had written its files."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(CharCorpus, "decode", lambda self, ids: "’…" + "".join(self.chars[i] for i in ids.tolist()))
+    assert train(tmp_path) == 0
+    out.flush()
+    assert b"\\u2019\\u2026" in out.buffer.getvalue()
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_closed_stdout_or_stderr_is_no_crash(tmp_path, monkeypatch, closed):
+    """`>&-` or `2>&-` (Python makes the stream None): the flush after the run, or the
+    progress bar at step 1, failed with an AttributeError traceback."""
+    monkeypatch.setattr(sys, closed, None)
+    assert train(tmp_path) == 0
+    assert (tmp_path / "checkpoint.pt").exists()

@@ -34,6 +34,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
+    def _print_message(self, message: str, file=None) -> None:
+        # argparse drops an OSError here, so --help into a full disk or a closed pipe
+        # exited 0 unwritten; on stdout it is main's to report (stderr has no one to tell)
+        if message and (file or sys.stderr) is sys.stdout:
+            sys.stdout.write(message)
+        else:
+            super()._print_message(message, file)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
@@ -56,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     inside the guard below, so Ctrl-C while it loads is one line too."""
     command = "adamkit"  # until the subcommand is known
     previous = _terminate_as_interrupt()
+    _usable_streams()
     try:
         parser = build_parser()
         try:
@@ -92,6 +101,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _UNCHANGED = object()
+
+
+def _usable_streams() -> None:
+    """A closed stdout or stderr (``>&-``: Python makes it None) takes os.devnull, as
+    print() treats None, so tqdm and our flushes do not fail on it; and text the stream's
+    encoding cannot hold (the sample of text with ’ or …, under LC_ALL=C) is escaped
+    rather than an UnicodeEncodeError after the run."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w"))
+        elif hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # detached, or not reconfigurable now
+                pass
 
 
 def _terminate_as_interrupt():
