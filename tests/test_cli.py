@@ -780,3 +780,33 @@ def test_a_closed_stdout_or_stderr_is_no_crash(tmp_path, monkeypatch, closed):
     monkeypatch.setattr(sys, closed, None)
     assert train(tmp_path) == 0
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+@pytest.mark.parametrize("compare", [False, True], ids=["one-run", "compare"])
+def test_a_directory_another_run_is_writing_to_is_refused(tmp_path, capsys, compare):
+    """Two runs into one --out both passed the 'checkpoint already exists' check and
+    overwrote each other's files (each said it wrote them). The directory is locked
+    for the run; here another process's lock, taken as a run takes it."""
+    import fcntl
+
+    target = tmp_path / "adam" if compare else tmp_path
+    target.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); sys.stdin.read()"), str(target)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        extra = ("--compare", "adam") if compare else ()
+        assert train(tmp_path, *extra) == 2
+        assert "is in use by another adamkit train" in capsys.readouterr().err
+        assert not (target / "checkpoint.pt").exists()
+    finally:
+        holder.communicate("")
+    assert train(tmp_path, *extra) == 0  # the lock ends with its holder
+    fd = os.open(target, os.O_RDONLY)  # and ours with the run
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)

@@ -24,6 +24,32 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+def lock_dir(stack: contextlib.ExitStack, path: Path) -> Path:
+    """Hold an exclusive lock on the directory ``path`` until ``stack`` closes, or raise
+    CliError where another process holds it: two runs into one --out both passed the
+    "checkpoint already exists" check, and overwrote each other's files. flock on the
+    directory itself: no lock file is left behind, and the lock ends with the process,
+    however it ends. Unguarded where there is no flock (Windows, some network file
+    systems)."""
+    try:
+        import fcntl
+    except ImportError:
+        return path
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not a directory we can open: writing into it will say why
+        return path
+    stack.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise CliError(f"{path} is in use by another adamkit train; wait for it to end, "
+                       "or pick another --out") from None
+    except OSError:  # a file system without flock
+        pass
+    return path
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temp file next to ``path``, then move it into place. Any
     failure to write (disk full, a directory made unwritable mid-run) is a one-line

@@ -7,12 +7,13 @@ download: the text is ``pydoc_data.topics`` from the Python standard library.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
 
 from .errors import CliError, require
-from .files import not_in_the_way, output_dir, removed_if_failing, writable_dir
+from .files import lock_dir, not_in_the_way, output_dir, removed_if_failing, writable_dir
 from .trainer import ADAMKIT_ONLY, ADAMKIT_OPTIMIZERS, DEFAULT_LR, DEFAULTS, DTYPES, OPTIMIZERS, SEED_LIMIT, Run
 
 COMPARE_HELP = """\
@@ -146,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         plans = [(args.out, "", given)]
 
+    with contextlib.ExitStack() as locks:  # each run's directory, until its files are written
+        return _train_all(args, plans, locks)
+
+
+def _train_all(args: argparse.Namespace, plans: list, locks: contextlib.ExitStack) -> int:
     from .data import CharCorpus, load_text  # after the cheap checks
 
     # Set every run up before training any, so a bad configuration fails before hours of
@@ -155,9 +161,11 @@ def run(args: argparse.Namespace) -> int:
     with removed_if_failing(args.out, *(out for out, _, _ in plans)):
         writable_dir(args.out)
         if args.compare is not None:
+            lock_dir(locks, args.out)  # compare.png's (a run's own directory is below it)
             not_in_the_way(compare_png)
         corpus = CharCorpus(load_text())
-        runs = [Run(corpus, writable_dir(out), config, resume=args.resume, overwrite=args.overwrite, label=label)
+        runs = [Run(corpus, lock_dir(locks, writable_dir(out)), config, resume=args.resume,
+                    overwrite=args.overwrite, label=label)
                 for out, label, config in plans]
         for r in runs:
             r.train(stop_at=args.stop_at)
