@@ -525,6 +525,7 @@ _UNSTEPPABLE_EDITS = [
     ("betas", (0.9,), ValueError, "betas must be a pair", True),  # torch: not enough values to unpack
     ("betas", 0.9, TypeError, "betas must be a pair", True),  # torch: cannot unpack non-iterable
     ("betas", (0.9, 1.5), ValueError, "Invalid beta parameter at index 1", False),  # √(1 − β2^t) complex
+    ("betas", (0.9, -0.5), ValueError, "Invalid beta parameter at index 1", False),  # v < 0: NaN, int8 parted
     ("betas", (0.9, None), TypeError, r"Invalid betas\[1\]", True),
     ("lr", "0.1", TypeError, "Invalid lr", True),
     ("lr", None, TypeError, "Invalid lr", True),

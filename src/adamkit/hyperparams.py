@@ -230,13 +230,19 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_scalar_range(s: StepScalars, dtype: torch.dtype) -> None:
-    """ValueError for a β2 whose bias correction 1 − β2^t is negative at this step, and
+    """ValueError for a β2 below 0 or whose bias correction 1 − β2^t is negative at this
+    step, and
     torch.optim's RuntimeError for a step that would hand a float32 computation a
     scalar beyond float32's range (lr/(1 − β1^t), which torch passes to addcdiv, and the
     coupled λ, add's alpha; infinities pass, as in torch): raised before anything is
     changed, where torch's for-loop and foreach steps raise midway and fused writes ±inf."""
-    # β2 outside [0, 1) (set on a live group: new groups are range-checked) makes
-    # 1 − β2^t negative at some t, and its square root complex: torch's step fails midway
+    # β2 ≥ 1 (set on a live group: new groups are range-checked) makes 1 − β2^t negative
+    # at some t, and its square root complex: torch's step fails midway. A β2 below 0
+    # makes v = β2·v + (1 − β2)·g² negative (NaN params, and int8 codes no map has: the
+    # kernel and the torch backend parted there), though 1 − β2^t stays positive.
+    if s.beta2 < 0.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {s.beta2} (below 0, it can make "
+                         "the second moment negative, and the update takes its square root)")
     if s.bias_correction2 < 0.0:  # (NaN passes, as in torch: a NaN step)
         raise ValueError(f"Invalid beta parameter at index 1: {s.beta2} (1 - beta2^t is "
                          f"{s.bias_correction2} at step {s.step}, and the update takes its "
