@@ -4,6 +4,7 @@ full plan's, and anything that invalidates the plan sends the step down the full
 from __future__ import annotations
 
 import contextlib
+import math
 import gc
 import weakref
 from unittest import mock
@@ -512,6 +513,16 @@ def _tag_rewritten_equal(st):  # the same value, another str object: nothing to 
     st["state_format"] = "".join(["in", "t8"])
 
 
+def _scale_swapped_negative(st):  # a new tensor: formats.md's scales are ≥ 2^-126 (or 0, NaN, +∞)
+    st["exp_avg_sq_scale"] = -st["exp_avg_sq_scale"]
+
+
+def _scale_swapped_minus_inf(st):  # (the cpu kernel moved the params, the torch backend did not)
+    scale = st["exp_avg_scale"].clone()
+    scale[0] = -math.inf
+    st["exp_avg_scale"] = scale
+
+
 def _tag_edited_run(cached: bool, edit, backend: str) -> tuple:
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(5000, generator=g).bfloat16())
@@ -540,12 +551,15 @@ def _state_copy(opt, p):
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("edit", [_tag_names_another_format, _tag_removed, _policy_tag_edited,
-                                  _tag_rewritten_equal], ids=lambda f: f.__name__.strip("_"))
+                                  _tag_rewritten_equal, _scale_swapped_negative, _scale_swapped_minus_inf],
+                         ids=lambda f: f.__name__.strip("_"))
 def test_a_state_tag_edited_between_steps_steps_as_the_full_path(checks_mode, edit, backend):
     """The full path reads a state by its tags (state_format, param_update): a tag that
     no longer says what the tensors hold raises UnreadableStateError with nothing changed.
     The cached step checks the tags by identity, as the tensors, so it does the same; by
-    the tensors alone it stepped on, and the state dict it left could not be loaded."""
+    the tensors alone it stepped on, and the state dict it left could not be loaded. So
+    does an int8 scale swapped for one holding values no encoder writes, which loading
+    the state as a checkpoint refuses (it was used, and the backends parted)."""
     cached, fresh = _tag_edited_run(True, edit, backend), _tag_edited_run(False, edit, backend)
     assert cached[0] is fresh[0]
     assert torch.equal(cached[1], fresh[1])

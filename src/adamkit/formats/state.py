@@ -184,14 +184,26 @@ def storage_dtype(fmt: str, p: Tensor) -> torch.dtype:
 def scales_fit(st: dict, p: Tensor, names) -> bool:
     """Whether ``st`` holds the int8 scales of moments ``names`` as the step reads and
     writes them (the CPU kernel through raw pointers): one contiguous float32 per block
-    of p, on p's device."""
+    of p, on p's device, each a value an encoder writes (a scale swapped in by code
+    holding −∞, say, moved the params on one backend and not on the other)."""
     for name in names:
         scale = st.get(f"{name}_scale")
         if not (isinstance(scale, Tensor) and scale.dtype == torch.float32
                 and scale.shape == (n_blocks(p.numel()),) and scale.device == p.device
-                and scale.is_contiguous()):
+                and scale.is_contiguous() and scales_written(scale, name)):
             return False
     return True
+
+
+def scales_written(scale: Tensor, name: str) -> bool:
+    """Whether every value of ``scale`` is one an encoder of moment ``name`` writes:
+    absmax/M with absmax floored at M·2^-126 and at most float32's largest, or NaN or +∞
+    for a block that held a NaN or an ∞ (formats.md); or 0, a fresh state's before its
+    first step (every code then decodes to 0). Any other is a damaged checkpoint or
+    state, and would make infinite or wrong moments silently."""
+    lo, hi = CODE_MAPS[name].scale_range
+    return scale.dtype == torch.float32 and bool(
+        ((scale >= lo) & (scale <= hi) | scale.isnan() | (scale == math.inf) | (scale == 0)).all())
 
 
 def copy_like(p: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -259,15 +271,10 @@ def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
                 f"{name} is int8 state but {name}_scale is missing or not of shape "
                 f"({n_blocks(p.numel())},) (one float32 per {BLOCK} elements)"
             )
-        # An encoder only writes scales absmax/M with absmax floored at M·2^-126 and at
-        # most float32's largest, or NaN or +∞ for a block that held a NaN or an ∞
-        # (formats.md): any other is a damaged checkpoint, and would make infinite or
-        # wrong moments silently
-        lo, hi = CODE_MAPS[name].scale_range
-        if scale.dtype != torch.float32 or not bool(
-                ((scale >= lo) & (scale <= hi) | scale.isnan() | (scale == math.inf)).all()):
+        if not scales_written(scale, name):
+            lo, hi = CODE_MAPS[name].scale_range
             raise ValueError(f"{name}_scale must hold float32 values in [{lo:.6g}, {hi:.6g}], "
-                             f"NaN or +inf (one per block, as an encoder writes them); got dtype "
+                             f"0 (fresh), NaN or +inf (one per block, as an encoder writes them); got dtype "
                              f"{scale.dtype} and other values")
         scale = scale.to(device=p.device)
         return decode(value.to(p.device), scale, CODE_MAPS[name])
