@@ -299,6 +299,29 @@ def test_int8_one_spike_in_a_block_never_makes_its_neighbours_step_by_m_over_eps
     assert steps["int8"] <= steps["fp32"] * 1.1, steps
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_int8_neighbours_of_a_spike_spread_over_the_code_map_step_by_at_most_3_lr(backend):
+    """docs/precision.md's bound for the floor, in the worst block a review found: one
+    gradient 1e4 and 255 neighbours spread geometrically from 1e-7 to 1e-3 of it (their
+    v across the map's subnormal codes), then 20 steps of the neighbours alone. fp32
+    state steps them by at most lr; int8's rounding of small v, by up to 2.86·lr (1.19·lr
+    at the first step), where without the floor it would be 10^4–10^5·lr."""
+    lr, spike = 1e-3, 1e4
+    neighbours = torch.logspace(-7, -3, 255, dtype=torch.float64).float() * spike
+    worst = {}
+    for fmt in ("fp32", "int8"):
+        p = torch.nn.Parameter(torch.zeros(256))
+        opt = adamkit.Adam([p], lr=lr, state_format=fmt, int8_min_size=0, backend=backend)
+        worst[fmt] = 0.0
+        for t in range(21):
+            before = p.detach().clone()
+            p.grad = torch.cat([torch.tensor([spike if t == 0 else 0.0]), neighbours])
+            opt.step()
+            worst[fmt] = max(worst[fmt], ((p.detach() - before)[1:].abs() / lr).max().item())
+    assert worst["fp32"] <= 1.00001  # lr, in float32
+    assert 1.0 < worst["int8"] <= 3.0, worst
+
+
 def test_int8_small_tensors_stay_fp32():
     """Under "int8", params with fewer elements than int8_min_size (default 4096) keep
     fp32 state, judged on their full size."""
