@@ -810,3 +810,18 @@ def test_a_directory_another_run_is_writing_to_is_refused(tmp_path, capsys, comp
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+def test_a_checkpoint_that_cannot_be_opened_says_why(tmp_path, capsys, monkeypatch):
+    """A checkpoint without read permission was 'cannot read checkpoint (PermissionError):
+    is it one adamkit train wrote?', as if its content were foreign."""
+    assert train(tmp_path, "--stop-at", "2") == 0
+    capsys.readouterr()
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    assert train(tmp_path, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"adamkit train: error: cannot read checkpoint {tmp_path / 'checkpoint.pt'}: Permission denied"

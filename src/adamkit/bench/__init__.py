@@ -48,8 +48,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only optimizers whose name contains TEXT (repeatable)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
-    ap.add_argument("--steps-per-round", type=int, default=2)
-    ap.add_argument("--out", type=output_dir, default=Path("bench-results"), help="directory for JSON and PNG")
+    ap.add_argument("--steps-per-round", type=int, default=2,
+                    help="steps each optimizer takes in its turn of a round (default 2); ms/step is the median step")
+    ap.add_argument("--out", type=output_dir, default=Path("bench-results"),
+                    help="directory for bench.json and bench.png (default bench-results)")
     args = ap.parse_args(argv)
     if args.rounds is not None and args.rounds < 1 or args.steps_per_round < 1:
         ap.error("--rounds and --steps-per-round must be at least 1")
@@ -123,7 +125,7 @@ def run_config(config: str, contenders: list[Contender], rounds: int, steps: int
         compute_ns = compute.ns_per_element()
         del probe, compute
         gc.collect()
-        log(f"  {config} {dtype}: bandwidth {bw / 1e9:.1f} GB/s (best sample {peak / 1e9:.1f}) "
+        log(f"  {config} {str(dtype).removeprefix('torch.')} params: bandwidth {bw / 1e9:.1f} GB/s (best sample {peak / 1e9:.1f}) "
             f"over {footprint / 2**20:.0f} MiB; compute probe {compute_ns:.3f} ns/element")
         for run in runs:
             results.append({

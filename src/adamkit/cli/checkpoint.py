@@ -22,6 +22,8 @@ def load_checkpoint(path: Path) -> dict:
         raise CliError(f"cannot resume: {path} is not a file")
     try:
         saved = torch.load(path, weights_only=True)
+    except OSError as err:  # the file's access, not its content (no read permission, say)
+        raise CliError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
     except Exception as err:  # any unreadable file is the user's input, not our bug
         damaged = _failing_crc(path)  # a changed byte that breaks unpickling says so too
         if damaged:
