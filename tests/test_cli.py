@@ -825,3 +825,9 @@ def test_a_checkpoint_that_cannot_be_opened_says_why(tmp_path, capsys, monkeypat
     assert train(tmp_path, "--resume") == 2
     err = capsys.readouterr().err.strip()
     assert err == f"adamkit train: error: cannot read checkpoint {tmp_path / 'checkpoint.pt'}: Permission denied"
+
+
+def test_viz_into_a_directory_names_the_directory(tmp_path, capsys):
+    """`--out somedir` was refused for its missing .png suffix, not for being a directory."""
+    assert main(["viz", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"adamkit viz: error: --out {tmp_path} is a directory; name a .png file"

@@ -216,10 +216,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
+    if out.is_dir():  # (before the suffix: a directory has none, and that is not why)
+        raise CliError(f"--out {out} is a directory; name a .png file")
     if out.suffix.lower() != ".png":
         raise CliError(f"--out must name a .png file, got {out}")
-    if out.is_dir():
-        raise CliError(f"--out {out} is a directory; name a .png file")
     if not out.parent.is_dir():
         what = "is not a directory" if out.parent.exists() else "does not exist"
         raise CliError(f"the directory of --out {what}: {out.parent}")
