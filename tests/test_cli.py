@@ -358,7 +358,9 @@ def test_resuming_a_finished_run_says_nothing_was_written(tmp_path, capsys):
     capsys.readouterr()
     before = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
     assert train(tmp_path, "--resume") == 0
-    assert "nothing written" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "nothing written" in out
+    assert "4/4" not in err  # no progress bar for nothing to train (it drew two)
     assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == before
 
 

@@ -258,7 +258,9 @@ class Run:
         stop = config.steps if stop_at is None else min(stop_at, config.steps)
         eval_every = max(1, config.steps // EVALS_PER_RUN)
         tokens = config.batch_size * context
-        bar = tqdm(total=config.steps, initial=self.step, desc=self.label, unit="step", dynamic_ncols=True)
+        # no bar where there is nothing to train (a resume of a finished run drew one)
+        bar = tqdm(total=config.steps, initial=self.step, desc=self.label, unit="step", dynamic_ncols=True,
+                   disable=self.step >= stop)
         torch.set_rng_state(self.global_rng["torch"])
         random.setstate(self.global_rng["python"])
         start = session_start = time.perf_counter()
