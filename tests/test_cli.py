@@ -833,3 +833,14 @@ def test_viz_into_a_directory_names_the_directory(tmp_path, capsys):
     """`--out somedir` was refused for its missing .png suffix, not for being a directory."""
     assert main(["viz", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"adamkit viz: error: --out {tmp_path} is a directory; name a .png file"
+
+
+def test_a_matplotlib_whose_pyplot_cannot_import_fails_before_training(tmp_path, capsys, monkeypatch):
+    """require("matplotlib") checked the package only: a pyplot that fails to import
+    (a broken install, a dependency missing) failed at the first save, after training
+    and with the checkpoint written; and "not installed" was not why."""
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # makes its import fail
+    assert train(tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adamkit train: error: cannot import matplotlib.pyplot")
+    assert os.listdir(tmp_path) == []

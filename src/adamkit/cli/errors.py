@@ -23,6 +23,10 @@ def require(module: str, extra: str = "cli") -> ModuleType:
     """Import an optional dependency, or fail with the command that installs it."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as err:
         top = module.split(".")[0]
-        raise CliError(f"{top} is not installed; install it with: pip install 'adamkit[{extra}]'")
+        if err.name == top:  # the package itself is missing
+            raise CliError(f"{top} is not installed; install it with: pip install 'adamkit[{extra}]'") from None
+        # installed, but it (or one of its own dependencies) fails to import
+        raise CliError(f"cannot import {module} ({err}); reinstall it with: "
+                       f"pip install --force-reinstall 'adamkit[{extra}]'") from None

@@ -9,7 +9,9 @@ from .errors import require
 from .files import atomic_write
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or CliError (train calls it before training:
+    a matplotlib whose pyplot cannot import failed only at the first save)."""
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")  # before pyplot is imported: never open a window
     return require("matplotlib.pyplot")
@@ -26,7 +28,7 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def plot_runs(runs: dict[str, list[dict]], path: Path, baseline: float, title: str) -> None:
     """One figure: smoothed train loss (thin) and validation loss (markers) of each run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for i, (label, rows) in enumerate(runs.items()):
         color = f"C{i}"

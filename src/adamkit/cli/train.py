@@ -137,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise CliError("--resume and --overwrite contradict each other")
     require("tqdm")  # fail now, not after setting up
-    require("matplotlib")
+    from .plots import pyplot
+
+    pyplot()  # (pyplot itself: its import can fail where matplotlib's does not)
     given = {k: getattr(args, k) for k in
              ("optimizer", "lr", "steps", "batch_size", "seed", "dtype", "weight_decay", "backend", "state_format", "param_update")}
     if args.compare is not None:

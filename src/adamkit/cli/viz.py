@@ -23,7 +23,7 @@ import adamkit
 
 from .errors import CliError
 from .files import atomic_write
-from .plots import _pyplot
+from .plots import pyplot
 
 
 def rosenbrock(x: Tensor, y: Tensor) -> Tensor:
@@ -188,7 +188,7 @@ def _bias_panels(ax_moments, ax_size, problem: Problem, lr: float, steps: int = 
 
 
 def draw(out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(16, 10.5), dpi=100)
     all_paths = []
     for ax, problem in zip(axes[0], PROBLEMS):
