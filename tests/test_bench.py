@@ -53,6 +53,16 @@ def test_quick_run_records_every_measure(tiny, tmp_path, capsys):
     assert payload["machine"]["torch_threads"] >= 1
 
 
+def test_without_matplotlib_an_earlier_chart_is_removed(tiny, tmp_path, capsys, monkeypatch):
+    """With matplotlib missing, bench.json was rewritten and an earlier run's bench.png
+    stayed beside it, charting other numbers."""
+    (tmp_path / "bench.png").write_bytes(b"an earlier run's chart")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert bench.main(["--quick", "--only", "torch fused fp32", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    assert "(no chart: pip install matplotlib)" in capsys.readouterr().out
+    assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()
+
+
 def test_bandwidth_probe_takes_turns_with_the_steps():
     """The probe is timed inside the interleaved rounds, steps_per_round samples of every
     pattern per round, and reports the median and the best of them."""

@@ -246,7 +246,10 @@ def _run(args: argparse.Namespace, configs: list[str], rounds: int) -> int:
     payload = {"machine": info, "rounds": rounds, "steps_per_round": args.steps_per_round,
                "results": results, "comparisons": ratios, "skipped": skipped}
     report.save_json(args.out / "bench.json", payload)  # a failed write: CliError, one line
-    charted = report.save_chart(args.out / "bench.png", results)
-    print(f"\nwrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if charted else
+    chart = args.out / "bench.png"
+    charted = report.save_chart(chart, results)
+    if not charted and chart.is_file():  # an earlier run's: it would sit beside these numbers
+        chart.unlink()
+    print(f"\nwrote {args.out / 'bench.json'}" + (f" and {chart}" if charted else
                                                  " (no chart: pip install matplotlib)"))
     return 0
