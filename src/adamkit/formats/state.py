@@ -181,16 +181,18 @@ def storage_dtype(fmt: str, p: Tensor) -> torch.dtype:
     return STORAGE[fmt]
 
 
-def scales_fit(st: dict, p: Tensor, names) -> bool:
+def scales_fit(st: dict, p: Tensor, names, values: bool = True) -> bool:
     """Whether ``st`` holds the int8 scales of moments ``names`` as the step reads and
     writes them (the CPU kernel through raw pointers): one contiguous float32 per block
-    of p, on p's device, each a value an encoder writes (a scale swapped in by code
-    holding −∞, say, moved the params on one backend and not on the other)."""
+    of p, on p's device, and (``values``) each a value an encoder writes: a scale swapped
+    in by code holding −∞, say, moved the params on one backend and not on the other.
+    (The kernel's own check of a bucket just planned skips the values: the plan checked
+    them, and they decide no memory access.)"""
     for name in names:
         scale = st.get(f"{name}_scale")
         if not (isinstance(scale, Tensor) and scale.dtype == torch.float32
                 and scale.shape == (n_blocks(p.numel()),) and scale.device == p.device
-                and scale.is_contiguous() and scales_written(scale, name)):
+                and scale.is_contiguous() and (not values or scales_written(scale, name))):
             return False
     return True
 

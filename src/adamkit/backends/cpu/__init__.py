@@ -149,7 +149,7 @@ class PreparedBucket:
             # the step's planning converts a state whose int8 scales do not fit; this
             # keeps a bucket built some other way off the kernel's raw pointers
             moments = state_formats.MOMENTS[:3 if vmax is not None else 2]
-            scales_fit = not int8 or (state_formats.scales_fit(st, p, moments) and all(
+            scales_fit = not int8 or (state_formats.scales_fit(st, p, moments, values=False) and all(
                 _own_memory(st[f"{name}_scale"]) for name in moments))
             seed_fits = policy != "stochastic" or _seed_fits(st.get("sr_seed"))
             if not (scales_fit and seed_fits and (step is None or (
