@@ -2,11 +2,11 @@
 
 The public surface:
 
-* :class:`Adam` and :class:`AdamW`, drop-ins for their torch.optim namesakes with
-  decoupled (``decouple_wd``) and fully decoupled (``decouple_lr``) weight decay;
-* :mod:`adamkit.reference`, the algorithm in plain float64 (the oracle);
-* :mod:`adamkit.functional`, a functional step over lists of tensors;
-* :class:`UnreadableStateError`, what a step raises on a live state edited into one no
+* ``Adam`` and ``AdamW``, drop-ins for their torch.optim namesakes, with torch's
+  decoupled decay (``decouple_wd``) and fully decoupled weight decay (``decouple_lr``);
+* ``adamkit.reference``, the algorithm in plain float64 (the oracle);
+* ``adamkit.functional``, a functional step over lists of tensors;
+* ``UnreadableStateError``, what a step raises on a live state edited into one no
   storage format reads (a ValueError and a RuntimeError).
 """
 

@@ -1,4 +1,4 @@
-"""``adamkit.AdamW``: Adam with decoupled weight decay (Loshchilov & Hutter, https://arxiv.org/abs/1711.05101)."""
+"""``adamkit.AdamW``: Adam with decoupled weight decay (Loshchilov & Hutter, <https://arxiv.org/abs/1711.05101>)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from .optimizer import Adam, _set_decay_mode
 class AdamW(Adam):
     r"""Adam with decoupled weight decay, a drop-in for ``torch.optim.AdamW``.
 
-    The same as :class:`adamkit.Adam` with ``decouple_wd=True`` and ``weight_decay=1e-2``:
-    θ ← θ·(1 − lr·λ) before each update, so decay does not pass through the moments.
-    ``decouple_lr=True`` makes the decay fully decoupled from the learning rate,
-    θ ← θ·(1 − (lr/max_lr)·λ); choose λ around 1e-5 to 1e-4 then. Storage
-    (``state_format``, ``param_update``, ``seed``, ``int8_min_size``) is Adam's.
+    The same as ``adamkit.Adam`` with ``decouple_wd=True`` and ``weight_decay=1e-2``:
+    θ ← θ·(1 − lr·λ) before each update (torch.optim.AdamW's form), so decay does not
+    pass through the moments. ``decouple_lr=True`` makes the decay fully decoupled from
+    the learning rate's size, θ ← θ·(1 − (lr/max_lr)·λ), as in the paper's Algorithm 2
+    (λ times the schedule multiplier lr/max_lr); λ = λ_AdamW·max_lr does what AdamW's
+    λ_AdamW does at the peak lr (1e-5 to 1e-4 at lr 1e-3). Storage (``state_format``,
+    ``param_update``, ``seed``, ``int8_min_size``) is Adam's.
 
     Example:
         >>> import torch, adamkit

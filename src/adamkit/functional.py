@@ -41,7 +41,7 @@ def adam_step(
 ) -> None:
     """One Adam step, in place, for tensors that are all at step ``step`` (counted from 1).
 
-    The math is :func:`adamkit.reference.adam_step`; ``backend`` picks where it runs.
+    The math is ``adamkit.reference.adam_step``; ``backend`` picks where it runs.
     Tensors may mix devices and dtypes; each (device, dtype, moment dtype) runs as one
     bucket. Moments are plain tensors stored in their own dtype (float32, bfloat16,
     float64, float16: the "fp32"/"bf16"/... formats of docs/design/formats.md, used as
@@ -54,6 +54,21 @@ def adam_step(
     moments two entries share) is updated once per listing, in turn, as torch's for-loop
     step does (its foreach step reads every listing first); the lists then run one index
     at a time.
+
+    Args:
+        params, grads: θ and g, one list entry per tensor (``.grad`` is not needed).
+        exp_avgs, exp_avg_sqs: m and v, updated in place as
+            m ← β1·m + (1 − β1)·g and v ← β2·v + (1 − β2)·g².
+        max_exp_avg_sqs: the running max of v, needed with ``amsgrad``.
+        step: t, counted from 1: θ ← θ − lr·(m/(1 − β1^t)) / (√(v/(1 − β2^t)) + eps).
+        lr, betas, eps: lr, (β1, β2), ε, with torch.optim.Adam's defaults.
+        weight_decay: λ; coupled (g ← g + λθ) unless ``decouple_wd`` (θ ← θ·(1 − lr·λ))
+            or ``decouple_lr`` (θ ← θ·(1 − (lr/max_lr)·λ)).
+        max_lr: the peak lr of ``decouple_lr``'s schedule. Pass it: a stateless call
+            cannot know the peak, so it defaults to this call's ``lr``, which makes
+            lr/max_lr = 1 and the decay λ at every step, whatever the schedule.
+        amsgrad, maximize: as ``adamkit.Adam``'s.
+        backend: "auto", "cpu", "torch" or "reference".
     """
     given = step
     try:  # an int, or an integer that says so (a NumPy int, a 0-dim integer tensor)

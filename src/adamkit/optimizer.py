@@ -56,11 +56,13 @@ class Adam(Optimizer):
     Weight decay λ (``weight_decay``) has three modes:
 
     * coupled L2 (default, as torch.optim.Adam): g ← g + λθ, without touching ``.grad``;
-    * ``decouple_wd=True`` (AdamW): θ ← θ·(1 − lr·λ) before the update;
-    * ``decouple_lr=True`` (fully decoupled): θ ← θ·(1 − (lr/max_lr)·λ). The decay follows
-      the *shape* of the lr schedule but not its size, so λ must be much smaller than
-      AdamW's: around 1e-5 to 1e-4. ``max_lr`` defaults to the group's initial lr.
-      Wins over ``decouple_wd``.
+    * ``decouple_wd=True`` (AdamW, as torch.optim.AdamW): θ ← θ·(1 − lr·λ) before the update;
+    * ``decouple_lr=True`` (fully decoupled): θ ← θ·(1 − (lr/max_lr)·λ), the decay of
+      Loshchilov & Hutter's Algorithm 2 (<https://arxiv.org/abs/1711.05101>: λ times the
+      schedule multiplier). The decay follows the *shape* of the lr schedule but not its
+      size, so λ is much smaller than AdamW's: λ_AdamW·max_lr, around 1e-5 to 1e-4 at a
+      peak lr of 1e-3. ``max_lr`` defaults to the group's initial lr. Wins over
+      ``decouple_wd``.
 
     Args:
         params: iterable of tensors or of dicts defining param groups.
@@ -68,7 +70,9 @@ class Adam(Optimizer):
         betas: decay rates (β1, β2) of the first and second moment. Default (0.9, 0.999).
         eps: added to √v̂ for numerical stability. Default 1e-8.
         weight_decay: λ. Default 0.
-        amsgrad: normalise by the running max of v (Reddi et al., 2018). Default False.
+        amsgrad: normalise by the running max of v, bias-corrected with the current step
+            (torch's variant of Reddi et al., 2018, <https://openreview.net/forum?id=ryQu7f-RZ>).
+            Default False.
             Switched on between steps, the max starts at that step's v (torch.optim
             raises KeyError there).
         decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym,

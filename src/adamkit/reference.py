@@ -4,21 +4,27 @@ This is Algorithm 1 of Kingma & Ba, "Adam: A Method for Stochastic Optimization"
 (https://arxiv.org/abs/1412.6980), for one tensor, out of place, with no tricks.
 Callers pass float64 tensors; the function never mutates its inputs.
 
-It also covers what torch.optim.Adam adds to the paper, in the places torch adds it:
+It also covers what torch.optim.Adam adds to the paper, in the places torch adds it,
+and adamkit's fully decoupled decay:
 
 * ``maximize`` negates the gradient before anything else;
 * weight decay ``λ`` (``weight_decay``) in one of three modes:
 
-  - coupled L2 (default): ``g ← g + λθ`` (the decay flows through the moments);
-  - decoupled (``decouple_wd``, AdamW, Loshchilov & Hutter https://arxiv.org/abs/1711.05101):
-    ``θ ← θ·(1 − lr·λ)``;
-  - fully decoupled (``decouple_lr``): ``θ ← θ·(1 − (lr/max_lr)·λ)``, so the decay
-    no longer scales with the learning rate schedule. ``decouple_lr`` wins over
-    ``decouple_wd`` when both are set.
+    - coupled L2 (default): ``g ← g + λθ`` (the decay flows through the moments);
+    - decoupled (``decouple_wd``, torch.optim.AdamW's form): ``θ ← θ·(1 − lr·λ)``;
+    - fully decoupled (``decouple_lr``): ``θ ← θ·(1 − (lr/max_lr)·λ)``, so the decay
+      follows the shape of the learning-rate schedule but not the size of its peak:
+      the decay of Loshchilov & Hutter's Algorithm 2 (<https://arxiv.org/abs/1711.05101>),
+      η_t·λ with the schedule multiplier η_t = lr/max_lr. ``decouple_lr`` wins over
+      ``decouple_wd`` when both are set.
 
-* ``amsgrad`` (Reddi et al., https://openreview.net/forum?id=ryQu7f-RZ) normalises
-  by the running maximum of ``v`` instead of ``v`` itself;
+* ``amsgrad`` normalises by the running maximum of ``v`` (bias-corrected with the
+  current step's 1 − β2^t, torch's variant; Reddi et al.,
+  <https://openreview.net/forum?id=ryQu7f-RZ>, correct no bias) instead of ``v`` itself;
 * ε is added after the square root of the bias-corrected ``v̂``, as torch does.
+
+Real tensors only: a complex param is stepped as its real view (``torch.view_as_real``),
+as torch.optim does, by the callers.
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ def adam_step(
     """
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
+    if param.is_complex():  # g·g would not be |g|²
+        raise TypeError("adam_step takes real tensors: step a complex param as torch.view_as_real(param)")
     theta = param
 
     # g_t ← ∇f(θ_{t-1})  (negated when maximizing)
@@ -109,7 +117,7 @@ def adam_step(
     else:
         v_hat = v / (1.0 - beta2**step)
 
-    # θ_t ← θ_{t-1} − lr · m̂_t / (√v̂_t + ε)
+    # θ_t ← θ_{t-1} − lr · m̂_t / (√v̂_t + ε)   (θ_{t-1} decayed above, if decay is decoupled)
     theta = theta - lr * m_hat / (torch.sqrt(v_hat) + eps)
     return AdamState(theta, m, v, v_max)
 

@@ -1,7 +1,7 @@
 """Where a step runs. Each backend is one module; this file chooses among them.
 
-A backend gets a :class:`Bucket` (tensors of one group that share device, dtype,
-storage and step count) and the :class:`~adamkit.hyperparams.StepScalars` for it, and updates the
+A backend gets a ``Bucket`` (tensors of one group that share device, dtype,
+storage and step count) and the ``adamkit.hyperparams.StepScalars`` for it, and updates the
 params and state in place. It never writes into ``.grad``.
 
 ``backend="auto"`` takes the first of :data:`AUTO_ORDER` that is available and runs the

@@ -1,7 +1,7 @@
-"""The reference backend: runs :func:`adamkit.reference.adam_step` tensor by tensor.
+"""The reference backend: runs ``adamkit.reference.adam_step`` tensor by tensor.
 
 Each tensor is widened to float64, stepped by the oracle from the group's raw
-hyperparameters (not the folded :class:`StepScalars`, so that a mistake in the folding
+hyperparameters (not the folded ``StepScalars``, so that a mistake in the folding
 shows up as a difference between backends), and rounded back into its storage.
 Storage follows docs/design/formats.md through ``adamkit.formats``: moments are decoded
 from their format and stored back into it inside the step (the oracle's ``store``), so

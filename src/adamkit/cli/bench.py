@@ -1,4 +1,4 @@
-"""``adamkit bench``: the side-by-side benchmark of :mod:`adamkit.bench` on this machine.
+"""``adamkit bench``: the side-by-side benchmark of ``adamkit.bench`` on this machine.
 
 Its options are adamkit.bench's own (``adamkit bench --help``); this module only
 registers the subcommand so that it is listed, and hands the arguments over.

@@ -1,7 +1,7 @@
 """One training run of the character model: set up (fresh or from a checkpoint), train,
 write metrics, plots and checkpoints.
 
-A run is fully determined by its :class:`RunConfig`. Resuming restores everything the
+A run is fully determined by its ``RunConfig``. Resuming restores everything the
 loop reads (params, optimizer and scheduler state, RNG states, step, metrics), so a run
 split in two gives bitwise the same params and metrics (but the wall-clock ``elapsed``) as
 one that never stopped, on the same machine with the same torch thread count: torch's
