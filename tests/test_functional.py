@@ -220,3 +220,13 @@ def test_an_integer_step_of_numpy_or_torch_is_taken(step):
 def test_a_step_that_is_no_count_from_1_raises(step):
     with pytest.raises(ValueError, match="step is an int counted from 1"):
         adam_step([torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)], step=step)
+
+
+def test_the_reference_refuses_complex_tensors():
+    """The oracle squares g as g·g, which for a complex g is not |g|²: a complex param
+    gave silently wrong moments; callers step its real view, as torch.optim does."""
+    from adamkit.reference import adam_step as reference_step
+
+    z = torch.zeros(2, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="view_as_real"):
+        reference_step(z + 1, z + 1j, z, z.real, None, 1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
