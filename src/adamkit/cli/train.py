@@ -171,9 +171,7 @@ def _train_all(args: argparse.Namespace, plans: list, locks: contextlib.ExitStac
                 for out, label, config in plans]
         for r in runs:
             r.train(stop_at=args.stop_at)
-            if not r.saved_this_session and r.saved_step is not None and r.outputs_behind():
-                r.write_outputs()
-                r.rewrote_outputs = True
+            r.catch_up_outputs()
     baseline = math.log(corpus.vocab_size)
     # one configuration too: the docs promise DIR/compare.png; a resume of finished runs
     # writes nothing, as it says

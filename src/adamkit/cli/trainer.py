@@ -173,7 +173,7 @@ class Run:
         self.step, self.elapsed, self.rows = 0, 0.0, []
         self.saved_step: int | None = None  # the step this run's checkpoint file holds
         self.saved_this_session = False
-        self.rewrote_outputs = False  # metrics.csv and loss.png only (train.py)
+        self.rewrote_outputs = False  # metrics.csv and loss.png only (catch_up_outputs)
         if saved is not None:
             try:
                 self._restore(saved)
@@ -220,7 +220,7 @@ class Run:
 
     def save(self) -> None:
         """Checkpoint, metrics and plot, each replaced atomically, checkpoint first (what
-        a resume reads; the others follow from it: outputs_behind)."""
+        a resume reads; the others follow from it: catch_up_outputs)."""
         state = self._state()
         atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
         self.saved_step, self.saved_this_session = self.step, True
@@ -231,16 +231,21 @@ class Run:
         plot_runs({self.label: self.rows}, self.out / "loss.png", math.log(self.corpus.vocab_size),
                   f"adamkit train: {self.label}, {self.config.steps} steps, {self.config.dtype}")
 
-    def outputs_behind(self) -> bool:
-        """Whether metrics.csv or loss.png lag the checkpoint: a save interrupted (or
-        failed) after the checkpoint's rename left the previous ones, which a resume with
-        nothing left to train would otherwise never rewrite."""
+    def catch_up_outputs(self) -> None:
+        """After a session that saved nothing (a resume with nothing left to train):
+        rewrite metrics.csv and loss.png where they lag the checkpoint, as a save
+        interrupted (or failed) after the checkpoint's rename leaves them."""
+        if self.saved_this_session or self.saved_step is None:
+            return
         metrics, plot = self.out / "metrics.csv", self.out / "loss.png"
         try:
             current = metrics.read_bytes() == metrics_csv(self.rows).encode()
-            return not current or plot.stat().st_mtime_ns < self.checkpoint_path.stat().st_mtime_ns
+            behind = not current or plot.stat().st_mtime_ns < self.checkpoint_path.stat().st_mtime_ns
         except OSError:  # missing (or unreadable: rewriting says why)
-            return True
+            behind = True
+        if behind:
+            self.write_outputs()
+            self.rewrote_outputs = True
 
     # ---- the loop -------------------------------------------------------------------
 
