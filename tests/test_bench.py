@@ -14,7 +14,7 @@ import torch
 from adamkit import bench
 from adamkit.backends import cpu as cpu_backend
 from adamkit.backends.cpu import library
-from adamkit.bench import suite
+from adamkit.bench import measure, suite
 from helpers import needs_gxx_avx2
 
 
@@ -61,6 +61,44 @@ def test_without_matplotlib_an_earlier_chart_is_removed(tiny, tmp_path, capsys, 
     assert bench.main(["--quick", "--only", "torch fused fp32", "--rounds", "1", "--out", str(tmp_path)]) == 0
     assert "(no chart: pip install matplotlib)" in capsys.readouterr().out
     assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()
+
+
+class _ScratchGrads(torch.optim.Optimizer):
+    """Steps as optimi's foreach Adam treats the grads: as scratch space."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad.zero_()
+
+
+def test_a_contender_writing_into_the_grads_gets_its_own(tmp_path):
+    """The grads are shared by every contender; optimi's step wrote into them, and every
+    other contender after it stepped on what it left. The writer now keeps copies, and
+    the shared grads are as they were."""
+    grads = measure.grads_for([(64,), (3, 5)], torch.float32)
+    clean = [g.clone() for g in grads]
+    writer = suite.Contender("scratch", "torch", torch.float32, _ScratchGrads, 28.0)
+    run = measure.start(writer, [(64,), (3, 5)], grads)
+    assert all(torch.equal(g, c) for g, c in zip(grads, clean))
+    assert all(p.grad is not g for p, g in zip(run.params, grads))
+    reader = suite.Contender("reader", "torch", torch.float32, lambda ps: torch.optim.Adam(ps), 28.0)
+    assert all(p.grad is g for p, g in zip(measure.start(reader, [(64,), (3, 5)], grads).params, grads))
+
+
+def test_state_bytes_count_what_a_tensor_subclass_holds():
+    """torchao's 8-bit state is a tensor subclass reporting float32 of the param's shape:
+    the table said 8.00 B/param, where it holds uint8 codes and a float32 scale per block."""
+    torchao = pytest.importorskip("torchao.optim")
+    params = [torch.nn.Parameter(torch.randn(65536))]
+    params[0].grad = torch.randn(65536)
+    opt = torchao.AdamW8bit(params, lr=1e-3, weight_decay=0.0)
+    opt.step()
+    run = measure.Run(suite.Contender("torchao", "torchao", torch.float32, None, 16.0), params, opt, 0.0)
+    assert 2.0 <= run.state_bytes_per_param() <= 2.1
 
 
 def test_bandwidth_probe_takes_turns_with_the_steps():

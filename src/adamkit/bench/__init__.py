@@ -109,8 +109,11 @@ def run_config(config: str, contenders: list[Contender], rounds: int, steps: int
     results = []
     for dtype in dict.fromkeys(c.dtype for c in contenders):
         group = [c for c in contenders if c.dtype == dtype]
-        # Same footprint as param + grad + two moments of this dtype (torch's layout).
-        footprint = 4 * n * torch.empty((), dtype=dtype).element_size()
+        # Same footprint as param + grad + two moments of this dtype (torch's layout), and
+        # at least 128 MiB (the full configs' bf16 footprint): --quick's bf16 footprint,
+        # 32 MiB, fitted a large L3, where the contenders' working sets together do not
+        # (that probe read 108 GB/s where fp32's read 71, in a review's run on Zen 4).
+        footprint = max(4 * n * torch.empty((), dtype=dtype).element_size(), 128 << 20)
         grads = measure.grads_for(shapes, dtype)
         runs = []
         for c in group:
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, configs: list[str], rounds: int) -> int:
     _native_checks_now()
     info = report.machine()
-    print(f"machine: {info['cpu']}, {info['torch_threads']} torch threads, kernel "
+    print(f"machine: {info['cpu']} ({info['cpu_vendor_family_model_stepping']}), {info['torch_threads']} torch threads, kernel "
           f"{info['adamkit_cpu_kernel']}, step-cache checks in C++: {info['adamkit_native_checks']}")
 
     results, skipped = [], []
