@@ -78,7 +78,8 @@ def _torch(**kw) -> Callable:
 def _optimi_kahan(ps):
     import optimi
 
-    return optimi.Adam(ps, lr=LR, kahan_sum=True, foreach=True)
+    # torch's betas and eps, as every other contender (optimi's own: (0.9, 0.99), 1e-6)
+    return optimi.Adam(ps, lr=LR, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True, foreach=True)
 
 
 def _bnb_8bit(ps):
