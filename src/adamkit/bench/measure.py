@@ -138,8 +138,7 @@ class Run:
 
 
 def _held_bytes(t: torch.Tensor, seen: set[tuple[int, int]]) -> int:
-    flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is not None:  # a wrapper subclass: what its inner tensors hold
+    if hasattr(type(t), "__tensor_flatten__"):  # a wrapper subclass: what its inner tensors hold
         names, _ = t.__tensor_flatten__()
         return sum(_held_bytes(getattr(t, name), seen) for name in names)
     key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
