@@ -156,6 +156,15 @@ def test_traffic_model():
     assert suite._traffic(4, suite.INT8) == pytest.approx(12 + 4 * (1 + 1 / 64))
 
 
+def test_every_comparison_is_like_for_like():
+    """A ratio between two storages says nothing about kernels: "fp16 nearest" (fp32 state,
+    22 B/param) was compared with torch fused fp16 (fp16 state, 14 B/param)."""
+    by_name = {c.name: c for c in suite.CONTENDERS}
+    for ours, theirs in bench.COMPARISONS:
+        a, b = by_name[ours], by_name[theirs]
+        assert (a.dtype, a.bytes_per_param) == (b.dtype, b.bytes_per_param), (ours, theirs)
+
+
 def test_gpt2_shapes_have_gpt2_small_size():
     n = sum(math.prod(s) for s in suite.gpt2_small_shapes())
     assert 124_000_000 < n < 124_500_000
