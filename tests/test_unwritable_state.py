@@ -334,3 +334,90 @@ def test_steps_in_inference_mode_then_outside_raise_torchs_error_and_change_noth
     with pytest.raises(RuntimeError, match=UNWRITABLE["inference"]):
         opt.step()
     _assert_unchanged(opt, ps, snap)
+
+
+# ---- the lazy conjugate bit of complex tensors --------------------------------------
+# It has no real view (torch.view_as_real raises): torch.optim's step raised at the
+# first such tensor, after the params before it had moved, and so did adamkit's.
+
+CONJ_ERROR = "view_as_real doesn't work on unresolved conjugated tensors"
+
+
+def _real_and_complex(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(64, generator=gen)),  # a bucket stepped first
+            torch.nn.Parameter(torch.randn(64, dtype=torch.complex64, generator=gen))]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_conjugate_bit_grad_steps_as_its_values_and_stays_as_it_was(backend):
+    """autograd gives z the grad conj(w)·... with the bit set for (z.conj()·w).real: a
+    grad is only read, so it steps as its resolved values (one copy of that grad), on
+    the full path and the cached one; .grad keeps its bit and its values."""
+    w = torch.randn(64, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    conj, plain = _real_and_complex(), _real_and_complex()
+    runs = [(qs, adamkit.Adam(qs, lr=0.01, weight_decay=0.1, backend=backend)) for qs in (conj, plain)]
+    for _ in range(4):
+        for qs, o in runs:
+            o.zero_grad()
+            ((qs[1].conj() * w).real.sum() + qs[0].square().sum()).backward()
+            if qs is plain:
+                qs[1].grad = qs[1].grad.resolve_conj()
+            before = qs[1].grad.clone()
+            o.step()
+        assert conj[1].grad.is_conj() and not plain[1].grad.is_conj()
+        assert torch.equal(conj[1].grad, before)
+    for a, b in zip(conj, plain):
+        assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_the_functional_step_reads_a_conjugate_bit_grad_as_its_values(backend):
+    def columns():
+        gen = torch.Generator().manual_seed(5)
+        cols = [[torch.randn(64, dtype=torch.complex64, generator=gen)] for _ in range(3)]
+        return [cols[0], cols[1], cols[2], [torch.rand(64, dtype=torch.complex64, generator=gen)]]
+    plain, conj = columns(), columns()
+    conj[1][0] = conj[1][0].conj_physical().conj()  # the same values, with the bit
+    plain[1][0] = plain[1][0].clone()
+    for cols in (plain, conj):
+        adamkit.functional.adam_step(*cols, step=2, lr=0.01, backend=backend)
+    for a, b in zip(plain, conj):
+        assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("key", ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+@pytest.mark.parametrize("cached", [False, True], ids=["first", "cached"])
+def test_a_conjugate_bit_tensor_a_step_writes_raises_torchs_error_and_changes_nothing(backend, key, cached):
+    """A write through a resolved copy would be lost: a param (``p.data = z.conj()``) or
+    a moment with the bit raises torch's error before anything moves."""
+    ps = _real_and_complex()
+    opt = adamkit.Adam(ps, lr=0.01, amsgrad=True, backend=backend)
+    for step in range(1 + 2 * cached):
+        _set_grads(ps, step)
+        opt.step()
+    z = ps[1]
+    if key == "param":
+        z.data = z.data.conj_physical().conj()
+    else:
+        opt.state[z][key] = opt.state[z][key].conj_physical().conj()
+    _set_grads(ps, 9)
+    snap = _snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match=CONJ_ERROR):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("column", [0, 2, 3], ids=["params", "exp_avgs", "exp_avg_sqs"])
+def test_the_functional_step_refuses_a_conjugate_bit_tensor_it_writes(backend, column):
+    gen = torch.Generator().manual_seed(6)
+    cols = [[torch.randn(64, dtype=torch.complex64, generator=gen) for _ in range(2)] for _ in range(4)]
+    cols[column][1] = cols[column][1].conj_physical().conj()
+    before = [[t.clone() for t in c] for c in cols]
+    with pytest.raises(RuntimeError, match=CONJ_ERROR):
+        adamkit.functional.adam_step(*cols, step=2, lr=0.01, backend=backend)
+    for c, b in zip(cols, before):
+        for t, u in zip(c, b):
+            assert torch.equal(t, u)

@@ -62,8 +62,10 @@ _VERSION = operator.attrgetter("_version")
 _EXACT = (Tensor, torch.nn.Parameter)
 
 
-# A state tensor's layout: what the kernel's pointer alone does not say.
-_LAYOUT = (Tensor.numel, operator.attrgetter("dtype"), Tensor.is_contiguous, Tensor.is_neg)
+# A state tensor's layout: what the kernel's pointer alone does not say (and the lazy
+# conjugate bit, which check_param refuses on a complex one).
+_LAYOUT = (Tensor.numel, operator.attrgetter("dtype"), Tensor.is_contiguous, Tensor.is_neg,
+           Tensor.is_conj)
 
 
 def _layout(row: list) -> list[list]:
@@ -253,9 +255,9 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
         return not rest or (_steps_read(b, rest, cb.t) and all(
             b.params[i].dtype == cb.dtype and b.params[i].stride() == cb.strides[i]
             and b.exp_avgs[i].shape == b.params[i].shape for i in rest))
-    # Recast or restrided params re-plan; sparse or misfit grads and resized params too,
-    # and the full path raises on them before anything changes.
-    if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape
+    # Recast or restrided params re-plan; sparse or misfit grads, resized params and
+    # conjugate-bit ones too, and the full path raises on them before anything changes.
+    if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape or p.is_conj()
            for p, g, m in zip(b.params, grads, b.exp_avgs)):
         return False
     if list(map(Tensor.stride, b.params)) != cb.strides:
@@ -331,7 +333,8 @@ class _NativeArgs:
             # first cached step: a tensor recast in place since the plan must fail the
             # check, not become it)
             addresses, objects, numels, codes = [], [], [], []
-            for _, row, pointers, (counts, dtypes, contiguous, negative) in cb.key_rows:
+            # (no conjugate bit on the kernel's real tensors; a complex one fails the dtype)
+            for _, row, pointers, (counts, dtypes, contiguous, negative, _) in cb.key_rows:
                 addresses += pointers
                 objects += map(id, row)
                 numels += counts

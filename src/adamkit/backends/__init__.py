@@ -103,7 +103,8 @@ def check_param(p: Tensor) -> None:
     stride of 0 over more than one element, as ``expand`` gives: what torch's
     internal-overlap check reports as overlapping; others it cannot tell and lets be).
     A tensor given inference data through ``.data =`` keeps its version counter, and torch
-    updates it in place as any other. Also a zero tensor (no memory to write)."""
+    updates it in place as any other. Also a zero tensor (no memory to write), and a
+    complex tensor with the lazy conjugate bit (``.conj()``), which has no real view."""
     if p._is_zerotensor():
         raise RuntimeError(
             "ZeroTensors are immutable. Please use the materialized zero tensor obtained using "
@@ -113,6 +114,11 @@ def check_param(p: Tensor) -> None:
             "Inplace update to inference tensor outside InferenceMode is not allowed.You can "
             "make a clone to get a normal tensor before doing inplace update.See "
             "https://github.com/pytorch/rfcs/pull/17 for more details.")
+    if p.is_conj():  # a resolved copy would take the writes (read_as_real)
+        raise RuntimeError(
+            "view_as_real doesn't work on unresolved conjugated tensors: a complex tensor a "
+            "step writes in place cannot carry the lazy conjugate bit; store "
+            "t.resolve_conj() (or t.conj_physical()) in its place")
     if p.layout == torch.strided and p.numel() > 1 and any(
             stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
         raise RuntimeError(
@@ -127,8 +133,19 @@ def check_written(tensors: list[Tensor]) -> None:
     param's state this way). A plain tensor with a stride 0 over more than one element
     is not contiguous; a subclass may say it is."""
     for t in tensors:
-        if type(t) is not Tensor or t.is_inference() or t._is_zerotensor() or not t.is_contiguous():
+        if (type(t) is not Tensor or t.is_inference() or t._is_zerotensor() or not t.is_contiguous()
+                or t.is_conj()):
             check_param(t)
+
+
+def read_as_real(t: Tensor) -> Tensor:
+    """A tensor a step only reads (a grad) as real numbers: a complex one as its real view
+    (..., 2). One with the lazy conjugate bit (autograd gives it to z's grad in
+    ``(z.conj() * w).real``) has no real view and is read as its resolved copy; anything
+    a step writes is refused with the bit (check_param), as its writes would go to a copy."""
+    if not t.is_complex():
+        return t
+    return torch.view_as_real(t.resolve_conj())  # resolve_conj: t itself without the bit
 
 
 def check_step_counter(step: Tensor) -> None:

@@ -18,7 +18,7 @@ from ..formats import param as policy
 from ..formats import state as fmt_state
 from ..hyperparams import StepScalars
 from ..reference import adam_step
-from . import Bucket
+from . import Bucket, read_as_real
 
 
 def _real(t: Tensor) -> Tensor:
@@ -65,7 +65,7 @@ class ReferenceBackend:
             wide = torch.complex128 if param.is_complex() else torch.float64
             out = adam_step(
                 _real(policy.theta_eff(param, st, update, wide)),
-                _real(bucket.grads[i]).double() * scalars.grad_scale_inv,
+                read_as_real(bucket.grads[i]).double() * scalars.grad_scale_inv,
                 old["exp_avg"],
                 old["exp_avg_sq"],
                 old.get("max_exp_avg_sq"),

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..formats import param as policy
 from ..formats import state as fmt_state
 from ..hyperparams import StepScalars
-from . import Bucket
+from . import Bucket, read_as_real
 
 
 def _as_real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -110,7 +110,7 @@ class TorchBackend:
                     if c is not t:
                         t.copy_(c)
             return
-        params, grads = _as_real(bucket.params), _as_real(bucket.grads)
+        params, grads = _as_real(bucket.params), [read_as_real(g) for g in bucket.grads]
         exp_avgs, exp_avg_sqs = _as_real(bucket.exp_avgs), _as_real(bucket.exp_avg_sqs)
 
         own = False  # whether `grads` is our own copy (never write into .grad)
