@@ -523,6 +523,10 @@ def _scale_swapped_minus_inf(st):  # (the cpu kernel moved the params, the torch
     st["exp_avg_scale"] = scale
 
 
+def _scale_doubled_in_place(st):  # the same tensor: m doubled, a state an encoder can write
+    st["exp_avg_scale"].mul_(2)
+
+
 def _tag_edited_run(cached: bool, edit, backend: str) -> tuple:
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(5000, generator=g).bfloat16())
@@ -567,3 +571,18 @@ def test_a_state_tag_edited_between_steps_steps_as_the_full_path(checks_mode, ed
         assert cached[0] is None
     else:
         assert cached[0] is adamkit.UnreadableStateError
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_values_edited_in_place_are_read_as_they_are_now(checks_mode, backend):
+    """The cached plan holds tensors, never their values: an int8 scale edited in place
+    (the moments rescaled) steps as the full path steps it, on both backends. Values are
+    checked where a state is planned (first step, load, a swapped tensor: above); between
+    cached steps a value edited in place is data, as torch.optim reads a moment edited in
+    place (docs/precision.md)."""
+    cached = _tag_edited_run(True, _scale_doubled_in_place, backend)
+    fresh = _tag_edited_run(False, _scale_doubled_in_place, backend)
+    untouched = _tag_edited_run(True, lambda st: None, backend)
+    assert cached[0] is None and fresh[0] is None
+    assert torch.equal(cached[1], fresh[1])
+    assert not torch.equal(cached[1], untouched[1])  # the edit was read

@@ -187,7 +187,8 @@ def scales_fit(st: dict, p: Tensor, names, values: bool = True) -> bool:
     of p, on p's device, and (``values``) each a value an encoder writes: a scale swapped
     in by code holding −∞, say, moved the params on one backend and not on the other.
     (The kernel's own check of a bucket just planned skips the values: the plan checked
-    them, and they decide no memory access.)"""
+    them, and they decide no memory access. A cached step, which reuses the plan, reads
+    values edited in place since as data: docs/precision.md.)"""
     for name in names:
         scale = st.get(f"{name}_scale")
         if not (isinstance(scale, Tensor) and scale.dtype == torch.float32
