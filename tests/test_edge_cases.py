@@ -415,6 +415,30 @@ def test_a_param_in_two_groups_is_updated_by_each_in_turn_as_torchs_for_loop(bac
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("edit", [{"lr": 1e39}, {"weight_decay": 1e39}], ids=["lr", "weight_decay"])
+@pytest.mark.parametrize("late", [False, True], ids=["first-step", "after-2-steps"])
+def test_a_later_listing_that_cannot_step_raises_before_the_first_listing_steps(backend, edit, late):
+    """A param in two groups steps once per group, in turn: the second group's step
+    raised for a scalar float32 cannot hold after the first had moved every param of the
+    step (torch.optim's for-loop does so too)."""
+    x, y = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(8))
+    opt = adamkit.Adam([{"params": [y, x]}, {"params": [torch.nn.Parameter(torch.ones(1))]}],
+                       lr=0.1, backend=backend)
+    opt.param_groups[1]["params"] = [x]
+    for t in range(4 if late else 2):
+        if t == (2 if late else 0):
+            opt.param_groups[1].update(edit)
+        x.grad, y.grad = torch.randn_like(x), torch.randn_like(y)
+        if t < 2 and late:
+            opt.step()
+            continue
+        snap = _snapshot(opt, [x, y])
+        with pytest.raises(RuntimeError, match="cannot be converted to type float without overflow"):
+            opt.step()
+        _assert_unchanged(opt, [x, y], snap)
+        assert [float(opt.state[q]["step"]) for q in (x, y) if q in opt.state] == ([4, 2] if late else [])
+
+
 @pytest.mark.parametrize("make,group_value", [(adamkit.Adam, True), (adamkit.AdamW, False),
                                               (adamkit.AdamW, None)],
                          ids=["Adam-group-decoupled", "AdamW-group-coupled", "AdamW-group-None"])

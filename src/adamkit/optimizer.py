@@ -376,6 +376,7 @@ class Adam(Optimizer):
         self._step_cache = None
         repeats = self._repeats()
         if repeats > 1:  # no cache: a bucket holds each param once
+            self._check_later_listings(repeats, grad_scale_inv)
             for repeat in range(repeats):
                 self._planned_step(grad_scale_inv, repeat)
             return
@@ -389,6 +390,18 @@ class Adam(Optimizer):
         numbers within a group. adamkit does as the for-loop on every backend: one full
         step per listing."""
         return 1 + max((k for ks in _listings(self.param_groups) for k in ks), default=0)
+
+    def _check_later_listings(self, repeats: int, grad_scale_inv: float) -> None:
+        """What only a later listing's step can raise, before the first listing steps:
+        its group's scalars at the count the param will have reached (a group edited to
+        an lr float32 cannot hold raised after the first group had moved every param).
+        Params, grads and storage are the first listing's, checked by its own plan."""
+        for repeat in range(1, repeats):
+            for group, params in self._gather(repeat):
+                for _, p, _ in params:
+                    state = self.state.get(p)
+                    t = (int(state["step"].item()) if state else 0) + repeat + 1
+                    scalars_for(group, t, grad_scale_inv, p.dtype)
 
     def _master_versions(self) -> WeakIdKeyDictionary:
         """param → its version counter when its master copy was last in sync with it
