@@ -189,9 +189,19 @@ def _mutations():
     def group_without_eps(sd):
         del sd["param_groups"][0]["eps"]
 
+    # a param's state under a key its groups do not name: after a trip through JSON the
+    # keys are str ("0") and the ids int; both optimizers loaded it and dropped every
+    # param's state without a word (torch.optim kept it under the str keys, unused)
+    def state_keys_as_str(sd):
+        sd["state"] = {str(k): v for k, v in sd["state"].items()}
+
+    def state_key_renumbered(sd):
+        sd["state"][99] = sd["state"].pop(max(sd["state"]))
+
     return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
             bad_betas, bad_max_lr, bad_lr_as_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
-            group_without_lr, group_without_betas, group_without_eps]
+            group_without_lr, group_without_betas, group_without_eps, state_keys_as_str,
+            state_key_renumbered]
 
 
 @pytest.mark.parametrize("key", ["amsgrad", "maximize"])
@@ -306,3 +316,32 @@ def test_state_dict_saves_torchs_decay_key_set_on_a_live_group():
     opt.param_groups[0]["decoupled_weight_decay"] = False
     group = opt.state_dict()["param_groups"][0]
     assert group["decoupled_weight_decay"] is False and group["decouple_wd"] is False
+
+
+def test_state_entries_that_are_no_params_state_are_kept_as_torch_keeps_them():
+    """torch.optim saves and loads an entry of opt.state under a key that is no param
+    (something a user or a library keeps there) as it is; adamkit dropped it on load,
+    and its state_bytes, state_dict after a master resync and torch_state_dict raised on
+    it. Such an entry is not a param's state, so nothing converts or steps it."""
+    model = TinyMLP()
+    ours = adamkit.Adam(model.parameters(), lr=1e-2, param_update="master")
+    theirs = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for opt in (ours, theirs):
+        _train(model, opt, 2, seed=0)
+        opt.state["note"] = {"epoch": 3}
+        opt.state[7] = [1, 2]
+        sd = _save_load(opt.state_dict())
+        assert sd["state"]["note"] == {"epoch": 3} and sd["state"][7] == [1, 2]
+        opt.load_state_dict(sd)
+        assert opt.state["note"] == {"epoch": 3} and opt.state[7] == [1, 2]
+    per_param = ours.state_bytes(per_element=True)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a master resync at state_dict
+    again = ours.state_dict()
+    assert again["state"]["note"] == {"epoch": 3}
+    assert ours.state_bytes(per_element=True) == per_param
+    exported = ours.torch_state_dict()
+    assert exported["state"]["note"] == {"epoch": 3}
+    theirs.load_state_dict(exported)
+    _train(model, ours, 1, seed=1)
+    assert ours.state["note"] == {"epoch": 3}

@@ -97,6 +97,18 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
                     p, saved_state[saved_id], saved_id, new_group, index
                 )
             index += 1
+    named = {saved_id for saved in saved_groups for saved_id in saved["params"]}
+    for key, entry in saved_state.items():
+        if key in named:
+            continue
+        if isinstance(entry, dict) and any(k in entry for k in ("step", "exp_avg", "exp_avg_sq")):
+            shown = sorted(named, key=repr)[:8]
+            raise ValueError(
+                f"loaded state dict holds a param's state under key {key!r}, which no param of "
+                f"its param_groups has (their ids: {shown}{', ...' if len(named) > 8 else ''}): "
+                "each param's state is saved under its id in 'params' (a state dict that went "
+                "through JSON has str keys: convert them back with int(key))")
+        new_state[key] = deepcopy(entry)  # no param's: kept as it is, as torch.optim keeps it
 
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
@@ -158,8 +170,8 @@ def torch_state_dict(opt: Adam) -> dict[str, Any]:
     params = {}  # index in the state dict → param, as torch's state_dict numbered them
     for group, packed in zip(opt.param_groups, saved["param_groups"]):
         params.update(zip(packed["params"], group["params"]))
-    state = {index: formats.torch_state(params[index], s) for index, s in saved["state"].items()
-             if s}
+    state = {index: formats.torch_state(params[index], s) if index in params else s
+             for index, s in saved["state"].items() if s}  # (an entry that is no param's: as it is)
     groups = [{k: deepcopy(v) for k, v in g.items()
                if k not in ADAMKIT_ONLY_KEYS and not (k == "max_lr" and v is None)}
               for g in saved["param_groups"]]

@@ -242,7 +242,7 @@ class Adam(Optimizer):
         # master copies are in sync with their params now (a load made them, or a copy
         # of the optimizer, which the record of versions does not travel with)
         versions = self._master_versions()
-        for p, st in self.state.items():
+        for p, st in _param_states(self.state):
             if isinstance(st.get("master_param"), Tensor):
                 versions[p] = p._version
         for key, value in formats.GROUP_DEFAULTS.items():  # pickled before formats existed
@@ -504,7 +504,7 @@ class Adam(Optimizer):
         for a large float32 param with fp32 state 8, bf16 4, int8 2.03; a bfloat16 param
         adds 2 for "kahan", 4 for "master"). 0 when no param has state yet."""
         total, elements = 0, 0
-        for p, state in self.state.items():
+        for p, state in _param_states(self.state):
             if not state:  # reading ``self.state[p]`` of a param never stepped stores {}
                 continue
             tensors = [v for v in state.values() if isinstance(v, Tensor)]
@@ -534,7 +534,7 @@ class Adam(Optimizer):
         versions = self._master_versions()
         if cache is not None:  # the latest step's versions, where the cache ran it
             cache.record_master_versions(versions)
-        for p, st in self.state.items():
+        for p, st in _param_states(self.state):
             master = st.get("master_param")
             # (a master that no longer fits p is left to the step, which raises for it)
             if isinstance(master, Tensor) and master.shape == p.shape and self._master_moved(p):
@@ -553,9 +553,11 @@ class Adam(Optimizer):
 
         Everything is checked and copied before anything is replaced: a state dict that
         does not fit (group or param counts, tensor shapes, hyperparameters, formats, a
-        group without lr, betas, eps or weight_decay) raises ValueError and leaves this
+        group without lr, betas, eps or weight_decay, a param's state under a key no
+        saved param has, as after a trip through JSON) raises ValueError and leaves this
         optimizer as it was. A group without amsgrad or maximize (older torch) loads
-        them as False, as torch.optim does.
+        them as False, as torch.optim does; an entry of the state that is no param's is
+        kept as it is, as torch.optim keeps it.
         """
         # torch.optim's load keeps the state's tensors as given (an inference-mode load
         # gives normal tensors); this one copies them, and copies made in inference mode
@@ -586,6 +588,13 @@ class Adam(Optimizer):
             theirs.load_state_dict(opt.torch_state_dict())
         """
         return checkpoints.torch_state_dict(self)
+
+
+def _param_states(state: dict) -> list[tuple[Tensor, dict]]:
+    """The (param, state) entries of ``opt.state``: torch.optim keeps other entries (a
+    user's or a library's, under keys that are no tensor) through state_dict and load,
+    and so does adamkit, which never reads them."""
+    return [(p, st) for p, st in state.items() if isinstance(p, Tensor) and isinstance(st, dict)]
 
 
 def _initial_lr(lr: Any) -> Any:
