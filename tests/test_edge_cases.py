@@ -439,6 +439,7 @@ def test_a_later_listing_that_cannot_step_raises_before_the_first_listing_steps(
         assert [float(opt.state[q]["step"]) for q in (x, y) if q in opt.state] == ([4, 2] if late else [])
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("make,group_value", [(adamkit.Adam, True), (adamkit.AdamW, False),
                                               (adamkit.AdamW, None)],
                          ids=["Adam-group-decoupled", "AdamW-group-coupled", "AdamW-group-None"])
