@@ -557,6 +557,12 @@ _UNSTEPPABLE_EDITS = [
     ("eps", None, TypeError, "Invalid eps", True),
     ("weight_decay", "0", TypeError, "Invalid weight_decay", True),
     ("lr", torch.tensor([1.0, 2.0]), ValueError, "Tensor lr must be 1-element", False),
+    # torch's ops raise RuntimeError on these (shapes that do not broadcast, a complex
+    # value cast to float): adamkit said TypeError
+    ("eps", torch.tensor([1e-8, 1e-8]), RuntimeError, "Invalid eps", True),
+    ("weight_decay", torch.tensor([0.1, 0.1]), RuntimeError, "Invalid weight_decay", True),
+    ("lr", 1e-3 + 1j, RuntimeError, "Invalid lr", True),
+    ("lr", torch.tensor(1e-3 + 1j), RuntimeError, "Invalid lr", False),
     ("lr", 3e38, RuntimeError, "value cannot be converted to type float without overflow", False),
 ]
 

@@ -141,3 +141,24 @@ def test_past_the_limit_bias_corrections_are_torchs(monkeypatch, cached):
         ref.step()
         assert torch.equal(ours.detach(), theirs.detach())
     assert opt.state[ours]["step"].item() == ref.state[theirs]["step"].item() == LIMIT
+
+
+@pytest.mark.parametrize("saved, reads", [(LIMIT + 1, LIMIT), (float(LIMIT + 3), LIMIT + 4),
+                                          (torch.tensor(LIMIT + 1, dtype=torch.float64), LIMIT)],
+                         ids=["int", "float", "float64-tensor"])
+def test_a_saved_count_the_float32_counter_cannot_hold_loads_rounded_as_it_counts(saved, reads):
+    """A count the float32 counter cannot hold exactly (saved by a float64 counter, or
+    written by hand) loads rounded to nearest, as the counter's own adding rounds (never
+    ValueError); stepping on, it stays there, as torch.optim's float32 counter does past
+    2^24 (its spacing there is 2, and t + 1 rounds back to t)."""
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = adamkit.Adam([p])
+    p.grad = torch.randn(8)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["step"] = saved
+    opt.load_state_dict(sd)
+    assert opt.state[p]["step"].dtype == torch.float32
+    assert float(opt.state[p]["step"]) == reads
+    opt.step()
+    assert float(opt.state[p]["step"]) == reads

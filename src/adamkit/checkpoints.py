@@ -135,11 +135,14 @@ def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
 
 def _saved_step(step: object, dtype: torch.dtype) -> Tensor:
     """A saved step count as the step's counter of ``dtype`` (ValueError otherwise): a
-    whole number ≥ 0 that the counter holds, as an int, a float, a NumPy number or a
+    whole number ≥ 0 within the counter's range, as an int, a float, a NumPy number or a
     one-element real Tensor (torch.optim loads any). A NaN or infinite one loaded and then
     failed every step, as did one beyond the counter's range (float32: 3.4e38), which it
     rounded to ∞;
-    a fractional one was truncated by the step (torch.optim would use it as is)."""
+    a fractional one was truncated by the step (torch.optim would use it as is). A count
+    the counter cannot hold exactly is rounded to it, as its own counting rounds: a
+    float32 counter stalls there, as torch's does past 2^24 (test_step_counter_limit),
+    where the bias corrections are 1 to float32's precision."""
     if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
         step = step.item()
     elif type(step).__module__ == "numpy" and getattr(step, "shape", None) == ():

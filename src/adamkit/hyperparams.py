@@ -107,7 +107,8 @@ def refuse_torch_only(flags: dict[str, Any]) -> None:
 def check_live_group(group: dict[str, Any]) -> None:
     """Raise where a group's values leave its step undefined, with the exception type
     torch.optim's step raises there: TypeError for a value that is not a number or betas
-    that are not a sequence; ValueError for betas of another length, a Tensor lr of more
+    that are not a sequence; RuntimeError for a complex number or a Tensor of several
+    elements (but lr); ValueError for betas of another length, a Tensor lr of more
     than one element, decouple_lr without a usable max_lr, torch's capturable or
     differentiable set. Ranges are ``validate_group``'s, for new groups only (module
     docstring); the step's scalars get ``check_scalar_range``."""
@@ -124,7 +125,10 @@ def check_live_group(group: dict[str, Any]) -> None:
     for name, value in (("lr", lr), ("eps", group["eps"]), ("weight_decay", group["weight_decay"]),
                         ("betas[0]", betas[0]), ("betas[1]", betas[1])):
         if not _is_number(value):
-            raise TypeError(f"Invalid {name}: {value!r} (a number, or a 1-element Tensor)")
+            # torch's ops raise RuntimeError for a Tensor of several elements (shapes that
+            # do not broadcast) and a complex value (no cast to float); TypeError for the rest
+            error = RuntimeError if isinstance(value, (Tensor, complex)) else TypeError
+            raise error(f"Invalid {name}: {value!r} (a real number, or a 1-element real Tensor)")
     if group["decouple_lr"]:
         max_lr = group["max_lr"]
         if max_lr is None or not 0.0 < _scalar(max_lr) < math.inf:

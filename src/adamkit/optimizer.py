@@ -129,7 +129,8 @@ class Adam(Optimizer):
     with torch.optim's errors. Values set on a group later (a scheduler, your code, a
     loaded checkpoint) are stepped with as given, as torch.optim does; only those no step
     can take raise, before anything changes: a value that is not a number (TypeError, as
-    torch.optim's step), a Tensor lr of several elements, betas that are not a pair, a β2
+    torch.optim's step; RuntimeError, as its ops, for a complex one or a Tensor of several
+    elements), a Tensor lr of several elements, betas that are not a pair, a β2
     whose 1 − β2^t is negative,
     ``decouple_lr`` without a usable ``max_lr``, and (torch's RuntimeError) a float32
     step handed lr/(1 − β1^t) or a coupled λ beyond float32's range. A state edited into
