@@ -198,7 +198,18 @@ def _mutations():
     def state_key_renumbered(sd):
         sd["state"][99] = sd["state"].pop(max(sd["state"]))
 
-    return [fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
+    # tensors that hold no values to load (torch's copy raised RuntimeError or
+    # NotImplementedError from inside the conversion)
+    def sparse_moment(sd):
+        sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to_sparse()
+
+    def meta_moment(sd):
+        sd["state"][1]["exp_avg_sq"] = torch.empty_like(sd["state"][1]["exp_avg_sq"], device="meta")
+
+    def meta_step(sd):
+        sd["state"][0]["step"] = torch.empty((), device="meta")
+
+    return [sparse_moment, meta_moment, meta_step, fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
             bad_betas, bad_max_lr, bad_lr_as_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
             group_without_lr, group_without_betas, group_without_eps, state_keys_as_str,
             state_key_renumbered]

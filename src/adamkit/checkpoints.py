@@ -123,6 +123,11 @@ def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
             f"loaded state for parameter {saved_id} lacks one of 'step', 'exp_avg', "
             f"'exp_avg_sq' (has {sorted(saved)})"
         )
+    for key, value in saved.items():  # torch's copy raised its own errors mid-conversion
+        if isinstance(value, Tensor) and (value.layout != torch.strided or (value.is_meta and not p.is_meta)):
+            kind = "meta" if value.is_meta else str(value.layout).removeprefix("torch.")
+            raise ValueError(f"loaded state for parameter {saved_id}: {key} is a {kind} tensor, "
+                             "which holds no dense values to load")
     fmt, update = formats.resolve(p, group)
     seed = param_policy.sr_seed(group["seed"], index)
     try:
