@@ -275,3 +275,20 @@ def test_an_invalid_group_leaves_the_callers_dict_as_it_was():
     with pytest.raises(ValueError, match="Invalid learning rate"):
         opt.add_param_group(bad)
     assert bad == before and len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("params, error, message", [
+    (lambda: [torch.ones(2, requires_grad=True) * 2], ValueError, "can't optimize a non-leaf Tensor"),
+    (lambda: [1.0], TypeError, "optimizer can only optimize Tensors"),
+    (lambda: "first", None, "some parameters appear in more than one parameter group"),
+], ids=["non-leaf", "not-a-tensor", "in-another-group"])
+def test_a_group_torchs_checks_of_its_params_refuse_leaves_the_callers_dict_as_it_was(params, error, message):
+    """The hyperparameters were valid, so the decay keys were written into the caller's
+    dict before torch's add_param_group refused the params."""
+    first = torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.Adam([first])
+    bad = {"params": [first] if params() == "first" else params(), "weight_decay": 0.1}
+    before = dict(bad)
+    with pytest.raises(error or ValueError, match=message):
+        opt.add_param_group(bad)
+    assert bad == before and len(opt.param_groups) == 1

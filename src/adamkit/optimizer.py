@@ -216,13 +216,20 @@ class Adam(Optimizer):
         backends.check_name(group["backend"])
         if flags.get("foreach") and isinstance(group["betas"][0], Tensor):  # after their ranges
             raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
-        # Valid: only now is the caller's dict changed
-        _set_decay_mode(param_group, group["decouple_wd"])
-        if flags.get("foreach"):
-            param_group["backend"] = group["backend"]
-        if fill_max_lr:
-            param_group["max_lr"] = group["max_lr"]
-        torch_eagerly(super().add_param_group, "add_param_group")(param_group)
+        # Valid: only now is the caller's dict changed, and given back as it was where
+        # torch's checks of the params (a non-leaf, a param in another group) refuse it
+        given = dict(param_group)
+        try:
+            _set_decay_mode(param_group, group["decouple_wd"])
+            if flags.get("foreach"):
+                param_group["backend"] = group["backend"]
+            if fill_max_lr:
+                param_group["max_lr"] = group["max_lr"]
+            torch_eagerly(super().add_param_group, "add_param_group")(param_group)
+        except BaseException:
+            param_group.clear()
+            param_group.update(given)
+            raise
         self._sync_decay_modes()  # records the new group's mode
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:
