@@ -356,3 +356,34 @@ def test_state_entries_that_are_no_params_state_are_kept_as_torch_keeps_them():
     theirs.load_state_dict(exported)
     _train(model, ours, 1, seed=1)
     assert ours.state["note"] == {"epoch": 3}
+
+
+@pytest.mark.parametrize("make", [adamkit.Adam, torch.optim.Adam])
+def test_live_group_keys_a_checkpoint_lacks_are_dropped_as_torch_drops_them(make):
+    """torch.optim's load builds each group from the saved one: a key only the live group
+    has (a scheduler's initial_lr, a user's) is gone. adamkit kept it, so a scheduler
+    made after the load started from the live initial_lr, not the loaded lr."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, StepLR
+
+    p = torch.nn.Parameter(torch.ones(2))
+    saved = make([p], lr=5e-4).state_dict()
+    opt = make([p], lr=1e-3)
+    StepLR(opt, 10)
+    opt.param_groups[0]["note"] = "mine"
+    opt.load_state_dict(saved)
+    assert "initial_lr" not in opt.param_groups[0] and "note" not in opt.param_groups[0]
+    assert CosineAnnealingLR(opt, T_max=10).base_lrs == [5e-4]
+
+
+def test_adamkits_own_keys_a_torch_checkpoint_lacks_come_from_the_live_group():
+    """torch.optim saves no decouple_lr, max_lr or storage keys: they stay the loading
+    optimizer's (its configuration), as before."""
+    model = TinyMLP()
+    theirs = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(model, theirs, 2, seed=0)
+    ours = adamkit.Adam(model.parameters(), lr=1e-2, weight_decay=0.1, decouple_lr=True, max_lr=0.05,
+                        backend="torch", state_format="bf16")
+    ours.load_state_dict(_save_load(theirs.state_dict()))
+    group = ours.param_groups[0]
+    assert (group["decouple_lr"], group["max_lr"], group["backend"], group["state_format"]) == (
+        True, 0.05, "torch", "bf16")

@@ -68,7 +68,10 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
     saved_state = state_dict["state"]
     index = 0
     for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
-        fallback = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        # adamkit's own keys a torch.optim checkpoint lacks come from the live group (its
+        # configuration); any other key only the live group has (a scheduler's
+        # initial_lr, a user's) is dropped, as torch.optim builds the group from the saved
+        fallback = {k: group[k] for k in (*ADAMKIT_ONLY_KEYS, "max_lr") if k in group}
         # configured, not saved
         storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
         new_group = {**TORCH_GROUP_DEFAULTS, **saved, **storage, "params": group["params"]}

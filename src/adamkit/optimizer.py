@@ -117,7 +117,10 @@ class Adam(Optimizer):
     (``_step_supports_amp_scaling``): the grads are unscaled inside the step (``.grad``
     keeps the scaled values) and a step with an inf or NaN gradient is skipped whole. As
     with torch.optim's fused Adam, the scaler then calls ``step`` also for the steps it
-    skips, so step hooks run for them too, and see the scaled grads.
+    skips, so step hooks run for them too, and see the scaled grads; code that takes a
+    call of ``step`` for a step taken (HF Accelerate's ``step_was_skipped``, which has the
+    same issue with torch's fused AdamW: huggingface/accelerate#4242) should read the
+    scaler instead: a skipped step lowers ``scaler.get_scale()`` at ``scaler.update()``.
 
     Hooks and profiling: step hooks (``register_step_pre_hook``, the global ones) run as
     in torch.optim, and wherever a range can be recorded (a profiler, an execution-trace
