@@ -209,7 +209,17 @@ def _mutations():
     def meta_step(sd):
         sd["state"][0]["step"] = torch.empty((), device="meta")
 
-    return [sparse_moment, meta_moment, meta_step, fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
+    def orphan_with_a_step_only(sd):  # a param's state, though not all of it
+        sd["state"][99] = {"step": torch.tensor(1.0)}
+
+    def step_is_a_bool(sd):  # True would count as 1
+        sd["state"][0]["step"] = True
+
+    def group_without_weight_decay(sd):
+        del sd["param_groups"][0]["weight_decay"]
+
+    return [orphan_with_a_step_only, step_is_a_bool, group_without_weight_decay,
+            sparse_moment, meta_moment, meta_step, fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
             bad_betas, bad_max_lr, bad_lr_as_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
             group_without_lr, group_without_betas, group_without_eps, state_keys_as_str,
             state_key_renumbered]
@@ -387,3 +397,88 @@ def test_adamkits_own_keys_a_torch_checkpoint_lacks_come_from_the_live_group():
     group = ours.param_groups[0]
     assert (group["decouple_lr"], group["max_lr"], group["backend"], group["state_format"]) == (
         True, 0.05, "torch", "bf16")
+
+
+# ---- edges of the load and export contract ---------------------------------------------
+
+def test_a_saved_step_of_zero_loads_as_a_counter_at_zero():
+    """A state saved before its first step counted (a torch.optim state made by hand, or
+    a step counter reset to 0) is a valid count: the next step is step 1."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["step"] = torch.tensor(0.0)
+    opt.load_state_dict(sd)
+    assert float(opt.state[p]["step"]) == 0
+    opt.step()
+    assert float(opt.state[p]["step"]) == 1
+
+
+def test_meta_state_loads_into_meta_params():
+    """A model built on the meta device (to be materialized later) loads a meta
+    checkpoint, as torch.optim does: only a meta tensor for a real param is refused."""
+    p = torch.nn.Parameter(torch.empty(4, device="meta"))
+    opt = adamkit.Adam([p], backend="torch")
+    meta = lambda: torch.empty(4, device="meta")  # noqa: E731
+    opt.load_state_dict({"state": {0: {"step": torch.tensor(2.0), "exp_avg": meta(), "exp_avg_sq": meta()}},
+                         "param_groups": [{**opt.state_dict()["param_groups"][0]}]})
+    assert opt.state[p]["exp_avg"].is_meta and float(opt.state[p]["step"]) == 2
+
+
+def test_torch_state_dict_leaves_out_params_without_state():
+    """Reading opt.state[b] before b's first step stores {}; torch_state_dict exports
+    only the params with state, as torch.optim's own checkpoints hold them."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.Adam([a, b])
+    a.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[b] == {}
+    exported = opt.torch_state_dict()
+    assert list(exported["state"]) == [0]
+    theirs = torch.optim.Adam([a, b])
+    theirs.load_state_dict(exported)
+    assert float(theirs.state[a]["step"]) == 1
+
+
+def test_torch_state_dict_shares_nothing_with_the_optimizer():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p], lr=torch.tensor(0.01))
+    p.grad = torch.ones(3)
+    opt.step()
+    exported = opt.torch_state_dict()
+    assert exported["param_groups"][0]["lr"] is not opt.param_groups[0]["lr"]
+    exported["param_groups"][0]["lr"].fill_(5.0)
+    exported["state"][0]["exp_avg"].fill_(7.0)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.01)
+    assert not torch.equal(opt.state[p]["exp_avg"], torch.full((3,), 7.0))
+
+
+def test_a_named_optimizer_keeps_its_param_names_loading_a_checkpoint_without_them():
+    """torch.optim (2.6+) keeps the live group's param_names where the saved group has
+    none; so does adamkit."""
+    model = TinyMLP()
+    plain = adamkit.Adam(model.parameters())
+    _train(model, plain, 1, seed=0)
+    named = adamkit.Adam(model.named_parameters())
+    names = list(named.param_groups[0]["param_names"])
+    named.load_state_dict(plain.state_dict())
+    assert named.param_groups[0]["param_names"] == names
+
+
+def test_load_copies_what_it_keeps_as_it_is():
+    """Entries that are no param's, and keys in a param's state that no format knows,
+    are copies: the caller's dict edited after the load changes nothing."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"]["extra"] = [1]
+    sd["state"][0]["mine"] = torch.zeros(2)
+    opt.load_state_dict(sd)
+    sd["state"]["extra"].append(2)
+    sd["state"][0]["mine"].fill_(3.0)
+    assert opt.state["extra"] == [1]
+    assert torch.equal(opt.state[p]["mine"], torch.zeros(2))

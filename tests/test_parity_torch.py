@@ -164,3 +164,91 @@ def test_fully_decoupled_matches_reference_every_step(case, backend, dtype):
         compare=lambda s, ma, oa, mb, ob: assert_same_state(ma, oa, mb, ob, rtol, atol, f"step {s}"),
         resync=dtype != torch.float64,
     )
+
+
+# ---- values at the edge of what a step takes, which torch.optim steps -------------------
+
+def _after_an_edit(make, init, edit, **kw):
+    """Three steps from ``init`` with the group edited by ``edit`` after the first."""
+    p = torch.nn.Parameter(init.clone())
+    opt = make([p], lr=0.01, **kw)
+    for t in range(3):
+        if t == 1:
+            opt.param_groups[0].update(edit)
+        p.grad = torch.linspace(-1, 1, p.numel()).reshape(p.shape).to(p.dtype)
+        opt.step()
+    return p.detach()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("init, edit", [
+    (torch.randn(6, generator=torch.Generator().manual_seed(0)), {"betas": (0.9, 1.0)}),  # 1 − β2^t = 0
+    (torch.randn(6, generator=torch.Generator().manual_seed(0)), {"lr": float("inf")}),
+    (torch.randn(6, dtype=torch.complex128, generator=torch.Generator().manual_seed(0)), {"lr": 1e39}),
+], ids=["beta2=1", "lr=inf", "complex128-lr=1e39"])
+def test_values_torch_optim_steps_with_are_stepped_as_it_does(backend, init, edit):
+    """β2 = 1 (1 − β2^t = 0), an infinite lr, an lr float64 holds but float32 not, for a
+    complex128 param (whose step is float64): torch.optim steps with them, into ∞ or
+    NaN params or not, and so does adamkit; it refuses only what no step can take
+    (test_edge_cases)."""
+    import adamkit
+
+    theirs = _after_an_edit(torch.optim.Adam, init, edit, foreach=False)
+    ours = _after_an_edit(adamkit.Adam, init, edit, backend=backend)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_param_whose_stride_0_dim_has_one_element_steps_as_torch_does(backend):
+    """A stride of 0 over a dimension of size 1 shares no memory (torch's overlap check
+    lets it be): stepped as any param, not refused as an expanded view."""
+    import adamkit
+
+    def run(make, **kw):
+        p = torch.nn.Parameter(torch.empty_strided((1, 5), (0, 1)))
+        with torch.no_grad():
+            p.copy_(torch.arange(5.0).reshape(1, 5))
+        opt = make([p], lr=0.1, **kw)
+        for _ in range(2):
+            p.grad = torch.linspace(-1, 1, 5).reshape(1, 5)
+            opt.step()
+        return p.detach()
+    ours, theirs = run(adamkit.Adam, backend=backend), run(torch.optim.Adam, foreach=False)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_complex_params_with_float64_tensor_betas_are_torchs_bits():
+    """Tensor betas are read in the precision of the param's real dtype (float32 for
+    complex64), as torch's for-loop reads them."""
+    import adamkit
+
+    def run(make, **kw):
+        gen = torch.Generator().manual_seed(3)
+        p = torch.nn.Parameter(torch.randn(8, dtype=torch.complex64, generator=gen))
+        opt = make([p], lr=0.01, betas=(torch.tensor(0.8, dtype=torch.float64),
+                                        torch.tensor(0.95, dtype=torch.float64)), **kw)
+        for _ in range(3):
+            p.grad = torch.randn(8, dtype=torch.complex64, generator=gen)
+            opt.step()
+        return p.detach()
+    assert torch.equal(run(adamkit.Adam, backend="torch"), run(torch.optim.Adam, foreach=False))
+
+
+def test_a_grad_scale_that_is_no_power_of_two_unscales_as_torch_does():
+    """GradScaler's fast path hands the step 1/scale in float32 (its own unscale's
+    reciprocal, computed in float64 and rounded): a float64 param on the torch backend
+    equals torch.optim stepping on grads unscaled by that float32 reciprocal."""
+    import adamkit
+
+    gen = torch.Generator().manual_seed(4)
+    init, grads = torch.randn(16, dtype=torch.float64, generator=gen), torch.randn(3, 16, dtype=torch.float64,
+                                                                                  generator=gen)
+    inv = torch.tensor(1 / 3.0, dtype=torch.float64).float().double()
+    p, q = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours, theirs = adamkit.Adam([p], lr=0.01, backend="torch"), torch.optim.Adam([q], lr=0.01, foreach=False)
+    for g in grads:
+        ours.grad_scale, ours.found_inf = torch.tensor(3.0), torch.tensor(0.0)
+        p.grad, q.grad = g * 3.0, (g * 3.0) * inv
+        ours.step()
+        theirs.step()
+    assert torch.equal(p, q)

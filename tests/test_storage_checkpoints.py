@@ -782,3 +782,49 @@ def test_a_stochastic_seed_given_as_an_int_is_kept():
     saved["state"][0]["sr_seed"] = 2**63
     with pytest.raises(ValueError, match="sr_seed 9223372036854775808 is beyond int64"):
         adamkit.Adam(params, lr=1e-2, param_update="stochastic").load_state_dict(saved)
+
+
+# ---- edges of what a load keeps --------------------------------------------------------
+
+def test_a_block_of_zeros_keeps_the_smallest_scale_through_a_checkpoint():
+    """A block whose moments are all 0 gets the floor's scale, 2^-126 exactly
+    (formats.md): the smallest value the load's check of the scales accepts."""
+    p = torch.nn.Parameter(torch.randn(512))
+    opt = adamkit.Adam([p], state_format="int8", int8_min_size=256)
+    grad = torch.randn(512)
+    grad[:256] = 0
+    p.grad = grad
+    opt.step()
+    assert float(opt.state[p]["exp_avg_scale"][0]) == 2.0**-126
+    again = adamkit.Adam([p], state_format="int8", int8_min_size=256)
+    again.load_state_dict(_save_load(opt.state_dict()))
+    again.step()
+    assert float(again.state[p]["step"]) == 2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_loaded_moments_take_the_params_memory_layout(backend):
+    """A checkpoint's row-major moment loads in the layout of its param (here a
+    transposed one), as a fresh state has it, so the param keeps its backend's path."""
+    p = torch.nn.Parameter(torch.randn(6, 4).t())
+    opt = adamkit.Adam([p], backend=backend)
+    p.grad = torch.randn(4, 6)
+    opt.step()
+    sd = _save_load(opt.state_dict())
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].contiguous()
+    assert sd["state"][0]["exp_avg"].stride() != p.stride()
+    opt.load_state_dict(sd)
+    assert opt.state[p]["exp_avg"].stride() == p.stride()
+
+
+def test_a_loaded_seed_is_a_copy():
+    """The stochastic-rounding seed is advanced in place past 2^24 steps: a loaded one
+    must not be the caller's tensor."""
+    p = torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = adamkit.Adam([p], param_update="stochastic", seed=1)
+    p.grad = torch.randn(8).bfloat16()
+    opt.step()
+    sd = _save_load(opt.state_dict())
+    opt.load_state_dict(sd)
+    assert opt.state[p]["sr_seed"].data_ptr() != sd["state"][0]["sr_seed"].data_ptr()
+    assert torch.equal(opt.state[p]["sr_seed"], sd["state"][0]["sr_seed"])
