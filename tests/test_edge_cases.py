@@ -804,3 +804,86 @@ def test_sparse_params_and_empty_expanded_ones_get_torchs_behaviour(backend):
     opt = adamkit.Adam([empty], backend=backend)
     opt.step()
     assert float(opt.state[empty]["step"]) == 1
+
+
+# ---- state and groups edited between steps (from a mutation audit) -----------------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("edit, message", [
+    (lambda st: st.pop("exp_avg"), "the state lacks exp_avg"),
+    (lambda st: st.update(kahan_comp=torch.zeros(24, dtype=torch.bfloat16)),
+     r"kahan_comp is \(24,\), expected a tensor of shape \(4, 6\)"),
+], ids=["moment-deleted", "kahan-buffer-reshaped"])
+def test_a_state_edited_so_no_step_reads_it_raises_before_anything_changes(backend, edit, message):
+    """Between cached steps: the full path raises UnreadableStateError while planning
+    (a planner that let them through raised a KeyError mid-step, or let the kernel read
+    a buffer of another shape)."""
+    p = torch.nn.Parameter(torch.randn(4, 6).bfloat16())
+    q = torch.nn.Parameter(torch.randn(4, 6).bfloat16())
+    opt = adamkit.Adam([q, p], lr=0.01, param_update="kahan", backend=backend)
+    for _ in range(3):
+        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+        opt.step()
+    edit(opt.state[p])
+    snap = _snapshot(opt, [p, q])
+    with pytest.raises(adamkit.UnreadableStateError, match=message):
+        opt.step()
+    _assert_unchanged(opt, [p, q], snap)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_seed_cast_to_a_float_is_replaced_with_a_warning(backend):
+    """A floating sr_seed (what torch.optim's load makes of it) cannot be an integer
+    key: the step warns and keeps an int64 one."""
+    p = torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = adamkit.Adam([p], param_update="stochastic", backend=backend)
+    p.grad = torch.randn(8).bfloat16()
+    opt.step()
+    opt.state[p]["sr_seed"] = opt.state[p]["sr_seed"].double()
+    with pytest.warns(UserWarning, match="sr_seed of floating dtype"):
+        opt.step()
+    assert opt.state[p]["sr_seed"].dtype == torch.int64
+
+
+def test_seeds_are_derived_from_the_position_in_the_optimizer_not_among_the_params_with_grads():
+    """A param without a grad still holds its place: the seed of the second param is
+    derived from index 1 even when the first never stepped (so it does not change with
+    which params happen to have grads)."""
+    from adamkit.formats import param as param_policy
+
+    a, b = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8).bfloat16())
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b]}], param_update="stochastic", seed=5)
+    b.grad = torch.randn(8).bfloat16()
+    opt.step()
+    assert int(opt.state[b]["sr_seed"]) == param_policy.sr_seed(5, 1)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_the_later_listing_is_checked_at_the_step_count_it_will_reach(backend):
+    """A param in two groups: the second group steps it at t + 1 of the first's t. With
+    β1 = −0.9, lr/(1 − β1^t) is 5.3e38 at t = 2 (beyond float32) but 5.3e37 at t = 1:
+    checked at t = 1, the first group moved the param, then the second raised."""
+    x = torch.nn.Parameter(torch.randn(64))
+    opt = adamkit.Adam([{"params": [x]}, {"params": [torch.nn.Parameter(torch.ones(1))]}],
+                       lr=0.1, backend=backend)
+    opt.param_groups[1]["params"] = [x]
+    opt.param_groups[1].update(lr=1e38, betas=(-0.9, 0.999))
+    x.grad = torch.randn(64)
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="cannot be converted to type float without overflow"):
+        opt.step()
+    assert torch.equal(x.detach(), before) and not opt.state
+
+
+def test_state_dict_after_a_master_param_was_given_another_shape_leaves_it_to_the_step():
+    """The master resync at state_dict skips a master copy that no longer fits its param
+    (the next step raises for it, with nothing changed): state_dict itself must work."""
+    p = torch.nn.Parameter(torch.randn(4, 2).bfloat16())
+    opt = adamkit.Adam([p], param_update="master")
+    p.grad = torch.randn(4, 2).bfloat16()
+    opt.step()
+    p.data = torch.randn(8).bfloat16()
+    with torch.no_grad():
+        p.add_(1)
+    sd = opt.state_dict()
+    assert sd["state"][0]["master_param"].shape == (4, 2)

@@ -170,6 +170,11 @@ def _reseed_in_place(k, params, opt):
         opt.state[params[1]]["sr_seed"].fill_(12345)
 
 
+def _replace_a_seed(k, params, opt):
+    if k == 3:  # a new tensor (not the planned one) under sr_seed
+        opt.state[params[1]]["sr_seed"] = torch.tensor(12345)
+
+
 def _wrap_a_grad(k, params, opt):
     if k >= 3:  # a wrapper subclass (no storage of its values: data_ptr 0) after the plan
         params[2].grad = Wrapped(params[2].grad)
@@ -178,7 +183,8 @@ def _wrap_a_grad(k, params, opt):
 EDITS = [_no_edit, _skip_a_grad, _replace_a_moment, _reset_a_state, _rewind_a_step_counter,
          _move_a_param, _swap_a_param, _recast_a_param, _drop_a_state_key,
          _float64_step_counter, _new_storage_for_a_moment,
-         _non_contiguous_grad, _change_state_format, _schedule_lr, _wrap_a_grad, _reseed_in_place]
+         _non_contiguous_grad, _change_state_format, _schedule_lr, _wrap_a_grad, _reseed_in_place,
+         _replace_a_seed]
 
 
 @pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__.strip("_"))
@@ -586,3 +592,52 @@ def test_values_edited_in_place_are_read_as_they_are_now(checks_mode, backend):
     assert cached[0] is None and fresh[0] is None
     assert torch.equal(cached[1], fresh[1])
     assert not torch.equal(cached[1], untouched[1])  # the edit was read
+
+
+
+# ---- a bucket's params the kernel cannot take (its torch-backend `rest`) ---------------------
+
+def _with_a_rest(seed=0):
+    """A float32 param the cpu kernel steps, and a transposed one it leaves to the torch
+    backend, in one bucket."""
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(300, generator=g)),
+          torch.nn.Parameter(torch.randn(20, 20, generator=g).t())]
+    return ps, adamkit.Adam(ps, lr=0.01, backend="cpu")
+
+
+def _rest_grads(ps, k):
+    for p in ps:
+        p.grad = torch.sin(p.detach() * (k + 1))
+
+
+def test_a_rest_param_given_an_expanded_view_raises_with_nothing_changed(checks_mode):
+    ps, opt = _with_a_rest()
+    for k in range(3):
+        _rest_grads(ps, k)
+        opt.step()
+    assert opt._step_cache is not None
+    ps[1].data = torch.randn(1, 20).expand(20, 20)
+    _rest_grads(ps, 3)
+    before = [p.detach().clone() for p in ps], [opt.state[p]["step"].clone() for p in ps]
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before[0]))
+    assert all(torch.equal(opt.state[p]["step"], b) for p, b in zip(ps, before[1]))
+
+
+def test_a_rest_params_counter_edited_between_cached_steps_steps_as_the_full_path(checks_mode, monkeypatch):
+    def run(disable):
+        counter = _Counting(monkeypatch, disable)
+        ps, opt = _with_a_rest()
+        for k in range(6):
+            _rest_grads(ps, k)
+            if k == 3:
+                opt.state[ps[1]]["step"].fill_(1.0)
+            opt.step()
+        monkeypatch.undo()
+        return ps, counter.full
+    (cached, _), (full, planned) = run(False), run(True)
+    assert planned == 6
+    for a, b in zip(cached, full):
+        assert torch.equal(a.detach(), b.detach())
