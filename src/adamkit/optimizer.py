@@ -93,6 +93,9 @@ class Adam(Optimizer):
         capturable, differentiable: torch's flags, accepted as False; True raises
             ValueError (CUDA-graph capture and differentiating through the step are
             torch.optim's), as arguments, in a group dict or set on a group later.
+            Unlike torch.optim's, groups and ``defaults`` hold none of these four keys
+            unless given (``backend`` says where a group runs): read them with
+            ``group.get("fused")``.
         state_format: how the moments are stored (docs/precision.md): ``None`` (default:
             like the param, as torch; float16 params get "fp32"), "fp32" (8 bytes per
             param), "bf16" (4) or "int8" (block-scaled 8-bit floats, about 2.03).
