@@ -887,3 +887,20 @@ def test_state_dict_after_a_master_param_was_given_another_shape_leaves_it_to_th
         p.add_(1)
     sd = opt.state_dict()
     assert sd["state"][0]["master_param"].shape == (4, 2)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_param_in_two_groups_with_a_counter_set_by_hand_raises_torchs_error_first(backend):
+    """The later listings' check reads the counter: one that is no Tensor raises torch's
+    RuntimeError there (not an AttributeError), before anything moved, as torch does."""
+    x = torch.nn.Parameter(torch.randn(4))
+    opt = adamkit.Adam([{"params": [x]}, {"params": [torch.nn.Parameter(torch.ones(1))]}],
+                       lr=0.1, backend=backend)
+    opt.param_groups[1]["params"] = [x]
+    x.grad = torch.randn(4)
+    opt.step()
+    opt.state[x]["step"] = 3
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="state_steps"):
+        opt.step()
+    assert torch.equal(x.detach(), before)

@@ -414,6 +414,8 @@ class Adam(Optimizer):
             for group, params in self._gather(repeat):
                 for _, p, _ in params:
                     state = self.state.get(p)
+                    if state:
+                        backends.check_step_counter(state["step"])
                     t = (int(state["step"].item()) if state else 0) + repeat + 1
                     scalars_for(group, t, grad_scale_inv, p.dtype)
 
