@@ -209,8 +209,13 @@ def _mutations():
     def meta_step(sd):
         sd["state"][0]["step"] = torch.empty((), device="meta")
 
-    def orphan_with_a_step_only(sd):  # a param's state, though not all of it
-        sd["state"][99] = {"step": torch.tensor(1.0)}
+    # values no step can take, of the kinds torch's ops raise RuntimeError for (a live
+    # group's check raises that; a load's is a ValueError as every misfit)
+    def eps_of_two_elements(sd):
+        sd["param_groups"][0]["eps"] = torch.tensor([1e-8, 1e-8])
+
+    def complex_lr(sd):
+        sd["param_groups"][0]["lr"] = 1e-3 + 1j
 
     def step_is_a_bool(sd):  # True would count as 1
         sd["state"][0]["step"] = True
@@ -218,7 +223,7 @@ def _mutations():
     def group_without_weight_decay(sd):
         del sd["param_groups"][0]["weight_decay"]
 
-    return [orphan_with_a_step_only, step_is_a_bool, group_without_weight_decay,
+    return [eps_of_two_elements, complex_lr, step_is_a_bool, group_without_weight_decay,
             sparse_moment, meta_moment, meta_step, fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
             bad_betas, bad_max_lr, bad_lr_as_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
             group_without_lr, group_without_betas, group_without_eps, state_keys_as_str,
@@ -467,18 +472,51 @@ def test_a_named_optimizer_keeps_its_param_names_loading_a_checkpoint_without_th
     assert named.param_groups[0]["param_names"] == names
 
 
-def test_load_copies_what_it_keeps_as_it_is():
-    """Entries that are no param's, and keys in a param's state that no format knows,
-    are copies: the caller's dict edited after the load changes nothing."""
+def test_load_copies_a_params_state_and_keeps_other_entries_as_torch_does():
+    """Keys in a param's state that no format knows are copies, as the rest of its state
+    (the caller's dict edited after the load changes nothing). An entry that is no
+    param's, a partial one included (an EMA's {"step", "decay"}), is the caller's object
+    itself, as torch.optim keeps it (an object deepcopy cannot copy loads too)."""
+    import threading
+
     p = torch.nn.Parameter(torch.ones(3))
     opt = adamkit.Adam([p])
     p.grad = torch.ones(3)
     opt.step()
     sd = copy.deepcopy(opt.state_dict())
     sd["state"]["extra"] = [1]
+    sd["state"]["ema"] = {"step": 10, "decay": 0.999}
+    sd["state"]["lock"] = threading.Lock()
     sd["state"][0]["mine"] = torch.zeros(2)
+    sd["state"][0]["mask"] = torch.tensor([1.0, 0.0, 0.0]).to_sparse()  # no format reads it
     opt.load_state_dict(sd)
-    sd["state"]["extra"].append(2)
     sd["state"][0]["mine"].fill_(3.0)
-    assert opt.state["extra"] == [1]
     assert torch.equal(opt.state[p]["mine"], torch.zeros(2))
+    assert opt.state[p]["mask"].is_sparse
+    for key in ("extra", "ema", "lock"):
+        assert opt.state[key] is sd["state"][key]
+    theirs = torch.optim.Adam([p])
+    theirs.load_state_dict(sd)
+    assert all(theirs.state[key] is sd["state"][key] for key in ("extra", "ema", "lock"))
+
+
+def test_torch_state_dict_keeps_entries_that_are_no_params_falsy_ones_too():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state["count"], opt.state["flags"] = 0, []
+    exported = opt.torch_state_dict()
+    assert exported["state"]["count"] == 0 and exported["state"]["flags"] == []
+    assert opt.state_dict()["state"]["count"] == 0
+
+
+def test_torchs_flags_given_in_a_group_stay_the_loading_groups():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([{"params": [p], "foreach": True}])
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["foreach"] = False  # the checkpoint's flags are not read
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["foreach"] is True and opt.param_groups[0]["backend"] == "torch"

@@ -388,6 +388,18 @@ for dtype, kw in ((torch.float32, {"state_format": "int8"}),
         assert "not supported for DTensor params" in str(e), e
         assert torch.equal(p.to_local().detach(), start) and not opt.state
         print("refused", next(iter(kw.values())))
+# listed in a second group that gives it int8 moments: refused before the first group steps it
+start = torch.randn(4096, generator=gen)
+p = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+p.grad = distribute_tensor(torch.ones(4096), mesh, [Shard(0)])
+opt = adamkit.Adam([{"params": [p]}, {"params": [torch.nn.Parameter(torch.ones(1))],
+                                      "state_format": "int8"}], lr=1e-2)
+opt.param_groups[1]["params"] = [p]
+try:
+    opt.step()
+except NotImplementedError as e:
+    assert torch.equal(p.to_local().detach(), start) and not opt.state
+    print("refused in a later group")
 dist.destroy_process_group()
 """
 
@@ -405,8 +417,8 @@ def test_dtensor_params_step_on_the_torch_backend_not_the_kernel(tmp_path):
     run = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT, str(tmp_path / "store")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split("\n")[:4] == ["ok torch.float32", "ok torch.bfloat16",
-                                           "refused int8", "refused stochastic"]
+    assert run.stdout.split("\n")[:5] == ["ok torch.float32", "ok torch.bfloat16",
+                                           "refused int8", "refused stochastic", "refused in a later group"]
 
 
 _ZERO_SCRIPT = r"""

@@ -68,10 +68,11 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
     saved_state = state_dict["state"]
     index = 0
     for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
-        # adamkit's own keys a torch.optim checkpoint lacks come from the live group (its
-        # configuration); any other key only the live group has (a scheduler's
-        # initial_lr, a user's) is dropped, as torch.optim builds the group from the saved
-        fallback = {k: group[k] for k in (*ADAMKIT_ONLY_KEYS, "max_lr") if k in group}
+        # adamkit's own keys a torch.optim checkpoint lacks, and torch's flags, come from
+        # the live group (its configuration); any other key only the live group has (a
+        # scheduler's initial_lr, a user's) is dropped, as torch.optim builds the group
+        # from the saved one
+        fallback = {k: group[k] for k in (*ADAMKIT_ONLY_KEYS, "max_lr", *TORCH_FLAGS) if k in group}
         # configured, not saved
         storage = {k: group[k] for k in (*formats.GROUP_DEFAULTS, "backend")}
         new_group = {**TORCH_GROUP_DEFAULTS, **saved, **storage, "params": group["params"]}
@@ -82,7 +83,7 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         try:
             opt._normalize_group(new_group, fallback)
             check_live_group(new_group)  # its values as saved, which torch.optim loads as given
-        except (TypeError, ValueError) as e:  # every misfit checkpoint is a ValueError
+        except (TypeError, ValueError, RuntimeError) as e:  # every misfit checkpoint is a ValueError
             raise ValueError(f"loaded param group {i}: {e}") from None
         formats.validate(new_group)
         backends.check_name(new_group["backend"])
@@ -104,14 +105,14 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
     for key, entry in saved_state.items():
         if key in named:
             continue
-        if isinstance(entry, dict) and any(k in entry for k in ("step", "exp_avg", "exp_avg_sq")):
+        if isinstance(entry, dict) and all(k in entry for k in ("step", "exp_avg", "exp_avg_sq")):
             shown = sorted(named, key=repr)[:8]
             raise ValueError(
                 f"loaded state dict holds a param's state under key {key!r}, which no param of "
                 f"its param_groups has (their ids: {shown}{', ...' if len(named) > 8 else ''}): "
                 "each param's state is saved under its id in 'params' (a state dict that went "
                 "through JSON has str keys: convert them back with int(key))")
-        new_state[key] = deepcopy(entry)  # no param's: kept as it is, as torch.optim keeps it
+        new_state[key] = entry  # no param's (a user's, a library's): the object itself, as torch.optim keeps it
 
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
@@ -126,7 +127,8 @@ def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
             f"loaded state for parameter {saved_id} lacks one of 'step', 'exp_avg', "
             f"'exp_avg_sq' (has {sorted(saved)})"
         )
-    for key, value in saved.items():  # torch's copy raised its own errors mid-conversion
+    for key in formats.OWN_KEYS & saved.keys():  # torch's copy raised its own errors mid-conversion
+        value = saved[key]
         if isinstance(value, Tensor) and (value.layout != torch.strided or (value.is_meta and not p.is_meta)):
             kind = "meta" if value.is_meta else str(value.layout).removeprefix("torch.")
             raise ValueError(f"loaded state for parameter {saved_id}: {key} is a {kind} tensor, "
@@ -182,7 +184,8 @@ def torch_state_dict(opt: Adam) -> dict[str, Any]:
     for group, packed in zip(opt.param_groups, saved["param_groups"]):
         params.update(zip(packed["params"], group["params"]))
     state = {index: formats.torch_state(params[index], s) if index in params else s
-             for index, s in saved["state"].items() if s}  # (an entry that is no param's: as it is)
+             for index, s in saved["state"].items() if s or index not in params}
+    # (an entry that is no param's: as state_dict gives it, a user's object)
     groups = [{k: deepcopy(v) for k, v in g.items()
                if k not in ADAMKIT_ONLY_KEYS and not (k == "max_lr" and v is None)}
               for g in saved["param_groups"]]

@@ -408,16 +408,19 @@ class Adam(Optimizer):
     def _check_later_listings(self, repeats: int, grad_scale_inv: float) -> None:
         """What only a later listing's step can raise, before the first listing steps:
         its group's scalars at the count the param will have reached (a group edited to
-        an lr float32 cannot hold raised after the first group had moved every param).
-        Params, grads and storage are the first listing's, checked by its own plan."""
+        an lr float32 cannot hold raised after the first group had moved every param),
+        and the storage that group gives it. Params and grads are the first listing's,
+        checked by its own plan (``_gather`` checks every group)."""
         for repeat in range(1, repeats):
             for group, params in self._gather(repeat):
                 for _, p, _ in params:
+                    backends.check_storage(p, *formats.resolve(p, group))
                     state = self.state.get(p)
                     if state:
                         backends.check_step_counter(state["step"])
                     t = (int(state["step"].item()) if state else 0) + repeat + 1
-                    scalars_for(group, t, grad_scale_inv, p.dtype)
+                    counted = backends.counter_reads(t, [state["step"]]) if state else t
+                    scalars_for(group, counted, grad_scale_inv, p.dtype)
 
     def _master_versions(self) -> WeakIdKeyDictionary:
         """param → its version counter when its master copy was last in sync with it
@@ -592,7 +595,8 @@ class Adam(Optimizer):
         a Kahan compensation and a master copy, as on a load into ``param_update="nearest"``:
         torch.optim continues from the param itself, at most half an ulp of it lost.
         Groups keep torch's keys (``decoupled_weight_decay`` gives the decay mode). Nothing
-        of this optimizer is changed or shared. (A plain ``state_dict()`` loads into
+        of this optimizer is changed or shared (entries of ``state`` that are no param's
+        are given as ``state_dict()`` gives them). (A plain ``state_dict()`` loads into
         torch.optim too, but torch would read int8 codes as moment values.)
 
         Raises ValueError for a group with ``decouple_lr=True``, which torch.optim cannot

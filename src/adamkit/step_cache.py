@@ -62,14 +62,15 @@ _VERSION = operator.attrgetter("_version")
 _EXACT = (Tensor, torch.nn.Parameter)
 
 
-# A state tensor's layout: what the kernel's pointer alone does not say (and the lazy
-# conjugate bit, which check_param refuses on a complex one).
-_LAYOUT = (Tensor.numel, operator.attrgetter("dtype"), Tensor.is_contiguous, Tensor.is_neg,
-           Tensor.is_conj)
+# A state tensor's layout: what the kernel's pointer alone does not say. A complex
+# bucket's also holds the lazy conjugate bit, which check_param refuses (`.data =
+# t.conj()` keeps the address); a real tensor cannot have it without a new dtype.
+_LAYOUT = (Tensor.numel, operator.attrgetter("dtype"), Tensor.is_contiguous, Tensor.is_neg)
+_COMPLEX_LAYOUT = (*_LAYOUT, Tensor.is_conj)
 
 
-def _layout(row: list) -> list[list]:
-    return [list(map(f, row)) for f in _LAYOUT]
+def _layout(row: list, complex_: bool) -> list[list]:
+    return [list(map(f, row)) for f in (_COMPLEX_LAYOUT if complex_ else _LAYOUT)]
 
 
 def _same(xs: list, ys: list) -> bool:
@@ -143,7 +144,9 @@ class StepCache:
         for cb in buckets:
             keys = ["step", "exp_avg", "exp_avg_sq", *_extra_keys(cb.bucket)]
             rows = [(k, [st[k] for st in cb.bucket.states]) for k in keys]
-            cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row)), _layout(row)) for k, row in rows)
+            complex_ = cb.bucket.params[0].dtype.is_complex
+            cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row)), _layout(row, complex_))
+                                for k, row in rows)
             cb.tag_rows = tuple((k, [st.get(k) for st in cb.bucket.states]) for k in _TAG_KEYS)
             cb.dtype = cb.bucket.params[0].dtype
             cb.strides = list(map(Tensor.stride, cb.bucket.params))
@@ -244,7 +247,7 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
     except TypeError:  # a state that is no dict
         return False
     for _, row, pointers, layout in cb.key_rows:
-        if list(map(Tensor.data_ptr, row)) != pointers or _layout(row) != layout:
+        if list(map(Tensor.data_ptr, row)) != pointers or _layout(row, cb.dtype.is_complex) != layout:
             return False
     if _versions_moved(cb):
         return False
@@ -333,8 +336,7 @@ class _NativeArgs:
             # first cached step: a tensor recast in place since the plan must fail the
             # check, not become it)
             addresses, objects, numels, codes = [], [], [], []
-            # (no conjugate bit on the kernel's real tensors; a complex one fails the dtype)
-            for _, row, pointers, (counts, dtypes, contiguous, negative, _) in cb.key_rows:
+            for _, row, pointers, (counts, dtypes, contiguous, negative) in cb.key_rows:
                 addresses += pointers
                 objects += map(id, row)
                 numels += counts

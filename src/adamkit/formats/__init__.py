@@ -169,8 +169,9 @@ def written_keys(fmt: str | None, update: str | None, amsgrad: bool) -> frozense
 _FORMATS_TENSORS = written_keys(None, None, True) - {"step"}
 
 
-_OWN_KEYS = {"step", "state_format", "param_update", "sr_seed", *param.BUFFERS.values(),
-             *state.MOMENTS, *(f"{m}_scale" for m in state.MOMENTS)}
+# every key of a param's state that adamkit reads (others are kept, as torch keeps them)
+OWN_KEYS = frozenset({"step", "state_format", "param_update", "sr_seed", *param.BUFFERS.values(),
+                      *state.MOMENTS, *(f"{m}_scale" for m in state.MOMENTS)})
 
 
 def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
@@ -201,7 +202,7 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
             out.update(state.encoded(value, p, name, fmt))
     out.update(param.convert_buffers(p, saved, src_update, update, seed_of_param))
     for key, value in saved.items():  # keys of others (a newer adamkit, user code): kept
-        if key not in _OWN_KEYS:
+        if key not in OWN_KEYS:
             out[key] = value.clone() if isinstance(value, Tensor) else deepcopy(value)
     out["state_format"], out["param_update"] = fmt, update
     return out
