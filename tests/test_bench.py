@@ -383,3 +383,17 @@ def test_checks_builds_ab_checks_each_optimizer_with_each_build_in_turn(monkeypa
     # 2 pairings x 2 rounds x 2 optimizers: A and B each check 4 steps, 2 of each optimizer
     assert seen.count(libs["A"]) == seen.count(libs["B"]) == 4
     assert opts[0]._step_cache.native.checks is libs["B"] and opts[1]._step_cache.native.checks is libs["A"]
+
+
+def test_state_bytes_count_memory_several_states_share_once():
+    """bitsandbytes keeps one code map that every param's state refers to: it is counted
+    once, by its storage, however many states hold a view of it."""
+    from adamkit.bench.measure import Run
+
+    ps = [torch.nn.Parameter(torch.ones(256)) for _ in range(2)]
+    opt = torch.optim.Adam(ps)
+    shared = torch.zeros(64)
+    for p in ps:
+        opt.state[p] = {"exp_avg": torch.zeros(256), "code": shared[:32], "code2": shared[32:]}
+    run = Run(contender=None, params=ps, optimizer=opt, first_step_s=0.0)
+    assert run.state_bytes_per_param() == (2 * 256 * 4 + 64 * 4) / 512

@@ -547,6 +547,11 @@ EDITS = {
     "scheduler a list": lambda s: s.__setitem__("scheduler", []),
     "optimizer a list": lambda s: s.__setitem__("optimizer", []),
     "model with a number": lambda s: s["model"].update({next(iter(s["model"])): 3}),
+    # from a mutation audit: each of these resumed before
+    "metrics a row short": lambda s: s["metrics"].pop(),
+    "scheduler base_lrs zero": lambda s: s["scheduler"].__setitem__("base_lrs", [0.0] * len(s["scheduler"]["base_lrs"])),
+    "scheduler base_lrs infinite": lambda s: s["scheduler"].__setitem__(
+        "base_lrs", [math.inf] * len(s["scheduler"]["base_lrs"])),
 }
 
 

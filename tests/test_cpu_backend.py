@@ -408,3 +408,21 @@ def test_disable_cpu_kernels_set_to_0_or_empty_does_not_disable(monkeypatch, val
     if lib is None:
         pytest.skip(f"no CPU kernel here: {why}")
     assert why is None and isa
+
+
+def test_views_overlapping_a_long_one_all_leave_the_kernel():
+    """buf[0:100] holds buf[10:20] and buf[30:40]: the overlap scan keeps the longest
+    span's end, so both short views overlap it (not only the first), and the cpu backend
+    gives the torch backend's bits for all three."""
+    import adamkit
+
+    def run(backend):
+        buf = torch.linspace(-1.0, 1.0, 100)
+        ps = [torch.nn.Parameter(buf[0:100]), torch.nn.Parameter(buf[10:20]), torch.nn.Parameter(buf[30:40])]
+        opt = adamkit.Adam(ps, lr=0.01, weight_decay=0.5, backend=backend)
+        for t in range(2):
+            for p in ps:
+                p.grad = torch.cos(torch.arange(p.numel()) * (t + 1.0))
+            opt.step()
+        return buf
+    assert torch.equal(run("cpu"), run("torch"))

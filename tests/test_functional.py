@@ -230,3 +230,74 @@ def test_the_reference_refuses_complex_tensors():
     z = torch.zeros(2, dtype=torch.complex128)
     with pytest.raises(TypeError, match="view_as_real"):
         reference_step(z + 1, z + 1j, z, z.real, None, 1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+# ---- what the functional step and the oracle refuse (from a mutation audit) ---------------
+
+def _columns(n=8, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(7)
+    return ([torch.randn(n, generator=gen, dtype=dtype)], [torch.randn(n, generator=gen, dtype=dtype)],
+            [torch.zeros(n, dtype=dtype)], [torch.zeros(n, dtype=dtype)])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"backend": "bogus"}, ValueError, "Invalid backend: 'bogus'"),
+    ({"amsgrad": True}, ValueError, "amsgrad=True needs max_exp_avg_sqs"),
+    ({"lr": 1e39}, RuntimeError, "cannot be converted to type float without overflow"),
+    ({"weight_decay": 1e39}, RuntimeError, "cannot be converted to type float without overflow"),
+], ids=["backend", "amsgrad-without-max", "lr-beyond-float32", "decay-beyond-float32"])
+def test_the_functional_step_refuses_what_it_cannot_run_before_any_write(kwargs, error, message):
+    cols = _columns()
+    before = [[t.clone() for t in c] for c in cols]
+    with pytest.raises(error, match=message):
+        adam_step(*cols, step=1, **kwargs)
+    for c, b in zip(cols, before):
+        assert all(torch.equal(t, u) for t, u in zip(c, b))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_views_that_share_one_element_are_updated_in_turn(backend):
+    """The overlap test of views (their spans of memory) counts the last element: views
+    b[0:3] and b[2:5] share b[2] only, and are stepped one after the other, as one index
+    at a time gives."""
+    def columns():
+        buf = torch.linspace(-1.0, 1.0, 5)
+        ps = [buf[0:3], buf[2:5]]
+        return buf, ps, [torch.full((3,), 0.4), torch.full((3,), -0.3)], [torch.zeros(3) for _ in ps], \
+            [torch.zeros(3) for _ in ps]
+    buf, ps, gs, ms, vs = columns()
+    adam_step(ps, gs, ms, vs, step=1, lr=0.1, weight_decay=0.5, backend=backend)
+    tbuf, tp, tg, tm, tv = columns()
+    for i in range(2):
+        adam_step(tp[i:i + 1], tg[i:i + 1], tm[i:i + 1], tv[i:i + 1], step=1, lr=0.1, weight_decay=0.5,
+                  backend=backend)
+    assert torch.equal(buf, tbuf)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_two_params_sharing_their_moments_are_updated_in_turn(backend):
+    """Moments one tensor for two params are written twice: one index after the other,
+    as torch's for-loop (the alias scan covers the moment columns, not only params)."""
+    def columns():
+        m, v = torch.zeros(4), torch.zeros(4)
+        return [torch.ones(4), torch.full((4,), 2.0)], [torch.full((4,), 0.5), torch.full((4,), -0.2)], [m, m], [v, v]
+    ours = columns()
+    adam_step(*ours, step=1, lr=0.1, backend=backend)
+    theirs = columns()
+    for i in range(2):
+        adam_step(*[c[i:i + 1] for c in theirs], step=1, lr=0.1, backend=backend)
+    for a, b in zip(ours, theirs):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"step": 0}, "step counts from 1"),
+    ({"step": 1, "weight_decay": 0.1, "decouple_lr": True, "max_lr": 0.0}, "decouple_lr needs max_lr > 0"),
+], ids=["step-0", "max_lr-0"])
+def test_the_reference_refuses_a_step_it_does_not_define(kwargs, message):
+    from adamkit import reference
+
+    p, g = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    z = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        reference.adam_step(p, g, z, z, None, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, **kwargs)
