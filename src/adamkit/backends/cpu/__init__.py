@@ -81,8 +81,10 @@ def _seed_fits(seed) -> bool:
 def _overlapping(params, idx: list[int]) -> set[int]:
     """Those of params[idx] whose memory overlaps another's: the kernel's threads would
     update it concurrently (views of one storage; or a param listed twice, which
-    Adam.step splits into one step per listing, functional callers may not), so they run
-    one after another on the torch backend, as torch.optim runs them."""
+    Adam.step splits into one step per listing, functional callers may not), so they go
+    to the torch backend, whose foreach ops give them torch.optim's foreach numbers (its
+    default CPU for-loop, which steps them in turn, differs there: functional.adam_step
+    steps aliased tensors in turn)."""
     spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), i)
                    for i in idx for p in (params[i],) if p.numel())
     shared, end, owner = set(), -1, None
