@@ -414,12 +414,7 @@ class Adam(Optimizer):
         for repeat in range(1, repeats):
             for group, params in self._gather(repeat):
                 for _, p, _ in params:
-                    backends.check_storage(p, *formats.resolve(p, group))
-                    state = self.state.get(p)
-                    if state:
-                        backends.check_step_counter(state["step"])
-                    t = (int(state["step"].item()) if state else 0) + repeat + 1
-                    counted = backends.counter_reads(t, [state["step"]]) if state else t
+                    *_, counted = _listing_plan(p, group, self.state.get(p), repeat + 1)
                     scalars_for(group, counted, grad_scale_inv, p.dtype)
 
     def _master_versions(self) -> WeakIdKeyDictionary:
@@ -445,15 +440,8 @@ class Adam(Optimizer):
             buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
             pending = {}
             for index, p, position in params:
-                fmt, update = formats.resolve(p, group)
-                backends.check_storage(p, fmt, update)
                 state = self.state.get(p)
-                if state:
-                    backends.check_step_counter(state["step"])
-                t = int(state["step"].item()) + 1 if state else 1
-                # the step as torch.optim takes it: what the counter reads once it counted
-                # t (2^24 for float32 past there; t is then stochastic rounding's cue)
-                counted = backends.counter_reads(t, [state["step"]]) if state else 1
+                fmt, update, t, counted = _listing_plan(p, group, state, 1)
                 buckets[(p.device, p.dtype, fmt, update, t, counted)].append((position, p))
                 new = pending[p] = self._planned_state(p, group, fmt, update, index)
                 if state:  # torch's errors for what no in-place op writes, before any write
@@ -608,6 +596,21 @@ class Adam(Optimizer):
             theirs.load_state_dict(opt.torch_state_dict())
         """
         return checkpoints.torch_state_dict(self)
+
+
+def _listing_plan(p: Tensor, group: dict[str, Any], state: dict | None,
+                  ahead: int) -> tuple[str, str, int, int]:
+    """p's storage in ``group`` (refused where no step can give it) and the step ``ahead``
+    steps past its counter: t and, as torch.optim takes it, what the counter reads once
+    it counted t (2^24 for float32 past there; t is then stochastic rounding's cue).
+    torch's error for a counter no step can count."""
+    fmt, update = formats.resolve(p, group)
+    backends.check_storage(p, fmt, update)
+    if not state:
+        return fmt, update, ahead, ahead
+    backends.check_step_counter(state["step"])
+    t = int(state["step"].item()) + ahead
+    return fmt, update, t, backends.counter_reads(t, [state["step"]])
 
 
 def _param_states(state: dict) -> list[tuple[Tensor, dict]]:

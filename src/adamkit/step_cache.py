@@ -260,8 +260,9 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
             and b.exp_avgs[i].shape == b.params[i].shape for i in rest))
     # Recast or restrided params re-plan; sparse or misfit grads, resized params and
     # conjugate-bit ones too, and the full path raises on them before anything changes.
-    if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape or p.is_conj()
-           for p, g, m in zip(b.params, grads, b.exp_avgs)):
+    complex_ = cb.dtype.is_complex
+    if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape
+           or (complex_ and p.is_conj()) for p, g, m in zip(b.params, grads, b.exp_avgs)):
         return False
     if list(map(Tensor.stride, b.params)) != cb.strides:
         return False
