@@ -325,15 +325,15 @@ class Adam(Optimizer):
                    **formats.fresh_state(p, fmt, update, group["amsgrad"], seed)}
         elif (error := _reshaped(state, p)) is not None:
             raise error
-        elif (state.get("state_format") != fmt or state.get("param_update") != update
-              or not formats.state_fits(p, state, fmt, update)):
+        elif not formats.state_fits(p, state, fmt, update):
             seed = param_policy.sr_seed(group["seed"], index)
             try:
                 new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
             except ValueError as exc:  # a live state edited into one no format reads
                 raise UnreadableStateError(
-                    f"the optimizer state of param {index} (shape {tuple(p.shape)}, state_format "
-                    f"{state.get('state_format')!r}) cannot be read: {exc}") from None
+                    f"the optimizer state of param {index} (shape {tuple(p.shape)}) cannot be "
+                    f"read as state_format {fmt!r}, param_update {update!r} or converted to "
+                    f"them: {exc}") from None
         elif resynced:
             new = state
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -579,7 +579,7 @@ class Adam(Optimizer):
         Each param's state becomes ``step`` and the moments in float32, float64 kept (int8
         codes and bf16 decoded; torch.optim casts them to the param's dtype when it loads
         them);
-        int8 scales, the format tags and stochastic-rounding seeds are dropped, and so are
+        int8 scales and stochastic-rounding seeds are dropped, and so are
         a Kahan compensation and a master copy, as on a load into ``param_update="nearest"``:
         torch.optim continues from the param itself, at most half an ulp of it lost.
         Groups keep torch's keys (``decoupled_weight_decay`` gives the decay mode). Nothing

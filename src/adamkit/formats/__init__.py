@@ -5,8 +5,12 @@ formats, ``param`` the update policies of low-precision params. This file resolv
 param group's choices for one param, and builds a param's state: fresh, or converted
 from a saved one (a checkpoint, or a state of another format).
 
-A param's state records what it is in two strings, ``state_format`` and
-``param_update``, so a checkpoint describes itself.
+A param's state says what it is by its tensors alone (``stored_formats``): the moments'
+dtype is their format (uint8 codes with per-block ``*_scale`` tensors: int8), and the
+buffer it holds is its update policy. So a state dict holds tensors only, as
+torch.optim's does, which ``torch.distributed.checkpoint``'s flattening requires.
+Checkpoints of earlier adamkit versions also carry two str tags (``LEGACY_TAGS``); a load
+reads a state by them, and they are not written again.
 """
 
 from __future__ import annotations
@@ -28,10 +32,15 @@ DEFAULT_STATE = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "
                  torch.float16: "fp32"}
 DEFAULT_UPDATE = "kahan"  # for bfloat16/float16 params; "nearest" rounds as torch does
 # (not its bits: torch's foreach ops round bf16 state after every op, docs/precision.md)
-# A torch.optim (untagged) checkpoint's moments are plain tensors: their dtype is the format.
+# A float moment's dtype is its format (in any state: adamkit's or torch.optim's).
 _DTYPE_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64",
                  torch.float16: "fp16", torch.complex64: "fp32", torch.complex128: "fp64"}
 GROUP_DEFAULTS = {"state_format": None, "param_update": None, "seed": 0, "int8_min_size": 4096}
+# The str tags earlier versions wrote into each param's state (state format, update
+# policy): read from a checkpoint that has them, never written.
+LEGACY_TAGS = ("state_format", "param_update")
+# The update policy a state's buffer says (formats.md, "Checkpoints"); none: "nearest".
+_BUFFER_POLICY = {"kahan_comp": "kahan", "master_param": "master", "sr_seed": "stochastic"}
 
 
 def _names(values, none: bool = True) -> str:
@@ -85,56 +94,88 @@ def fresh_state(p: Tensor, fmt: str, update: str, amsgrad: bool,
     for name in state.MOMENTS[: 3 if amsgrad else 2]:
         out.update(state.zeros(p, name, fmt))
     out.update(param.buffers(p, update, seed_of_param))
-    out["state_format"], out["param_update"] = fmt, update
     return out
 
 
-def _untagged(saved: dict[str, Any]) -> bool:
+def _through_torch(saved: dict[str, Any]) -> bool:
+    """Legacy tags that passed through torch.optim's load_state_dict, which rebuilds every
+    str of a state from a generator: the state is then torch.optim's (moments cast to the
+    param dtype, buffers not stepped along)."""
     fmt = saved.get("state_format")
-    return fmt is None or (isinstance(fmt, str) and fmt.startswith("<generator object"))
+    return isinstance(fmt, str) and fmt.startswith("<generator object")
 
 
-def saved_formats(saved: dict[str, Any]) -> tuple[str, str]:
-    """(state format, param update) a saved state was written in.
+def _legacy_tagged(saved: dict[str, Any]) -> bool:
+    return "state_format" in saved and not _through_torch(saved)
 
-    Untagged states (torch.optim's, or adamkit's before formats) are plain tensors in a
-    float dtype, updated "nearest". torch.optim's load_state_dict treats a str as an
-    iterable and rebuilds it from a generator, so a checkpoint that went through
-    torch.optim carries '<generator object ...>' for our tags: its state is torch.optim's
-    (moments cast to the param dtype), so it is read as untagged too."""
-    fmt, update = saved.get("state_format"), saved.get("param_update")
-    if _untagged(saved):
+
+def stored_formats(saved: dict[str, Any], update: str | None = None) -> tuple[str, str]:
+    """(state format, param update) a state (live, or a checkpoint's) is stored in.
+
+    Read from its tensors (formats.md, "Checkpoints"): uint8 ``exp_avg`` codes are
+    "int8" (their ``*_scale`` tensors are checked where the codes are read), a float
+    ``exp_avg``'s dtype is its format; the policy is the one whose buffer the state holds
+    (``kahan_comp``, ``master_param``, ``sr_seed``), else "nearest". So a torch.optim
+    state is read as it is (moments in the param dtype, "nearest"). Where a state holds
+    the buffers of several policies, ``update`` (the policy it is converted to) picks
+    its own, else kahan's or master's, which hold θ.
+
+    Legacy tags (``LEGACY_TAGS``, earlier adamkit versions) decide where a state has
+    them: its tensors are then checked against them where they are read. Tags that went
+    through torch.optim (``'<generator object ...>'``) are ignored with the buffers, which
+    torch.optim's steps did not update: the state is torch.optim's."""
+    if _legacy_tagged(saved):
+        fmt, update = saved["state_format"], saved.get("param_update")
+        if not isinstance(fmt, str) or fmt not in state.STORAGE:  # (a list is unhashable)
+            raise ValueError(f"unknown state_format {fmt!r}; known formats are "
+                             f"{_names(state.STORAGE, none=False)}")
+        update = "nearest" if update is None else update
+        if not isinstance(update, str) or update not in PARAM_UPDATES:
+            known = _names(PARAM_UPDATES, none=False)
+            raise ValueError(f"unknown param_update {update!r}; known are {known}")
+        return fmt, update
+    moment = saved.get("exp_avg")
+    if isinstance(moment, Tensor) and moment.dtype == torch.uint8:
+        fmt = "int8"
+    else:
         scaled = [f"{m}_scale" for m in state.MOMENTS if f"{m}_scale" in saved]
-        if scaled:  # adamkit's int8 state, its tags and dtypes lost in torch.optim
-            got = saved.get("exp_avg")
-            got = got.dtype if isinstance(got, Tensor) else type(got).__name__
-            raise ValueError(f"untagged state with {scaled[0]}: int8 codes that passed through "
-                             f"torch.optim's load_state_dict (codes now {got}, tags lost) "
-                             "cannot be read as moments; load adamkit's own checkpoint")
-        moment = saved.get("exp_avg")
+        got = moment.dtype if isinstance(moment, Tensor) else type(moment).__name__
+        if scaled:  # adamkit's int8 state, its codes cast by torch.optim
+            raise ValueError(f"state with {scaled[0]} but exp_avg of {got}: int8 codes that "
+                             "passed through torch.optim's load_state_dict (it casts them to "
+                             "the param's dtype) cannot be read as moments; load adamkit's own "
+                             "checkpoint")
         if not isinstance(moment, Tensor) or moment.dtype not in _DTYPE_FORMAT:
-            got = moment.dtype if isinstance(moment, Tensor) else type(moment).__name__
-            raise ValueError(f"untagged state (no state_format) with exp_avg of {got}: "
-                             "only float moments can be read without a tag")
-        return _DTYPE_FORMAT[moment.dtype], "nearest"
-    if not isinstance(fmt, str) or fmt not in state.STORAGE:  # (a list is unhashable)
-        raise ValueError(f"unknown state_format {fmt!r}; known formats are "
-                         f"{_names(state.STORAGE, none=False)}")
-    update = "nearest" if update is None else update
-    if not isinstance(update, str) or update not in PARAM_UPDATES:
-        known = _names(PARAM_UPDATES, none=False)
-        raise ValueError(f"unknown param_update {update!r}; known are {known}")
-    return fmt, update
+            raise ValueError(f"exp_avg of {got} is no moment format (float moments, or uint8 "
+                             "int8 codes with their scales)")
+        fmt = _DTYPE_FORMAT[moment.dtype]
+    if _through_torch(saved):
+        return fmt, "nearest"
+    return fmt, _held_policy(saved, update)
+
+
+def _held_policy(saved: dict[str, Any], update: str | None) -> str:
+    held = [policy for key, policy in _BUFFER_POLICY.items() if key in saved]
+    if update in held or not held:
+        return update if update in held else "nearest"
+    return held[0]  # kahan's, master's, then the seed's (_BUFFER_POLICY's order)
 
 
 def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
-    """Whether a live state's tensors are what format ``fmt`` and policy ``update`` store
-    for ``p`` (its tags say so; code can still have changed them: a moment cast to
-    bfloat16, an int8 scale replaced or deleted, a buffer of another dtype after
-    ``model.half()``). Where not, the step converts the state as it converts a
-    checkpoint, which validates it: the native kernel reads these through raw pointers."""
+    """Whether a live state's tensors are exactly what format ``fmt`` and policy
+    ``update`` store for ``p``: no other policy's buffer, no int8 scales beside float
+    moments, no legacy tags (a group's storage changed since the last step, or code
+    changed the state: a moment cast to bfloat16, an int8 scale replaced or deleted, a
+    buffer of another dtype after ``model.half()``). Where not, the step converts the
+    state as it converts a checkpoint, which validates it (the native kernel reads these
+    through raw pointers) and drops what the new storage does not keep."""
     if any(t.is_neg() for t in written_tensors(st, _FORMATS_TENSORS)):
         return False  # its memory holds -t: the conversion's copy holds t
+    if any(k in st for k in LEGACY_TAGS) or any(
+            key in st for key, policy in _BUFFER_POLICY.items() if policy != update):
+        return False
+    if fmt != "int8" and any(f"{m}_scale" in st for m in state.MOMENTS):
+        return False
     want = state.storage_dtype(fmt, p)
     for name in state.MOMENTS:
         t = st.get(name)
@@ -170,7 +211,7 @@ _FORMATS_TENSORS = written_keys(None, None, True) - {"step"}
 
 
 # every key of a param's state that adamkit reads (others are kept, as torch keeps them)
-OWN_KEYS = frozenset({"step", "state_format", "param_update", "sr_seed", *param.BUFFERS.values(),
+OWN_KEYS = frozenset({"step", *LEGACY_TAGS, "sr_seed", *param.BUFFERS.values(),
                       *state.MOMENTS, *(f"{m}_scale" for m in state.MOMENTS)})
 
 
@@ -182,16 +223,19 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
     encoded in ``fmt``; the same format is copied as is (int8 codes and scales too, so a
     round trip is exact). Buffers follow param.convert_buffers. Nothing is modified;
     ValueError if anything does not fit ``p``."""
-    src_fmt, src_update = saved_formats(saved)
+    src_fmt, src_update = stored_formats(saved, update)
     missing = [name for name in state.MOMENTS[:2] if name not in saved]
     if missing:
         raise ValueError(f"the state lacks {missing[0]} (has {sorted(saved)})")
     out: dict[str, Any] = {}
-    untagged = _untagged(saved)
+    # float moments: each its own dtype's format (torch.optim casts each to the param's
+    # dtype on load, so moments of two float dtypes are a valid checkpoint); tagged or
+    # int8 ones: the state's format, which their dtypes are checked against
+    own_dtype = src_fmt != "int8" and not _legacy_tagged(saved)
     for name in state.MOMENTS:
         if name not in saved:
             continue
-        moment_fmt = _moment_format(saved[name]) if untagged else src_fmt
+        moment_fmt = _moment_format(saved[name]) if own_dtype else src_fmt
         value = state.load_moment(saved, name, moment_fmt, p)  # validates
         if moment_fmt == fmt:
             dtype = state.storage_dtype(fmt, p)
@@ -204,22 +248,20 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
     for key, value in saved.items():  # keys of others (a newer adamkit, user code): kept
         if key not in OWN_KEYS:
             out[key] = value.clone() if isinstance(value, Tensor) else deepcopy(value)
-    out["state_format"], out["param_update"] = fmt, update
     return out
 
 
 def _moment_format(t: Any) -> str:
-    """An untagged moment's own format: torch.optim casts each moment to the param's
-    dtype on load, so moments of two float dtypes in one state are a valid checkpoint."""
+    """A float moment's own format (its dtype's)."""
     return _DTYPE_FORMAT.get(t.dtype, "?") if isinstance(t, Tensor) else "?"
 
 
 def torch_state(p: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
     """One param's saved state as torch.optim.Adam keeps it: a copy of ``step`` and the
     moments in float32, or float64 where they are (torch.optim casts them to p's dtype
-    when it loads them); no tags, int8 scales or seeds, and the buffers dropped as in a
+    when it loads them); no int8 scales or seeds, and the buffers dropped as in a
     conversion to "nearest"."""
-    wide = "fp64" if saved_formats(saved)[0] == "fp64" else "fp32"  # never rounded down
+    wide = "fp64" if stored_formats(saved)[0] == "fp64" else "fp32"  # never rounded down
     converted = convert_state(p, saved, wide, "nearest", seed_of_param=0)
     return {"step": saved["step"].clone(),
             **{name: converted[name] for name in state.MOMENTS if name in converted}}
