@@ -87,7 +87,7 @@ def gradient_drop(state_format: str, steps: int = 3000, drop_at: int = 500) -> l
         opt.step()
         st = opt.state[p]
         v = adamkit.formats.state.read(st["exp_avg_sq"], st.get("exp_avg_sq_scale"),
-                                       st["state_format"], "exp_avg_sq")
+                                       adamkit.formats.stored_formats(st)[0], "exp_avg_sq")
         medians.append(v.median().item())
     return medians
 

@@ -43,10 +43,9 @@ def test_layout_uses_torch_keys():
     _train(model, opt, 2, 0)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
-    # torch's keys, plus the two strings by which a state describes its storage.
-    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
-                                   "state_format", "param_update"}
-    assert (sd["state"][0]["state_format"], sd["state"][0]["param_update"]) == ("fp32", "nearest")
+    # torch's keys and dtypes: a state's tensors say its storage (formats.stored_formats)
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert all(isinstance(v, torch.Tensor) for v in sd["state"][0].values())
     assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].item() == 2
     assert sd["param_groups"][0]["params"] == list(range(len(list(model.parameters()))))
 
@@ -175,8 +174,9 @@ def _mutations():
         m = sd["state"][0]["exp_avg"]
         sd["state"][0]["exp_avg"] = torch.complex(m, torch.ones_like(m))
 
-    def tag_disagrees(sd):
-        sd["state"][0]["exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].bfloat16()  # tag "fp32"
+    def legacy_tag_disagrees(sd):  # as an earlier version saved it, but a moment cast
+        sd["state"][0].update(state_format="fp32", param_update="nearest")
+        sd["state"][0]["exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].bfloat16()
 
     # a group without a key torch.optim always saves: the live group's value filled it
     # in, and the run went on at an lr it never had
@@ -225,7 +225,7 @@ def _mutations():
 
     return [eps_of_two_elements, complex_lr, step_is_a_bool, group_without_weight_decay,
             sparse_moment, meta_moment, meta_step, fewer_groups, more_params, wrong_shape, wrong_shape_late, missing_key, bad_lr,
-            bad_betas, bad_max_lr, bad_lr_as_max_lr, lr_not_a_number, complex_moment, tag_disagrees,
+            bad_betas, bad_max_lr, bad_lr_as_max_lr, lr_not_a_number, complex_moment, legacy_tag_disagrees,
             group_without_lr, group_without_betas, group_without_eps, state_keys_as_str,
             state_key_renumbered]
 

@@ -503,8 +503,8 @@ def test_a_cached_step_that_raises_keeps_no_grad(checks_mode):
 
 # ---- a state's keys and tensors, edited between steps ---------------------------------------
 
-def _legacy_tag_names_another_format(st):  # as an earlier version's checkpoint: its codes stay int8
-    st["state_format"] = "bf16"
+def _codes_replaced_by_floats(st):  # what the step stored says int8 codes
+    st["exp_avg"] = st["exp_avg"].float()
 
 
 def _scale_removed(st):
@@ -515,8 +515,8 @@ def _buffer_of_another_policy_added(st):  # a kahan state given a master copy: k
     st["master_param"] = torch.zeros(5000)
 
 
-def _legacy_tags_added_as_stored(st):  # they say what the tensors hold: read, then dropped
-    st["state_format"], st["param_update"] = "int8", "kahan"
+def _legacy_tags_added(st):  # a checkpoint's, not a live state's: what the step stored decides; dropped
+    st["state_format"], st["param_update"] = "bf16", "master"
 
 
 def _scale_swapped_negative(st):  # a new tensor: formats.md's scales are ≥ 2^-126 (or 0, NaN, +∞)
@@ -560,14 +560,14 @@ def _state_copy(opt, p):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("edit", [_legacy_tag_names_another_format, _scale_removed,
-                                  _buffer_of_another_policy_added, _legacy_tags_added_as_stored,
+@pytest.mark.parametrize("edit", [_codes_replaced_by_floats, _scale_removed,
+                                  _buffer_of_another_policy_added, _legacy_tags_added,
                                   _scale_swapped_negative, _scale_swapped_minus_inf],
                          ids=lambda f: f.__name__.strip("_"))
 def test_a_state_edited_between_steps_steps_as_the_full_path(checks_mode, edit, backend):
-    """The full path reads a state by its keys and tensors (a buffer says the update
-    policy; legacy tags, where a state has them, say both): a state they no longer
-    describe raises UnreadableStateError with nothing changed. The cached step re-plans
+    """The full path checks a state it stored against what it stored (int8 codes, a
+    kahan buffer here): a state that no longer holds it raises UnreadableStateError
+    with nothing changed. The cached step re-plans
     on any key added or removed and checks the tensors by identity, so it does the same;
     by the planned tensors alone it stepped on, and the state dict it left could not be
     loaded. So does an int8 scale swapped for one holding values no encoder writes, which
@@ -577,7 +577,7 @@ def test_a_state_edited_between_steps_steps_as_the_full_path(checks_mode, edit, 
     cached, fresh = _edited_run(True, edit, backend), _edited_run(False, edit, backend)
     assert cached[0] is fresh[0]
     assert torch.equal(cached[1], fresh[1])
-    if edit in (_legacy_tags_added_as_stored, _buffer_of_another_policy_added):
+    if edit in (_legacy_tags_added, _buffer_of_another_policy_added):
         assert cached[0] is None
         assert torch.equal(cached[1], _edited_run(True, lambda st: None, backend)[1])
     else:

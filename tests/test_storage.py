@@ -12,6 +12,7 @@ from adamkit.backends import cpu
 from adamkit.backends.cpu import library
 from adamkit.formats import param as policy
 from adamkit.formats import state as fmt_state
+from adamkit.formats import stored_formats
 from helpers import assert_close_scaled
 from adamkit.reference import adam_step
 from registry import (EFFECTIVE_PARAM_TOL, FAST_BACKENDS, FP32_MOMENT_RTOL, NEAR_TIE_RTOL,
@@ -65,8 +66,8 @@ def test_cpu_kernel_equals_torch_backend_bitwise(storage, variant):
         assert sa.keys() == sb.keys()
         for key in sa:
             assert torch.equal(sa[key], sb[key]), f"param {i} {key}: {(sa[key] != sb[key]).sum()} differ"
-        assert oa.state[a]["state_format"] == storage.state_format
-        assert oa.state[a]["param_update"] == storage.param_update
+        assert stored_formats(oa.state[a])[0] == storage.state_format
+        assert stored_formats(oa.state[a])[1] == storage.param_update
 
 
 def test_late_steps_variant_hands_the_kernel_bc2_sqrt_one_from_step_4():
@@ -190,7 +191,7 @@ def _stored_values(name, fmt, a, b, st_a, st_b):
 def _unrounded_moments(opt, p, before, grad, update, step):
     """The oracle's moments before storage rounds them (adamkit.reference, float64), from
     the state the step started with; and the size of their operands, elementwise."""
-    group, fmt = opt.param_groups[0], opt.state[p]["state_format"]
+    group, fmt = opt.param_groups[0], stored_formats(opt.state[p])[0]
     zero = torch.zeros(p.shape, dtype=torch.float64)
     old = {name: fmt_state.read(before[name], before.get(f"{name}_scale"), fmt, name).double()
            if name in before else zero for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
@@ -329,9 +330,9 @@ def test_int8_small_tensors_stay_fp32():
     opt = adamkit.Adam([big, small], state_format="int8")
     big.grad, small.grad = torch.ones(64, 64), torch.ones(4095)
     opt.step()
-    assert opt.state[big]["state_format"] == "int8" and opt.state[big]["exp_avg"].dtype == torch.uint8
+    assert stored_formats(opt.state[big])[0] == "int8" and opt.state[big]["exp_avg"].dtype == torch.uint8
     assert opt.state[big]["exp_avg_scale"].shape == (16,)
-    assert opt.state[small]["state_format"] == "fp32" and opt.state[small]["exp_avg"].dtype == torch.float32
+    assert stored_formats(opt.state[small])[0] == "fp32" and opt.state[small]["exp_avg"].dtype == torch.float32
     assert "exp_avg_scale" not in opt.state[small]
 
 

@@ -15,6 +15,8 @@ import adamkit
 from adamkit import checkpoints
 from adamkit.formats import param as policy
 from adamkit.formats import state as fmt_state
+from adamkit import formats
+from adamkit.formats import stored_formats
 from helpers import assert_close_scaled
 from registry import STORAGE, TORCH_PARITY_TOL, Storage
 from test_checkpoints import _assert_unchanged, _save_load, _snapshot
@@ -42,7 +44,7 @@ def _opt(params, storage: Storage, **kw):
 
 
 def _value(state: dict, name: str) -> torch.Tensor:
-    return fmt_state.read(state[name], state.get(f"{name}_scale"), state["state_format"], name)
+    return fmt_state.read(state[name], state.get(f"{name}_scale"), stored_formats(state)[0], name)
 
 
 PAIRS = [(a, b) for a in STORAGE for b in STORAGE if a.dtype == b.dtype]
@@ -62,7 +64,7 @@ def test_every_conversion_follows_the_spec(src, dst):
     loaded.load_state_dict(_save_load(opt.state_dict()))
     for index, p in enumerate(params):
         s, d = saved[index], loaded.state[p]
-        assert (d["state_format"], d["param_update"]) == (dst.state_format, dst.param_update)
+        assert stored_formats(d) == (dst.state_format, dst.param_update)
         assert float(d["step"]) == 3
         for name in MOMENTS:
             if src.state_format == dst.state_format:
@@ -78,7 +80,7 @@ def test_every_conversion_follows_the_spec(src, dst):
                 assert torch.equal(d[name], codes) and torch.equal(d[f"{name}_scale"], scale)
         _check_buffers(p, s, d, src.param_update, dst.param_update, index)
     _train(params, loaded, 1)  # and it steps
-    assert loaded.state[params[0]]["state_format"] == dst.state_format
+    assert stored_formats(loaded.state[params[0]])[0] == dst.state_format
 
 
 def _check_buffers(p, s, d, src, dst, index):
@@ -140,7 +142,7 @@ def test_torch_optim_checkpoint_into_kahan_or_master(update):
     assert ours.param_groups[0]["lr"] == 1e-2 and ours.param_groups[0]["amsgrad"]
     for i, p in enumerate(params):
         st = ours.state[p]
-        assert (st["state_format"], st["param_update"]) == ("bf16", update)
+        assert stored_formats(st) == ("bf16", update)
         for name in MOMENTS:
             assert torch.equal(st[name], saved["state"][i][name])
         if update == "kahan":
@@ -188,22 +190,44 @@ def test_a_torch_optim_checkpoint_with_moments_of_two_dtypes_loads_as_torch_load
         torch.testing.assert_close(p, t, rtol=1e-6, atol=1e-7)
 
 
-def test_adamkit_to_torch_optim_and_back():
-    """torch.optim's load_state_dict rebuilds every str of the state from a generator; the
-    checkpoint it saves again is read as torch.optim's (by its moments' dtype)."""
+@pytest.mark.parametrize("legacy_tags", [False, True], ids=["tensors-only", "legacy-tags"])
+def test_adamkit_to_torch_optim_and_back(legacy_tags):
+    """A state dict of tensors only goes through torch.optim and back as torch.optim's.
+    An earlier version's, with str tags: torch.optim's load_state_dict rebuilds every str
+    of the state from a generator, and the checkpoint it saves again is read as
+    torch.optim's (by its moments' dtype)."""
     params = _params(torch.float32)
     opt = adamkit.Adam(params, lr=1e-2)
     _train(params, opt, 2)
     theirs = torch.optim.Adam(params, lr=1e-2)
-    theirs.load_state_dict(_save_load(opt.state_dict()))
+    sd = opt.state_dict()
+    if legacy_tags:
+        sd = _with_legacy_tags(sd, opt)
+    theirs.load_state_dict(_save_load(sd))
     _train(params, theirs, 2)
     saved = _save_load(theirs.state_dict())
-    assert saved["state"][0]["state_format"].startswith("<generator object")  # torch's doing
+    if legacy_tags:
+        assert saved["state"][0]["state_format"].startswith("<generator object")  # torch's doing
+    else:
+        assert all(isinstance(v, torch.Tensor) for v in saved["state"][0].values())
     back = adamkit.Adam(params)
     back.load_state_dict(saved)
     st = back.state[params[0]]
-    assert (st["state_format"], st["param_update"]) == ("fp32", "nearest")
+    assert stored_formats(st) == ("fp32", "nearest") and "state_format" not in st
     assert torch.equal(st["exp_avg"], saved["state"][0]["exp_avg"]) and float(st["step"]) == 4
+
+
+def _with_legacy_tags(sd, opt):
+    """``sd`` as adamkit saved it before states were read from their tensors: each param's
+    state also holds its format and update policy as str tags."""
+    sd = copy.deepcopy(sd)
+    index = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if index in sd["state"]:
+                sd["state"][index].update(zip(("state_format", "param_update"), formats.resolve(p, group)))
+            index += 1
+    return sd
 
 
 def _through_torch_optim(params, opt):
@@ -284,14 +308,15 @@ def _mutations():
     def unknown_format(sd):
         sd["state"][0]["state_format"] = "int4"
 
+    # tags as earlier versions saved them: they decide (the tensors are checked against them)
     def unknown_update(sd):
-        sd["state"][0]["param_update"] = "sometimes"
+        sd["state"][0].update(state_format="int8", param_update="sometimes")
 
     def listed_format(sd):  # unhashable: a TypeError from the lookup
         sd["state"][0]["state_format"] = ["int8"]
 
     def listed_update(sd):
-        sd["state"][0]["param_update"] = ["kahan"]
+        sd["state"][0].update(state_format="int8", param_update=["kahan"])
 
     def missing_scale(sd):
         del sd["state"][0]["exp_avg_scale"]
@@ -308,11 +333,9 @@ def _mutations():
     def wrong_comp_shape_late(sd):  # the last param: everything before it is valid
         sd["state"][1]["kahan_comp"] = torch.zeros(2, dtype=torch.bfloat16)
 
-    def missing_comp(sd):
+    def tagged_kahan_without_comp(sd):  # (untagged, it is a "nearest" state: comp = 0)
+        sd["state"][0].update(state_format="int8", param_update="kahan")
         del sd["state"][0]["kahan_comp"]
-
-    def untagged_codes(sd):
-        del sd["state"][0]["state_format"]
 
     def bad_sr_seed(sd):
         sd["state"][0]["param_update"] = "stochastic"
@@ -381,7 +404,7 @@ def _mutations():
         sd["state"][1] = None
 
     return [unknown_format, unknown_update, listed_format, listed_update, missing_scale, wrong_scale_shape, float_codes,
-            wrong_code_shape, wrong_comp_shape_late, missing_comp, untagged_codes, bad_sr_seed,
+            wrong_code_shape, wrong_comp_shape_late, tagged_kahan_without_comp, bad_sr_seed,
             negative_scale, minus_inf_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
             nan_step, infinite_step_late, fractional_step, negative_step, text_step,
             two_element_step, step_beyond_float32, step_beyond_float64, state_not_a_dict, state_none,
@@ -408,7 +431,7 @@ def test_unconvertible_checkpoint_raises_and_changes_nothing(mutate, target):
     if mutate.__name__.endswith("sr_seed") and storage.param_update != "stochastic":
         target_opt.load_state_dict(bad)  # an sr_seed nobody reads is dropped, not checked
         return
-    if (mutate.__name__ in ("missing_comp", "wrong_comp_shape_late", "integer_comp")
+    if (mutate.__name__ in ("tagged_kahan_without_comp", "wrong_comp_shape_late", "integer_comp")
             and storage.param_update == "stochastic"):
         target_opt.load_state_dict(bad)  # kahan → stochastic drops the buffer unread
         return
@@ -451,7 +474,7 @@ def test_changing_the_group_storage_converts_at_the_next_step():
     params = _params(torch.bfloat16)
     opt = adamkit.Adam(params, lr=1e-2, int8_min_size=0)
     _train(params, opt, 2)
-    assert opt.state[params[0]]["param_update"] == "kahan"
+    assert stored_formats(opt.state[params[0]])[1] == "kahan"
     m = _value(opt.state[params[0]], "exp_avg")
     opt.param_groups[0].update(state_format="int8", param_update="master")
     opt.param_groups[0]["lr"] = 0.0  # a step that leaves the moments' conversion visible
@@ -461,7 +484,7 @@ def test_changing_the_group_storage_converts_at_the_next_step():
     theta = params[0].detach().float()
     opt.step()
     st = opt.state[params[0]]
-    assert (st["state_format"], st["param_update"]) == ("int8", "master")
+    assert stored_formats(st) == ("int8", "master")
     assert torch.equal(st["master_param"], theta + comp)  # kahan → master, then lr = 0
     assert float(st["step"]) == 3 and (m.abs().max() > 0)
 
@@ -483,7 +506,7 @@ def test_optimizer_pickled_before_formats_still_steps():
     p.grad = torch.ones(10, dtype=torch.float16)
     opt.step()
     st = opt.state[p]
-    assert (st["state_format"], st["param_update"], float(st["step"])) == ("fp32", "kahan", 3.0)
+    assert (*stored_formats(st), float(st["step"])) == ("fp32", "kahan", 3.0)
     assert st["exp_avg"].dtype == torch.float32
     torch.testing.assert_close(st["exp_avg"], torch.full((10,), 0.9 * 0.5 + 0.1, dtype=torch.float32))
 
@@ -644,7 +667,7 @@ def test_complex_params_whose_precision_changed_convert_their_state(backend):
     p.grad = torch.ones(5, dtype=torch.complex128)
     m = mine.state[p]["exp_avg"].clone()
     mine.step()
-    assert mine.state[p]["exp_avg"].dtype == torch.complex128 and mine.state[p]["state_format"] == "fp64"
+    assert mine.state[p]["exp_avg"].dtype == torch.complex128 and stored_formats(mine.state[p])[0] == "fp64"
     torch.testing.assert_close(mine.state[p]["exp_avg"], 0.9 * m.to(torch.complex128) + 0.1)
 
 

@@ -216,14 +216,16 @@ OWN_KEYS = frozenset({"step", *LEGACY_TAGS, "sr_seed", *param.BUFFERS.values(),
 
 
 def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
-                  seed_of_param: int) -> dict[str, Any]:
+                  seed_of_param: int, stored: tuple[str, str] | None = None) -> dict[str, Any]:
     """A private copy of ``saved`` in format ``fmt`` with policy ``update``; no ``step``.
 
     Moments are decoded from the saved format (through float32, float64 if saved so) and
     encoded in ``fmt``; the same format is copied as is (int8 codes and scales too, so a
-    round trip is exact). Buffers follow param.convert_buffers. Nothing is modified;
-    ValueError if anything does not fit ``p``."""
-    src_fmt, src_update = stored_formats(saved, update)
+    round trip is exact). Buffers follow param.convert_buffers. ``stored``: the (format,
+    update) the state was stored in, where the optimizer knows it (its own live state),
+    which its tensors are then checked against; else they are read from the tensors
+    (stored_formats). Nothing is modified; ValueError if anything does not fit ``p``."""
+    src_fmt, src_update = stored if stored is not None else stored_formats(saved, update)
     missing = [name for name in state.MOMENTS[:2] if name not in saved]
     if missing:
         raise ValueError(f"the state lacks {missing[0]} (has {sorted(saved)})")
@@ -231,7 +233,7 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
     # float moments: each its own dtype's format (torch.optim casts each to the param's
     # dtype on load, so moments of two float dtypes are a valid checkpoint); tagged or
     # int8 ones: the state's format, which their dtypes are checked against
-    own_dtype = src_fmt != "int8" and not _legacy_tagged(saved)
+    own_dtype = stored is None and src_fmt != "int8" and not _legacy_tagged(saved)
     for name in state.MOMENTS:
         if name not in saved:
             continue
