@@ -62,8 +62,8 @@ def state_check(libs, opt, flush, rounds: int) -> str:
         for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
             flush.add_(1.0)
             t0 = time.perf_counter()
-            ok = all(libs[name].adamkit_state_ptrs_equal(s, k, p.buffer_info()[0], n_threads, sizes.buffer_info()[0])
-                     for s, k, p, sizes in calls)
+            ok = all(libs[name].adamkit_state_ptrs_equal(s, k, p.buffer_info()[0], n_threads, tags, ids.buffer_info()[0])
+                     for s, k, p, tags, ids in calls)
             times[name].append(time.perf_counter() - t0)
             assert ok
     med = {k: statistics.median(v) * 1e6 for k, v in times.items()}

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from adamkit import formats
 from adamkit.backends.cpu import library
 
 # Tests that compile C++ against the kernel headers for AVX2 (tools/, benchmarks/).
@@ -89,7 +90,7 @@ def _copy_into(model_a, opt_a, model_b, opt_b):
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         pb.copy_(pa)
         for key, value in opt_a.state[pa].items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and key not in formats.TAGS:  # (torch.optim has none)
                 opt_b.state[pb][key].copy_(value)
 
 
@@ -118,13 +119,14 @@ def assert_same_state(model_a, opt_a, model_b, opt_b, rtol: float, atol: float, 
     for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
         assert_close_scaled(pa, pb, rtol, atol, f"{msg} {name}")
         sa, sb = opt_a.state[pa], opt_b.state[pb]
-        tensors_a = {k for k, v in sa.items() if isinstance(v, torch.Tensor)}
-        tensors_b = {k for k, v in sb.items() if isinstance(v, torch.Tensor)}
-        assert tensors_a == tensors_b, f"{msg} {name}: state keys differ"
         # Storage tags (adamkit's state_format/param_update; torch.optim has none) agree
         # where both sides have them.
-        for key in (sa.keys() & sb.keys()) - tensors_a:
-            assert sa[key] == sb[key], f"{msg} {name}.{key}: {sa[key]!r} != {sb[key]!r}"
+        tags = set(formats.TAGS)
+        tensors_a = {k for k, v in sa.items() if isinstance(v, torch.Tensor)} - tags
+        tensors_b = {k for k, v in sb.items() if isinstance(v, torch.Tensor)} - tags
+        assert tensors_a == tensors_b, f"{msg} {name}: state keys differ"
+        for key in sa.keys() & sb.keys() & tags:
+            assert torch.equal(sa[key], sb[key]), f"{msg} {name}.{key}: {sa[key]!r} != {sb[key]!r}"
         for key in tensors_a:
             if key == "step":
                 assert float(sa[key]) == float(sb[key]), f"{msg} {name}: step differs"

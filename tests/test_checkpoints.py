@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import adamkit
+from adamkit import formats
 from helpers import TinyMLP, assert_same_state
 
 
@@ -43,9 +44,13 @@ def test_layout_uses_torch_keys():
     _train(model, opt, 2, 0)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
-    # torch's keys and dtypes: a state's tensors say its storage (formats.stored_formats)
-    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    # torch's keys, plus the two tags by which a state describes its storage: tensors
+    # only (torch.distributed.checkpoint's flattened state dicts take nothing else)
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                                   "state_format", "param_update"}
     assert all(isinstance(v, torch.Tensor) for v in sd["state"][0].values())
+    assert (sd["state"][0]["state_format"].item(), sd["state"][0]["param_update"].item()) == (
+        formats.FORMAT_CODES["fp32"], formats.UPDATE_CODES["nearest"])
     assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].item() == 2
     assert sd["param_groups"][0]["params"] == list(range(len(list(model.parameters()))))
 

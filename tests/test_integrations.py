@@ -469,28 +469,51 @@ def test_zero_redundancy_optimizer_runs_adamkit_as_torch_optim(tmp_path):
     assert run.stdout.split("\n")[:2] == ["ok False", "ok True"]
 
 
-@pytest.mark.parametrize("storage", [dict(state_format="int8", int8_min_size=0, param_update="stochastic"),
-                                     dict(param_update="master"), dict(state_format="bf16")],
-                         ids=["int8-stochastic", "master", "bf16-kahan"])
-def test_a_distributed_checkpoint_of_the_optimizer_resumes_bit_for_bit(storage):
-    """torch.distributed.checkpoint's get/set_optimizer_state_dict (default options: the
-    state keyed by parameter names) carry adamkit's tagged state: the resumed run is the
-    uninterrupted one (docs/precision.md, "Checkpoints")."""
-    import copy
+_DCP_STORAGE = [dict(state_format="int8", int8_min_size=0, param_update="stochastic"),
+                dict(param_update="master"), dict(state_format="bf16")]
 
+
+def _dcp_save_and_load(model, opt, storage, options, directory):
+    """opt's state through get_optimizer_state_dict, dcp.save to ``directory`` and dcp.load
+    into a new optimizer's own state dict (DCP loads into the live tensors), then
+    set_optimizer_state_dict: as torchtitan resumes. Returns the new model and optimizer."""
+    import copy
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    with warnings.catch_warnings():  # no process group: DCP warns that it runs on one process
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"optim": get_optimizer_state_dict(model, opt, options=options)}, checkpoint_id=directory)
+        resumed_model = copy.deepcopy(model)
+        resumed = adamkit.Adam(resumed_model.parameters(), lr=1e-2, **storage)
+        into = get_optimizer_state_dict(resumed_model, resumed, options=options)
+        dcp.load({"optim": into}, checkpoint_id=directory)
+    set_optimizer_state_dict(resumed_model, resumed, into, options=options)
+    return resumed_model, resumed
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+@pytest.mark.parametrize("storage", _DCP_STORAGE, ids=["int8-stochastic", "master", "bf16-kahan"])
+def test_a_distributed_checkpoint_of_the_optimizer_resumes_bit_for_bit(storage, flatten, tmp_path):
+    """torch.distributed.checkpoint's get/set_optimizer_state_dict (the state keyed by
+    parameter names; flattened to one key per tensor, as torchtitan saves it, which takes
+    tensors and numbers only: str tags raised NotImplementedError there) carry adamkit's
+    tagged state through dcp.save and dcp.load: the resumed run is the uninterrupted one
+    (docs/precision.md, "Checkpoints")."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 3)).bfloat16()
     opt = adamkit.Adam(model.parameters(), lr=1e-2, **storage)
     x = torch.randn(8, 64).bfloat16()
     model(x).square().sum().backward()
     opt.step()
-    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
-    assert "0.weight" in saved["state"]
-    resumed_model = copy.deepcopy(model)
-    resumed = adamkit.Adam(resumed_model.parameters(), lr=1e-2, **storage)
-    set_optimizer_state_dict(resumed_model, resumed, saved)
+    saved = get_optimizer_state_dict(model, opt, options=options)
+    assert ("state.0.weight.state_format" in saved) if flatten else ("0.weight" in saved["state"])
+    resumed_model, resumed = _dcp_save_and_load(model, opt, storage, options, tmp_path / "ckpt")
     for m, o in ((model, opt), (resumed_model, resumed)):
         for _ in range(2):
             o.zero_grad()
@@ -500,3 +523,21 @@ def test_a_distributed_checkpoint_of_the_optimizer_resumes_bit_for_bit(storage):
     p, q = next(model.parameters()), next(resumed_model.parameters())
     assert set(opt.state[p]) == set(resumed.state[q])
     assert all(torch.equal(v, resumed.state[q][k]) for k, v in opt.state[p].items() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+def test_a_distributed_checkpoint_of_another_format_is_refused(flatten, tmp_path):
+    """DCP loads a checkpoint into the live state's own tensors, so int8 codes saved from
+    one run land in another's float32 moments (values 0-255) and its scales are left
+    out. The tags, tensors too, land in the live ones: the load sees int8 tags on float
+    moments and refuses them instead of training on codes as moments."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    opt = adamkit.Adam(model.parameters(), lr=1e-2, state_format="int8", int8_min_size=0)
+    model(torch.randn(8, 64)).square().sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="exp_avg is int8 state but has dtype torch.float32"):
+        _dcp_save_and_load(model, opt, {}, StateDictOptions(flatten_optimizer_state_dict=flatten),
+                           tmp_path / "ckpt")

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adamkit
-from adamkit import step_cache
+from adamkit import formats, step_cache
 
 from helpers import Wrapped, on_a_cached_plan
 
@@ -501,22 +501,26 @@ def test_a_cached_step_that_raises_keeps_no_grad(checks_mode):
     assert [float(opt.state[p]["step"]) for p in ps] == [3, 3, 3]
 
 
-# ---- a state's keys and tensors, edited between steps ---------------------------------------
+# ---- a state's tags, edited between steps ---------------------------------------------------
 
-def _codes_replaced_by_floats(st):  # what the step stored says int8 codes
-    st["exp_avg"] = st["exp_avg"].float()
-
-
-def _scale_removed(st):
-    del st["exp_avg_scale"]
+def _tag_names_another_format(st):  # its tensors stay int8 codes
+    st["state_format"] = torch.tensor(formats.FORMAT_CODES["bf16"])
 
 
-def _buffer_of_another_policy_added(st):  # a kahan state given a master copy: kahan's is read, master's dropped
-    st["master_param"] = torch.zeros(5000)
+def _str_tag_names_another_format(st):  # as an earlier version wrote tags
+    st["state_format"] = "bf16"
 
 
-def _legacy_tags_added(st):  # a checkpoint's, not a live state's: what the step stored decides; dropped
-    st["state_format"], st["param_update"] = "bf16", "master"
+def _tag_removed(st):  # the state is then read from its tensors: int8 codes, a kahan buffer
+    del st["state_format"]
+
+
+def _policy_tag_edited(st):  # a kahan state said to be master's
+    st["param_update"] = torch.tensor(formats.UPDATE_CODES["master"])
+
+
+def _tag_rewritten_equal(st):  # the same value, another tensor: nothing to read differently
+    st["state_format"] = st["state_format"].clone()
 
 
 def _scale_swapped_negative(st):  # a new tensor: formats.md's scales are ≥ 2^-126 (or 0, NaN, +∞)
@@ -533,7 +537,7 @@ def _scale_doubled_in_place(st):  # the same tensor: m doubled, a state an encod
     st["exp_avg_scale"].mul_(2)
 
 
-def _edited_run(cached: bool, edit, backend: str) -> tuple:
+def _tag_edited_run(cached: bool, edit, backend: str) -> tuple:
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(5000, generator=g).bfloat16())
     opt = adamkit.Adam([p], lr=1e-2, backend=backend, state_format="int8")
@@ -560,26 +564,24 @@ def _state_copy(opt, p):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("edit", [_codes_replaced_by_floats, _scale_removed,
-                                  _buffer_of_another_policy_added, _legacy_tags_added,
-                                  _scale_swapped_negative, _scale_swapped_minus_inf],
+@pytest.mark.parametrize("edit", [_tag_names_another_format, _str_tag_names_another_format, _tag_removed,
+                                  _policy_tag_edited, _tag_rewritten_equal, _scale_swapped_negative,
+                                  _scale_swapped_minus_inf],
                          ids=lambda f: f.__name__.strip("_"))
-def test_a_state_edited_between_steps_steps_as_the_full_path(checks_mode, edit, backend):
-    """The full path checks a state it stored against what it stored (int8 codes, a
-    kahan buffer here): a state that no longer holds it raises UnreadableStateError
-    with nothing changed. The cached step re-plans
-    on any key added or removed and checks the tensors by identity, so it does the same;
-    by the planned tensors alone it stepped on, and the state dict it left could not be
-    loaded. So does an int8 scale swapped for one holding values no encoder writes, which
-    loading the state as a checkpoint refuses (it was used, and the backends parted). A
-    key that says what the state holds, or another policy's buffer beside the group's,
-    steps on as before (the other buffer dropped)."""
-    cached, fresh = _edited_run(True, edit, backend), _edited_run(False, edit, backend)
+def test_a_state_tag_edited_between_steps_steps_as_the_full_path(checks_mode, edit, backend):
+    """The full path reads a state by its tags (state_format, param_update): a tag that
+    no longer says what the tensors hold raises UnreadableStateError with nothing changed.
+    The cached step checks the tags by identity, as the tensors, so it does the same; by
+    the tensors alone it stepped on, and the state dict it left could not be loaded. So
+    does an int8 scale swapped for one holding values no encoder writes, which loading
+    the state as a checkpoint refuses (it was used, and the backends parted). A state
+    whose tags say what it holds, or that lost them (read from its tensors), steps on."""
+    cached, fresh = _tag_edited_run(True, edit, backend), _tag_edited_run(False, edit, backend)
     assert cached[0] is fresh[0]
     assert torch.equal(cached[1], fresh[1])
-    if edit in (_legacy_tags_added, _buffer_of_another_policy_added):
+    if edit in (_tag_rewritten_equal, _tag_removed):
         assert cached[0] is None
-        assert torch.equal(cached[1], _edited_run(True, lambda st: None, backend)[1])
+        assert torch.equal(cached[1], _tag_edited_run(True, lambda st: None, backend)[1])
     else:
         assert cached[0] is adamkit.UnreadableStateError
 
@@ -591,9 +593,9 @@ def test_values_edited_in_place_are_read_as_they_are_now(checks_mode, backend):
     checked where a state is planned (first step, load, a swapped tensor: above); between
     cached steps a value edited in place is data, as torch.optim reads a moment edited in
     place (docs/precision.md)."""
-    cached = _edited_run(True, _scale_doubled_in_place, backend)
-    fresh = _edited_run(False, _scale_doubled_in_place, backend)
-    untouched = _edited_run(True, lambda st: None, backend)
+    cached = _tag_edited_run(True, _scale_doubled_in_place, backend)
+    fresh = _tag_edited_run(False, _scale_doubled_in_place, backend)
+    untouched = _tag_edited_run(True, lambda st: None, backend)
     assert cached[0] is None and fresh[0] is None
     assert torch.equal(cached[1], fresh[1])
     assert not torch.equal(cached[1], untouched[1])  # the edit was read

@@ -192,10 +192,10 @@ def test_a_torch_optim_checkpoint_with_moments_of_two_dtypes_loads_as_torch_load
 
 @pytest.mark.parametrize("legacy_tags", [False, True], ids=["tensors-only", "legacy-tags"])
 def test_adamkit_to_torch_optim_and_back(legacy_tags):
-    """A state dict of tensors only goes through torch.optim and back as torch.optim's.
-    An earlier version's, with str tags: torch.optim's load_state_dict rebuilds every str
-    of the state from a generator, and the checkpoint it saves again is read as
-    torch.optim's (by its moments' dtype)."""
+    """torch.optim's load_state_dict casts every state tensor but the step to a floating
+    param's dtype (the tags too), and rebuilds every str of a state from a generator (an
+    earlier version's str tags): the checkpoint it saves again is read as torch.optim's
+    (by its moments' dtype)."""
     params = _params(torch.float32)
     opt = adamkit.Adam(params, lr=1e-2)
     _train(params, opt, 2)
@@ -209,12 +209,34 @@ def test_adamkit_to_torch_optim_and_back(legacy_tags):
     if legacy_tags:
         assert saved["state"][0]["state_format"].startswith("<generator object")  # torch's doing
     else:
-        assert all(isinstance(v, torch.Tensor) for v in saved["state"][0].values())
+        assert saved["state"][0]["state_format"].dtype == torch.float32  # torch's cast
     back = adamkit.Adam(params)
     back.load_state_dict(saved)
     st = back.state[params[0]]
-    assert stored_formats(st) == ("fp32", "nearest") and "state_format" not in st
+    assert stored_formats(st) == ("fp32", "nearest") and st["state_format"].dtype == torch.int64
     assert torch.equal(st["exp_avg"], saved["state"][0]["exp_avg"]) and float(st["step"]) == 4
+
+
+@pytest.mark.parametrize("storage", STORAGE, ids=lambda s: s.id)
+def test_a_checkpoint_with_str_tags_loads_as_its_tensor_tagged_twin(storage):
+    """Earlier versions saved each state's tags as str ("int8", "kahan"): such a
+    checkpoint loads into every storage exactly as the same checkpoint with today's tag
+    tensors, and the loaded state holds tag tensors."""
+    params = _params(storage.dtype)
+    opt = _opt(params, storage)
+    _train(params, opt, 2)
+    for dst in (s for s in STORAGE if s.dtype == storage.dtype):
+        loaded = []
+        for sd in (opt.state_dict(), _with_legacy_tags(opt.state_dict(), opt)):
+            twin = _opt(params, dst)
+            twin.load_state_dict(_save_load(sd))
+            loaded.append(twin)
+        assert isinstance(_with_legacy_tags(opt.state_dict(), opt)["state"][0]["state_format"], str)
+        for p in params:
+            a, b = loaded[0].state[p], loaded[1].state[p]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            assert stored_formats(b) == (dst.state_format, dst.param_update)
+            assert b["state_format"].dtype == torch.int64
 
 
 def _with_legacy_tags(sd, opt):
@@ -315,6 +337,18 @@ def _mutations():
     def listed_format(sd):  # unhashable: a TypeError from the lookup
         sd["state"][0]["state_format"] = ["int8"]
 
+    def unknown_format_code(sd):
+        sd["state"][0]["state_format"] = torch.tensor(9)
+
+    def format_code_of_two_elements(sd):
+        sd["state"][0]["state_format"] = torch.tensor([2, 2])
+
+    def format_code_as_bool(sd):
+        sd["state"][0]["state_format"] = torch.tensor(True)
+
+    def unknown_update_code(sd):
+        sd["state"][0]["param_update"] = torch.tensor(-1)
+
     def listed_update(sd):
         sd["state"][0].update(state_format="int8", param_update=["kahan"])
 
@@ -403,7 +437,8 @@ def _mutations():
     def state_none(sd):  # torch.optim loads it and fails at the next step (TypeError)
         sd["state"][1] = None
 
-    return [unknown_format, unknown_update, listed_format, listed_update, missing_scale, wrong_scale_shape, float_codes,
+    return [unknown_format, unknown_update, listed_format, listed_update, unknown_format_code,
+            format_code_of_two_elements, format_code_as_bool, unknown_update_code, missing_scale, wrong_scale_shape, float_codes,
             wrong_code_shape, wrong_comp_shape_late, tagged_kahan_without_comp, bad_sr_seed,
             negative_scale, minus_inf_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
             nan_step, infinite_step_late, fractional_step, negative_step, text_step,

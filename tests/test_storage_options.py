@@ -43,7 +43,7 @@ def test_param_update_is_ignored_for_float32():
 def test_nearest_bfloat16_with_bf16_state_has_no_buffers():
     opt = _stepped(torch.nn.Parameter(torch.randn(5).to(torch.bfloat16)), param_update="nearest")
     st = opt.state[opt.param_groups[0]["params"][0]]
-    assert set(st) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "state_format", "param_update"}
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -91,7 +91,7 @@ def test_adamw_takes_the_storage_options():
 # ---- memory ----------------------------------------------------------------------------------
 
 N = 256 * 1024  # a "large" tensor: per-element figures are the formats' own
-STEP = 4  # the float32 step counter, per param
+STEP = 4 + 2 * 8  # per param: the float32 step counter and the two int64 tags
 
 
 def _bytes(dtype, state_format=None, param_update=None, amsgrad=False):

@@ -64,7 +64,7 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
                 f"{len(group['params'])} in the optimizer)"
             )
 
-    new_groups, new_state, stored = [], defaultdict(dict), []
+    new_groups, new_state = [], defaultdict(dict)
     saved_state = state_dict["state"]
     index = 0
     for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
@@ -100,7 +100,6 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
                 new_state[p] = _load_param_state(
                     p, saved_state[saved_id], saved_id, new_group, index
                 )
-                stored.append((p, *formats.resolve(p, new_group)))
             index += 1
     named = {saved_id for saved in saved_groups for saved_id in saved["params"]}
     for key, entry in saved_state.items():
@@ -116,8 +115,6 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
         new_state[key] = entry  # no param's (a user's, a library's): the object itself, as torch.optim keeps it
 
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
-    for p, fmt, update in stored:  # what each state now holds, as a step records it
-        opt._record_storage(p, fmt, update)
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)
 

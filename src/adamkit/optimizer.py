@@ -253,9 +253,6 @@ class Adam(Optimizer):
         self._step_cache = None  # it holds the replaced state tensors
         for key in TORCH_FLAGS:  # torch's __setstate__ adds `differentiable`
             self.defaults.pop(key, None)
-        # states replaced: each is read from its tensors until a step (or the load that
-        # called this) records what it stores
-        self._stored = WeakIdKeyDictionary()
         # master copies are in sync with their params now (a load made them, or a copy
         # of the optimizer, which the record of versions does not travel with)
         versions = self._master_versions()
@@ -314,7 +311,6 @@ class Adam(Optimizer):
         is in another format or policy (the group was changed, or it predates formats).
         Pure: nothing is stored here, so a step that raises later changes nothing."""
         state = self.state.get(p)
-        stored = self._stored_as(p, state) if state else None
         resynced = False
         if state and isinstance(state.get("master_param"), Tensor) and self._master_moved(p):
             # p was written in place since master was last in sync (model.load_state_dict,
@@ -329,11 +325,10 @@ class Adam(Optimizer):
                    **formats.fresh_state(p, fmt, update, group["amsgrad"], seed)}
         elif (error := _reshaped(state, p)) is not None:
             raise error
-        elif not formats.state_fits(p, state, fmt, update):
+        elif (stored := formats.tags_of(state)) != (fmt, update) or not formats.state_fits(p, state, fmt, update):
             seed = param_policy.sr_seed(group["seed"], index)
             try:
-                new = {"step": state["step"],
-                       **formats.convert_state(p, state, fmt, update, seed, stored=stored)}
+                new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
             except ValueError as exc:  # a live state edited into one no format reads
                 shown = f", state_format {stored[0]!r}" if stored else ""
                 raise UnreadableStateError(
@@ -431,23 +426,6 @@ class Adam(Optimizer):
             versions = self._master_sync = WeakIdKeyDictionary()
         return versions
 
-    def _record_storage(self, p: Tensor, fmt: str, update: str) -> None:
-        """Note that p's state dict, as it is now, holds (fmt, update)."""
-        stored = getattr(self, "_stored", None)
-        if stored is None:
-            stored = self._stored = WeakIdKeyDictionary()
-        stored[p] = (id(self.state[p]), fmt, update)
-
-    def _stored_as(self, p: Tensor, state: dict[str, Any]) -> tuple[str, str] | None:
-        """(fmt, update) that this optimizer's last step or load stored in ``state``, or
-        None where that dict is not the one it stored (a state put in by code, a copy of
-        the optimizer): such a state is read from its tensors, as a checkpoint is
-        (formats.stored_formats), while one this optimizer stored is checked against what
-        it stored, so a moment cast or replaced by code is refused, as torch.optim's step
-        refuses it, instead of being read as whatever it became."""
-        record = getattr(self, "_stored", {}).get(p)
-        return record[1:] if record is not None and record[0] == id(state) else None
-
     def _master_moved(self, p: Tensor) -> bool:
         """Whether p was changed in place since its master copy was in sync. Writes
         autograd sees bump the counter; writes through ``p.data`` do not."""
@@ -482,7 +460,6 @@ class Adam(Optimizer):
             for p, new in zip(ps, new_states):
                 if new is not None:
                     self.state[p] = new
-                self._record_storage(p, fmt, update)
             states = [self.state[p] for p in ps]
             bucket = backends.Bucket(
                 group=group,
@@ -527,7 +504,8 @@ class Adam(Optimizer):
 
     def state_bytes(self, per_element: bool = False) -> int | float:
         """Bytes of optimizer state: every tensor in ``self.state`` (moments, int8 codes
-        and scales, kahan/master buffers, step counters and stochastic-rounding seeds).
+        and scales, kahan/master buffers, step counters, stochastic-rounding seeds and the
+        two 0-dim tags).
 
         With ``per_element=True``, that total divided by the number of elements of the
         params that have state: the figure the formats are quoted in (docs/precision.md;

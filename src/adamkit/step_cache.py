@@ -11,8 +11,8 @@ while
   tensor was replaced, added or removed (identity checks, not values: the state
   mapping's keys and values in order; each bucket's state tensors by identity and
   address, and by element count, dtype, contiguity and negative bit, which catch one
-  resized, recast or restrided in place), and no state gained or lost a key (the full
-  path reads a state's storage from its keys: a buffer says its update policy);
+  resized, recast or restrided in place), and no state's tags (``state_format``,
+  ``param_update``: the full path reads a state by them) were edited or removed;
 * the same params have grads, and those are dense and contiguous, of their param's
   dtype, size and shape, with memory of their own values (no wrapper subclass, negative
   bit or zero tensor) (a param sliced in place keeps its address; a grad reshaped
@@ -53,6 +53,9 @@ _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min
                  "decouple_wd", "decoupled_weight_decay")
 
 
+# The str tags a state is read by (formats.py): checked by identity, as the tensors.
+_TAG_KEYS = ("state_format", "param_update")
+
 _VERSION = operator.attrgetter("_version")
 # What checks.cpp reads as a tensor: Tensor or Parameter exactly (a subclass may mean
 # something else by its data).
@@ -89,9 +92,9 @@ class CachedBucket:
     # restrided or negated in place (a tensor put back at an address a freed one had, or
     # given a smaller storage there, would have the kernel write past its end).
     key_rows: tuple = ()
-    # the states' numbers of keys: a key added (another policy's buffer, int8 scales
-    # beside float moments) or removed takes the full path, which reads the state by them
-    sizes: Any = None
+    # (tag key, the states' values under it): a tag edited between steps (the state then
+    # says another format than its tensors hold) takes the full path, which raises for it
+    tag_rows: tuple = ()
     dtype: Any = None  # the params' dtype when planned
     # "master" buckets: the params' version counters after this bucket's last step; one
     # that moved was written in place, and the full path re-seeds its master copy
@@ -144,7 +147,7 @@ class StepCache:
             complex_ = cb.bucket.params[0].dtype.is_complex
             cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row)), _layout(row, complex_))
                                 for k, row in rows)
-            cb.sizes = array("q", map(len, cb.bucket.states))
+            cb.tag_rows = tuple((k, [st.get(k) for st in cb.bucket.states]) for k in _TAG_KEYS)
             cb.dtype = cb.bucket.params[0].dtype
             cb.strides = list(map(Tensor.stride, cb.bucket.params))
             if cb.bucket.param_update == "master":
@@ -237,10 +240,9 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
     """One bucket's checks, in Python, given its params' grads (all present); a bucket
     the torch backend runs gets them as ``bucket.grads``."""
     b = cb.bucket
-    try:  # the planned tensors, by identity (a key gone: None), and no key added
-        if not all(_same(list(map(dict.get, b.states, repeat(key))), row) for key, row, _, _ in cb.key_rows):
-            return False
-        if array("q", map(len, b.states)) != cb.sizes:
+    planned = (*cb.tag_rows, *((key, row) for key, row, _, _ in cb.key_rows))
+    try:  # the planned tags and tensors, by identity (a key gone: None)
+        if not all(_same(list(map(dict.get, b.states, repeat(key))), row) for key, row in planned):
             return False
     except TypeError:  # a state that is no dict
         return False
@@ -301,7 +303,8 @@ def _native_bucket(cb: CachedBucket) -> bool:
     return (cb.prepared is not None and not cb.prepared.rest
             and hasattr(cb.prepared, "refresh_native")
             and type(cb.bucket.states) is list and all(type(st) is dict for st in cb.bucket.states)
-            and all(type(t) in _EXACT for _, row, _, _ in cb.key_rows for t in row))
+            and all(type(t) in _EXACT for _, row, _, _ in cb.key_rows for t in row)
+            and all(v is not None for _, row in cb.tag_rows for v in row))
 
 
 class _NativeArgs:
@@ -341,7 +344,9 @@ class _NativeArgs:
                 codes += (scalar_type(dtype) + 256 * c + 512 * neg
                           for dtype, c, neg in zip(dtypes, contiguous, negative))
             planned = array("q", addresses + objects + numels + codes)
-            self.key_rows.append((keys, planned, cb.sizes))
+            tags = tuple(key for key, _ in cb.tag_rows)
+            tag_objects = array("q", [id(v) for _, row in cb.tag_rows for v in row])
+            self.key_rows.append((keys, planned, tags, tag_objects))
         # Which params have grads, for a group whose buckets leave some out or keep their
         # Python checks; in the others every param is in a native bucket, whose refresh
         # checks that it has a grad.
@@ -374,9 +379,9 @@ class _NativeArgs:
                 if not _bucket_holds(cb, [p.grad for p in cb.bucket.params]):
                     return False
                 continue
-            keys, pointers, sizes = rows
+            keys, pointers, tags, tag_objects = rows
             if not checks.adamkit_state_ptrs_equal(cb.bucket.states, keys, pointers.buffer_info()[0], n_threads,
-                                                   sizes.buffer_info()[0]):
+                                                   tags, tag_objects.buffer_info()[0]):
                 return False
             if _versions_moved(cb):
                 return False

@@ -5,12 +5,15 @@ formats, ``param`` the update policies of low-precision params. This file resolv
 param group's choices for one param, and builds a param's state: fresh, or converted
 from a saved one (a checkpoint, or a state of another format).
 
-A param's state says what it is by its tensors alone (``stored_formats``): the moments'
-dtype is their format (uint8 codes with per-block ``*_scale`` tensors: int8), and the
-buffer it holds is its update policy. So a state dict holds tensors only, as
-torch.optim's does, which ``torch.distributed.checkpoint``'s flattening requires.
-Checkpoints of earlier adamkit versions also carry two str tags (``LEGACY_TAGS``); a load
-reads a state by them, and they are not written again.
+A param's state records what it is in two tags, ``state_format`` and ``param_update``,
+so a checkpoint describes itself. They are 0-dim integer tensors holding a code
+(``FORMAT_CODES``, ``UPDATE_CODES``): a state dict then holds tensors only, as
+torch.optim's does, which ``torch.distributed.checkpoint``'s flattened state dicts
+require; and DCP, which loads a checkpoint into the live state's own tensors, carries the
+saved tags into them too, so a checkpoint of another format is refused there instead of
+being read as the live one. Checkpoints of earlier versions hold the tags as str; they
+are read, and replaced by tensors at the next conversion. A state without tags (a
+torch.optim one, or one built by code) is read from its tensors (``stored_formats``).
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ DEFAULT_UPDATE = "kahan"  # for bfloat16/float16 params; "nearest" rounds as tor
 _DTYPE_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64",
                  torch.float16: "fp16", torch.complex64: "fp32", torch.complex128: "fp64"}
 GROUP_DEFAULTS = {"state_format": None, "param_update": None, "seed": 0, "int8_min_size": 4096}
-# The str tags earlier versions wrote into each param's state (state format, update
-# policy): read from a checkpoint that has them, never written.
-LEGACY_TAGS = ("state_format", "param_update")
+# The tags of a param's state (module docstring): the codes of its format and update.
+TAGS = ("state_format", "param_update")
+FORMAT_CODES = {"fp32": 0, "bf16": 1, "int8": 2, "fp64": 3, "fp16": 4}
+UPDATE_CODES = {"nearest": 0, "kahan": 1, "stochastic": 2, "master": 3}
+_FORMAT_NAMES = {code: name for name, code in FORMAT_CODES.items()}
+_UPDATE_NAMES = {code: name for name, code in UPDATE_CODES.items()}
 # The update policy a state's buffer says (formats.md, "Checkpoints"); none: "nearest".
 _BUFFER_POLICY = {"kahan_comp": "kahan", "master_param": "master", "sr_seed": "stochastic"}
 
@@ -94,46 +100,78 @@ def fresh_state(p: Tensor, fmt: str, update: str, amsgrad: bool,
     for name in state.MOMENTS[: 3 if amsgrad else 2]:
         out.update(state.zeros(p, name, fmt))
     out.update(param.buffers(p, update, seed_of_param))
+    out.update(tags(fmt, update))
     return out
 
 
+def tags(fmt: str, update: str) -> dict[str, Tensor]:
+    """The tags of a state in (fmt, update): 0-dim int64 tensors on the host, as sr_seed."""
+    return {"state_format": torch.tensor(FORMAT_CODES[fmt]),
+            "param_update": torch.tensor(UPDATE_CODES[update])}
+
+
+def _is_code(t: Any) -> bool:
+    return (isinstance(t, Tensor) and t.dim() == 0 and not t.is_meta
+            and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool))
+
+
+def tags_of(st: dict[str, Any]) -> tuple[str | None, str | None] | None:
+    """The (format, update) a live state's tags say (None for a code no format has), or
+    None where it has no tags in this encoding: the step then converts the state, which
+    reads it as a checkpoint is read (stored_formats). Never raises."""
+    fmt, update = st.get("state_format"), st.get("param_update")
+    if not (_is_code(fmt) and _is_code(update)):
+        return None
+    return _FORMAT_NAMES.get(int(fmt)), _UPDATE_NAMES.get(int(update))
+
+
 def _through_torch(saved: dict[str, Any]) -> bool:
-    """Legacy tags that passed through torch.optim's load_state_dict, which rebuilds every
-    str of a state from a generator: the state is then torch.optim's (moments cast to the
-    param dtype, buffers not stepped along)."""
+    """Tags that passed through torch.optim's load_state_dict, which casts every state
+    tensor but ``step`` to a floating param's dtype (and rebuilt an earlier version's str
+    tags from a generator): the state is then torch.optim's (moments cast to the param
+    dtype, buffers not stepped along)."""
     fmt = saved.get("state_format")
-    return isinstance(fmt, str) and fmt.startswith("<generator object")
+    return ((isinstance(fmt, Tensor) and fmt.is_floating_point())
+            or (isinstance(fmt, str) and fmt.startswith("<generator object")))
 
 
-def _legacy_tagged(saved: dict[str, Any]) -> bool:
-    return "state_format" in saved and not _through_torch(saved)
+def _saved_tags(saved: dict[str, Any]) -> tuple[str, str] | None:
+    """What a state's tags say (a missing param_update: "nearest", as earlier versions
+    read it); None where it has none or they went through torch.optim. ValueError for
+    tags no version writes."""
+    if "state_format" not in saved or _through_torch(saved):
+        return None
+    names = []
+    for key, known, codes in (("state_format", state.STORAGE, _FORMAT_NAMES),
+                              ("param_update", PARAM_UPDATES, _UPDATE_NAMES)):
+        tag = saved.get(key, "nearest")
+        name = codes.get(int(tag)) if _is_code(tag) else tag  # a str: an earlier version's
+        if not isinstance(name, str) or name not in known:  # (a list is unhashable)
+            shown = f"a tensor holding {tag.tolist()!r}" if isinstance(tag, Tensor) else repr(tag)
+            listed = ", ".join(f"{c} ({n})" for c, n in codes.items() if n in known)
+            raise ValueError(f"unknown {key} tag {shown}: a tag is a 0-dim integer tensor "
+                             f"holding one of the codes {listed} (or, as earlier versions "
+                             "saved it, the name as str)")
+        names.append(name)
+    return names[0], names[1]
 
 
 def stored_formats(saved: dict[str, Any], update: str | None = None) -> tuple[str, str]:
     """(state format, param update) a state (live, or a checkpoint's) is stored in.
 
-    Read from its tensors (formats.md, "Checkpoints"): uint8 ``exp_avg`` codes are
-    "int8" (their ``*_scale`` tensors are checked where the codes are read), a float
-    ``exp_avg``'s dtype is its format; the policy is the one whose buffer the state holds
-    (``kahan_comp``, ``master_param``, ``sr_seed``), else "nearest". So a torch.optim
-    state is read as it is (moments in the param dtype, "nearest"). Where a state holds
-    the buffers of several policies, ``update`` (the policy it is converted to) picks
-    its own, else kahan's or master's, which hold θ.
-
-    Legacy tags (``LEGACY_TAGS``, earlier adamkit versions) decide where a state has
-    them: its tensors are then checked against them where they are read. Tags that went
-    through torch.optim (``'<generator object ...>'``) are ignored with the buffers, which
-    torch.optim's steps did not update: the state is torch.optim's."""
-    if _legacy_tagged(saved):
-        fmt, update = saved["state_format"], saved.get("param_update")
-        if not isinstance(fmt, str) or fmt not in state.STORAGE:  # (a list is unhashable)
-            raise ValueError(f"unknown state_format {fmt!r}; known formats are "
-                             f"{_names(state.STORAGE, none=False)}")
-        update = "nearest" if update is None else update
-        if not isinstance(update, str) or update not in PARAM_UPDATES:
-            known = _names(PARAM_UPDATES, none=False)
-            raise ValueError(f"unknown param_update {update!r}; known are {known}")
-        return fmt, update
+    Its tags say it where it has them (its tensors are then checked against them where
+    they are read). A state without tags (torch.optim's, one built by code) is read from
+    its tensors (formats.md, "Checkpoints"): uint8 ``exp_avg`` codes are "int8" (their
+    ``*_scale`` tensors are checked where the codes are read), a float ``exp_avg``'s
+    dtype is its format; the policy is the one whose buffer the state holds
+    (``kahan_comp``, ``master_param``, ``sr_seed``), else "nearest". Where it holds the
+    buffers of several policies, ``update`` (the policy it is converted to) picks its
+    own, else kahan's or master's, which hold θ. Tags that went through torch.optim are
+    read as torch.optim's state: moments by their dtype, "nearest" (the buffers, which
+    torch.optim's steps did not update, dropped)."""
+    tagged = _saved_tags(saved)
+    if tagged is not None:
+        return tagged
     moment = saved.get("exp_avg")
     if isinstance(moment, Tensor) and moment.dtype == torch.uint8:
         fmt = "int8"
@@ -141,10 +179,9 @@ def stored_formats(saved: dict[str, Any], update: str | None = None) -> tuple[st
         scaled = [f"{m}_scale" for m in state.MOMENTS if f"{m}_scale" in saved]
         got = moment.dtype if isinstance(moment, Tensor) else type(moment).__name__
         if scaled:  # adamkit's int8 state, its codes cast by torch.optim
-            raise ValueError(f"state with {scaled[0]} but exp_avg of {got}: int8 codes that "
-                             "passed through torch.optim's load_state_dict (it casts them to "
-                             "the param's dtype) cannot be read as moments; load adamkit's own "
-                             "checkpoint")
+            raise ValueError(f"untagged state with {scaled[0]}: int8 codes that passed through "
+                             f"torch.optim's load_state_dict (codes now {got}) "
+                             "cannot be read as moments; load adamkit's own checkpoint")
         if not isinstance(moment, Tensor) or moment.dtype not in _DTYPE_FORMAT:
             raise ValueError(f"exp_avg of {got} is no moment format (float moments, or uint8 "
                              "int8 codes with their scales)")
@@ -163,16 +200,15 @@ def _held_policy(saved: dict[str, Any], update: str | None) -> str:
 
 def state_fits(p: Tensor, st: dict[str, Any], fmt: str, update: str) -> bool:
     """Whether a live state's tensors are exactly what format ``fmt`` and policy
-    ``update`` store for ``p``: no other policy's buffer, no int8 scales beside float
-    moments, no legacy tags (a group's storage changed since the last step, or code
-    changed the state: a moment cast to bfloat16, an int8 scale replaced or deleted, a
-    buffer of another dtype after ``model.half()``). Where not, the step converts the
-    state as it converts a checkpoint, which validates it (the native kernel reads these
-    through raw pointers) and drops what the new storage does not keep."""
+    ``update`` store for ``p`` (its tags say so; code can still have changed them: a
+    moment cast to bfloat16, an int8 scale replaced or deleted, a buffer of another dtype
+    after ``model.half()``, another policy's buffer or int8 scales beside float moments
+    added). Where not, the step converts the state as it converts a checkpoint, which
+    validates it (the native kernel reads these through raw pointers) and drops what the
+    new storage does not keep."""
     if any(t.is_neg() for t in written_tensors(st, _FORMATS_TENSORS)):
         return False  # its memory holds -t: the conversion's copy holds t
-    if any(k in st for k in LEGACY_TAGS) or any(
-            key in st for key, policy in _BUFFER_POLICY.items() if policy != update):
+    if any(key in st for key, policy in _BUFFER_POLICY.items() if policy != update):
         return False
     if fmt != "int8" and any(f"{m}_scale" in st for m in state.MOMENTS):
         return False
@@ -211,21 +247,20 @@ _FORMATS_TENSORS = written_keys(None, None, True) - {"step"}
 
 
 # every key of a param's state that adamkit reads (others are kept, as torch keeps them)
-OWN_KEYS = frozenset({"step", *LEGACY_TAGS, "sr_seed", *param.BUFFERS.values(),
+OWN_KEYS = frozenset({"step", *TAGS, "sr_seed", *param.BUFFERS.values(),
                       *state.MOMENTS, *(f"{m}_scale" for m in state.MOMENTS)})
 
 
 def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
-                  seed_of_param: int, stored: tuple[str, str] | None = None) -> dict[str, Any]:
+                  seed_of_param: int) -> dict[str, Any]:
     """A private copy of ``saved`` in format ``fmt`` with policy ``update``; no ``step``.
 
     Moments are decoded from the saved format (through float32, float64 if saved so) and
     encoded in ``fmt``; the same format is copied as is (int8 codes and scales too, so a
-    round trip is exact). Buffers follow param.convert_buffers. ``stored``: the (format,
-    update) the state was stored in, where the optimizer knows it (its own live state),
-    which its tensors are then checked against; else they are read from the tensors
-    (stored_formats). Nothing is modified; ValueError if anything does not fit ``p``."""
-    src_fmt, src_update = stored if stored is not None else stored_formats(saved, update)
+    round trip is exact). Buffers follow param.convert_buffers. The saved format is what
+    its tags say, else what its tensors hold (stored_formats). Nothing is modified;
+    ValueError if anything does not fit ``p``."""
+    src_fmt, src_update = stored_formats(saved, update)
     missing = [name for name in state.MOMENTS[:2] if name not in saved]
     if missing:
         raise ValueError(f"the state lacks {missing[0]} (has {sorted(saved)})")
@@ -233,7 +268,7 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
     # float moments: each its own dtype's format (torch.optim casts each to the param's
     # dtype on load, so moments of two float dtypes are a valid checkpoint); tagged or
     # int8 ones: the state's format, which their dtypes are checked against
-    own_dtype = stored is None and src_fmt != "int8" and not _legacy_tagged(saved)
+    own_dtype = src_fmt != "int8" and _saved_tags(saved) is None
     for name in state.MOMENTS:
         if name not in saved:
             continue
@@ -250,6 +285,7 @@ def convert_state(p: Tensor, saved: dict[str, Any], fmt: str, update: str,
     for key, value in saved.items():  # keys of others (a newer adamkit, user code): kept
         if key not in OWN_KEYS:
             out[key] = value.clone() if isinstance(value, Tensor) else deepcopy(value)
+    out.update(tags(fmt, update))
     return out
 
 
@@ -261,7 +297,7 @@ def _moment_format(t: Any) -> str:
 def torch_state(p: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
     """One param's saved state as torch.optim.Adam keeps it: a copy of ``step`` and the
     moments in float32, or float64 where they are (torch.optim casts them to p's dtype
-    when it loads them); no int8 scales or seeds, and the buffers dropped as in a
+    when it loads them); no tags, int8 scales or seeds, and the buffers dropped as in a
     conversion to "nearest"."""
     wide = "fp64" if stored_formats(saved)[0] == "fp64" else "fp32"  # never rounded down
     converted = convert_state(p, saved, wide, "nearest", seed_of_param=0)

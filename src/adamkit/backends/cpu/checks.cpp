@@ -171,26 +171,27 @@ inline bool str_hashes(PyObject* keys, std::vector<Py_hash_t>& hashes) {
   return true;
 }
 
-// The keys a state check reads: the planned tensors'.
+// The keys a state check reads: the planned tensors' and the planned tags' (str values
+// such as "state_format", compared by identity).
 struct StateKeys {
   PyObject* keys;
   std::vector<Py_hash_t> hashes;
+  PyObject* tags;
+  std::vector<Py_hash_t> tag_hashes;
 };
 
 // adamkit_state_ptrs_equal for dicts [lo, hi) of n: values[k * n + i], impls likewise;
 // planned[r * n * n_keys + k * n + i]: row r of the planned tensor's (address, object,
-// element count, layout code); sizes[i]: the planned number of keys of dict i.
+// element count, layout code); tag_objects[k * n + i]: the planned object of tag k.
 Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool split, Py_ssize_t n,
-                         const StateKeys& sk, const int64_t* planned, const int64_t* sizes,
+                         const StateKeys& sk, const int64_t* planned, const int64_t* tag_objects,
                          PyObject** values, c10::TensorImpl** impls) {
   PyObject* keys = sk.keys;
-  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys);
+  const Py_ssize_t n_keys = PyTuple_GET_SIZE(keys), n_tags = PyTuple_GET_SIZE(sk.tags);
   for (Py_ssize_t i = lo; i < hi; ++i) prefetch(dicts[i]);
   for (Py_ssize_t i = lo; i < hi; ++i) {
-    // a key added or removed: the full path reads a state by its keys (a buffer says
-    // its update policy, formats/__init__.py's stored_formats)
-    if (!PyDict_Check(dicts[i]) || PyDict_GET_SIZE(dicts[i]) != sizes[i]) return FAILS;
-    Py_ssize_t pos = 0, found = 0;
+    if (!PyDict_Check(dicts[i])) return FAILS;
+    Py_ssize_t pos = 0, found = 0, tags_found = 0;
     PyObject *key, *value;
     while (PyDict_Next(dicts[i], &pos, &key, &value)) {
       const Py_ssize_t k = key_index(keys, sk.hashes, key);
@@ -198,9 +199,14 @@ Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool sp
         values[k * n + i] = value;
         prefetch(value);
         ++found;
+      } else if (const Py_ssize_t t = key_index(sk.tags, sk.tag_hashes, key); t >= 0) {
+        // a tag edited or replaced: the full path reads the state by its tags
+        if (reinterpret_cast<int64_t>(value) != tag_objects[t * n + i]) return FAILS;
+        ++tags_found;
       }
     }
-    if (found != n_keys) return FAILS;  // a key missing (each is found at most once)
+    // a key or tag missing (each is found at most once)
+    if (found != n_keys || tags_found != n_tags) return FAILS;
   }
   const Py_ssize_t total = n * n_keys;
   const int64_t *addresses = planned, *objects = planned + total, *numels = planned + 2 * total,
@@ -284,7 +290,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
 
 extern "C" {
 
-int adamkit_checks_version() { return 7; }
+int adamkit_checks_version() { return 6; }
 
 // torch's ScalarType number of a tensor's dtype, or -1 for anything else: the planned
 // dtype the other checks compare with.
@@ -339,8 +345,9 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
 
 // For each dict in `states` and each key in `keys` (a tuple of exact str): dict[key] is the
 // planned tensor, at its planned address, with its element count and layout (`planned`:
-// state_ptrs_range; step_cache: the bucket's state tensors); and each dict has its planned
-// number of keys, sizes[i] (no key added or removed).
+// state_ptrs_range; step_cache: the bucket's state tensors); and for each key in `tags`
+// (exact str too), dict[key] is the planned object, tag_objects[k * n + i] (the str tags
+// the state's format is read by).
 //
 // Each dict is walked once with PyDict_Next instead of being looked up once per key, and
 // the values are held as borrowed references: nothing here runs Python code (keys are
@@ -350,16 +357,16 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
 // (bf16 kahan int8; paired ratios, 61 rounds each way), which also prefetched one line of
 // each StorageImpl where address() reads two; that on one thread.
 int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* planned, int n_threads,
-                             const int64_t* sizes) {
+                             PyObject* tags, const int64_t* tag_objects) {
   try {
-    StateKeys sk{keys, {}};
-    if (!PyList_Check(states) || !str_hashes(keys, sk.hashes)) return 0;
+    StateKeys sk{keys, {}, tags, {}};
+    if (!PyList_Check(states) || !str_hashes(keys, sk.hashes) || !str_hashes(tags, sk.tag_hashes)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(states), n_keys = PyTuple_GET_SIZE(keys);
     PyObject** dicts = reinterpret_cast<PyListObject*>(states)->ob_item;
     std::vector<PyObject*> values(n * n_keys, nullptr);
     std::vector<c10::TensorImpl*> impls(n * n_keys);
     return in_parallel(n, n * n_keys, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi, bool split) {
-      return state_ptrs_range(dicts, lo, hi, split, n, sk, planned, sizes, values.data(), impls.data());
+      return state_ptrs_range(dicts, lo, hi, split, n, sk, planned, tag_objects, values.data(), impls.data());
     });
   } catch (...) {
     return 0;
