@@ -239,6 +239,47 @@ def test_a_checkpoint_with_str_tags_loads_as_its_tensor_tagged_twin(storage):
             assert b["state_format"].dtype == torch.int64
 
 
+@pytest.mark.parametrize("storage", STORAGE, ids=lambda s: s.id)
+def test_a_state_without_tags_is_read_from_its_tensors(storage):
+    """A state dict whose tags were removed (a state built by code) loads as the tagged
+    one into every storage: uint8 codes with scales are int8, float moments their dtype's
+    format, the buffer held (kahan_comp, master_param, sr_seed) says the policy."""
+    params = _params(storage.dtype)
+    opt = _opt(params, storage)
+    _train(params, opt, 2)
+    untagged = copy.deepcopy(opt.state_dict())
+    for st in untagged["state"].values():
+        del st["state_format"], st["param_update"]
+    assert formats.stored_formats(untagged["state"][0]) == (storage.state_format, storage.param_update)
+    for dst in (s for s in STORAGE if s.dtype == storage.dtype):
+        a, b = _opt(params, dst), _opt(params, dst)
+        a.load_state_dict(_save_load(opt.state_dict()))
+        b.load_state_dict(_save_load(untagged))
+        for p in params:
+            assert a.state[p].keys() == b.state[p].keys()
+            assert all(torch.equal(v, b.state[p][k]) for k, v in a.state[p].items())
+
+
+def test_an_untagged_state_with_two_policies_buffers_reads_the_configured_policys():
+    """kahan_comp and master_param in one untagged state: a load into kahan reads the
+    Kahan buffer, into master the master copy, and into nearest drops both."""
+    params = _params(torch.bfloat16)
+    kahan = _opt(params, next(s for s in STORAGE if s.id == "bfloat16-bf16-kahan"))
+    _train(params, kahan, 2)
+    sd = copy.deepcopy(kahan.state_dict())
+    masters = {}
+    for i, st in sd["state"].items():
+        del st["state_format"], st["param_update"]
+        masters[i] = st["master_param"] = torch.randn(params[i].shape)
+    for update, check in (("kahan", lambda st, i: torch.equal(st["kahan_comp"], sd["state"][i]["kahan_comp"])),
+                          ("master", lambda st, i: torch.equal(st["master_param"], masters[i])),
+                          ("nearest", lambda st, i: "kahan_comp" not in st and "master_param" not in st)):
+        loaded = adamkit.Adam(params, lr=1e-2, state_format="bf16", param_update=update)
+        loaded.load_state_dict(_save_load(sd))
+        assert all(check(loaded.state[p], i) for i, p in enumerate(params)), update
+        assert all(stored_formats(loaded.state[p]) == ("bf16", update) for p in params)
+
+
 def _with_legacy_tags(sd, opt):
     """``sd`` as adamkit saved it before states were read from their tensors: each param's
     state also holds its format and update policy as str tags."""
@@ -261,9 +302,9 @@ def _through_torch_optim(params, opt):
 
 
 def test_int8_state_through_torch_optim_is_refused_and_changes_nothing():
-    """torch.optim casts adamkit's int8 codes (uint8) to the param dtype and its tags to
-    generator strings when it loads them; read as untagged state those codes would be
-    taken for moments (values 0-255). Refused with a clear error, state untouched."""
+    """torch.optim casts adamkit's int8 codes (uint8) and its tags to the param dtype when
+    it loads them; read as torch.optim's state those codes would be taken for moments
+    (values 0-255). Refused with a clear error, state untouched."""
     params = _params(torch.float32)
     saved = _through_torch_optim(params, adamkit.Adam(params, lr=1e-2, state_format="int8",
                                                       int8_min_size=0))

@@ -325,7 +325,8 @@ class Adam(Optimizer):
                    **formats.fresh_state(p, fmt, update, group["amsgrad"], seed)}
         elif (error := _reshaped(state, p)) is not None:
             raise error
-        elif (stored := formats.tags_of(state)) != (fmt, update) or not formats.state_fits(p, state, fmt, update):
+        elif ((stored := formats.tags_of(state)) != (fmt, update)
+              or not formats.state_fits(p, state, fmt, update)):
             seed = param_policy.sr_seed(group["seed"], index)
             try:
                 new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
@@ -580,7 +581,7 @@ class Adam(Optimizer):
         Each param's state becomes ``step`` and the moments in float32, float64 kept (int8
         codes and bf16 decoded; torch.optim casts them to the param's dtype when it loads
         them);
-        int8 scales and stochastic-rounding seeds are dropped, and so are
+        int8 scales, the format tags and stochastic-rounding seeds are dropped, and so are
         a Kahan compensation and a master copy, as on a load into ``param_update="nearest"``:
         torch.optim continues from the param itself, at most half an ulp of it lost.
         Groups keep torch's keys (``decoupled_weight_decay`` gives the decay mode). Nothing

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, formats
 from .formats import param as param_policy
 from .backends.cpu import native_checks
 from .hyperparams import check_live_group, check_scalar_range, for_param_dtype, step_scalars
@@ -53,8 +53,9 @@ _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min
                  "decouple_wd", "decoupled_weight_decay")
 
 
-# The str tags a state is read by (formats.py): checked by identity, as the tensors.
-_TAG_KEYS = ("state_format", "param_update")
+# The tags a state is read by (formats/__init__.py): checked by identity, as the tensors
+# (a tag edited in place is read as data, as a scale is: docs/precision.md).
+_TAG_KEYS = formats.TAGS
 
 _VERSION = operator.attrgetter("_version")
 # What checks.cpp reads as a tensor: Tensor or Parameter exactly (a subclass may mean

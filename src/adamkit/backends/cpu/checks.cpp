@@ -171,8 +171,8 @@ inline bool str_hashes(PyObject* keys, std::vector<Py_hash_t>& hashes) {
   return true;
 }
 
-// The keys a state check reads: the planned tensors' and the planned tags' (str values
-// such as "state_format", compared by identity).
+// The keys a state check reads: the planned tensors' and the planned tags' (the 0-dim
+// tensors under "state_format" and "param_update", compared by identity).
 struct StateKeys {
   PyObject* keys;
   std::vector<Py_hash_t> hashes;
@@ -346,8 +346,8 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
 // For each dict in `states` and each key in `keys` (a tuple of exact str): dict[key] is the
 // planned tensor, at its planned address, with its element count and layout (`planned`:
 // state_ptrs_range; step_cache: the bucket's state tensors); and for each key in `tags`
-// (exact str too), dict[key] is the planned object, tag_objects[k * n + i] (the str tags
-// the state's format is read by).
+// (exact str too), dict[key] is the planned object, tag_objects[k * n + i] (the tags the
+// state's format is read by).
 //
 // Each dict is walked once with PyDict_Next instead of being looked up once per key, and
 // the values are held as borrowed references: nothing here runs Python code (keys are
