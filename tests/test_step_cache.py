@@ -511,6 +511,10 @@ def _str_tag_names_another_format(st):  # as an earlier version wrote tags
     st["state_format"] = "bf16"
 
 
+def _str_tags_as_stored(st):  # an optimizer pickled by an earlier version: read, then tensors
+    st["state_format"], st["param_update"] = "int8", "kahan"
+
+
 def _tag_removed(st):  # the state is then read from its tensors: int8 codes, a kahan buffer
     del st["state_format"]
 
@@ -564,7 +568,8 @@ def _state_copy(opt, p):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("edit", [_tag_names_another_format, _str_tag_names_another_format, _tag_removed,
+@pytest.mark.parametrize("edit", [_tag_names_another_format, _str_tag_names_another_format,
+                                  _str_tags_as_stored, _tag_removed,
                                   _policy_tag_edited, _tag_rewritten_equal, _scale_swapped_negative,
                                   _scale_swapped_minus_inf],
                          ids=lambda f: f.__name__.strip("_"))
@@ -579,7 +584,7 @@ def test_a_state_tag_edited_between_steps_steps_as_the_full_path(checks_mode, ed
     cached, fresh = _tag_edited_run(True, edit, backend), _tag_edited_run(False, edit, backend)
     assert cached[0] is fresh[0]
     assert torch.equal(cached[1], fresh[1])
-    if edit in (_tag_rewritten_equal, _tag_removed):
+    if edit in (_tag_rewritten_equal, _tag_removed, _str_tags_as_stored):
         assert cached[0] is None
         assert torch.equal(cached[1], _tag_edited_run(True, lambda st: None, backend)[1])
     else:
