@@ -904,3 +904,31 @@ def test_a_param_in_two_groups_with_a_counter_set_by_hand_raises_torchs_error_fi
     with pytest.raises(RuntimeError, match="state_steps"):
         opt.step()
     assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype, storage", [
+    (torch.float32, {}), (torch.float32, {"state_format": "int8", "int8_min_size": 0}),
+    (torch.bfloat16, {"param_update": "stochastic"}), (torch.bfloat16, {"param_update": "master"}),
+], ids=["fp32", "int8", "stochastic", "master"])
+def test_a_default_device_context_leaves_the_host_state_on_the_host(backend, dtype, storage):
+    """Under ``with torch.device("meta")`` (or "cuda"), torch.tensor(...) without a device
+    makes a tensor there: the step counter, the tags and sr_seed were made so, and the
+    cpu kernel, which reads them as host memory, crashed the process (SIGSEGV) on the
+    meta counter; elsewhere `.item()` on it raised. They are made on the host now:
+    steps and a load inside the context give the numbers of steps outside it."""
+    params = [torch.nn.Parameter(torch.randn(300).to(dtype)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    inside = adamkit.Adam(params, backend=backend, **storage)
+    outside = adamkit.Adam(twins, backend=backend, **storage)
+    for t in range(4):
+        for p, q in zip(params, twins):
+            p.grad = torch.full_like(p, 0.5 + t)
+            q.grad = torch.full_like(q, 0.5 + t)
+        with torch.device("meta"):
+            if t == 2:
+                inside.load_state_dict(inside.state_dict())
+            inside.step()
+        outside.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    assert {v.device.type for st in inside.state.values() for v in st.values()} == {"cpu"}

@@ -167,7 +167,7 @@ def _saved_step(step: object, dtype: torch.dtype) -> Tensor:
     except OverflowError:  # an int beyond float64
         raise ValueError(f"step is beyond the range of the {dtype} step counter (an int of "
                          f"{step.bit_length()} bits)") from None
-    counter = torch.tensor(value, dtype=dtype)
+    counter = torch.tensor(value, dtype=dtype, device="cpu")
     if not counter.isfinite():
         raise ValueError(f"step {value:.4g} is beyond the range of the {dtype} step counter")
     return counter

@@ -321,7 +321,7 @@ class Adam(Optimizer):
             resynced = True
         if not state:
             seed = param_policy.sr_seed(group["seed"], index)
-            new = {"step": torch.tensor(0.0, dtype=scalar_dtype()),
+            new = {"step": torch.tensor(0.0, dtype=scalar_dtype(), device="cpu"),
                    **formats.fresh_state(p, fmt, update, group["amsgrad"], seed)}
         elif (error := _reshaped(state, p)) is not None:
             raise error

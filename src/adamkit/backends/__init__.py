@@ -58,7 +58,7 @@ def counter_reads(t: int, steps: list[Tensor]) -> int:
     dtype = steps[0].dtype if steps else torch.float32
     if not dtype.is_floating_point or t <= _COUNTS_EXACTLY.get(dtype, 0):
         return t
-    return int(torch.tensor(float(t), dtype=dtype).item())
+    return int(torch.tensor(float(t), dtype=dtype, device="cpu").item())
 
 
 def count_steps(backend: Backend, bucket: Bucket) -> None:

@@ -64,7 +64,7 @@ def _is_plain(bucket: Bucket) -> bool:
 
 
 def _float32(x: float) -> float:
-    return torch.tensor(x, dtype=torch.float32).item()
+    return torch.tensor(x, dtype=torch.float32, device="cpu").item()
 
 
 def _sqrt(x: Tensor) -> Tensor:

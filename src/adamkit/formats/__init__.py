@@ -106,8 +106,8 @@ def fresh_state(p: Tensor, fmt: str, update: str, amsgrad: bool,
 
 def tags(fmt: str, update: str) -> dict[str, Tensor]:
     """The tags of a state in (fmt, update): 0-dim int64 tensors on the host, as sr_seed."""
-    return {"state_format": torch.tensor(FORMAT_CODES[fmt]),
-            "param_update": torch.tensor(UPDATE_CODES[update])}
+    return {"state_format": torch.tensor(FORMAT_CODES[fmt], device="cpu"),
+            "param_update": torch.tensor(UPDATE_CODES[update], device="cpu")}
 
 
 def _is_code(t: Any) -> bool:
@@ -147,7 +147,10 @@ def _saved_tags(saved: dict[str, Any]) -> tuple[str, str] | None:
         tag = saved.get(key, "nearest")
         name = codes.get(int(tag)) if _is_code(tag) else tag  # a str: an earlier version's
         if not isinstance(name, str) or name not in known:  # (a list is unhashable)
-            shown = f"a tensor holding {tag.tolist()!r}" if isinstance(tag, Tensor) else repr(tag)
+            shown = repr(tag)
+            if isinstance(tag, Tensor):
+                shown = (f"a tensor holding {tag.item()!r}" if tag.numel() == 1 and not tag.is_meta
+                         else f"a tensor of shape {tuple(tag.shape)}")
             listed = ", ".join(f"{c} ({n})" for c, n in codes.items() if n in known)
             raise ValueError(f"unknown {key} tag {shown}: a tag is a 0-dim integer tensor "
                              f"holding one of the codes {listed} (or, as earlier versions "
@@ -179,9 +182,10 @@ def stored_formats(saved: dict[str, Any], update: str | None = None) -> tuple[st
         scaled = [f"{m}_scale" for m in state.MOMENTS if f"{m}_scale" in saved]
         got = moment.dtype if isinstance(moment, Tensor) else type(moment).__name__
         if scaled:  # adamkit's int8 state, its codes cast by torch.optim
-            raise ValueError(f"untagged state with {scaled[0]}: int8 codes that passed through "
-                             f"torch.optim's load_state_dict (codes now {got}) "
-                             "cannot be read as moments; load adamkit's own checkpoint")
+            raise ValueError(f"state with {scaled[0]} but exp_avg of {got}: int8 codes that "
+                             "passed through torch.optim's load_state_dict (which casts them "
+                             "to the param's dtype) cannot be read as moments; load adamkit's "
+                             "own checkpoint")
         if not isinstance(moment, Tensor) or moment.dtype not in _DTYPE_FORMAT:
             raise ValueError(f"exp_avg of {got} is no moment format (float moments, or uint8 "
                              "int8 codes with their scales)")

@@ -135,7 +135,7 @@ def buffers(p: Tensor, update: str, seed_of_param: int | None = None) -> dict[st
         master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         return {"master_param": master}
     if update == "stochastic":
-        return {"sr_seed": torch.tensor(seed_of_param, dtype=torch.int64)}
+        return {"sr_seed": torch.tensor(seed_of_param, dtype=torch.int64, device="cpu")}
     return {}
 
 
@@ -202,7 +202,7 @@ def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
         if type(seed) is int:  # a number put in by hand: the seed it says
             if not -2**63 <= seed < 2**63:
                 raise ValueError(f"sr_seed {seed} is beyond int64")
-            return {"sr_seed": torch.tensor(seed, dtype=torch.int64)}
+            return {"sr_seed": torch.tensor(seed, dtype=torch.int64, device="cpu")}
         _check(saved, "sr_seed", p, shape=())
         if seed.is_complex() or seed.dtype == torch.bool:
             raise ValueError(f"sr_seed has dtype {seed.dtype}, expected an integer tensor")

@@ -63,8 +63,8 @@ class CodeMap:
     def scale_range(self) -> tuple[float, float]:
         """The finite scales an encoder can write: floor/M = 2^-126 to float32(max float32
         / M). (It also writes NaN or +∞ for a block holding a NaN or an ∞.)"""
-        top = torch.tensor(self.top, dtype=torch.float32)
-        biggest = torch.tensor(torch.finfo(torch.float32).max, dtype=torch.float32)
+        top = torch.tensor(self.top, dtype=torch.float32, device="cpu")
+        biggest = torch.tensor(torch.finfo(torch.float32).max, dtype=torch.float32, device="cpu")
         return 2.0**-126, torch.div(biggest, top).item()
 
     def value(self, c: int) -> float:
@@ -75,8 +75,8 @@ class CodeMap:
         """float32 value of every code 0..255; codes ≥ 128 of a signed map are negative."""
         if self.signed:
             mags = [self.value(c) for c in range(128)]
-            return torch.tensor(mags + [-v for v in mags], dtype=torch.float32)
-        return torch.tensor([self.value(c) for c in range(256)], dtype=torch.float32)
+            return torch.tensor(mags + [-v for v in mags], dtype=torch.float32, device="cpu")
+        return torch.tensor([self.value(c) for c in range(256)], dtype=torch.float32, device="cpu")
 
 
 SIGNED = CodeMap(bias=7, cmax=127, signed=True)  # m: E4M3, M = 480
