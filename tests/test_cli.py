@@ -113,6 +113,18 @@ def test_parse_compare():
             parse_compare(bad)
 
 
+def test_train_batches_draw_every_window_of_the_text():
+    """Every start 0 .. len - context - 1 is drawn, the last one included: the window that
+    ends on the text's last character (randint's bound is exclusive: it was one short, so
+    that character was never a target)."""
+    corpus = CharCorpus("abcdefghij" * 2, val_fraction=0.5)  # train: "abcdefghij"
+    gen = torch.Generator().manual_seed(0)
+    x, y = corpus.train_batch(2000, 4, gen)
+    starts = {corpus.decode(row)[0] for row in x}
+    assert starts == set("abcdef")  # 10 - 4 windows of 5 characters
+    assert corpus.decode(y[[corpus.decode(r)[0] == "f" for r in x]][0]) == "ghij"
+
+
 def test_viz_writes_a_png(tmp_path, capsys):
     out = tmp_path / "viz.png"
     assert main(["viz", "--out", str(out)]) == 0

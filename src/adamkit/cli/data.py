@@ -43,8 +43,10 @@ class CharCorpus:
         return "".join(self.chars[i] for i in ids.tolist())
 
     def train_batch(self, batch_size: int, context: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Random windows of the training text; the generator is the only source of randomness."""
-        starts = torch.randint(0, len(self.train) - context - 1, (batch_size,), generator=generator)
+        """Random windows of the training text, every one of its ``len - context`` windows
+        of context + 1 characters equally likely (the last character too is a target);
+        the generator is the only source of randomness."""
+        starts = torch.randint(0, len(self.train) - context, (batch_size,), generator=generator)
         return _windows(self.train, starts, context)
 
     def val_batches(self, batch_size: int, context: int, count: int) -> list[tuple[Tensor, Tensor]]:
