@@ -40,6 +40,8 @@ BAD_FOREACH = [
 # (adamkit raised ValueError for (0.9,), and "not iterable" for a float)
 BAD_BETAS_KIND = [
     dict(betas=(0.9,)),
+    dict(betas=[]),  # "list index out of range": the message names what was given
+    dict(betas=[0.9]),
     dict(betas=0.9),
     dict(betas=None),
     dict(lr=-1.0, betas=0.9),

@@ -192,8 +192,9 @@ class Adam(Optimizer):
             seed=seed,
             int8_min_size=int8_min_size,
         )
-        # before the params, as torch: Adam([], lr=-1) names the lr
-        check_ranges(defaults)
+        # before the params, as torch: Adam([], lr=-1) names the lr; on the betas as given
+        # (betas=[0.9] raises torch's "list index out of range")
+        check_ranges({**defaults, "betas": betas})
         if foreach and isinstance(betas[0], Tensor):
             raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
         super().__init__(params, defaults)
