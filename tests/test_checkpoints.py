@@ -525,3 +525,18 @@ def test_torchs_flags_given_in_a_group_stay_the_loading_groups():
     saved["param_groups"][0]["foreach"] = False  # the checkpoint's flags are not read
     opt.load_state_dict(saved)
     assert opt.param_groups[0]["foreach"] is True and opt.param_groups[0]["backend"] == "torch"
+
+
+def test_a_meta_step_counter_into_a_meta_param_is_a_value_error():
+    """A meta param's state may be meta tensors, but its step count must be a number:
+    the load raised RuntimeError from `.item()` (torch.optim loads it, and its step fails
+    there); now a ValueError, as every checkpoint that does not fit, and nothing changes."""
+    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    opt = adamkit.Adam([p])
+    saved = {"state": {0: {"step": torch.tensor(1.0, device="meta"),
+                           "exp_avg": torch.zeros(3, device="meta"),
+                           "exp_avg_sq": torch.zeros(3, device="meta")}},
+             "param_groups": opt.state_dict()["param_groups"]}
+    with pytest.raises(ValueError, match="step is a meta tensor"):
+        opt.load_state_dict(saved)
+    assert not opt.state

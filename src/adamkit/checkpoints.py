@@ -153,6 +153,8 @@ def _saved_step(step: object, dtype: torch.dtype) -> Tensor:
     the counter cannot hold exactly is rounded to it, as its own counting rounds: a
     float32 counter stalls there, as torch's does past 2^24 (test_step_counter_limit),
     where the bias corrections are 1 to float32's precision."""
+    if isinstance(step, Tensor) and step.is_meta:  # (torch.optim loads it, and its step fails)
+        raise ValueError("step is a meta tensor, which holds no count to load")
     if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
         step = step.item()
     elif type(step).__module__ == "numpy" and getattr(step, "shape", None) == ():
