@@ -540,3 +540,10 @@ def test_a_meta_step_counter_into_a_meta_param_is_a_value_error():
     with pytest.raises(ValueError, match="step is a meta tensor"):
         opt.load_state_dict(saved)
     assert not opt.state
+
+
+def test_the_tag_codes_are_the_ones_checkpoints_hold():
+    """Saved checkpoints hold these numbers (docs/design/formats.md, "Checkpoints"):
+    renumbering them would read every earlier checkpoint as another format."""
+    assert formats.FORMAT_CODES == {"fp32": 0, "bf16": 1, "int8": 2, "fp64": 3, "fp16": 4}
+    assert formats.UPDATE_CODES == {"nearest": 0, "kahan": 1, "stochastic": 2, "master": 3}

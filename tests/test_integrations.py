@@ -530,14 +530,62 @@ def test_a_distributed_checkpoint_of_another_format_is_refused(flatten, tmp_path
     """DCP loads a checkpoint into the live state's own tensors, so int8 codes saved from
     one run land in another's float32 moments (values 0-255) and its scales are left
     out. The tags, tensors too, land in the live ones: the load sees int8 tags on float
-    moments and refuses them instead of training on codes as moments."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    moments and refuses them, and so does the next step (its cached plan notices the
+    tags written in place), instead of training on codes as moments."""
+    import warnings
 
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64)
+    model, other = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    x = torch.randn(8, 64)
     opt = adamkit.Adam(model.parameters(), lr=1e-2, state_format="int8", int8_min_size=0)
-    model(torch.randn(8, 64)).square().sum().backward()
-    opt.step()
+    running = adamkit.Adam(other.parameters(), lr=1e-2)  # an fp32 run, mid-way: a cached plan
+    for m, o in ((model, opt), (model, opt), (other, running), (other, running)):
+        o.zero_grad()
+        m(x).square().sum().backward()
+        o.step()  # both at step 2: the counter dcp.load writes reads what the plan expects
+    assert running._step_cache is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"optim": get_optimizer_state_dict(model, opt, options=options)}, checkpoint_id=tmp_path)
+        into = get_optimizer_state_dict(other, running, options=options)
+        dcp.load({"optim": into}, checkpoint_id=tmp_path)
     with pytest.raises(ValueError, match="exp_avg is int8 state but has dtype torch.float32"):
-        _dcp_save_and_load(model, opt, {}, StateDictOptions(flatten_optimizer_state_dict=flatten),
-                           tmp_path / "ckpt")
+        set_optimizer_state_dict(other, running, into, options=options)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(adamkit.UnreadableStateError, match="int8 state but has dtype torch.float32"):
+        running.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+
+
+@pytest.mark.parametrize("src, dst", [({"param_update": "kahan"}, {"param_update": "stochastic"}),
+                                      ({}, {"state_format": "int8", "int8_min_size": 0})],
+                         ids=["kahan-to-stochastic", "bf16-to-int8"])
+def test_a_flattened_distributed_state_dict_loads_into_another_storage(src, dst):
+    """set_optimizer_state_dict rebuilds a flattened state dict from the live state's
+    keys, and gives {} for one the checkpoint lacks (sr_seed, int8 scales): read as
+    absent, the state converts as any checkpoint does ("sr_seed is a dict" before)."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).bfloat16()
+    opt = adamkit.Adam(model.parameters(), lr=1e-2, **src)
+    model(torch.randn(8, 64).bfloat16()).square().sum().backward()
+    opt.step()
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt, options=options))
+    into = copy.deepcopy(model)
+    theirs = adamkit.Adam(into.parameters(), lr=1e-2, **dst)
+    set_optimizer_state_dict(into, theirs, saved, options=options)
+    twin = adamkit.Adam(copy.deepcopy(model).parameters(), lr=1e-2, **dst)
+    twin.load_state_dict(opt.state_dict())  # the same conversion from adamkit's own state dict
+    for p, q in zip(into.parameters(), twin.param_groups[0]["params"]):
+        a, b = theirs.state[p], twin.state[q]
+        assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())

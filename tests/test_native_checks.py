@@ -216,6 +216,10 @@ def _tag_edited(opt, ps):  # the state now says another format than its tensors 
     opt.state[ps[1]]["state_format"] = torch.tensor(formats.FORMAT_CODES["fp32"])
 
 
+def _tag_written_in_place(opt, ps):  # the same tensor at the same address: its version moved
+    opt.state[ps[4]]["param_update"].fill_(formats.UPDATE_CODES["master"])
+
+
 def _tag_dropped(opt, ps):
     del opt.state[ps[2]]["param_update"]
 
@@ -227,7 +231,7 @@ def _tag_equal_but_another_object(opt, ps):  # by identity, as the tensors: a re
 
 STATE_CHANGES = [_state_replaced, _state_new_storage, _state_key_dropped, _state_not_a_tensor,
                  _state_subclass, _state_key_of_a_str_subclass, _state_sliced, _state_resized,
-                 _state_recast, _state_strided, _state_negated, _tag_edited, _tag_dropped,
+                 _state_recast, _state_strided, _state_negated, _tag_edited, _tag_written_in_place, _tag_dropped,
                  _tag_equal_but_another_object]
 
 

@@ -507,6 +507,14 @@ def _tag_names_another_format(st):  # its tensors stay int8 codes
     st["state_format"] = torch.tensor(formats.FORMAT_CODES["bf16"])
 
 
+def _tag_written_in_place(st):  # the same tensor, another code: as dcp.load writes a checkpoint's
+    st["state_format"].fill_(formats.FORMAT_CODES["bf16"])
+
+
+def _tag_written_in_place_with_its_code(st):  # a write, nothing to read differently
+    st["state_format"].copy_(st["state_format"].clone())
+
+
 def _str_tag_names_another_format(st):  # as an earlier version wrote tags
     st["state_format"] = "bf16"
 
@@ -568,7 +576,8 @@ def _state_copy(opt, p):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("edit", [_tag_names_another_format, _str_tag_names_another_format,
+@pytest.mark.parametrize("edit", [_tag_names_another_format, _tag_written_in_place,
+                                  _tag_written_in_place_with_its_code, _str_tag_names_another_format,
                                   _str_tags_as_stored, _tag_removed,
                                   _policy_tag_edited, _tag_rewritten_equal, _scale_swapped_negative,
                                   _scale_swapped_minus_inf],
@@ -584,7 +593,7 @@ def test_a_state_tag_edited_between_steps_steps_as_the_full_path(checks_mode, ed
     cached, fresh = _tag_edited_run(True, edit, backend), _tag_edited_run(False, edit, backend)
     assert cached[0] is fresh[0]
     assert torch.equal(cached[1], fresh[1])
-    if edit in (_tag_rewritten_equal, _tag_removed, _str_tags_as_stored):
+    if edit in (_tag_rewritten_equal, _tag_removed, _str_tags_as_stored, _tag_written_in_place_with_its_code):
         assert cached[0] is None
         assert torch.equal(cached[1], _tag_edited_run(True, lambda st: None, backend)[1])
     else:

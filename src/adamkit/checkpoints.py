@@ -122,6 +122,9 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
 def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
                       group: dict[str, Any], index: int) -> dict[str, Any]:
     """A private copy of one param's saved state, on p's device, in the group's format."""
+    # DCP's flattened state dict is rebuilt from the live state's keys, and a key the
+    # checkpoint lacks (sr_seed into a stochastic run, int8 scales) comes back as {}
+    saved = {k: v for k, v in saved.items() if not (k in formats.OWN_KEYS and isinstance(v, dict) and not v)}
     if "step" not in saved or "exp_avg" not in saved or "exp_avg_sq" not in saved:
         raise ValueError(
             f"loaded state for parameter {saved_id} lacks one of 'step', 'exp_avg', "

@@ -332,7 +332,7 @@ class Adam(Optimizer):
             try:
                 new = {"step": state["step"], **formats.convert_state(p, state, fmt, update, seed)}
             except ValueError as exc:  # a live state edited into one no format reads
-                shown = f", state_format {stored[0]!r}" if stored else ""
+                shown = f", state_format {stored[0]!r}" if stored and stored[0] else ""
                 raise UnreadableStateError(
                     f"the optimizer state of param {index} (shape {tuple(p.shape)}{shown}) "
                     f"cannot be read: {exc}") from None
@@ -500,7 +500,7 @@ class Adam(Optimizer):
         if scale is None:
             return 1.0
         # As GradScaler's own unscale: the reciprocal in float64, rounded to float32.
-        return float(torch.tensor(1.0 / float(scale), dtype=torch.float32))
+        return float(torch.tensor(1.0 / float(scale), dtype=torch.float32, device="cpu"))
 
     # ---- memory -----------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ while
   mapping's keys and values in order; each bucket's state tensors by identity and
   address, and by element count, dtype, contiguity and negative bit, which catch one
   resized, recast or restrided in place), and no state's tags (``state_format``,
-  ``param_update``: the full path reads a state by them) were edited or removed;
+  ``param_update``: the full path reads a state by them) were replaced, removed or
+  written in place (by their version counters: dcp.load copies a checkpoint's tags
+  into the live ones);
 * the same params have grads, and those are dense and contiguous, of their param's
   dtype, size and shape, with memory of their own values (no wrapper subclass, negative
   bit or zero tensor) (a param sliced in place keeps its address; a grad reshaped
@@ -53,9 +55,16 @@ _STORAGE_KEYS = ("state_format", "param_update", "amsgrad", "backend", "int8_min
                  "decouple_wd", "decoupled_weight_decay")
 
 
-# The tags a state is read by (formats/__init__.py): checked by identity, as the tensors
-# (a tag edited in place is read as data, as a scale is: docs/precision.md).
+# The tags a state is read by (formats/__init__.py): checked by identity, and a tag tensor
+# by its version counter and address too (dcp.load copies a checkpoint's into it).
 _TAG_KEYS = formats.TAGS
+
+
+def _tag_marks(row: list) -> list[tuple[int, int]]:
+    """(version counter or -1, address) of each tag tensor of a row; (0, 0) for a str
+    tag (an earlier version's, immutable)."""
+    return [((-1 if t.is_inference() else t._version), t.data_ptr()) if isinstance(t, Tensor)
+            else (0, 0) for t in row]
 
 _VERSION = operator.attrgetter("_version")
 # What checks.cpp reads as a tensor: Tensor or Parameter exactly (a subclass may mean
@@ -93,8 +102,9 @@ class CachedBucket:
     # restrided or negated in place (a tensor put back at an address a freed one had, or
     # given a smaller storage there, would have the kernel write past its end).
     key_rows: tuple = ()
-    # (tag key, the states' values under it): a tag edited between steps (the state then
-    # says another format than its tensors hold) takes the full path, which raises for it
+    # (tag key, the states' values under it, their _tag_marks): a tag replaced or written
+    # in place between steps (the state then says another format than its tensors hold)
+    # takes the full path, which raises for it
     tag_rows: tuple = ()
     dtype: Any = None  # the params' dtype when planned
     # "master" buckets: the params' version counters after this bucket's last step; one
@@ -148,7 +158,8 @@ class StepCache:
             complex_ = cb.bucket.params[0].dtype.is_complex
             cb.key_rows = tuple((k, row, list(map(Tensor.data_ptr, row)), _layout(row, complex_))
                                 for k, row in rows)
-            cb.tag_rows = tuple((k, [st.get(k) for st in cb.bucket.states]) for k in _TAG_KEYS)
+            cb.tag_rows = tuple((k, row, _tag_marks(row))
+                                for k in _TAG_KEYS for row in [[st.get(k) for st in cb.bucket.states]])
             cb.dtype = cb.bucket.params[0].dtype
             cb.strides = list(map(Tensor.stride, cb.bucket.params))
             if cb.bucket.param_update == "master":
@@ -241,12 +252,14 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
     """One bucket's checks, in Python, given its params' grads (all present); a bucket
     the torch backend runs gets them as ``bucket.grads``."""
     b = cb.bucket
-    planned = (*cb.tag_rows, *((key, row) for key, row, _, _ in cb.key_rows))
+    planned = (*((key, row) for key, row, _ in cb.tag_rows), *((key, row) for key, row, _, _ in cb.key_rows))
     try:  # the planned tags and tensors, by identity (a key gone: None)
         if not all(_same(list(map(dict.get, b.states, repeat(key))), row) for key, row in planned):
             return False
     except TypeError:  # a state that is no dict
         return False
+    if any(_tag_marks(row) != marks for _, row, marks in cb.tag_rows):
+        return False  # a tag written in place
     for _, row, pointers, layout in cb.key_rows:
         if list(map(Tensor.data_ptr, row)) != pointers or _layout(row, cb.dtype.is_complex) != layout:
             return False
@@ -305,7 +318,7 @@ def _native_bucket(cb: CachedBucket) -> bool:
             and hasattr(cb.prepared, "refresh_native")
             and type(cb.bucket.states) is list and all(type(st) is dict for st in cb.bucket.states)
             and all(type(t) in _EXACT for _, row, _, _ in cb.key_rows for t in row)
-            and all(v is not None for _, row in cb.tag_rows for v in row))
+            and all(v is not None for _, row, _ in cb.tag_rows for v in row))
 
 
 class _NativeArgs:
@@ -345,8 +358,10 @@ class _NativeArgs:
                 codes += (scalar_type(dtype) + 256 * c + 512 * neg
                           for dtype, c, neg in zip(dtypes, contiguous, negative))
             planned = array("q", addresses + objects + numels + codes)
-            tags = tuple(key for key, _ in cb.tag_rows)
-            tag_objects = array("q", [id(v) for _, row in cb.tag_rows for v in row])
+            tags = tuple(key for key, _, _ in cb.tag_rows)
+            tag_objects = array("q", [id(v) for _, row, _ in cb.tag_rows for v in row]
+                                + [m[0] for _, _, marks in cb.tag_rows for m in marks]
+                                + [m[1] for _, _, marks in cb.tag_rows for m in marks])
             self.key_rows.append((keys, planned, tags, tag_objects))
         # Which params have grads, for a group whose buckets leave some out or keep their
         # Python checks; in the others every param is in a native bucket, whose refresh

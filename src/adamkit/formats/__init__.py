@@ -111,7 +111,7 @@ def tags(fmt: str, update: str) -> dict[str, Tensor]:
 
 
 def _is_code(t: Any) -> bool:
-    return (isinstance(t, Tensor) and t.dim() == 0 and not t.is_meta
+    return (isinstance(t, Tensor) and t.dim() == 0 and t.layout == torch.strided and not t.is_meta
             and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool))
 
 

@@ -182,7 +182,9 @@ struct StateKeys {
 
 // adamkit_state_ptrs_equal for dicts [lo, hi) of n: values[k * n + i], impls likewise;
 // planned[r * n * n_keys + k * n + i]: row r of the planned tensor's (address, object,
-// element count, layout code); tag_objects[k * n + i]: the planned object of tag k.
+// element count, layout code); tag_objects[k * n + i]: the planned object of tag k, and for
+// a tag that is a tensor, tag_objects[(n_tags + k) * n + i] its version counter (-1: none)
+// and tag_objects[(2 * n_tags + k) * n + i] its address.
 Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool split, Py_ssize_t n,
                          const StateKeys& sk, const int64_t* planned, const int64_t* tag_objects,
                          PyObject** values, c10::TensorImpl** impls) {
@@ -202,6 +204,16 @@ Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool sp
       } else if (const Py_ssize_t t = key_index(sk.tags, sk.tag_hashes, key); t >= 0) {
         // a tag edited or replaced: the full path reads the state by its tags
         if (reinterpret_cast<int64_t>(value) != tag_objects[t * n + i]) return FAILS;
+        // a tag tensor written in place (dcp.load copies a checkpoint's into it) or given
+        // other memory: the full path reads its value
+        if (c10::TensorImpl* tag = impl_of(value)) {
+          const auto& counter = tag->version_counter();
+          const int64_t version = counter.enabled() ? int64_t(counter.current_version()) : -1;
+          if (version != tag_objects[(n_tags + t) * n + i] || !tag->has_storage() ||
+              address(tag) != tag_objects[(2 * n_tags + t) * n + i]) {
+            return FAILS;
+          }
+        }
         ++tags_found;
       }
     }
@@ -290,7 +302,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
 
 extern "C" {
 
-int adamkit_checks_version() { return 6; }
+int adamkit_checks_version() { return 7; }
 
 // torch's ScalarType number of a tensor's dtype, or -1 for anything else: the planned
 // dtype the other checks compare with.
@@ -347,7 +359,7 @@ int adamkit_grads_present(PyObject* params, const uint8_t* has_grad) {
 // planned tensor, at its planned address, with its element count and layout (`planned`:
 // state_ptrs_range; step_cache: the bucket's state tensors); and for each key in `tags`
 // (exact str too), dict[key] is the planned object, tag_objects[k * n + i] (the tags the
-// state's format is read by).
+// state's format is read by), a tensor one at its planned version and address.
 //
 // Each dict is walked once with PyDict_Next instead of being looked up once per key, and
 // the values are held as borrowed references: nothing here runs Python code (keys are

@@ -39,7 +39,7 @@ import torch
 from . import library
 
 HERE = Path(__file__).parent
-VERSION = 6  # adamkit_checks_version() in checks.cpp
+VERSION = 7  # adamkit_checks_version() in checks.cpp
 MANY_TENSORS = 128
 
 _lock = threading.Lock()
