@@ -69,6 +69,31 @@ def test_float64_goes_to_torch_silently(recwarn):
     assert not [w for w in recwarn if "adamkit" in str(w.message)]
 
 
+def test_float64_on_an_explicit_cpu_backend_warns_once_and_runs_on_torch():
+    """backend="cpu" asked for by name, for a dtype its kernels do not run: one
+    RuntimeWarning naming why, then the torch backend's numbers (torch.optim's)."""
+    import warnings
+
+    from adamkit import backends
+
+    backends.resolve.cache_clear()
+    backends._warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mine = [torch.nn.Parameter(torch.linspace(-1, 1, 7, dtype=torch.float64)) for _ in range(2)]
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+        opt, ref = adamkit.Adam(mine, backend="cpu"), torch.optim.Adam(theirs, foreach=True)
+        for _ in range(3):
+            for p, q in zip(mine, theirs):
+                p.grad = q.grad = torch.cos(p.detach() * 3)
+            opt.step()
+            ref.step()
+    messages = [str(w.message) for w in caught if "adamkit" in str(w.message)]
+    assert messages == ["adamkit: backend 'cpu' unusable here (it does not run torch.float64 on cpu); "
+                        "using 'torch'"]
+    assert all(torch.equal(p, q) for p, q in zip(mine, theirs))
+
+
 FALLBACK = """
     import json, warnings, torch, adamkit
     warnings.simplefilter("always")
