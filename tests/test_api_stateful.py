@@ -20,7 +20,8 @@ import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
 
 import adamkit
 from adamkit import formats
@@ -273,6 +274,13 @@ class AdamApiMachine(RuleBasedStateMachine):
             else:
                 opt.state.pop(p, None)
 
+    @rule(index=st.integers(0, 7))
+    def forget_a_params_state(self, index):
+        """``del opt.state[p]``: the next step starts p afresh, at step 1."""
+        for name, opt in self.opts.items():
+            params = self._flat(name)
+            opt.state.pop(params[index % len(params)], None)
+
     @rule()
     def checkpoint_round_trip(self):
         """Each optimizer saved, reloaded into a new one of its kind over the same params."""
@@ -340,6 +348,6 @@ class AdamApiMachine(RuleBasedStateMachine):
                     self.opts["C"].state[pc][key].copy_(value)
 
 
-# The profile (conftest.py) sets the number of examples; each runs up to 25 calls.
-AdamApiMachine.TestCase.settings = settings(stateful_step_count=25)
-test_random_api_sequences_match_torch = AdamApiMachine.TestCase
+def test_random_api_sequences_match_torch(checks_mode):
+    """With the step cache's checks in Python and in C++ (conftest.checks_mode)."""
+    run_state_machine_as_test(AdamApiMachine, settings=settings(stateful_step_count=25))
