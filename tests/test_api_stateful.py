@@ -14,8 +14,6 @@ to adamkit and back. After every call:
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from hypothesis import settings
@@ -26,6 +24,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 import adamkit
 from adamkit import formats
 from helpers import assert_close_scaled
+from test_checkpoints import _save_load  # torch.save, then torch.load(weights_only=True)
 from registry import TORCH_PARITY_TOL
 
 SHAPES = [(3, 4), (5,), (), (40, 17)]
@@ -46,13 +45,6 @@ def _ak_opt(cls, groups, backend, **kw):
 
 def _groups_of(params_by_group, lrs):
     return [{"params": ps, "lr": lr} for ps, lr in zip(params_by_group, lrs)]
-
-
-def _through_bytes(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 class AdamApiMachine(RuleBasedStateMachine):
@@ -237,7 +229,7 @@ class AdamApiMachine(RuleBasedStateMachine):
         for name, opt in self.opts.items():
             kept = self._snapshot(name)
             try:
-                opt.load_state_dict(_through_bytes(saved))
+                opt.load_state_dict(_save_load(saved))
             except ValueError as e:
                 messages[name] = str(e)
             self._assert_unchanged(name, kept)
@@ -285,7 +277,7 @@ class AdamApiMachine(RuleBasedStateMachine):
     def checkpoint_round_trip(self):
         """Each optimizer saved, reloaded into a new one of its kind over the same params."""
         for name, opt in list(self.opts.items()):
-            saved = _through_bytes(opt.state_dict())
+            saved = _save_load(opt.state_dict())
             self.opts[name] = self._make(name)
             self.opts[name].load_state_dict(saved)
 
@@ -296,7 +288,7 @@ class AdamApiMachine(RuleBasedStateMachine):
         adamkit's cpu one."""
         source = "T" if torch_to_adamkit else "A"
         opt = self.opts[source]
-        saved = _through_bytes(opt.torch_state_dict() if torch_form and source == "A" else opt.state_dict())
+        saved = _save_load(opt.torch_state_dict() if torch_form and source == "A" else opt.state_dict())
         for name in self.NAMES:
             if name != source:
                 self.opts[name] = self._make(name)

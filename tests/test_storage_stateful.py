@@ -15,8 +15,6 @@ cache notices what the full path reads.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from hypothesis import settings
@@ -26,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import adamkit
 from adamkit.backends import cpu
 from adamkit.formats import stored_formats
+from test_checkpoints import _save_load  # torch.save, then torch.load(weights_only=True)
 
 pytestmark = pytest.mark.skipif(cpu.BACKEND.unavailable_reason() is not None, reason="no CPU kernels")
 
@@ -38,13 +37,6 @@ FORMATS = st.sampled_from([None, "fp32", "bf16", "int8"])
 # formats.md's, and is compared with the kernel within rounding (test_api_stateful.py).
 FLOAT32_FORMATS = st.sampled_from(["bf16", "int8"])
 UPDATES = st.sampled_from([None, "nearest", "kahan", "stochastic", "master"])
-
-
-def _through_bytes(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 class StorageMachine(RuleBasedStateMachine):
@@ -105,7 +97,7 @@ class StorageMachine(RuleBasedStateMachine):
         state_format = data.draw(self.formats)
         for b in BACKENDS:
             old = self.opts[b]
-            saved = _through_bytes(old.torch_state_dict() if torch_form else old.state_dict())
+            saved = _save_load(old.torch_state_dict() if torch_form else old.state_dict())
             self.opts[b] = self._make(b, state_format, param_update)
             self.opts[b].load_state_dict(saved)
 
