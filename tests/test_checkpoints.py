@@ -130,6 +130,7 @@ def _snapshot(opt):
 def _assert_unchanged(opt, snap):
     now = opt.state_dict()
     assert now["param_groups"] == snap["param_groups"]
+    assert now["state"].keys() == snap["state"].keys()  # no param's state added or dropped
     for k, st in snap["state"].items():
         assert now["state"][k].keys() == st.keys()
         for key, value in st.items():
