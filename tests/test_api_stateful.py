@@ -39,6 +39,10 @@ def _groups_of(params_by_group, lrs):
     return [{"params": ps, "lr": lr} for ps, lr in zip(params_by_group, lrs)]
 
 
+def _largest(t):
+    return t.detach().abs().max().item() if t.numel() else 0.0
+
+
 class AdamApiMachine(RuleBasedStateMachine):
     """Three optimizers over three copies of the same params: torch.optim (T), adamkit's
     torch backend (A) and adamkit's cpu backend (C)."""
@@ -66,6 +70,9 @@ class AdamApiMachine(RuleBasedStateMachine):
 
     def _flat(self, name):
         return [p for ps in self.params[name] for p in ps]
+
+    def _group_of(self, p):  # T's group holding p
+        return next(g for g in self.opts["T"].param_groups if any(q is p for q in g["params"]))
 
     # ---- rules ---------------------------------------------------------------------------
     @rule(mask=st.lists(st.booleans(), min_size=8, max_size=8), closure=st.booleans(),
@@ -102,13 +109,12 @@ class AdamApiMachine(RuleBasedStateMachine):
         for i, (p, g) in enumerate(zip(self._flat("T"), grads)):
             if g is None:
                 continue
-            group = next(gr for gr in opt.param_groups if any(q is p for q in gr["params"]))
+            group = self._group_of(p)
             coupled = self.torch_cls is torch.optim.Adam and not group.get("decoupled_weight_decay")
             g_eff = g + group["weight_decay"] * p.detach() if coupled else g
             state = opt.state.get(p, {})
-            big = lambda t: t.abs().max().item() if t.numel() else 0.0  # noqa: E731
-            out[i] = dict(param=big(p.detach()), grad=big(g_eff),
-                          **{k: big(state[k]) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in state})
+            out[i] = dict(param=_largest(p), grad=_largest(g_eff),
+                          **{k: _largest(state[k]) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in state})
         return out
 
     def _scales(self, before):
@@ -121,18 +127,16 @@ class AdamApiMachine(RuleBasedStateMachine):
             if i not in before:
                 continue
             b, state = before[i], opt.state[p]
-            group = next(gr for gr in opt.param_groups if any(q is p for q in gr["params"]))
-            v_new = state["exp_avg_sq"].abs().max().item() if p.numel() else 0.0
+            group = self._group_of(p)
             m_scale = max(b.get("exp_avg", 0.0), b["grad"])
-            v_scale = max(b.get("exp_avg_sq", 0.0), b["grad"] ** 2, v_new)
+            v_scale = max(b.get("exp_avg_sq", 0.0), b["grad"] ** 2, _largest(state["exp_avg_sq"]))
             step = float(state["step"])
             beta1, beta2 = group["betas"]
             # |lr·m̂/(√v̂ + ε)| ≤ lr·max|m̂| / ε at worst; bound it by the update as taken.
             direction = (state["exp_avg"] / (1 - beta1 ** step)) / (
                 (state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]).sqrt()
                 / (1 - beta2 ** step) ** 0.5 + group["eps"])
-            d_scale = group["lr"] * (direction.abs().max().item() if p.numel() else 0.0)
-            scales[i] = dict(param=max(b["param"], p.detach().abs().max().item() if p.numel() else 0.0, d_scale),
+            scales[i] = dict(param=max(b["param"], _largest(p), group["lr"] * _largest(direction)),
                              exp_avg=m_scale, exp_avg_sq=v_scale,
                              max_exp_avg_sq=max(v_scale, b.get("max_exp_avg_sq", 0.0)))
         return scales
