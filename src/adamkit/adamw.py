@@ -6,7 +6,8 @@ from typing import Any, Iterable
 
 from torch import Tensor
 
-from .optimizer import Adam, _set_decay_mode
+from .optimizer import Adam
+from .param_groups import set_decay_mode
 
 
 class AdamW(Adam):
@@ -72,4 +73,4 @@ class AdamW(Adam):
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:
         super()._normalize_group(group, fallback)
-        _set_decay_mode(group, True)  # as torch.optim.AdamW, whatever the checkpoint says
+        set_decay_mode(group, True)  # as torch.optim.AdamW, whatever the checkpoint says

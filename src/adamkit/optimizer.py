@@ -18,13 +18,11 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, checkpoints, formats, wrappers
+from . import param_groups as groups
 from .formats import param as param_policy
-from .hyperparams import (TORCH_FLAGS, check_live_group, check_ranges, refuse_torch_only, scalar_dtype,
-                          validate_group)
+from .hyperparams import TORCH_FLAGS, check_live_group, check_ranges, scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 from .wrappers import eagerly, torch_eagerly
-
-_FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
 
 
 class UnreadableStateError(ValueError, RuntimeError):
@@ -32,16 +30,6 @@ class UnreadableStateError(ValueError, RuntimeError):
     another dtype, an int8 scale cut short). A ValueError, as a checkpoint that cannot be
     loaded; also a RuntimeError, which is what torch.optim's step raises on a moment of
     the wrong dtype, so code written against either catches it."""
-
-
-def _betas_tuple(betas: Any) -> Any:
-    """The defaults' betas as torch.optim stores them: a tuple, with 1-element Tensors
-    squeezed to 0-dim. What is not iterable is kept as given, for ``validate_group`` to
-    raise torch's error on it (after the lr's and eps's checks, in torch's order)."""
-    try:
-        return tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
-    except TypeError:
-        return betas
 
 
 class Adam(Optimizer):
@@ -172,13 +160,13 @@ class Adam(Optimizer):
         seed: int = 0,
         int8_min_size: int = 4096,
     ) -> None:
-        backend = _backend_for_torch_flags(backend, lr, foreach=foreach, fused=fused,
+        backend = groups.backend_for_torch_flags(backend, lr, foreach=foreach, fused=fused,
                                            capturable=capturable, differentiable=differentiable)
         if decoupled_weight_decay is not None:
             decouple_wd = decouple_wd or bool(decoupled_weight_decay)
         defaults = dict(
             lr=lr,
-            betas=_betas_tuple(betas),
+            betas=groups.betas_tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
@@ -196,7 +184,7 @@ class Adam(Optimizer):
         # (betas=[0.9] raises torch's "list index out of range")
         check_ranges({**defaults, "betas": betas})
         if foreach and isinstance(betas[0], Tensor):
-            raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
+            raise ValueError(groups.FOREACH_TENSOR.format("betas[0]"))
         super().__init__(params, defaults)
         eagerly(type(self)._update)  # made here where dynamo is imported (see wrappers.eagerly)
         eagerly(wrappers.zero_grad)
@@ -213,21 +201,21 @@ class Adam(Optimizer):
         group = {**self.defaults, **param_group}
         flags = {key: param_group[key] for key in TORCH_FLAGS if key in param_group}
         if flags:  # torch.optim honours them per group: read as the constructor reads them
-            group["backend"] = _backend_for_torch_flags(group["backend"], group["lr"], **flags)
-        _set_decay_mode(group, _decay_mode(param_group, None, self.defaults["decouple_wd"]))
+            group["backend"] = groups.backend_for_torch_flags(group["backend"], group["lr"], **flags)
+        groups.set_decay_mode(group, groups.decay_mode(param_group, None, self.defaults["decouple_wd"]))
         fill_max_lr = group["decouple_lr"] and group["max_lr"] is None
         if fill_max_lr:
-            group["max_lr"] = _initial_lr(group["lr"])
+            group["max_lr"] = groups.initial_lr(group["lr"])
         validate_group(group)
         formats.validate(group)
         backends.check_name(group["backend"])
         if flags.get("foreach") and isinstance(group["betas"][0], Tensor):  # after their ranges
-            raise ValueError(_FOREACH_TENSOR.format("betas[0]"))
+            raise ValueError(groups.FOREACH_TENSOR.format("betas[0]"))
         # Valid: only now is the caller's dict changed, and given back as it was where
         # torch's checks of the params (a non-leaf, a param in another group) refuse it
         given = dict(param_group)
         try:
-            _set_decay_mode(param_group, group["decouple_wd"])
+            groups.set_decay_mode(param_group, group["decouple_wd"])
             if flags.get("foreach"):
                 param_group["backend"] = group["backend"]
             if fill_max_lr:
@@ -241,13 +229,7 @@ class Adam(Optimizer):
 
     def _normalize_group(self, group: dict[str, Any], fallback: dict[str, Any]) -> None:
         """Give a loaded group (torch's or an older adamkit's) every key adamkit uses."""
-        # adamkit saves both keys equal; where they differ the state dict went through
-        # torch.optim, which only reads and changes its own key
-        _set_decay_mode(group, _decay_mode(group, None, False))
-        for key, value in {**formats.GROUP_DEFAULTS, **fallback}.items():
-            group.setdefault(key, value)
-        if group["decouple_lr"] and group["max_lr"] is None:
-            group["max_lr"] = _initial_lr(group["lr"])
+        groups.normalize_loaded_group(group, fallback)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -268,17 +250,8 @@ class Adam(Optimizer):
 
     def _sync_decay_modes(self) -> None:
         """Make each live group's two decay-mode keys equal again, the one set since the
-        last sync winning (code written for torch.optim sets ``decoupled_weight_decay``,
-        adamkit's own ``decouple_wd``): called before a step's plan and a state_dict."""
-        last = getattr(self, "_decay_modes", {})  # id(group) -> (group, mode when synced)
-        synced = {}
-        for group in self.param_groups:
-            seen = last.get(id(group))
-            before = seen[1] if seen is not None and seen[0] is group else None
-            mode = _decay_mode(group, before, False)
-            _set_decay_mode(group, mode)
-            synced[id(group)] = (group, mode)
-        self._decay_modes = synced
+        last sync winning: called before a step's plan and a state_dict."""
+        self._decay_modes = groups.sync_decay_modes(self.param_groups, getattr(self, "_decay_modes", {}))
 
     # ---- the step -------------------------------------------------------------------
 
@@ -290,7 +263,7 @@ class Adam(Optimizer):
         anything is changed."""
         work, offset = [], 0
         self._sync_decay_modes()
-        for group, listings in zip(self.param_groups, _listings(self.param_groups)):
+        for group, listings in zip(self.param_groups, groups.listings(self.param_groups)):
             check_live_group(group)  # edited since it was added (a scheduler, by hand)
             formats.validate(group)
             backends.check_name(group["backend"])
@@ -405,7 +378,7 @@ class Adam(Optimizer):
         in turn (group by group), with one state; its foreach and fused steps give other
         numbers within a group. adamkit does as the for-loop on every backend: one full
         step per listing."""
-        return 1 + max((k for ks in _listings(self.param_groups) for k in ks), default=0)
+        return 1 + max((k for ks in groups.listings(self.param_groups) for k in ks), default=0)
 
     def _check_later_listings(self, repeats: int, grad_scale_inv: float) -> None:
         """What only a later listing's step can raise, before the first listing steps:
@@ -621,71 +594,6 @@ def _param_states(state: dict) -> list[tuple[Tensor, dict]]:
     user's or a library's, under keys that are no tensor) through state_dict and load,
     and so does adamkit, which never reads them."""
     return [(p, st) for p, st in state.items() if isinstance(p, Tensor) and isinstance(st, dict)]
-
-
-def _initial_lr(lr: Any) -> Any:
-    """max_lr's default, the group's lr as a number: a Tensor's value (one of several
-    elements stays a Tensor, for the group's check to name it)."""
-    return lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
-
-
-def _listings(groups: list[dict[str, Any]]) -> list[list[int]]:
-    """Per group, per position in its params, how often that param was listed before it,
-    in this group or an earlier one (0 at its first listing): ``Adam._gather(repeat)``
-    takes the listings numbered ``repeat``, so that a param's updates run in torch's order."""
-    seen: dict[int, int] = {}
-    numbers = []
-    for group in groups:
-        numbers.append([])
-        for p in group["params"]:
-            numbers[-1].append(seen.get(id(p), 0))
-            seen[id(p)] = numbers[-1][-1] + 1
-    return numbers
-
-
-def _decay_mode(group: dict[str, Any], last: bool | None, default: bool) -> bool:
-    """The decay mode a group dict asks for under its two keys, ``decouple_wd`` and torch's
-    ``decoupled_weight_decay``. ``last``: the mode both keys held when last synced, so that
-    the one changed since then wins; None for a dict not synced yet (passed to the
-    optimizer, or loaded), where torch's key wins when given (torch.optim reads and
-    changes only its own). ``default``: the mode where neither key is given. A key given
-    as None is given: False, as torch.optim reads it."""
-    if "decoupled_weight_decay" in group:
-        theirs = bool(group["decoupled_weight_decay"])
-        if last is None or theirs != last:
-            return theirs
-    if "decouple_wd" in group:
-        return bool(group["decouple_wd"])
-    return default if last is None else last
-
-
-def _set_decay_mode(group: dict[str, Any], value: bool) -> None:
-    group["decouple_wd"] = group["decoupled_weight_decay"] = value
-
-
-def _backend_for_torch_flags(backend: str, lr: Any, *, foreach: bool | None = None,
-                             fused: bool | None = None, capturable: bool = False,
-                             differentiable: bool = False) -> str:
-    """The backend torch.optim's flags ask for, given to the constructor or in a group:
-    ``foreach=True`` the "torch" backend, ``fused=True`` the fastest (as "auto"). Raises
-    torch's errors for combinations torch refuses, and ValueError for capturable and
-    differentiable (``refuse_torch_only``)."""
-    if fused and differentiable:
-        raise RuntimeError("`fused` does not support `differentiable`")
-    refuse_torch_only({"capturable": capturable, "differentiable": differentiable})
-    # torch.optim's foreach path takes float lr and betas only (adamkit's torch backend
-    # does not mind, but foreach=True is a request for torch's behaviour); the betas are
-    # checked by the caller, after their ranges and kinds, as torch orders it
-    if foreach and isinstance(lr, Tensor):  # torch's check, which capturable=True skips
-        raise ValueError(_FOREACH_TENSOR.format("lr"))
-    if foreach and fused:
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if not foreach:
-        return backend
-    if backend not in ("auto", "torch"):  # it would be replaced without a word
-        raise ValueError(f"foreach=True asks for the 'torch' backend, but backend={backend!r} "
-                         "was given too; pass one of them")
-    return "torch"
 
 
 def _reshaped(state: dict[str, Any], p: Tensor) -> RuntimeError | None:

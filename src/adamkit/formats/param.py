@@ -19,6 +19,7 @@ Everything here is torch ops; the CPU kernel implements the same bits (common.h)
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
