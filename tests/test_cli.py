@@ -21,7 +21,7 @@ from adamkit.cli.data import CharCorpus, load_text
 from adamkit.cli.errors import CliError
 from adamkit.cli.files import atomic_write
 from adamkit.cli.train import parse_compare
-from adamkit.cli.trainer import METRICS, lr_factor
+from adamkit.cli.trainer import METRICS, MODEL, _check_batch_size, lr_factor
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--steps", "4", "--batch-size", "4"]
@@ -123,6 +123,18 @@ def test_train_batches_draw_every_window_of_the_text():
     starts = {corpus.decode(row)[0] for row in x}
     assert starts == set("abcdef")  # 10 - 4 windows of 5 characters
     assert corpus.decode(y[[corpus.decode(r)[0] == "f" for r in x]][0]) == "ghij"
+
+
+def test_the_batch_size_limit_is_the_number_of_windows_train_batch_draws_from():
+    """As many windows as train_batch has starts pass (the check was one short of them)."""
+    context = MODEL["context"]
+    corpus = CharCorpus("abcdefghij" * ((context + 6) // 5), val_fraction=0.5)
+    windows = len(corpus.train) - context
+    x, _ = corpus.train_batch(40 * windows, context, torch.Generator().manual_seed(0))
+    assert len({tuple(row.tolist()) for row in x}) == windows  # every start drawn
+    _check_batch_size(corpus, windows)
+    with pytest.raises(CliError, match=f"larger than the {windows} windows"):
+        _check_batch_size(corpus, windows + 1)
 
 
 def test_viz_writes_a_png(tmp_path, capsys):

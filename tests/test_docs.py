@@ -23,8 +23,19 @@ def _snippets():
 
 
 @pytest.mark.parametrize("code", _snippets())
-def test_guide_snippets_run(code):
+def test_guide_snippets_run(code, capsys):
+    """Each snippet runs, and a ``print(...)  # shown`` line prints what its comment shows
+    (``...`` ending it: a prefix)."""
     exec(compile(code, "<snippet>", "exec"), {"__name__": "__snippet__"})
+    printed = capsys.readouterr().out.splitlines()
+    shown = [m.group(1).strip() for m in re.finditer(r"^print\(.*\)\s+# (.*)$", code, flags=re.M)]
+    if shown:  # such lines are the snippet's only prints: in order, one line each
+        assert len(printed) == len(shown), printed
+    for out, expected in zip(printed, shown):
+        if expected.endswith("..."):
+            assert out.startswith(expected[:-3]), (out, expected)
+        else:
+            assert out == expected, (out, expected)
 
 
 def test_site_builds_strictly(tmp_path):

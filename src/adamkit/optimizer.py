@@ -81,9 +81,10 @@ class Adam(Optimizer):
         capturable, differentiable: torch's flags, accepted as False; True raises
             ValueError (CUDA-graph capture and differentiating through the step are
             torch.optim's), as arguments, in a group dict or set on a group later.
-            Unlike torch.optim's, groups and ``defaults`` hold none of these four keys
-            unless given (``backend`` says where a group runs): read them with
-            ``group.get("fused")``.
+            Unlike torch.optim's, ``defaults`` and the groups hold none of these four
+            keys (``backend`` says where a group runs): given to the constructor, they
+            only choose the backend; given in a group dict, they stay in it as given.
+            Read them with ``group.get("fused")``.
         state_format: how the moments are stored (docs/precision.md): ``None`` (default:
             like the param, as torch; float16 params get "fp32"), "fp32" (8 bytes per
             param), "bf16" (4) or "int8" (block-scaled 8-bit floats, about 2.03).
@@ -125,7 +126,8 @@ class Adam(Optimizer):
     can take raise, before anything changes: a value that is not a number (TypeError, as
     torch.optim's step; RuntimeError, as its ops, for a complex one or a Tensor of several
     elements), a Tensor lr of several elements, betas that are not a pair, a β2
-    whose 1 − β2^t is negative,
+    below 0 (torch.optim steps it into a negative second moment) or whose 1 − β2^t is
+    negative,
     ``decouple_lr`` without a usable ``max_lr``, and (torch's RuntimeError) a float32
     step handed lr/(1 − β1^t) or a coupled λ beyond float32's range. A state edited into
     one no format reads (a moment cast to another dtype) raises ``adamkit.UnreadableStateError``,

@@ -337,9 +337,10 @@ class Run:
 
 
 def _check_batch_size(corpus: CharCorpus, batch_size: int) -> None:
-    """A batch holds at most as many windows as the training text has: more is not a
-    batch of this text but an allocation failure (a traceback) or minutes of swapping."""
-    windows = len(corpus.train) - MODEL["context"] - 1
+    """A batch holds at most as many windows as the training text has (the starts
+    ``train_batch`` draws from): more is not a batch of this text but an allocation
+    failure (a traceback) or minutes of swapping."""
+    windows = len(corpus.train) - MODEL["context"]
     if batch_size > windows:
         raise CliError(f"--batch-size {batch_size} is larger than the {windows} windows of "
                        f"{MODEL['context']} characters in the training text")
