@@ -147,3 +147,24 @@ def on_a_cached_plan(numel: int, n_params: int = 3):
         if step < 2:  # and the third set of grads waits for the caller's step
             opt.step()
     return ps, opt
+
+
+def snapshot(opt, params):
+    """Copies of ``params`` and of every state tensor, for ``assert_unchanged``."""
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for p, st in opt.state.items()})
+
+
+def assert_unchanged(opt, params, snap):
+    """A failed step or edit left ``params`` and the state as ``snapshot`` saw them: the
+    same bits, and no state entry or key added or dropped."""
+    before_p, before_s = snap
+    for p, b in zip(params, before_p):
+        assert torch.equal(p.detach(), b)
+    assert {id(p) for p in opt.state} == before_s.keys()
+    for p, st in opt.state.items():
+        assert st.keys() == before_s[id(p)].keys()
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, before_s[id(p)][k]), k

@@ -1,8 +1,8 @@
 """checks.cpp (the step cache's per-tensor checks in C++) decides as the Python checks do,
 and native_checks.py builds, loads or leaves it out as documented.
 
-test_step_cache.py and test_edge_cases.py run whole optimizers through both (the
-``checks_mode`` fixture); here each check meets each kind of change on its own."""
+test_step_cache.py, test_edge_cases.py, test_group_edits.py and test_repeated_params.py
+run whole optimizers through both (the ``checks_mode`` fixture); here each check meets each kind of change on its own."""
 
 from __future__ import annotations
 

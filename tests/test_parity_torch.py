@@ -190,7 +190,7 @@ def test_values_torch_optim_steps_with_are_stepped_as_it_does(backend, init, edi
     """β2 = 1 (1 − β2^t = 0), an infinite lr, an lr float64 holds but float32 not, for a
     complex128 param (whose step is float64): torch.optim steps with them, into ∞ or
     NaN params or not, and so does adamkit; it refuses only what no step can take
-    (test_edge_cases)."""
+    (test_group_edits)."""
     import adamkit
 
     theirs = _after_an_edit(torch.optim.Adam, init, edit, foreach=False)
