@@ -2,7 +2,8 @@
 and native_checks.py builds, loads or leaves it out as documented.
 
 test_step_cache.py, test_edge_cases.py, test_group_edits.py and test_repeated_params.py
-run whole optimizers through both (the ``checks_mode`` fixture); here each check meets each kind of change on its own."""
+run whole optimizers through both (the ``checks_mode`` fixture); here each check meets
+each kind of change on its own."""
 
 from __future__ import annotations
 
