@@ -139,6 +139,22 @@ def test_torch_flags_are_accepted_for_drop_in_use():
 
 
 
+@pytest.mark.parametrize("make, torch_cls", [(adamkit.Adam, torch.optim.Adam), (adamkit.AdamW, torch.optim.AdamW)])
+def test_defaults_and_groups_hold_torchs_keys_with_torchs_values(make, torch_cls):
+    """Code written for torch.optim reads ``opt.defaults`` and the groups (a scheduler, a
+    trainer's logging): every key torch's hold, other than its four backend flags
+    (documented as left out), is there with the same value and type."""
+    p = [torch.nn.Parameter(torch.randn(2))]
+    ours, theirs = make(p), torch_cls(p)
+    flags = {"foreach", "fused", "capturable", "differentiable"}
+    for mine, torchs in [(ours.defaults, theirs.defaults),
+                         (ours.param_groups[0], theirs.param_groups[0])]:
+        for key in torchs.keys() - flags - {"params"}:
+            assert key in mine, key
+            assert type(mine[key]) is type(torchs[key]) and mine[key] == torchs[key], key
+    assert repr(ours.defaults["weight_decay"]) == repr(theirs.defaults["weight_decay"])
+
+
 @pytest.mark.parametrize("betas", [(0, 0.9), (0.9, torch.tensor(0.99))], ids=["int", "mixed"])
 def test_betas_of_mixed_kinds_raise_torchs_error(betas):
     p = [torch.nn.Parameter(torch.randn(2))]

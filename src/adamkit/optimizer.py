@@ -64,8 +64,9 @@ class Adam(Optimizer):
             Switched on between steps, the max starts at that step's v (torch.optim
             raises KeyError there).
         decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym,
-            also as a group key: groups hold both, and setting either between steps
-            switches the mode (the next step makes them equal again).
+            also as a group key: ``defaults`` and the groups hold both, and setting either
+            on a group between steps switches the mode (the next step makes them equal
+            again).
         decouple_lr: fully decoupled decay, scaled by lr/max_lr.
         max_lr: the lr that the decay of ``decouple_lr`` is relative to (``OneCycleLR``
             writes its peak under this key).
@@ -144,7 +145,7 @@ class Adam(Optimizer):
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0,  # an int, as torch.optim.Adam's (its repr shows 0)
         amsgrad: bool = False,
         *,
         decouple_wd: bool = False,
@@ -174,6 +175,7 @@ class Adam(Optimizer):
             amsgrad=amsgrad,
             maximize=maximize,
             decouple_wd=decouple_wd,
+            decoupled_weight_decay=decouple_wd,  # torch's key, as torch.optim's defaults hold it
             decouple_lr=decouple_lr,
             max_lr=max_lr,
             backend=backend,
@@ -244,6 +246,7 @@ class Adam(Optimizer):
         for p, st in _param_states(self.state):
             if isinstance(st.get("master_param"), Tensor):
                 versions[p] = p._version
+        self.defaults.setdefault("decoupled_weight_decay", self.defaults.get("decouple_wd", False))
         for key, value in formats.GROUP_DEFAULTS.items():  # pickled before formats existed
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
