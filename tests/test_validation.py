@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import adamkit
+from adamkit.hyperparams import TORCH_FLAGS
 
 BAD = [
     dict(lr=-1e-3),
@@ -146,10 +147,9 @@ def test_defaults_and_groups_hold_torchs_keys_with_torchs_values(make, torch_cls
     (documented as left out), is there with the same value and type."""
     p = [torch.nn.Parameter(torch.randn(2))]
     ours, theirs = make(p), torch_cls(p)
-    flags = {"foreach", "fused", "capturable", "differentiable"}
     for mine, torchs in [(ours.defaults, theirs.defaults),
                          (ours.param_groups[0], theirs.param_groups[0])]:
-        for key in torchs.keys() - flags - {"params"}:
+        for key in torchs.keys() - set(TORCH_FLAGS) - {"params"}:
             assert key in mine, key
             assert type(mine[key]) is type(torchs[key]) and mine[key] == torchs[key], key
     assert repr(ours.defaults["weight_decay"]) == repr(theirs.defaults["weight_decay"])
