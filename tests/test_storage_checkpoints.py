@@ -594,3 +594,35 @@ def test_a_loaded_seed_is_a_copy():
     opt.load_state_dict(sd)
     assert opt.state[p]["sr_seed"].data_ptr() != sd["state"][0]["sr_seed"].data_ptr()
     assert torch.equal(opt.state[p]["sr_seed"], sd["state"][0]["sr_seed"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_master_into_kahan_is_the_same_whether_the_params_are_loaded_before_or_after(dtype):
+    """master→kahan made comp = round(master − p) from the live p: a resume that loads
+    the optimizer before the model (p still a fresh init) put the init's distance from
+    the saved weights into comp, and the next step started from there (found by review:
+    0.25 off on a Linear's weights). A saved master declares p = round(master), so comp
+    is taken against that, and the load order no longer matters."""
+    params = make_params(dtype)
+    opt = adamkit.Adam(params, lr=1e-2, amsgrad=True, param_update="master")
+    train(params, opt, 3)
+    saved_p = [p.detach().clone() for p in params]
+    saved = _save_load(opt.state_dict())
+    resumed = {}
+    for order in ("params first", "optimizer first"):
+        fresh = make_params(dtype, seed=9)  # another init, as a new model holds before its load
+        kahan = adamkit.Adam(fresh, lr=1e-2, amsgrad=True, param_update="kahan")
+        with torch.no_grad():
+            if order == "optimizer first":
+                kahan.load_state_dict(copy.deepcopy(saved))
+            for p, value in zip(fresh, saved_p):
+                p.copy_(value)
+            if order == "params first":
+                kahan.load_state_dict(copy.deepcopy(saved))
+        for index, p in enumerate(fresh):  # p + comp is the saved master, to comp's rounding
+            master = saved["state"][index]["master_param"]
+            theta = p.detach().float() + kahan.state[p]["kahan_comp"].float()
+            assert torch.all((theta - master).abs() <= master.abs() * 2.0 ** -16), order
+        train(fresh, kahan, 1, seed=7)
+        resumed[order] = [p.detach().clone() for p in fresh]
+    assert all(torch.equal(a, b) for a, b in zip(*resumed.values()))

@@ -196,7 +196,8 @@ def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
                     seed_of_param: int) -> dict[str, Tensor]:
     """The buffers of policy ``dst`` from a saved state of policy ``src`` (formats.md,
     "Checkpoints"): none→kahan 0, none→master p, kahan→master p + comp, master→kahan
-    round(master − p); to nearest or stochastic they are dropped (≤ half an ulp of p).
+    round(master − round(master)) (the saved p, whatever p holds now); to nearest or
+    stochastic they are dropped (≤ half an ulp of p).
     A saved sr_seed is kept, so a resumed stochastic run draws the same bits."""
     if dst == "stochastic" and saved.get("sr_seed") is not None:
         seed = saved["sr_seed"]
@@ -233,7 +234,10 @@ def convert_buffers(p: Tensor, saved: dict, src: str, dst: str,
     # in p's layout, as fresh buffers (theta is in a saved master's, which may differ)
     if dst == "master":
         return {"master_param": copy_like(p, theta, torch.float32)}
-    return {"kahan_comp": copy_like(p, theta - p.detach().float(), p.dtype)}
+    # comp against the p a saved master declares (round(master), see state_dict), not the
+    # live p: a resume may load the optimizer before the model, while p is a fresh init
+    reference = theta.to(p.dtype).float() if src == "master" else p.detach().float()
+    return {"kahan_comp": copy_like(p, theta - reference, p.dtype)}
 
 
 def _check(saved: dict, key: str, p: Tensor, shape: tuple | None = None) -> None:
