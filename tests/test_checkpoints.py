@@ -548,3 +548,20 @@ def test_the_tag_codes_are_the_ones_checkpoints_hold():
     renumbering them would read every earlier checkpoint as another format."""
     assert formats.FORMAT_CODES == {"fp32": 0, "bf16": 1, "int8": 2, "fp64": 3, "fp16": 4}
     assert formats.UPDATE_CODES == {"nearest": 0, "kahan": 1, "stochastic": 2, "master": 3}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_states_are_created_in_the_params_order_as_torchs_are(backend):
+    """A group of two dtypes runs as two buckets, whose states adamkit created bucket by
+    bucket: opt.state and state_dict()["state"] listed them [0, 2, 1] where torch.optim
+    lists [0, 1, 2], which code zipping ``opt.state.values()`` with the params trips on
+    (found by review)."""
+    def listed(make):
+        ps = [torch.nn.Parameter(torch.randn(2, dtype=d)) for d in (torch.float32, torch.float64, torch.float32,
+                                                                     torch.bfloat16)]
+        opt = make([{"params": ps[:3]}, {"params": ps[3:]}])
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return [next(i for i, p in enumerate(ps) if p is q) for q in opt.state], list(opt.state_dict()["state"])
+    assert listed(lambda g: adamkit.Adam(g, backend=backend)) == listed(torch.optim.Adam) == ([0, 1, 2, 3],) * 2

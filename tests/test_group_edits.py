@@ -231,3 +231,68 @@ def test_a_groups_betas_may_be_a_two_element_tensor_or_array(betas):
     opt.step()
     theirs.step()
     assert_close_scaled(p.detach(), twin.detach(), *TORCH_PARITY_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("how", ["constructor", "add_param_group"])
+@pytest.mark.parametrize("betas", [(0, 0.99), (torch.tensor(0.9), 0.99), (np.float32(0.9), np.float32(0.99))],
+                         ids=["int", "tensor-and-float", "numpy-float32"])
+def test_a_groups_betas_of_any_kind_step_as_torch_does(backend, how, betas):
+    """torch checks "both floats or both Tensors" on the constructor's betas only: a group
+    dict's int, mixed or NumPy betas step there, and adamkit refused them (found by
+    review). The torch backend steps them bit for bit (NumPy float32's β^t in float32,
+    as torch's for-loop computes it), the cpu kernel within float32 rounding."""
+    def run(make):
+        gen = torch.Generator().manual_seed(0)
+        p, q = (torch.nn.Parameter(torch.randn(40, generator=gen)) for _ in range(2))
+        group = {"params": [q], "betas": betas}
+        opt = make([{"params": [p]}, group] if how == "constructor" else [p])
+        if how == "add_param_group":
+            opt.add_param_group(group)
+        for _ in range(4):
+            p.grad, q.grad = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+            opt.step()
+        return q.detach()
+    theirs = run(lambda groups: torch.optim.Adam(groups, lr=0.01, foreach=False))
+    ours = run(lambda groups: adamkit.Adam(groups, lr=0.01, backend=backend))
+    if backend == "torch":
+        assert torch.equal(ours, theirs)
+    else:
+        assert_close_scaled(ours, theirs, *TORCH_PARITY_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("make, torch_cls", [(adamkit.Adam, torch.optim.Adam), (adamkit.AdamW, torch.optim.AdamW)])
+@pytest.mark.parametrize("key", ["decoupled_weight_decay", "decouple_wd"])
+@pytest.mark.parametrize("value", [True, False])
+def test_the_defaults_decay_mode_set_under_either_key_reaches_groups_added_later(make, torch_cls, key, value):
+    """Code written for torch.optim sets ``opt.defaults["decoupled_weight_decay"]`` for the
+    groups it adds later; adamkit read only its own key there, and the new group took
+    the other mode (found by review). The key set wins, both keys end equal."""
+    def added_group(cls):
+        opt = cls([torch.nn.Parameter(torch.randn(3))], weight_decay=0.1)
+        opt.defaults[key if cls is make else "decoupled_weight_decay"] = value
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+        return opt.param_groups[1]
+    ours, theirs = added_group(make), added_group(torch_cls)
+    assert ours["decoupled_weight_decay"] is ours["decouple_wd"] is theirs["decoupled_weight_decay"] is value
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_group_appended_to_param_groups_with_torchs_keys_steps_as_torch_does(backend):
+    """``opt.param_groups.append({**torch_defaults, "params": [q]})`` bypasses
+    add_param_group: torch steps it, adamkit raised KeyError 'decouple_lr' (found by
+    review). Its missing keys take the optimizer's defaults, its decay mode torch's key."""
+    def run(make, **kw):
+        p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        opt = make([p], **kw)
+        torch_defaults = torch.optim.Adam([torch.nn.Parameter(torch.ones(1))], lr=0.1, weight_decay=0.1,
+                                          decoupled_weight_decay=True).defaults
+        opt.param_groups.append({**torch_defaults, "params": [q]})
+        for _ in range(2):
+            p.grad, q.grad = torch.full((3,), 0.5), torch.full((3,), -0.25)
+            opt.step()
+        return torch.cat([p.detach(), q.detach()]), opt
+    theirs, _ = run(torch.optim.Adam)
+    ours, opt = run(adamkit.Adam, backend=backend)
+    assert_close_scaled(ours, theirs, *TORCH_PARITY_TOL[torch.float32])
+    assert opt.param_groups[1]["decouple_wd"] is True and opt.param_groups[1]["backend"] == backend

@@ -49,9 +49,20 @@ BAD_BETAS_KIND = [
     dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.999))),
 ]
 
+# two things wrong: torch names the value, and checks its flags only once the params are
+# in (adamkit raised the flags' error first, and the fused one for an empty list)
+BAD_TOGETHER = [
+    dict(lr=-1.0, fused=True, foreach=True),
+    dict(lr=-1.0, differentiable=True),
+    dict(lr=-1.0, capturable=True),
+    dict(eps=-1.0, fused=True, differentiable=True),
+    dict(fused=True, differentiable=True),
+    dict(fused=True, foreach=True),
+]
+
 
 @pytest.mark.parametrize("n_params", [1, 0], ids=["a-param", "no-params"])
-@pytest.mark.parametrize("kwargs", BAD + BAD_FOREACH + BAD_BETAS_KIND, ids=lambda kw: repr(kw))
+@pytest.mark.parametrize("kwargs", BAD + BAD_FOREACH + BAD_BETAS_KIND + BAD_TOGETHER, ids=lambda kw: repr(kw))
 def test_same_error_as_torch(kwargs, n_params):
     """(With no params torch names the value first: its constructor checks values before
     params; adamkit's said "empty parameter list".)"""

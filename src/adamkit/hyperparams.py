@@ -1,7 +1,9 @@
 """Hyperparameters: validation with torch's messages, and the scalars one step needs.
 
 ``validate_group`` runs for every param group when it is added (torch checks only the
-constructor's defaults), so a bad per-group value fails before any state exists. A live
+constructor's defaults), so a bad per-group value fails before any state exists; the
+kind of the betas (both floats or both Tensors, ``check_beta_kinds``) is checked on the
+constructor's only, as torch does: a group's int, NumPy or mixed betas step. A live
 group (a step, a load) gets only ``check_live_group``: what the step needs to be
 computable. Values set on a group later are used as given, as torch.optim does: a
 scheduler's lr (``LinearLR`` to 0 ends on lr ≈ -2e-21), its Tensor beta beside a float
@@ -83,7 +85,12 @@ def check_ranges(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= wd:
         raise ValueError(f"Invalid weight_decay value: {wd}")
-    # after the ranges, as torch: betas=(0.9, 1) names the beta, not its kind
+
+
+def check_beta_kinds(betas: Any) -> None:
+    """torch.optim.Adam's check of its constructor's betas, after their ranges (betas=(0.9,
+    1) names the beta, not its kind). The constructor's only: torch steps a group of int,
+    NumPy or mixed betas ((0, 0.99), (Tensor, float)), and so does adamkit."""
     if not (all(isinstance(b, float) for b in betas[:2]) or all(isinstance(b, Tensor) for b in betas[:2])):
         raise ValueError("betas must be either both floats or both Tensors")
 
@@ -160,8 +167,9 @@ class StepScalars:
     # `_step_supports_amp_scaling`): g ← g·grad_scale_inv before anything else.
     grad_scale_inv: float = 1.0
 
-    # The betas as given, where they are Tensors (0-dim, detached): torch.optim's for-loop
-    # step computes 1 − β^t, lr/(1 − β1^t) and √(1 − β2^t) from them in their dtype.
+    # The betas as given, where they are Tensors (0-dim, detached) or NumPy float32/16:
+    # torch.optim's for-loop step computes 1 − β^t and lr/(1 − β1^t) from them in their
+    # dtype (and √(1 − β2^t) too for a Tensor).
     given_betas: tuple | None = None
 
     @cached_property
@@ -187,7 +195,9 @@ class StepScalars:
 
     @cached_property
     def bias_correction2_sqrt(self) -> float:
-        return float(self._bias_corrections[1] ** 0.5)
+        """√(1 − β2^t): a Tensor's sqrt, else math.sqrt (in float64, as torch.optim's)."""
+        bc2 = self._bias_corrections[1]
+        return float(bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2))
 
 
 def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
@@ -196,7 +206,8 @@ def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
     # a Tensor λ, like a Tensor lr, makes torch's 1 − lr·λ tensor arithmetic in its dtype
     given_wd = _as_given(group["weight_decay"])
     wd = float(given_wd)
-    betas = tuple(b.detach().squeeze() if isinstance(b, Tensor) else b for b in group["betas"])
+    # a Tensor's or NumPy float32's powers β^t in its own dtype, as torch.optim's for-loop
+    betas = tuple(_as_given(b) for b in group["betas"])
     beta1, beta2 = (float(b) for b in betas)
     coupled, decay = wd, 1.0
     if wd != 0.0 and group["decouple_lr"]:
@@ -213,7 +224,7 @@ def step_scalars(group: dict[str, Any], step: int) -> StepScalars:
         decay=decay,
         amsgrad=bool(group["amsgrad"]),
         maximize=bool(group["maximize"]),
-        given_betas=betas if any(isinstance(b, Tensor) for b in betas) else None,
+        given_betas=betas if any(type(b) is not float for b in betas) else None,
     )
 
 

@@ -20,7 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import backends, checkpoints, formats, wrappers
 from . import param_groups as groups
 from .formats import param as param_policy
-from .hyperparams import TORCH_FLAGS, check_live_group, check_ranges, scalar_dtype, validate_group
+from .hyperparams import TORCH_FLAGS, check_beta_kinds, check_live_group, check_ranges, scalar_dtype, validate_group
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 from .wrappers import eagerly, torch_eagerly
 
@@ -163,8 +163,16 @@ class Adam(Optimizer):
         seed: int = 0,
         int8_min_size: int = 4096,
     ) -> None:
-        backend = groups.backend_for_torch_flags(backend, lr, foreach=foreach, fused=fused,
-                                           capturable=capturable, differentiable=differentiable)
+        # torch.optim's checks in its order: a foreach Tensor lr, the ranges and kinds
+        # (before the params: Adam([], lr=-1) names the lr; on the betas as given, so
+        # betas=[0.9] raises torch's "list index out of range"), the flags once the
+        # params are in (Adam([p], lr=-1, fused=True, foreach=True) names the lr too)
+        groups.check_foreach_lr(lr, foreach, capturable)
+        check_ranges(dict(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay))
+        check_beta_kinds(betas)
+        if foreach and not capturable and isinstance(betas[0], Tensor):
+            raise ValueError(groups.FOREACH_TENSOR.format("betas[0]"))
+        backend = groups.foreach_backend(backend, foreach)
         if decoupled_weight_decay is not None:
             decouple_wd = decouple_wd or bool(decoupled_weight_decay)
         defaults = dict(
@@ -184,12 +192,8 @@ class Adam(Optimizer):
             seed=seed,
             int8_min_size=int8_min_size,
         )
-        # before the params, as torch: Adam([], lr=-1) names the lr; on the betas as given
-        # (betas=[0.9] raises torch's "list index out of range")
-        check_ranges({**defaults, "betas": betas})
-        if foreach and isinstance(betas[0], Tensor):
-            raise ValueError(groups.FOREACH_TENSOR.format("betas[0]"))
         super().__init__(params, defaults)
+        groups.check_torch_flags(foreach, fused, capturable, differentiable)
         eagerly(type(self)._update)  # made here where dynamo is imported (see wrappers.eagerly)
         eagerly(wrappers.zero_grad)
 
@@ -202,6 +206,7 @@ class Adam(Optimizer):
         the optimizer), with the defaults filled in."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        self._sync_decay_modes()  # the defaults' mode, whichever key was set
         group = {**self.defaults, **param_group}
         flags = {key: param_group[key] for key in TORCH_FLAGS if key in param_group}
         if flags:  # torch.optim honours them per group: read as the constructor reads them
@@ -254,9 +259,13 @@ class Adam(Optimizer):
         self._sync_decay_modes()  # loaded groups: their keys are equal, and recorded now
 
     def _sync_decay_modes(self) -> None:
-        """Make each live group's two decay-mode keys equal again, the one set since the
-        last sync winning: called before a step's plan and a state_dict."""
-        self._decay_modes = groups.sync_decay_modes(self.param_groups, getattr(self, "_decay_modes", {}))
+        """Make the two decay-mode keys of each live group, and of the defaults, equal
+        again, the one set since the last sync winning: called before a step's plan, a
+        state_dict and a new group."""
+        # the defaults too: code written for torch.optim sets defaults["decoupled_weight_decay"]
+        # for the groups it adds later
+        self._decay_modes = groups.sync_decay_modes([self.defaults, *self.param_groups],
+                                                    getattr(self, "_decay_modes", {}))
 
     # ---- the step -------------------------------------------------------------------
 
@@ -269,6 +278,8 @@ class Adam(Optimizer):
         work, offset = [], 0
         self._sync_decay_modes()
         for group, listings in zip(self.param_groups, groups.listings(self.param_groups)):
+            if not self.defaults.keys() <= group.keys():  # appended to param_groups by hand,
+                groups.normalize_loaded_group(group, self.defaults)  # with torch's keys only
             check_live_group(group)  # edited since it was added (a scheduler, by hand)
             formats.validate(group)
             backends.check_name(group["backend"])
@@ -415,15 +426,15 @@ class Adam(Optimizer):
     def _planned_step(self, grad_scale_inv: float, repeat: int = 0) -> list[CachedBucket]:
         """The full step: plan every bucket, then run them; returns the plan for reuse."""
         # Plan first: everything that can raise does so before any state changes.
-        plans = []
-        for group_index, (group, params) in enumerate(self._gather(repeat)):
+        plans, pending = [], {}
+        gathered = self._gather(repeat)
+        for group_index, (group, params) in enumerate(gathered):
             buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
-            pending = {}
             for index, p, position in params:
                 state = self.state.get(p)
                 fmt, update, t, counted = _listing_plan(p, group, state, 1)
                 buckets[(p.device, p.dtype, fmt, update, t, counted)].append((position, p))
-                new = pending[p] = self._planned_state(p, group, fmt, update, index)
+                new = pending[id(p)] = self._planned_state(p, group, fmt, update, index)
                 if state:  # torch's errors for what no in-place op writes, before any write
                     used = state if new is None else new  # (a conversion's copies pass)
                     written = formats.written_keys(fmt, update, group["amsgrad"])
@@ -432,14 +443,18 @@ class Adam(Optimizer):
                 backend = backends.resolve(group["backend"], device, dtype)
                 ps = [p for _, p in members]
                 plans.append((group_index, group, [pos for pos, _ in members], t, counted, ps,
-                              fmt, update, backend, [pending[p] for p in ps],
+                              fmt, update, backend,
                               scalars_for(group, counted, grad_scale_inv, dtype)))
 
-        done = []
-        for group_index, group, positions, t, counted, ps, fmt, update, backend, new_states, s in plans:
-            for p, new in zip(ps, new_states):
+        # New states enter self.state in the params' order, as torch.optim's do (its
+        # state_dict lists them so), not bucket by bucket: a group of two dtypes has two
+        for group, params in gathered:
+            for _, p, _ in params:
+                new = pending[id(p)]
                 if new is not None:
                     self.state[p] = new
+        done = []
+        for group_index, group, positions, t, counted, ps, fmt, update, backend, s in plans:
             states = [self.state[p] for p in ps]
             bucket = backends.Bucket(
                 group=group,

@@ -72,20 +72,40 @@ def set_decay_mode(group: dict[str, Any], value: bool) -> None:
 def backend_for_torch_flags(backend: str, lr: Any, *, foreach: bool | None = None,
                              fused: bool | None = None, capturable: bool = False,
                              differentiable: bool = False) -> str:
-    """The backend torch.optim's flags ask for, given to the constructor or in a group:
-    ``foreach=True`` the "torch" backend, ``fused=True`` the fastest (as "auto"). Raises
-    torch's errors for combinations torch refuses, and ValueError for capturable and
-    differentiable (``refuse_torch_only``)."""
+    """The backend torch.optim's flags ask for in a group dict: ``foreach=True`` the
+    "torch" backend, ``fused=True`` the fastest (as "auto"). Raises torch's errors for
+    combinations torch refuses, and ValueError for capturable and differentiable
+    (``refuse_torch_only``). The constructor runs the same checks in torch's order."""
     if fused and differentiable:
         raise RuntimeError("`fused` does not support `differentiable`")
     refuse_torch_only({"capturable": capturable, "differentiable": differentiable})
     # torch.optim's foreach path takes float lr and betas only (adamkit's torch backend
     # does not mind, but foreach=True is a request for torch's behaviour); the betas are
     # checked by the caller, after their ranges and kinds, as torch orders it
-    if foreach and isinstance(lr, Tensor):  # torch's check, which capturable=True skips
-        raise ValueError(FOREACH_TENSOR.format("lr"))
+    check_foreach_lr(lr, foreach, capturable)
     if foreach and fused:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    return foreach_backend(backend, foreach)
+
+
+def check_foreach_lr(lr: Any, foreach: bool | None, capturable: bool) -> None:
+    if foreach and not capturable and isinstance(lr, Tensor):
+        raise ValueError(FOREACH_TENSOR.format("lr"))
+
+
+def check_torch_flags(foreach: bool | None, fused: bool | None, capturable: bool,
+                      differentiable: bool) -> None:
+    """torch.optim.Adam's errors for its flags (it raises them once the params are
+    added), then adamkit's refusal of the two it cannot honour."""
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    refuse_torch_only({"capturable": capturable, "differentiable": differentiable})
+
+
+def foreach_backend(backend: str, foreach: bool | None) -> str:
+    """"torch" for foreach=True (torch.optim's multi-tensor path), else ``backend``."""
     if not foreach:
         return backend
     if backend not in ("auto", "torch"):  # it would be replaced without a word
