@@ -75,20 +75,17 @@ def backend_for_torch_flags(backend: str, lr: Any, *, foreach: bool | None = Non
     """The backend torch.optim's flags ask for in a group dict: ``foreach=True`` the
     "torch" backend, ``fused=True`` the fastest (as "auto"). Raises torch's errors for
     combinations torch refuses, and ValueError for capturable and differentiable
-    (``refuse_torch_only``). The constructor runs the same checks in torch's order."""
-    if fused and differentiable:
-        raise RuntimeError("`fused` does not support `differentiable`")
-    refuse_torch_only({"capturable": capturable, "differentiable": differentiable})
-    # torch.optim's foreach path takes float lr and betas only (adamkit's torch backend
-    # does not mind, but foreach=True is a request for torch's behaviour); the betas are
-    # checked by the caller, after their ranges and kinds, as torch orders it
+    (``refuse_torch_only``). The constructor runs the same checks, in torch's order
+    around its others."""
     check_foreach_lr(lr, foreach, capturable)
-    if foreach and fused:
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    check_torch_flags(foreach, fused, capturable, differentiable)
     return foreach_backend(backend, foreach)
 
 
 def check_foreach_lr(lr: Any, foreach: bool | None, capturable: bool) -> None:
+    """torch.optim's foreach path takes a float lr only (adamkit's torch backend does not
+    mind, but foreach=True asks for torch's behaviour); capturable=True lifts it. The
+    betas get the same check from the caller, after their ranges and kinds."""
     if foreach and not capturable and isinstance(lr, Tensor):
         raise ValueError(FOREACH_TENSOR.format("lr"))
 
