@@ -616,6 +616,32 @@ def test_values_edited_in_place_are_read_as_they_are_now(checks_mode, backend):
 
 
 
+class _TagSubclass(torch.Tensor):
+    pass
+
+
+def test_a_tag_of_a_tensor_subclass_written_in_place_raises_as_the_full_path(checks_mode):
+    """checks.cpp checks a tag tensor's version and address only where it is a Tensor
+    exactly: with a subclass there, a tag written in place to name another format
+    stepped on under the C++ checks while the Python ones raised (found by review). A
+    bucket with such a tag keeps its Python checks, as one with subclassed tensors does."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(300, generator=g))
+    opt = adamkit.Adam([p], lr=1e-2, backend="cpu")
+    for t in range(3):  # the tag replaced at the second step (a re-plan), the third cached
+        p.grad = torch.randn(300, generator=g)
+        if t == 1:
+            opt.state[p]["state_format"] = opt.state[p]["state_format"].as_subclass(_TagSubclass)
+        opt.step()
+    assert opt._step_cache is not None
+    opt.state[p]["state_format"].fill_(formats.FORMAT_CODES["bf16"])  # the moments are fp32
+    before = _state_copy(opt, p)
+    p.grad = torch.randn(300, generator=g)
+    with pytest.raises(adamkit.UnreadableStateError):
+        opt.step()
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+               for a, b in zip(before, _state_copy(opt, p)))
+
 # ---- a bucket's params the kernel cannot take (its torch-backend `rest`) ---------------------
 
 def _with_a_rest(seed=0):

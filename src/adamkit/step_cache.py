@@ -313,12 +313,15 @@ def _native_fits(groups: list[dict[str, Any]]) -> bool:
 
 def _native_bucket(cb: CachedBucket) -> bool:
     """A kernel call without a torch-backend ``rest``, whose states are dicts of tensors
-    exactly: checks.cpp checks it; other buckets keep their Python checks."""
+    exactly, tags too (checks.cpp checks a tag's version and address where it is a Tensor
+    exactly, and would pass a subclass's write): checks.cpp checks it; other buckets keep
+    their Python checks."""
     return (cb.prepared is not None and not cb.prepared.rest
             and hasattr(cb.prepared, "refresh_native")
             and type(cb.bucket.states) is list and all(type(st) is dict for st in cb.bucket.states)
             and all(type(t) in _EXACT for _, row, _, _ in cb.key_rows for t in row)
-            and all(v is not None for _, row, _ in cb.tag_rows for v in row))
+            and all(v is not None and (type(v) in _EXACT or not isinstance(v, Tensor))
+                    for _, row, _ in cb.tag_rows for v in row))
 
 
 class _NativeArgs:
