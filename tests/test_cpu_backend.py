@@ -154,6 +154,40 @@ def test_source_digest_follows_every_source_file(tmp_path):
     assert library.source_digest(tmp_path) == before
 
 
+def test_source_digest_follows_every_instruction_sets_flags(monkeypatch):
+    """A flag changed for one instruction set is another build: the installed or cached
+    build of the old flags is not reused (its digest left the per-ISA flags out)."""
+    before = library.source_digest(library.HERE)
+    for isa in build_flags.ISA_FLAGS:
+        monkeypatch.setitem(build_flags.ISA_FLAGS, isa, [*build_flags.ISA_FLAGS[isa], "-fno-tree-vectorize"])
+        assert library.source_digest(library.HERE) != before, isa
+        monkeypatch.undo()
+    assert library.source_digest(library.HERE) == before
+
+
+@needs_kernels
+def test_a_failed_build_falls_back_to_the_next_instruction_set(monkeypatch, tmp_path):
+    """Only the best instruction set's build was tried: a compiler without its flags (an
+    older GCC lacking -mavx512bf16) left the torch backend where the next build works."""
+    candidates = library.isa_candidates()
+    if len(candidates) < 2 or library._installed_path(candidates[1]) is None:
+        pytest.skip("one instruction set here, or no installed build of the second")
+    installed = library._installed_path
+    monkeypatch.setattr(library, "_installed_path", lambda isa: None)
+    tried = []
+
+    def build(isa):
+        tried.append(isa)
+        if isa == candidates[0]:
+            raise RuntimeError("building the CPU kernels failed: unknown flag")
+        return installed(isa)  # the next one's installed build, as its compile would give
+
+    monkeypatch.setattr(library, "_build", build)
+    lib, isa, reason = library.load()
+    assert tried == candidates[:2] and isa == candidates[1]
+    assert lib is not None and reason is None
+
+
 @needs_kernels
 def test_stale_installed_build_is_not_run(monkeypatch, tmp_path):
     """An installed build from other sources (an editable install after a pull: setuptools

@@ -24,11 +24,13 @@ SOURCES = ("adam.h", "common.h", "simd.h", "simd512.h", *(f"adam_{isa}.cpp" for 
 
 
 def source_digest(directory) -> str:
-    """What a kernel build is built from: its sources' bytes and the shared flags. Each
-    build carries it (``adamkit_source_digest()``, from ``digest_define``), so a stale
-    build (an editable install after an edit or a pull: setuptools does not rebuild) is
-    recognised instead of run; first-use builds are cached under it."""
+    """What a kernel build is built from: its sources' bytes, the shared flags and every
+    instruction set's own. Each build carries it (``adamkit_source_digest()``, from
+    ``digest_define``), so a stale build (an editable install after an edit or a pull:
+    setuptools does not rebuild) is recognised instead of run; first-use builds are
+    cached under it."""
     digest = hashlib.sha256(" ".join(COMPILE_FLAGS).encode())
+    digest.update(repr(sorted(ISA_FLAGS.items())).encode())
     for name in SOURCES:
         digest.update((Path(directory) / name).read_bytes())
     return digest.hexdigest()[:16]

@@ -189,8 +189,11 @@ def load() -> tuple[ctypes.CDLL | None, str, str | None]:
                       f"the '{isa}' kernels for these sources " + ("are" if _built_path(isa).exists() else
                       "are being built once") + f" in {target} instead (reinstalling adamkit rebuilds "
                       "the installed ones)", RuntimeWarning, stacklevel=2)
-    try:
-        return _open(_build(isa)), isa, None
-    except (OSError, RuntimeError) as exc:
-        errors.append(str(exc))
+    for isa in isa_candidates():  # the best first; an older compiler may lack its flags
+        try:
+            return _open(_build(isa)), isa, None
+        except (OSError, RuntimeError) as exc:
+            errors.append(str(exc))
+            if compiler_path() is None:  # every build fails alike
+                break
     return None, "", "; ".join(errors)

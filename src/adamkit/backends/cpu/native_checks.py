@@ -123,9 +123,26 @@ def _build_and_load() -> None:
         pass
 
 
+def _compile_args() -> list[str]:
+    """checks.cpp's compiler arguments, against this torch's own headers and libraries,
+    where torch.utils.cpp_extension looks (importing that would pull setuptools into the
+    training process)."""
+    root = Path(torch.__file__).parent
+    include, libs = root / "include", root / "lib"
+    abi = int(getattr(torch, "compiled_with_cxx11_abi", lambda: True)())
+    # -fopenmp: the OpenMP runtime torch loaded (its libgomp), whose threads the checks share
+    return ["-std=c++20", "-O2", "-fopenmp", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+            f"-I{sysconfig.get_paths()['include']}", f"-I{include}", f"-I{include / 'torch/csrc/api/include'}",
+            str(HERE / "checks.cpp"), f"-L{libs}", f"-Wl,-rpath,{libs}",
+            "-ltorch_python", "-ltorch_cpu", "-lc10"]
+
+
 def _target() -> Path:
+    """The cached build's path, named by what it is built from: the source, the
+    arguments (a changed flag is a new build, not the old one reused), torch, Python."""
     digest = hashlib.sha256((HERE / "checks.cpp").read_bytes())
-    for part in (torch.__version__, str(torch.version.git_version), torch.__file__, sys.version):
+    for part in (*_compile_args(), torch.__version__, str(torch.version.git_version), torch.__file__,
+                 sys.version):
         digest.update(part.encode())
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     return library.cache_root() / f"checks-{digest.hexdigest()[:16]}{suffix}"
@@ -136,17 +153,7 @@ def _build() -> Path:
     target = _target()
     if target.exists():
         return target
-    # torch's own headers and libraries, where torch.utils.cpp_extension looks (importing
-    # that would pull setuptools into the training process)
-    root = Path(torch.__file__).parent
-    include, libs = root / "include", root / "lib"
-    abi = int(getattr(torch, "compiled_with_cxx11_abi", lambda: True)())
-    # -fopenmp: the OpenMP runtime torch loaded (its libgomp), whose threads the checks share
-    args = ["-std=c++20", "-O2", "-fopenmp", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
-            f"-I{sysconfig.get_paths()['include']}", f"-I{include}", f"-I{include / 'torch/csrc/api/include'}",
-            str(HERE / "checks.cpp"), f"-L{libs}", f"-Wl,-rpath,{libs}",
-            "-ltorch_python", "-ltorch_cpu", "-lc10"]
-    return library.compile_into(target, "checks.cpp", args)
+    return library.compile_into(target, "checks.cpp", _compile_args())
 
 
 def _open(path: Path) -> ctypes.PyDLL:
