@@ -485,3 +485,40 @@ def test_views_overlapping_a_long_one_all_leave_the_kernel():
             opt.step()
         return buf
     assert torch.equal(run("cpu"), run("torch"))
+
+
+_HELD_BY_THE_STATE_ONLY = ("kahan_comp", "master_param", "exp_avg_scale", "exp_avg_sq_scale", "sr_seed")
+
+
+@needs_kernels
+@pytest.mark.parametrize("kw", [dict(param_update="kahan"), dict(param_update="master"),
+                                dict(param_update="stochastic"), dict(state_format="int8")],
+                         ids=lambda kw: next(iter(kw.values())))
+def test_what_the_kernel_writes_outlives_a_state_cleared_during_the_step(monkeypatch, kw):
+    """The kernel runs without the GIL. The tensors its table points to beyond the
+    bucket's own lists (a Kahan or master buffer, int8 scales, a seed) were held by the
+    state dicts alone: another thread's ``state.clear()`` or load during the step freed
+    memory the kernel then wrote (found by review; here the process crashed). The
+    prepared bucket holds them."""
+    import gc
+    import weakref
+
+    dtype = torch.float32 if "state_format" in kw else torch.bfloat16
+    p = torch.nn.Parameter(torch.randn(5000).to(dtype))
+    opt = adamkit.Adam([p], backend="cpu", int8_min_size=0, **kw)
+    real_run, alive = cpu.PreparedBucket.run, []
+
+    def run(self, s):  # another thread drops them between the plan and the kernel
+        refs = [(st, key, weakref.ref(st.pop(key))) for st in self.bucket.states
+                for key in _HELD_BY_THE_STATE_ONLY if key in st]
+        assert refs
+        gc.collect()
+        alive.extend(ref() is not None for _, _, ref in refs)
+        real_run(self, s)
+        for st, key, ref in refs:  # back, for the rest of the step to read
+            st[key] = ref()
+
+    monkeypatch.setattr(cpu.PreparedBucket, "run", run)
+    p.grad = torch.randn(5000).to(dtype)
+    opt.step()
+    assert alive and all(alive)

@@ -170,17 +170,26 @@ class PreparedBucket:
         # (and would not share memory with another kernel param then)
         overlaps = _overlapping(bucket.params, [*self.fast, *(i for i, _ in grad_bound)]) if grad_bound else ()
         self.grad_bound = [(i, members) for i, members in grad_bound if i not in overlaps]
+        # What the table points to beyond the bucket's own lists (buffers, int8 scales,
+        # seeds), held here: the kernel runs without the GIL, and another thread's
+        # ``state.clear()`` or load would free memory it writes
+        self.held = held = []
         for i, members, step in candidates:
             if i in shared:
                 continue
             p, st = members[0], bucket.states[i]
             for row, t in zip(pointer_rows, members):
                 row.append(0 if t is None else t.data_ptr())
+            held.append(members[5])
             for row, key in zip(scale_rows, SCALE_KEYS):
                 row.append(st[key].data_ptr() if int8 and key in st else 0)
+                if int8 and key in st:
+                    held.append(st[key])
             rows["steps"].append(0 if step is None else step.data_ptr())
             numels.append(p.numel())
             seeds.append(st["sr_seed"].data_ptr() if policy == "stochastic" else 0)
+            if policy == "stochastic":
+                held.append(st["sr_seed"])
         n = self.n = len(numels)
         self.kernel_params = [bucket.params[i] for i in self.fast]
         self.table = table = array("q")
