@@ -565,3 +565,39 @@ def test_states_are_created_in_the_params_order_as_torchs_are(backend):
         opt.step()
         return [next(i for i, p in enumerate(ps) if p is q) for q in opt.state], list(opt.state_dict()["state"])
     assert listed(lambda g: adamkit.Adam(g, backend=backend)) == listed(torch.optim.Adam) == ([0, 1, 2, 3],) * 2
+
+
+def test_a_loaded_tensor_lr_is_the_optimizers_own():
+    """load_state_dict copies the saved groups: a Tensor lr loaded as the checkpoint's
+    own tensor was rewritten in the checkpoint by a scheduler's in-place write (a mutant
+    that dropped the copy passed every test; 0.01 became 0.5 there)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    saved = adamkit.Adam([p], lr=torch.tensor(0.01)).state_dict()
+    opt = adamkit.Adam([p], lr=torch.tensor(0.02))
+    opt.load_state_dict(saved)
+    live, kept = opt.param_groups[0]["lr"], saved["param_groups"][0]["lr"].clone()
+    assert live is not saved["param_groups"][0]["lr"] and torch.equal(live, kept)
+    live.fill_(0.5)
+    assert torch.equal(saved["param_groups"][0]["lr"], kept)
+
+
+def test_a_checkpoint_with_decouple_lr_but_no_max_lr_takes_its_lr():
+    """An older or edited checkpoint with decouple_lr and no max_lr, loaded into an
+    optimizer whose group has none either (no decouple_lr there), takes max_lr = its lr
+    (the constructor's default), and steps on as the run it came from."""
+    def run(edit):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = adamkit.Adam([p], lr=0.05, weight_decay=0.1, decouple_lr=True)
+        p.grad = torch.full((3,), 0.5)
+        opt.step()
+        saved = _save_load(opt.state_dict())
+        edit(saved["param_groups"][0])
+        q = torch.nn.Parameter(p.detach().clone())
+        resumed = adamkit.Adam([q], lr=0.05, weight_decay=0.1)
+        resumed.load_state_dict(saved)
+        q.grad = torch.full((3,), -0.25)
+        resumed.step()
+        return q.detach(), resumed.param_groups[0]["max_lr"]
+    (kept, kept_max), (popped, popped_max) = run(lambda g: None), run(lambda g: g.pop("max_lr"))
+    assert kept_max == popped_max == 0.05
+    assert torch.equal(kept, popped)

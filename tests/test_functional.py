@@ -301,3 +301,38 @@ def test_the_reference_refuses_a_step_it_does_not_define(kwargs, message):
     z = torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ValueError, match=message):
         reference.adam_step(p, g, z, z, None, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, **kwargs)
+
+
+@pytest.mark.parametrize("which, delta", [("exp_avg_sqs", 1), ("exp_avg_sqs", -1), ("max_exp_avg_sqs", 1),
+                                          ("max_exp_avg_sqs", -1)])
+def test_every_state_list_must_be_as_long_as_the_params(which, delta):
+    """Each list is compared, the second moments' too (a mutant comparing the first three
+    passed every test: a longer exp_avg_sqs went unnoticed, a shorter one raised
+    IndexError midway)."""
+    ps, gs, ms, vs = _lists(2)
+    maxes = [torch.zeros(3) for _ in range(2)]
+    lists = {"exp_avg_sqs": vs, "max_exp_avg_sqs": maxes}
+    if delta > 0:
+        lists[which].append(torch.zeros(3))
+    else:
+        lists[which].pop()
+    before = [t.clone() for t in ps + ms]
+    with pytest.raises(ValueError, match="same length"):
+        adam_step(ps, gs, ms, vs, maxes, step=1, lr=0.1, amsgrad=True)
+    _assert_unchanged(ps + ms, before)
+
+
+def test_float64_tensor_betas_on_float32_params_step_as_torchs_for_loop():
+    """torch's for-loop computes with a Tensor β in its own dtype where it meets the
+    moments (cast to the param's dtype there): the functional step does the same
+    (``for_param_dtype``), bit for bit on the torch backend."""
+    betas = (torch.tensor(0.9123456789, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64))
+    ps, gs, ms, vs = _columns()
+    tp, tg, tm, tv = _columns()
+    steps = [torch.tensor(0.0)]
+    for step in range(1, 4):
+        adam_step(ps, gs, ms, vs, step=step, lr=0.1, betas=betas, backend="torch")
+        torch_adam(tp, tg, tm, tv, [], steps, foreach=False, amsgrad=False, beta1=betas[0], beta2=betas[1],
+                   lr=0.1, weight_decay=0.0, eps=1e-8, maximize=False)
+    for ours, theirs in zip(ps + ms + vs, tp + tm + tv):
+        assert torch.equal(ours, theirs)

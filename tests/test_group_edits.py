@@ -141,6 +141,8 @@ _UNSTEPPABLE_EDITS = [
     ("lr", 1e-3 + 1j, RuntimeError, "Invalid lr", True),
     ("lr", torch.tensor(1e-3 + 1j), RuntimeError, "Invalid lr", False),
     ("lr", 3e38, RuntimeError, "value cannot be converted to type float without overflow", False),
+    # beyond float32 below 0 too (the check took x > max, not |x|: the kernel wrote inf)
+    ("lr", -3e38, RuntimeError, "value cannot be converted to type float without overflow", False),
 ]
 
 
@@ -296,3 +298,22 @@ def test_a_group_appended_to_param_groups_with_torchs_keys_steps_as_torch_does(b
     ours, opt = run(adamkit.Adam, backend=backend)
     assert_close_scaled(ours, theirs, *TORCH_PARITY_TOL[torch.float32])
     assert opt.param_groups[1]["decouple_wd"] is True and opt.param_groups[1]["backend"] == backend
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_live_group_that_lost_both_decay_keys_keeps_its_mode(backend):
+    """Both keys deleted from a live AdamW group (code that strips a group's keys): the
+    mode it was last synced with stays, and both keys come back (a mutant that fell back
+    to coupled decay there passed every test)."""
+    def run(drop):
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = adamkit.AdamW([p], lr=0.1, weight_decay=0.5, backend=backend)
+        for t in range(3):
+            p.grad = torch.full((4,), 0.1)
+            if drop and t == 1:
+                del opt.param_groups[0]["decouple_wd"], opt.param_groups[0]["decoupled_weight_decay"]
+            opt.step()
+        return p.detach().clone(), opt.param_groups[0]
+    (kept, _), (dropped, group) = run(False), run(True)
+    assert torch.equal(kept, dropped)
+    assert group["decouple_wd"] is True and group["decoupled_weight_decay"] is True

@@ -64,6 +64,22 @@ def test_decouple_lr_follows_scheduler_shape():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_decouple_lr_with_a_tensor_lr_takes_its_initial_value_as_max_lr(backend):
+    """A Tensor lr's default max_lr is its value then, not the tensor: a scheduler writes
+    a Tensor lr in place, and a max_lr that is the same tensor would follow it (lr/max_lr
+    stays 1, the decay ignoring the schedule; a mutant did this and passed every test)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.AdamW([p], lr=torch.tensor(0.1), weight_decay=0.5, decouple_lr=True, backend=backend)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.1 if epoch else 1.0).step()
+    group = opt.param_groups[0]
+    assert float(group["lr"]) == pytest.approx(0.01) and group["max_lr"] == pytest.approx(0.1)
+    assert not isinstance(group["max_lr"], torch.Tensor)
+    p.grad = torch.zeros(2)  # the decay alone moves p: θ·(1 − λ·lr/max_lr)
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((2,), 1 - 0.5 * 0.1), rtol=0, atol=1e-6)
+
+
 def test_decouple_lr_takes_one_cycle_peak_as_max_lr():
     """OneCycleLR writes its peak into the group's `max_lr` (the key decouple_lr reads):
     the decay is then relative to that peak, so at the peak step it removes λ exactly."""

@@ -568,6 +568,22 @@ def test_a_block_of_zeros_keeps_the_smallest_scale_through_a_checkpoint():
     assert float(again.state[p]["step"]) == 2
 
 
+def test_a_block_at_float32s_largest_keeps_the_largest_scale_through_a_checkpoint():
+    """A block whose absmax is float32's largest gets the top of the scale range, a value
+    the encoder writes, which the load's check accepts (a check that excluded it passed
+    every other test)."""
+    p = torch.nn.Parameter(torch.randn(512))
+    opt = adamkit.Adam([p], betas=(0.0, 0.999), state_format="int8", int8_min_size=256)
+    grad = torch.randn(512)
+    grad[0] = torch.finfo(torch.float32).max
+    p.grad = grad
+    opt.step()
+    assert float(opt.state[p]["exp_avg_scale"][0]) == fmt_state.CODE_MAPS["exp_avg"].scale_range[1]
+    again = adamkit.Adam([p], betas=(0.0, 0.999), state_format="int8", int8_min_size=256)
+    again.load_state_dict(_save_load(opt.state_dict()))
+    assert torch.equal(again.state[p]["exp_avg_scale"], opt.state[p]["exp_avg_scale"])
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_loaded_moments_take_the_params_memory_layout(backend):
     """A checkpoint's row-major moment loads in the layout of its param (here a

@@ -321,3 +321,23 @@ def test_a_group_torchs_checks_of_its_params_refuse_leaves_the_callers_dict_as_i
     with pytest.raises(error or ValueError, match=message):
         opt.add_param_group(bad)
     assert bad == before and len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps=0.0), dict(lr=0.0), dict(weight_decay=0.0), dict(betas=(0.0, 0.0))],
+                         ids=lambda kw: repr(kw))
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_the_bounds_torch_accepts_are_accepted_and_stepped_as_torch(kwargs, backend):
+    """torch's ranges are closed at 0 (0 <= eps, lr, weight_decay, betas): each bound
+    constructs, steps and gives torch's numbers (a mutant refusing eps=0 passed every
+    test). Grads without zeros: eps=0 with a zero grad is 0/0 in both."""
+    def run(make):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(6, generator=gen))
+        opt = make([p])
+        for _ in range(3):
+            p.grad = torch.randn(6, generator=gen).abs() + 0.1
+            opt.step()
+        return p.detach()
+    theirs = run(lambda ps: torch.optim.Adam(ps, **{"weight_decay": 0.1, **kwargs}, foreach=False))
+    ours = run(lambda ps: adamkit.Adam(ps, **{"weight_decay": 0.1, **kwargs}, backend=backend))
+    torch.testing.assert_close(ours, theirs, rtol=0 if backend == "torch" else 1e-6, atol=0 if backend == "torch" else 1e-7)
