@@ -180,7 +180,8 @@ class PreparedBucket:
             p, st = members[0], bucket.states[i]
             for row, t in zip(pointer_rows, members):
                 row.append(0 if t is None else t.data_ptr())
-            held.append(members[5])
+            if members[5] is not None:  # kahan's or master's buffer
+                held.append(members[5])
             for row, key in zip(scale_rows, SCALE_KEYS):
                 row.append(st[key].data_ptr() if int8 and key in st else 0)
                 if int8 and key in st:
