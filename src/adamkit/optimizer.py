@@ -170,8 +170,7 @@ class Adam(Optimizer):
         groups.check_foreach_lr(lr, foreach, capturable)
         check_ranges(dict(lr=lr, eps=eps, betas=betas, weight_decay=weight_decay))
         check_beta_kinds(betas)
-        if foreach and not capturable and isinstance(betas[0], Tensor):
-            raise ValueError(groups.FOREACH_TENSOR.format("betas[0]"))
+        groups.check_foreach_betas(betas, foreach, capturable)
         backend = groups.foreach_backend(backend, foreach)
         if decoupled_weight_decay is not None:
             decouple_wd = decouple_wd or bool(decoupled_weight_decay)
@@ -218,8 +217,8 @@ class Adam(Optimizer):
         validate_group(group)
         formats.validate(group)
         backends.check_name(group["backend"])
-        if flags.get("foreach") and isinstance(group["betas"][0], Tensor):  # after their ranges
-            raise ValueError(groups.FOREACH_TENSOR.format("betas[0]"))
+        # after their ranges, as the constructor's
+        groups.check_foreach_betas(group["betas"], flags.get("foreach"), flags.get("capturable", False))
         # Valid: only now is the caller's dict changed, and given back as it was where
         # torch's checks of the params (a non-leaf, a param in another group) refuse it
         given = dict(param_group)

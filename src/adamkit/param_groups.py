@@ -90,6 +90,13 @@ def check_foreach_lr(lr: Any, foreach: bool | None, capturable: bool) -> None:
         raise ValueError(FOREACH_TENSOR.format("lr"))
 
 
+def check_foreach_betas(betas: Any, foreach: bool | None, capturable: bool) -> None:
+    """check_foreach_lr's twin for the betas, run after their ranges and kinds (both are
+    Tensors or neither then, so betas[0] names them, as torch's message does)."""
+    if foreach and not capturable and isinstance(betas[0], Tensor):
+        raise ValueError(FOREACH_TENSOR.format("betas[0]"))
+
+
 def check_torch_flags(foreach: bool | None, fused: bool | None, capturable: bool,
                       differentiable: bool) -> None:
     """torch.optim.Adam's errors for its flags (it raises them once the params are
