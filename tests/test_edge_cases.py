@@ -584,3 +584,66 @@ def test_a_default_device_context_leaves_the_host_state_on_the_host(backend, dty
         outside.step()
     assert all(torch.equal(p, q) for p, q in zip(params, twins))
     assert {v.device.type for st in inside.state.values() for v in st.values()} == {"cpu"}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_master_steps_and_loads_inference_params_as_any_others(backend, dtype):
+    """Inference tensors have no version counter, which master's record of p's writes
+    read: every step raised after it had written p and its state, and a load raised after
+    it had replaced the state. Stepped in inference mode, they now move as plain tensors
+    do (cached steps too), and a checkpoint loads into them."""
+    with torch.inference_mode():
+        p = (torch.randn(300, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    plain = p.clone()
+    opts = [adamkit.Adam([q], lr=1e-3, backend=backend, param_update="master") for q in (p, plain)]
+    for step in range(4):
+        with torch.inference_mode():
+            for q, opt in zip((p, plain), opts):
+                q.grad = torch.full_like(q, 0.5 - step)
+                opt.step()
+    assert torch.equal(p, plain) and not torch.equal(p, p.new_zeros(300))
+    for key, value in opts[1].state[plain].items():
+        assert torch.equal(opts[0].state[p][key], value), key
+    saved = opts[1].state_dict()
+    opts[0].load_state_dict(saved)
+    with torch.inference_mode():
+        for q, opt in zip((p, plain), opts):
+            q.grad = torch.ones_like(q)
+            opt.step()
+    assert torch.equal(p, plain)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_params_are_refused_before_anything_changes_as_torch_does(backend, dtype):
+    """torch.optim has no kernel for float8 params (NotImplementedError); adamkit rounded
+    every update to nearest, even where master or stochastic was asked for, and 3 mantissa
+    bits dropped most of them."""
+    q = torch.ones(4).to(dtype)
+    q.grad = torch.ones(4).to(dtype)
+    with pytest.raises(NotImplementedError):
+        torch.optim.Adam([q], lr=0.1).step()
+    f = torch.nn.Parameter(torch.ones(3))
+    p = torch.ones(4).to(dtype)
+    opt = adamkit.Adam([f, p], lr=0.1, backend=backend, param_update="master")
+    f.grad, p.grad = torch.ones(3), torch.ones(4).to(dtype)
+    with pytest.raises(NotImplementedError, match=f"dtype {dtype}"):
+        opt.step()
+    assert torch.equal(p.float(), torch.ones(4)) and torch.equal(f, torch.ones(3))
+    assert not opt.state
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_complex32_params_are_refused_where_their_imaginary_parts_were_dropped(backend):
+    """torch.optim steps complex32 (ComplexHalf) params; adamkit has no state format for
+    them, and the auto and torch backends read them as real tensors: [0.5-1j] stepped to
+    [0.3+0j]. Refused, clearly and before anything changes."""
+    p = torch.tensor([0.5 - 1j, 2 + 1j]).to(torch.complex32)
+    p.grad = torch.tensor([1 + 2j, -3 + 0.5j]).to(torch.complex32)
+    before = p.clone()
+    opt = adamkit.Adam([p], lr=0.1, backend=backend)
+    with pytest.raises(NotImplementedError, match="dtype torch.complex32"):
+        opt.step()
+    assert torch.equal(torch.view_as_real(p), torch.view_as_real(before)) and not opt.state

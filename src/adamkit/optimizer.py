@@ -21,7 +21,7 @@ from . import backends, checkpoints, formats, wrappers
 from . import param_groups as groups
 from .formats import param as param_policy
 from .hyperparams import TORCH_FLAGS, check_beta_kinds, check_live_group, check_ranges, scalar_dtype, validate_group
-from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
+from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for, version_of
 from .wrappers import eagerly, torch_eagerly
 
 
@@ -249,7 +249,7 @@ class Adam(Optimizer):
         versions = self._master_versions()
         for p, st in _param_states(self.state):
             if isinstance(st.get("master_param"), Tensor):
-                versions[p] = p._version
+                versions[p] = version_of(p)
         self.defaults.setdefault("decoupled_weight_decay", self.defaults.get("decouple_wd", False))
         for key, value in formats.GROUP_DEFAULTS.items():  # pickled before formats existed
             self.defaults.setdefault(key, value)
@@ -420,7 +420,7 @@ class Adam(Optimizer):
         """Whether p was changed in place since its master copy was in sync. Writes
         autograd sees bump the counter; writes through ``p.data`` do not."""
         synced = self._master_versions().get(p)
-        return synced is not None and synced != p._version
+        return synced is not None and synced != version_of(p)
 
     def _planned_step(self, grad_scale_inv: float, repeat: int = 0) -> list[CachedBucket]:
         """The full step: plan every bucket, then run them; returns the plan for reuse."""
@@ -475,7 +475,7 @@ class Adam(Optimizer):
         for cb in done:
             if cb.bucket.param_update == "master":
                 for p in cb.bucket.params:
-                    versions[p] = p._version
+                    versions[p] = version_of(p)
         return done
 
     def _amp_grad_scale_inv(self) -> float | None:
@@ -541,7 +541,7 @@ class Adam(Optimizer):
             # (a master that no longer fits p is left to the step, which raises for it)
             if isinstance(master, Tensor) and master.shape == p.shape and self._master_moved(p):
                 master.copy_(param_policy.resync_master(p, master))
-                versions[p] = p._version
+                versions[p] = version_of(p)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of adamkit or torch.optim.Adam/AdamW.

@@ -66,7 +66,17 @@ def _tag_marks(row: list) -> list[tuple[int, int]]:
     return [((-1 if t.is_inference() else t._version), t.data_ptr()) if isinstance(t, Tensor)
             else (0, 0) for t in row]
 
-_VERSION = operator.attrgetter("_version")
+
+
+def version_of(t: Tensor) -> int:
+    """t's version counter, or -1 for an inference tensor, which has none (a param made
+    in inference mode): master's record of p's writes then sees none, as nothing counts
+    them."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
 # What checks.cpp reads as a tensor: Tensor or Parameter exactly (a subclass may mean
 # something else by its data).
 _EXACT = (Tensor, torch.nn.Parameter)
@@ -163,7 +173,7 @@ class StepCache:
             cb.dtype = cb.bucket.params[0].dtype
             cb.strides = list(map(Tensor.stride, cb.bucket.params))
             if cb.bucket.param_update == "master":
-                cb.versions = list(map(_VERSION, cb.bucket.params))
+                cb.versions = list(map(version_of, cb.bucket.params))
             cb.bucket.grads = []
         # Per group, the positions of the params that had grads.
         self.masks = [sorted(i for cb in buckets if cb.group_index == k for i in cb.positions)
@@ -220,7 +230,7 @@ class StepCache:
             cb.t = t
         for cb in self.buckets:  # after all ran: views of one tensor share a counter
             if cb.versions is not None:
-                cb.versions = list(map(_VERSION, cb.bucket.params))
+                cb.versions = list(map(version_of, cb.bucket.params))
         return True
 
     def _python_checks(self, state: dict, groups: list[dict[str, Any]]) -> bool:
@@ -288,7 +298,7 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
 
 def _versions_moved(cb: CachedBucket) -> bool:
     """A "master" bucket's param written in place since its last step."""
-    return cb.versions is not None and list(map(_VERSION, cb.bucket.params)) != cb.versions
+    return cb.versions is not None and list(map(version_of, cb.bucket.params)) != cb.versions
 
 
 def _extra_keys(bucket: backends.Bucket) -> list[str]:

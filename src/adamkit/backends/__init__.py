@@ -196,14 +196,27 @@ def _tracks_version(p: Tensor) -> bool:
     return True
 
 
+# torch.optim's ops have no kernels for float8 (its lerp raises NotImplementedError), where
+# every update would round to 3 mantissa bits whatever the update policy. complex32
+# (torch's experimental ComplexHalf), which torch.optim steps, has no state format here:
+# the formatted paths read it as a real tensor and dropped its imaginary parts.
+STEPPED_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                            torch.complex64, torch.complex128})
+
+
 def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
     """torch.optim's errors for a (param, grad) no step can take (RuntimeError; torch
     raises them from its first op): an integer or bool param (torch's lerp has no such
     kernel, so its NotImplementedError, a RuntimeError; a step would truncate the update),
+    a float8 one (the same error) or a complex32 one (which torch steps, see
+    STEPPED_DTYPES),
     a sparse grad, or one not of its param's dtype and shape (a fused kernel would read it
     as the param's dtype and size)."""
     if not (p.is_floating_point() or p.is_complex()):
         raise NotImplementedError(f"a param of dtype {p.dtype}: Adam updates floating-point tensors")
+    if p.dtype not in STEPPED_DTYPES:
+        raise NotImplementedError(f"a param of dtype {p.dtype}: adamkit steps float32, float64, "
+                                  "bfloat16, float16, complex64 and complex128 params")
     if grad.is_sparse:
         raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
     if grad.dtype != p.dtype or grad.shape != p.shape:
