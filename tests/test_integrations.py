@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -605,3 +606,24 @@ def test_a_flattened_distributed_state_dict_loads_into_another_storage(src, dst)
     for p, q in zip(into.parameters(), twin.param_groups[0]["params"]):
         a, b = theirs.state[p], twin.state[q]
         assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_grad_scale_of_zero_raises_a_clear_error_and_changes_nothing(backend):
+    """A GradScaler whose scale halved to 0 (about 166 inf steps in a row) hands the step
+    grad_scale 0: 1/0 raised Python's ZeroDivisionError, where torch's fused step writes
+    NaN into every param. Now a ValueError that says why."""
+    model, _, _ = _model_and_data()
+    opt = adamkit.Adam(model.parameters(), lr=0.1, backend=backend)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.grad_scale, opt.found_inf = torch.tensor(0.0), torch.tensor(0.0)
+    with pytest.raises(ValueError, match="grad_scale is 0"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+    for p, saved in zip(model.parameters(), state["state"].values()):
+        for k, v in saved.items():
+            assert torch.equal(opt.state[p][k], v), k

@@ -114,6 +114,10 @@ class Adam(Optimizer):
     call of ``step`` for a step taken (HF Accelerate's ``step_was_skipped``, which has the
     same issue with torch's fused AdamW: huggingface/accelerate#4242) should read the
     scaler instead: a skipped step lowers ``scaler.get_scale()`` at ``scaler.update()``.
+    A skipped step changes nothing, so skipped first steps create no state, as with
+    torch.optim's other Adams (its fused one creates zeroed moments at step 0; the steps
+    after are the same either way). A scale of 0 (after about 166 skipped steps in a row)
+    raises ValueError, where torch's fused step would write NaN into every param.
 
     Hooks and profiling: step hooks (``register_step_pre_hook``, the global ones) run as
     in torch.optim, and wherever a range can be recorded (a profiler, an execution-trace
@@ -491,6 +495,11 @@ class Adam(Optimizer):
         scale = getattr(self, "grad_scale", None)
         if scale is None:
             return 1.0
+        if float(scale) == 0:  # torch's fused step would write NaN into every param
+            raise ValueError(
+                "grad_scale is 0, so the grads cannot be unscaled (a GradScaler's scale halves at "
+                "each step with inf/NaN grads, and reaches 0 after about 166 in a row from 2**16): "
+                "nothing was changed")
         # As GradScaler's own unscale: the reciprocal in float64, rounded to float32.
         return float(torch.tensor(1.0 / float(scale), dtype=torch.float32, device="cpu"))
 
