@@ -78,15 +78,15 @@ def _seed_fits(seed) -> bool:
             and seed.device.type == "cpu" and _own_memory(seed))
 
 
-def _overlapping(params, idx: list[int]) -> set[int]:
-    """Those of params[idx] whose memory overlaps another's: the kernel's threads would
-    update it concurrently (views of one storage; or a param listed twice, which
-    Adam.step splits into one step per listing, functional callers may not), so they go
-    to the torch backend, whose foreach ops give them torch.optim's foreach numbers (its
-    default CPU for-loop, which steps them in turn, differs there: functional.adam_step
-    steps aliased tensors in turn)."""
-    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), i)
-                   for i in idx for p in (params[i],) if p.numel())
+def _overlapping(params) -> set[int]:
+    """The indices of params whose memory overlaps another's: the kernel's threads would
+    update them concurrently, or the kernel and the torch backend one after the other
+    (views of one storage; or a param listed twice, which Adam.step splits into one step
+    per listing, functional callers may not). All of them go to the torch backend, whose
+    foreach ops give them torch.optim's foreach numbers (its default CPU for-loop, which
+    steps them in turn, differs there: functional.adam_step steps aliased tensors in turn)."""
+    spans = sorted((lo, lo + _extent(p), i) for i, p in enumerate(params)
+                   if p.numel() for lo in (p.data_ptr(),))
     shared, end, owner = set(), -1, None
     for lo, hi, i in spans:
         if lo < end:
@@ -94,6 +94,14 @@ def _overlapping(params, idx: list[int]) -> set[int]:
         if hi > end:
             end, owner = hi, i
     return shared
+
+
+def _extent(p: Tensor) -> int:
+    """Bytes from p's first element to past its last: a strided view spans more than its
+    numel (torch's strides are never negative)."""
+    if p.is_contiguous():
+        return p.numel() * p.element_size()
+    return (1 + sum((n - 1) * s for n, s in zip(p.shape, p.stride()))) * p.element_size()
 
 
 class CpuBackend:
@@ -161,15 +169,16 @@ class PreparedBucket:
                 candidates.append((i, members, step))
             elif _fits((p, p, *members[2:]), bucket.state_format, policy):
                 grad_bound.append((i, members))  # only its grad keeps it off the kernel
-        shared = _overlapping(bucket.params, [i for i, _, _ in candidates])
+        # against every param of the bucket, those the torch backend runs too: a kernel
+        # param it overlaps would be written by both, in an order neither path takes
+        shared = _overlapping(bucket.params)
         self.fast = [i for i, _, _ in candidates if i not in shared]
         fast = set(self.fast)
         self.rest = [i for i in range(len(bucket.params)) if i not in fast]
         # refresh re-plans when one of these gets a grad the kernel reads: a param's
         # first grad (a transposed view, a wrapper) must not keep it on the torch backend
-        # (and would not share memory with another kernel param then)
-        overlaps = _overlapping(bucket.params, [*self.fast, *(i for i, _ in grad_bound)]) if grad_bound else ()
-        self.grad_bound = [(i, members) for i, members in grad_bound if i not in overlaps]
+        # (unless it shares memory with another param, which keeps it there)
+        self.grad_bound = [(i, members) for i, members in grad_bound if i not in shared]
         # What the table points to beyond the bucket's own lists (buffers, int8 scales,
         # seeds), held here: the kernel runs without the GIL, and another thread's
         # ``state.clear()`` or load would free memory it writes
