@@ -688,3 +688,67 @@ def test_a_rest_params_counter_edited_between_cached_steps_steps_as_the_full_pat
     assert planned == 6
     for a, b in zip(cached, full):
         assert torch.equal(a.detach(), b.detach())
+
+
+def _two_groups(backend, noncontiguous=False):
+    g = torch.Generator().manual_seed(5)
+    a = torch.nn.Parameter(torch.randn(300, generator=g))
+    b = torch.nn.Parameter(torch.randn(20, 15, generator=g).t() if noncontiguous else torch.randn(300, generator=g))
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b]}], lr=1e-2, backend=backend)
+    for k in range(2):
+        a.grad, b.grad = torch.full_like(a, 0.5 - k), torch.full_like(b, k - 0.5)
+        opt.step()
+    return a, b, opt
+
+
+@pytest.mark.parametrize("backend,noncontiguous", [("torch", False), ("reference", False), ("cpu", True)])
+def test_a_param_swapped_onto_another_device_steps_as_the_full_path_does(monkeypatch, backend, noncontiguous):
+    """torch.utils.swap_tensors (what module.to() does with swap-on-conversion) keeps the
+    Python object: the cached plan of a torch-backend bucket took it, and torch's ops
+    raised after the other group had moved, at every later step again (the plan was
+    kept). The plan now compares those params' addresses, and the step is the full
+    path's, which moves the state to the param's device (found by review)."""
+    runs = []
+    for disable in (False, True):
+        a, b, opt = _two_groups(backend, noncontiguous)
+        if disable:
+            monkeypatch.setattr(step_cache.StepCache, "try_step", lambda *args: False)
+        torch.utils.swap_tensors(b, torch.nn.Parameter(torch.empty_strided(b.shape, b.stride(), device="meta")))
+        for _ in range(2):
+            a.grad, b.grad = torch.ones_like(a), torch.empty(b.shape, device="meta")
+            opt.step()
+        monkeypatch.undo()
+        runs.append((a.detach().clone(), opt.state[a]["step"].item(), opt.state[b]["exp_avg"].device))
+    (a1, t1, d1), (a2, t2, d2) = runs
+    assert torch.equal(a1, a2) and t1 == t2 == 4 and d1 == d2 == torch.device("meta")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
+def test_a_param_given_a_zero_tensor_raises_on_a_cached_plan_with_nothing_changed(backend):
+    """`.data =` a zero tensor keeps the param's identity: the torch and reference
+    backends' cached plans ran the first group, then raised torch's "ZeroTensors are
+    immutable" on the second. The full path's check now raises first."""
+    a, b, opt = _two_groups(backend)
+    b.data = torch._efficientzerotensor(300)
+    a.grad, b.grad = torch.ones(300), torch.ones(300)
+    before = a.detach().clone(), {k: v.clone() for k, v in opt.state[a].items()}
+    with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):
+        opt.step()
+    assert torch.equal(a, before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in opt.state[a].items())
+
+
+def test_a_cached_step_that_raises_drops_the_plan(monkeypatch):
+    """A plan whose step raised (an interrupt, an op's error) ran its buckets again at
+    every later step until one of them moved past the error. The next step now plans
+    anew."""
+    a, b, opt = _two_groups("cpu")
+    assert opt._step_cache is not None
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(step_cache, "run_bucket", interrupted)
+    a.grad, b.grad = torch.ones(300), torch.ones(300)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert opt._step_cache is None

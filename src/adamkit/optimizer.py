@@ -378,8 +378,14 @@ class Adam(Optimizer):
 
         cache = getattr(self, "_step_cache", None)
         if cache is not None:
-            if cache.try_step(self, grad_scale_inv):
-                return
+            try:
+                if cache.try_step(self, grad_scale_inv):
+                    return
+            except BaseException:  # the next step plans anew: a plan that raised would
+                # raise again, after moving the buckets before it again
+                cache.record_master_versions(self._master_versions())
+                self._step_cache = None
+                raise
             cache.record_master_versions(self._master_versions())
         self._step_cache = None
         repeats = self._repeats()

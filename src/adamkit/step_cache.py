@@ -123,6 +123,11 @@ class CachedBucket:
     # the params' strides when planned: a param given a stride-0 view of its own storage
     # through `.data =` keeps its address, and check_param refuses it on the full path
     strides: list[tuple] | None = None
+    # the params' addresses when planned, for those the torch backend runs: one given a
+    # zero tensor, or swapped onto another device (torch.utils.swap_tensors, as
+    # module.to() can), had torch's ops raise mid-step, after other buckets had moved
+    # (the kernel's own params are checked by its refresh)
+    param_ptrs: list[int] | None = None
 
 
 def scalars_for(group: dict[str, Any], t: int, grad_scale_inv: float, dtype: torch.dtype) -> Any:
@@ -172,6 +177,7 @@ class StepCache:
                                 for k in _TAG_KEYS for row in [[st.get(k) for st in cb.bucket.states]])
             cb.dtype = cb.bucket.params[0].dtype
             cb.strides = list(map(Tensor.stride, cb.bucket.params))
+            cb.param_ptrs = list(map(Tensor.data_ptr, cb.bucket.params))
             if cb.bucket.param_update == "master":
                 cb.versions = list(map(version_of, cb.bucket.params))
             cb.bucket.grads = []
@@ -281,14 +287,15 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
         rest = cb.prepared.rest  # as the unprepared bucket below (the torch backend runs them)
         return not rest or (_steps_read(b, rest, cb.t) and all(
             b.params[i].dtype == cb.dtype and b.params[i].stride() == cb.strides[i]
-            and b.exp_avgs[i].shape == b.params[i].shape for i in rest))
+            and b.exp_avgs[i].shape == b.params[i].shape
+            and b.params[i].data_ptr() == cb.param_ptrs[i] for i in rest))
     # Recast or restrided params re-plan; sparse or misfit grads, resized params and
     # conjugate-bit ones too, and the full path raises on them before anything changes.
     complex_ = cb.dtype.is_complex
     if any(p.dtype != cb.dtype or not backends.grad_fits(p, g) or m.shape != p.shape
            or (complex_ and p.is_conj()) for p, g, m in zip(b.params, grads, b.exp_avgs)):
         return False
-    if list(map(Tensor.stride, b.params)) != cb.strides:
+    if list(map(Tensor.stride, b.params)) != cb.strides or list(map(Tensor.data_ptr, b.params)) != cb.param_ptrs:
         return False
     if not _steps_read(b, range(len(b.params)), cb.t):
         return False
