@@ -281,6 +281,33 @@ def test_a_grad_of_another_shape_raises_as_torch_optim_does(backend, steps):
         torch.optim.Adam([p]).step()
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("state_format", [None, "bf16", "int8"])
+@pytest.mark.parametrize("steps", [1, 2], ids=["second step", "cached plan"])
+def test_a_param_reshaped_through_data_raises_as_torch_optim_does(backend, state_format, steps):
+    """`p.data = p.data.view(4, 64)` keeps p's address and bytes: the cpu backend's
+    cached plan stepped it in memory order with its (16, 16) state, whose checkpoint then
+    failed to load, and the next step that re-planned raised (found by review). The full
+    path, the other backends and torch.optim raise at once."""
+    p = torch.nn.Parameter(torch.randn(16, 16))
+    opt = adamkit.Adam([p], backend=backend, state_format=state_format, int8_min_size=0)
+    for _ in range(steps):
+        p.grad = torch.randn(16, 16)
+        opt.step()
+    p.grad = None
+    p.data = p.data.view(4, 64)
+    p.grad = torch.randn(4, 64)
+    snap = snapshot(opt, [p])
+    with pytest.raises(RuntimeError, match="shape"):
+        opt.step()
+    assert_unchanged(opt, [p], snap)
+    if state_format is None:
+        theirs = torch.optim.Adam([p])
+        theirs.load_state_dict(opt.state_dict())
+        with pytest.raises(RuntimeError):
+            theirs.step()
+
+
 @pytest.mark.parametrize("state_format", ["bf16", "fp32", "int8"])
 def test_model_half_after_bf16_training_converts_the_kahan_buffer(state_format):
     """`model.half()` keeps the Parameter objects and the state's tags; the Kahan buffer

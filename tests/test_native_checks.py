@@ -98,6 +98,14 @@ def _grad_same_bytes_other_shape(ps):  # same bytes: it ran in memory order; the
     ps[5].grad.data = ps[5].grad.data.view(1, -1)
 
 
+def _param_same_bytes_other_shape(ps):  # with its grad: it ran in memory order, its state kept the old shape
+    p = ps[5]
+    shape = (1, p.numel())
+    p.grad = None
+    p.data = p.data.view(shape)
+    p.grad = torch.randn(shape, dtype=p.dtype)
+
+
 def _param_moved(ps):
     ps[1].data = ps[1].data.clone()
 
@@ -127,7 +135,7 @@ def _no_change(ps):
 
 
 CHANGES = [_no_change, _grad_none, _grad_sparse, _grad_strided, _grad_other_dtype, _grad_other_size,
-           _grad_same_bytes_other_shape, _param_moved, _param_same_bytes_other_dtype, _param_strided,
+           _grad_same_bytes_other_shape, _param_same_bytes_other_shape, _param_moved, _param_same_bytes_other_dtype, _param_strided,
            _grad_negated, _grad_zero_tensor, _param_negated]
 
 

@@ -19,9 +19,8 @@ while
   dtype, size and shape, with memory of their own values (no wrapper subclass, negative
   bit or zero tensor) (a param sliced in place keeps its address; a grad reshaped
   through ``.grad.data =`` skips the check of assigning ``.grad``, and the full path
-  raises for it; a param of the cpu kernel reshaped through ``.data =`` together with
-  its grad steps in memory order, elementwise the same numbers, where the full path
-  raises for its state's old shape);
+  raises for it; so does it for a param reshaped through ``.data =``, whose state keeps
+  the old shape: the params keep their planned shapes);
 * the params and state tensors keep their storage (data pointers: `.data =` keeps a
   tensor's identity), layout and dtype, and the params their strides, and every step counter still reads what the last
   step left (a counter edited by hand sends the step down the full path).

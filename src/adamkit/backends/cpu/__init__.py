@@ -212,6 +212,9 @@ class PreparedBucket:
         # A grad of another size or dtype (a param sliced in place, `.grad.data =`) would
         # be read past its end: refresh compares the grads' bytes with the params'.
         self.grad_nbytes = [p.numel() * p.element_size() for p in self.kernel_params]
+        # and their shapes: a param reshaped through `.data =` keeps its address and
+        # bytes, while its state keeps the old shape (the full path raises for it)
+        self.shapes = list(map(_SHAPE, self.kernel_params))
         self.dtype = bucket.params[0].dtype
         base = table.buffer_info()[0]
         self.args = library.StepArgs(
@@ -263,9 +266,9 @@ class PreparedBucket:
         # same bytes and dtype: the kernel reads exactly the planned elements
         if list(map(_NBYTES, kernel_grads)) != self.grad_nbytes:
             return False
-        # and p's shape: a grad reshaped through `.grad.data =` (which skips the check of
-        # assigning `.grad`) would run in memory order, where the full path raises
-        if list(map(_SHAPE, kernel_grads)) != list(map(_SHAPE, params)):
+        # and the planned shapes: a grad reshaped through `.grad.data =` (which skips the
+        # check of assigning `.grad`) would run in memory order, where the full path raises
+        if list(map(_SHAPE, kernel_grads)) != self.shapes or list(map(_SHAPE, params)) != self.shapes:
             return False
         if not all(map(operator.is_, map(_DTYPE, kernel_grads), repeat(self.dtype))):
             return False
@@ -287,12 +290,18 @@ class PreparedBucket:
         the GIL: another thread's ``zero_grad()`` would free memory the table points to)."""
         if self.native_args is None:  # the planned dtype: not the params' (they may have changed)
             planned = checks.adamkit_scalar_type(torch.empty(0, dtype=self.dtype))
-            self.native_args = (planned, array("q", self.param_ptrs), array("q", self.grad_nbytes))
+            offsets = array("q", [0])
+            for shape in self.shapes:
+                offsets.append(offsets[-1] + len(shape))
+            shapes = array("q", [n for shape in self.shapes for n in shape] or [0])
+            self.native_args = (planned, array("q", self.param_ptrs), array("q", self.grad_nbytes),
+                                shapes, offsets)
             self.native_bump = checks.adamkit_bump_versions
-        planned, param_ptrs, grad_nbytes = self.native_args
+        planned, param_ptrs, grad_nbytes, shapes, offsets = self.native_args
         held = [None] * self.n
         if not checks.adamkit_refresh(
                 self.kernel_params, planned, param_ptrs.buffer_info()[0], grad_nbytes.buffer_info()[0],
+                shapes.buffer_info()[0], offsets.buffer_info()[0],
                 self.table.buffer_info()[0] + 8 * self.grad_row, n_threads, held):
             return False
         self.bucket.grads = held

@@ -252,9 +252,11 @@ Verdict state_ptrs_range(PyObject** dicts, Py_ssize_t lo, Py_ssize_t hi, bool sp
 }
 
 // adamkit_refresh for params [lo, hi): ps[i] their impls, grad_ptrs[i] their grads' addresses.
+// shapes: the planned params' sizes, param i's at shapes[offsets[i]] to shapes[offsets[i + 1]].
 Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split, c10::ScalarType dtype,
-                      const int64_t* param_ptrs, const int64_t* grad_nbytes, c10::TensorImpl** ps,
-                      c10::TensorImpl** gs, int64_t* grad_ptrs) {
+                      const int64_t* param_ptrs, const int64_t* grad_nbytes, const int64_t* shapes,
+                      const int64_t* offsets, c10::TensorImpl** ps, c10::TensorImpl** gs,
+                      int64_t* grad_ptrs) {
   if (!impls_range(items, lo, hi, ps)) return FAILS;
   for (Py_ssize_t i = lo; i < hi; ++i) {
     prefetch(ps[i]->autograd_meta());
@@ -290,6 +292,10 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
         g->sizes() != ps[i]->sizes()) {  // a grad reshaped through `.grad.data =`
       return FAILS;
     }
+    // and the planned shape: a param reshaped through `.data =` (its state keeps the old
+    // one, and the full path raises for it)
+    const c10::IntArrayRef planned(shapes + offsets[i], static_cast<size_t>(offsets[i + 1] - offsets[i]));
+    if (ps[i]->sizes() != planned) return FAILS;
   }
   for (Py_ssize_t i = lo; i < hi; ++i) {
     if (split && off_thread(gs[i])) return AGAIN_SERIALLY;
@@ -302,7 +308,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
 
 extern "C" {
 
-int adamkit_checks_version() { return 7; }
+int adamkit_checks_version() { return 8; }
 
 // torch's ScalarType number of a tensor's dtype, or -1 for anything else: the planned
 // dtype the other checks compare with.
@@ -391,7 +397,8 @@ int adamkit_state_ptrs_equal(PyObject* states, PyObject* keys, const int64_t* pl
 // memory of its own values (no wrapper subclass, negative bit or zero tensor). Then (and
 // only then) grad_row[i] = the grad's address, and held[i] = the grad.
 int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs,
-                    const int64_t* grad_nbytes, int64_t* grad_row, int n_threads, PyObject* held) {
+                    const int64_t* grad_nbytes, const int64_t* shapes, const int64_t* offsets,
+                    int64_t* grad_row, int n_threads, PyObject* held) {
   try {
     if (!PyList_Check(params) || !PyList_Check(held)) return 0;
     const Py_ssize_t n = PyList_GET_SIZE(params);
@@ -401,8 +408,8 @@ int adamkit_refresh(PyObject* params, int scalar_type, const int64_t* param_ptrs
     std::vector<c10::TensorImpl*> ps(n), gs(n);
     std::vector<int64_t> grad_ptrs(n);
     const int ok = in_parallel(n, n, n_threads, [&](Py_ssize_t lo, Py_ssize_t hi, bool split) {
-      return refresh_range(items, lo, hi, split, dtype, param_ptrs, grad_nbytes, ps.data(), gs.data(),
-                           grad_ptrs.data());
+      return refresh_range(items, lo, hi, split, dtype, param_ptrs, grad_nbytes, shapes, offsets, ps.data(),
+                           gs.data(), grad_ptrs.data());
     });
     if (!ok) return 0;
     // The grads' Python objects into `held`, which keeps them alive until the kernel has

@@ -39,7 +39,7 @@ import torch
 from . import library
 
 HERE = Path(__file__).parent
-VERSION = 7  # adamkit_checks_version() in checks.cpp
+VERSION = 8  # adamkit_checks_version() in checks.cpp
 MANY_TENSORS = 128
 
 _lock = threading.Lock()
@@ -168,7 +168,7 @@ def _open(path: Path) -> ctypes.PyDLL:
         "adamkit_dict_is": [obj, ptr, ptr, i64],
         "adamkit_grads_present": [obj, ptr],
         "adamkit_state_ptrs_equal": [obj, obj, ptr, c_int, obj, ptr],
-        "adamkit_refresh": [obj, c_int, ptr, ptr, ptr, c_int, obj],
+        "adamkit_refresh": [obj, c_int, ptr, ptr, ptr, ptr, ptr, c_int, obj],
         "adamkit_bump_versions": [obj],
     }
     for name, argtypes in signatures.items():
