@@ -243,6 +243,11 @@ def _mutations():
     def subnormal_scale(sd):  # below the floor's 2^-126
         sd["state"][0]["exp_avg_scale"][0] = 2.0**-130
 
+    def zero_scale_beside_codes(sd):  # a fresh state's 0, but its block holds codes: v read as 0 there
+        st = sd["state"][0]
+        assert bool(st["exp_avg_sq"].reshape(-1)[:256].any())
+        st["exp_avg_sq_scale"][0] = 0.0
+
     def integer_comp(sd):  # a buffer of param values in an integer dtype was cast in
         sd["state"][0]["kahan_comp"] = sd["state"][0]["kahan_comp"].long()
 
@@ -280,7 +285,8 @@ def _mutations():
     return [unknown_format, unknown_update, listed_format, listed_update, unknown_format_code,
             format_code_of_two_elements, format_code_as_bool, unknown_update_code, missing_scale, wrong_scale_shape, float_codes,
             wrong_code_shape, wrong_comp_shape_late, tagged_kahan_without_comp, bad_sr_seed,
-            negative_scale, minus_inf_scale, integer_scale, huge_scale, subnormal_scale, integer_comp,
+            negative_scale, minus_inf_scale, integer_scale, huge_scale, subnormal_scale,
+            zero_scale_beside_codes, integer_comp,
             nan_step, infinite_step_late, fractional_step, negative_step, text_step,
             two_element_step, step_beyond_float32, step_beyond_float64, state_not_a_dict, state_none,
             complex_sr_seed, bool_sr_seed, text_sr_seed]
@@ -314,6 +320,26 @@ def test_unconvertible_checkpoint_raises_and_changes_nothing(mutate, target):
         target_opt.load_state_dict(bad)
     _assert_unchanged(target_opt, snap)
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+@pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq"])
+def test_a_block_with_a_fresh_states_zero_scale_and_zero_codes_loads(name):
+    """A 0 scale is a fresh state's, whose codes all decode to 0 (m's code 128, −0, too):
+    such a block loads and reads 0, while a 0 beside other codes is refused (the
+    mutations above)."""
+    p = torch.nn.Parameter(torch.randn(4 * 256))
+    opt = adamkit.Adam([p], state_format="int8", int8_min_size=0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    st = sd["state"][0]
+    st[name][:256] = 0
+    if name == "exp_avg":
+        st[name][:128] = 128
+    st[f"{name}_scale"][0] = 0.0
+    opt.load_state_dict(sd)
+    assert float(opt.state[p][f"{name}_scale"][0]) == 0.0
+    assert not opt.torch_state_dict()["state"][0][name][:256].any()
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

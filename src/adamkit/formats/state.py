@@ -279,8 +279,12 @@ def load_moment(saved: dict, name: str, fmt: str, p: Tensor) -> Tensor:
             raise ValueError(f"{name}_scale must hold float32 values in [{lo:.6g}, {hi:.6g}], "
                              f"0 (fresh), NaN or +inf (one per block, as an encoder writes them); got dtype "
                              f"{scale.dtype} and other values")
-        scale = scale.to(device=p.device)
-        return decode(value.to(p.device), scale, CODE_MAPS[name])
+        scale, value = scale.to(device=p.device), value.to(p.device)
+        fresh = scale == 0
+        if bool(fresh.any()) and bool(_table(CODE_MAPS[name], p.device)[_blocks(value)[fresh].long()].any()):
+            raise ValueError(f"{name}_scale is 0, a fresh state's, for a block whose codes do not all "
+                             "decode to 0: no encoder writes that (its moment would read 0 there)")
+        return decode(value, scale, CODE_MAPS[name])
     if not (value.is_floating_point() or value.is_complex()):
         raise ValueError(f"{name} has dtype {value.dtype}, which is no moment format")
     if value.dtype != storage_dtype(fmt, p):  # a tag the tensor disagrees with, or complex
