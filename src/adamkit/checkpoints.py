@@ -125,6 +125,9 @@ def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
     # DCP's flattened state dict is rebuilt from the live state's keys, and a key the
     # checkpoint lacks (sr_seed into a stochastic run, int8 scales) comes back as {}
     saved = {k: v for k, v in saved.items() if not (k in formats.OWN_KEYS and isinstance(v, dict) and not v)}
+    # detached: copies of a saved tensor that requires grad (torch.optim's differentiable
+    # state) carried a graph back to it, which kept the checkpoint's tensor alive
+    saved = {k: v.detach() if isinstance(v, Tensor) else v for k, v in saved.items()}
     if "step" not in saved or "exp_avg" not in saved or "exp_avg_sq" not in saved:
         raise ValueError(
             f"loaded state for parameter {saved_id} lacks one of 'step', 'exp_avg', "
