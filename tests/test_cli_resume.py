@@ -63,6 +63,45 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resumes(tmp_path, capsys, monkeypa
     assert train(tmp_path, "--resume") == 0
 
 
+def test_an_interrupted_compare_resumes_and_starts_the_runs_it_had_not_reached(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in --compare's first run said "continue with --resume", but the resume
+    refused the later run, which had no checkpoint yet, and only --overwrite (which drops
+    the finished work) went on (found by review). The later run now starts afresh, with
+    the options the first was made with where the resume leaves them out; both end as
+    an uninterrupted compare does."""
+    compare = ["--compare", "adam,torch-adam:lr=0.01"]
+    made = ["--steps", "6", "--batch-size", "4", "--seed", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "--out", str(straight), *compare, *made]) == 0
+    calls = {"n": 0}
+    real_batch = CharCorpus.train_batch
+
+    def interrupt_on_fifth(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_batch(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(CharCorpus, "train_batch", interrupt_on_fifth)
+        assert main(["train", "--out", str(split), *compare, *made]) == 130
+    assert "continue with --resume" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (split / "torch-adam_lr=0.01" / "checkpoint.pt").exists()
+    assert main(["train", "--out", str(split), *compare, "--resume"]) == 0
+    for run in ("adam", "torch-adam_lr=0.01"):
+        a = torch.load(straight / run / "checkpoint.pt", weights_only=True)
+        b = torch.load(split / run / "checkpoint.pt", weights_only=True)
+        assert a["config"] == b["config"] and b["step"] == 6, run
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), (run, name)
+    assert (split / "compare.png").exists()
+
+
+def test_a_compare_resume_with_no_checkpoint_at_all_says_nothing_to_resume(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "d"), "--compare", "adam,sgd", "--steps", "4", "--resume"]) == 2
+    assert "nothing to resume" in assert_one_line_error(capsys, 2)
+
+
 def test_resume_errors_never_touch_the_checkpoint(tmp_path, capsys):
     assert main(["train", "--resume", "--out", str(tmp_path)]) == 2
     assert "nothing to resume" in assert_one_line_error(capsys, 2)

@@ -145,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compare is not None:
         if args.optimizer is not None:
             raise CliError("--optimizer and --compare cannot be used together; name the optimizers in --compare")
-        plans = [(args.out / label, label, {**given, **config}) for label, config in parse_compare(args.compare)]
+        plans = [(args.out / label, label, {**given, **config}, config) for label, config in parse_compare(args.compare)]
     else:
-        plans = [(args.out, "", given)]
+        plans = [(args.out, "", given, {})]
 
     with contextlib.ExitStack() as locks:  # each run's directory, until its files are written
         return _train_all(args, plans, locks)
@@ -160,15 +160,16 @@ def _train_all(args: argparse.Namespace, plans: list, locks: contextlib.ExitStac
     # work; and one that fails (or is interrupted, or runs out of memory, before its first
     # checkpoint) leaves no directories behind.
     compare_png = args.out / "compare.png"
-    with removed_if_failing(args.out, *(out for out, _, _ in plans)):
+    with removed_if_failing(args.out, *(out for out, *_ in plans)):
         writable_dir(args.out)
         if args.compare is not None:
             lock_dir(locks, args.out)  # compare.png's (a run's own directory is below it)
             not_in_the_way(compare_png)
         corpus = CharCorpus(load_text())
-        runs = [Run(corpus, lock_dir(locks, writable_dir(out)), config, resume=args.resume,
+        runs = [Run(corpus, lock_dir(locks, writable_dir(out)), config, resume=resume,
                     overwrite=args.overwrite, label=label)
-                for out, label, config in plans]
+                for out, label, config, resume in _resumed(plans, args.resume and args.compare is not None)
+                or [(out, label, config, args.resume) for out, label, config, _ in plans]]
         for r in runs:
             r.train(stop_at=args.stop_at)
             r.catch_up_outputs()
@@ -186,6 +187,40 @@ def _train_all(args: argparse.Namespace, plans: list, locks: contextlib.ExitStac
     if args.compare is not None:
         print(f"curves of all runs: {args.out / 'compare.png'}")
     return 0
+
+
+def _resumed(plans: list, compare_resume: bool) -> list:
+    """``--compare --resume``: (out, label, config, resume) per configuration, where one an
+    interrupt stopped before its first checkpoint (a later one in the list, say) starts
+    afresh, with the options the first configuration that has a checkpoint was made with
+    where this command line and its own settings leave them open: the runs stay
+    comparable when the options are dropped on resume, as a single run allows. Empty
+    where no configuration has a checkpoint: each resumes, and the first says there is
+    nothing to resume."""
+    from .checkpoint import load_checkpoint
+    from .trainer import CHECKPOINT, checked_config
+
+    started = [(out, own) for out, _, _, own in plans if (out / CHECKPOINT).exists()]
+    if not compare_resume or not started:
+        return []
+    first_out, first_own = started[0]
+    made = checked_config(load_checkpoint(first_out / CHECKPOINT)["config"], first_out)
+    resumed = []
+    for out, label, config, own in plans:
+        if (out / CHECKPOINT).exists():
+            resumed.append((out, label, config, True))
+            continue
+        filled = dict(config)
+        for key, value in made.items():
+            if key == "optimizer" or key not in config or config[key] is not None or key in own or key in first_own:
+                continue  # given now, this configuration's own, or the other's own
+            if key == "lr" and value == DEFAULT_LR[made["optimizer"]]:
+                continue  # its optimizer's default, not a --lr: this one takes its own default
+            if key in ADAMKIT_ONLY and config["optimizer"] not in ADAMKIT_OPTIMIZERS:
+                continue
+            filled[key] = value
+        resumed.append((out, label, filled, False))
+    return resumed
 
 
 def report(r: Run, baseline: float, stop_at: int | None) -> None:

@@ -66,7 +66,7 @@ class RunConfig:
         defaults. Resuming with an option that differs from the checkpoint's is an error:
         it would silently make a different run."""
         if saved is not None:
-            saved = _checked_config(saved, where)
+            saved = checked_config(saved, where)
             for key, value in given.items():
                 if value is not None and value != saved.get(key):
                     flag = "--" + key.replace("_", "-")
@@ -81,7 +81,7 @@ class RunConfig:
         return cls(**values)
 
 
-def _checked_config(saved: object, where: Path) -> dict:
+def checked_config(saved: object, where: Path) -> dict:
     """A checkpoint's config as `adamkit train` writes it, or a one-line error (a
     hand-edited or foreign checkpoint failed with tracebacks, or trained as SGD)."""
     def fail(why: str):
