@@ -14,7 +14,6 @@ from pathlib import Path
 from adamkit.bench import main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--out" not in args:
-        args += ["--out", str(Path(__file__).parent / "results")]
-    sys.exit(main(args))
+    # results/ unless --out names another directory: first, so that any --out given
+    # comes later and wins (`--out=DIR` was missed, and went into results/)
+    sys.exit(main(["--out", str(Path(__file__).parent / "results"), *sys.argv[1:]]))

@@ -397,3 +397,20 @@ def test_state_bytes_count_memory_several_states_share_once():
         opt.state[p] = {"exp_avg": torch.zeros(256), "code": shared[:32], "code2": shared[32:]}
     run = Run(contender=None, params=ps, optimizer=opt, first_step_s=0.0)
     assert run.state_bytes_per_param() == (2 * 256 * 4 + 64 * 4) / 512
+
+
+@pytest.mark.parametrize("given", [[], ["--out", "elsewhere"], ["--out=elsewhere"]])
+def test_benchmarks_run_py_writes_into_results_unless_out_names_another_directory(monkeypatch, given):
+    """`--out=DIR` was missed by run.py's check for `--out`, which then added its own:
+    the run went into benchmarks/results/, over the recorded results (found by review)."""
+    import runpy
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda argv: seen.append(bench.parse(argv).out) or 0)
+    monkeypatch.setattr(sys, "argv", ["run.py", *given])
+    run_py = Path(__file__).parents[1] / "benchmarks" / "run.py"
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(run_py), run_name="__main__")
+    assert done.value.code == 0
+    expected = run_py.parent / "results" if not given else Path("elsewhere")
+    assert Path(seen[0]) == expected
