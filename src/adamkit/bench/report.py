@@ -109,10 +109,16 @@ def save_chart(path: Path, results: list[dict[str, Any]]) -> bool:
             ax.text(f + 1, y, f"{r['ms_per_step']:.1f} ms", va="center", fontsize=7)
         ax.axvline(100, color="k", lw=0.8, ls="--")
         ax.invert_yaxis()
-        ax.set_xlim(0, 130)
+        # room for the longest bar's label (a bar at the old fixed 130 lost its label)
+        ax.set_xlim(0, max(130, 1.15 * max(fractions, default=0)))
         ax.set_title(f"{config}: % of the memory bandwidth measured in the same rounds "
                      "(bytes moved / time, medians)", fontsize=9)
+        ax.set_xlabel("% of the measured bandwidth (labels: ms per step)", fontsize=7)
         ax.tick_params(labelsize=7)
+    from matplotlib.patches import Patch
+
+    axes[0, 0].legend(handles=[Patch(color="tab:blue", label="adamkit"), Patch(color="tab:gray", label="others")],
+                      fontsize=7, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
