@@ -131,6 +131,26 @@ def test_a_diverged_run_says_so_instead_of_crashing(tmp_path, capsys):
     assert not math.isfinite(float(read_metrics(tmp_path / "metrics.csv")[-1]["loss"]))
 
 
+def test_a_diverged_runs_plot_spans_the_run_and_marks_where_it_diverged(tmp_path, monkeypatch):
+    """Its loss.png showed steps 1-2 of 12 (autoscaling drops the non-finite losses), with
+    nothing marking the divergence (found by review)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from adamkit.cli import plots
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    nan = float("nan")
+    rows = [dict(step=s, loss=4.7 if s == 1 else nan, val_loss=(4.6 if s == 1 else nan) if s % 4 == 1 else None,
+                 lr=1.0, elapsed=0.1 * s) for s in range(1, 13)]
+    plots.plot_runs({"adam": rows}, tmp_path / "loss.png", 4.63, "a diverged run")
+    ax = figures[0].axes[0]
+    assert ax.get_xlim() == (0, 12)
+    assert "adam diverged at step 2" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
 SAVE_FAILURES = {
     "torch's zip writer": RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4310"),
     "disk full": OSError(28, "No space left on device"),

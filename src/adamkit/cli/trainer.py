@@ -28,7 +28,7 @@ from .data import CharCorpus
 from .errors import CliError, Terminated, require
 from .files import atomic_write, not_in_the_way
 from .model import CharTransformer
-from .plots import plot_runs
+from .plots import diverged_at, plot_runs
 
 OPTIMIZERS = ("adam", "adamw", "torch-adam", "sgd")
 ADAMKIT_OPTIMIZERS = ("adam", "adamw")
@@ -316,15 +316,9 @@ class Run:
         return sum(r["loss"] for r in tail) / len(tail), (vals[-1] if vals else None)
 
     def diverged_at(self) -> int | None:
-        """If the run ends with a loss that is not finite (its last training or validation
-        loss is inf or NaN), the first step with such a loss; else None."""
-        def finite(row: dict, key: str) -> bool:
-            return row[key] is None or math.isfinite(row[key])
-
-        vals = [r for r in self.rows if r["val_loss"] is not None]
-        if not self.rows or (finite(self.rows[-1], "loss") and (not vals or finite(vals[-1], "val_loss"))):
-            return None
-        return next(r["step"] for r in self.rows if not (finite(r, "loss") and finite(r, "val_loss")))
+        """If the run ends with a loss that is not finite, the first step with such a loss
+        (plots.diverged_at); else None."""
+        return diverged_at(self.rows)
 
     def sample(self, length: int = 300, prompt: str = "The ") -> str | None:
         """Generated text, or None when the model's outputs are not finite (it diverged)."""
