@@ -114,11 +114,35 @@ def test_unknown_backend_names_the_valid_ones():
         adamkit.Adam([torch.zeros(1, requires_grad=True)], backend="gpu-magic")
 
 
-@pytest.mark.parametrize("max_lr", [0.0, -1.0, math.nan, math.inf])
+@pytest.mark.parametrize("max_lr", [0.0, -1.0, math.nan, math.inf, "0.01", "abc", 1j, [0.1],
+                                    torch.tensor([0.1, 0.2])], ids=repr)
 def test_bad_max_lr(max_lr):
     with pytest.raises(ValueError, match="Invalid max_lr value"):
         adamkit.Adam([torch.zeros(1, requires_grad=True)], weight_decay=1e-4, decouple_lr=True,
                      max_lr=max_lr)
+
+
+def test_a_max_lr_that_is_no_number_set_later_fails_the_step_with_nothing_changed():
+    """A str max_lr was stepped with (and saved as a str); "abc" raised a raw TypeError."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p], weight_decay=1e-4, decouple_lr=True)
+    opt.param_groups[0]["max_lr"] = "0.01"
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="Invalid max_lr value"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and not opt.state
+
+
+def test_the_two_names_of_the_decay_mode_given_in_contradiction_raise():
+    """decouple_wd=True with decoupled_weight_decay=False stepped decoupled, dropping the
+    explicit False without a word; in agreement either is fine."""
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="contradict"):
+        adamkit.Adam([p], decouple_wd=True, decoupled_weight_decay=False)
+    for kw in (dict(decouple_wd=True, decoupled_weight_decay=True), dict(decoupled_weight_decay=True),
+               dict(decouple_wd=False, decoupled_weight_decay=False)):
+        opt = adamkit.Adam([p], **kw)
+        assert opt.defaults["decouple_wd"] == opt.defaults["decoupled_weight_decay"] == any(kw.values())
 
 
 def test_decouple_lr_with_zero_lr_needs_explicit_max_lr():

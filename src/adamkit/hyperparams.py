@@ -138,7 +138,8 @@ def check_live_group(group: dict[str, Any]) -> None:
             raise error(f"Invalid {name}: {value!r} (a real number, or a 1-element real Tensor)")
     if group["decouple_lr"]:
         max_lr = group["max_lr"]
-        if max_lr is None or not 0.0 < _scalar(max_lr) < math.inf:
+        # a number as lr is (a str or bool was stepped with; "abc" raised a raw TypeError)
+        if max_lr is None or not _is_number(max_lr) or not 0.0 < _scalar(max_lr) < math.inf:
             raise ValueError(
                 f"Invalid max_lr value: {max_lr} (decouple_lr divides lr by max_lr, so it "
                 "must be a finite number > 0; it defaults to the group's initial lr, so pass "

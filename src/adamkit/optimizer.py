@@ -63,8 +63,8 @@ class Adam(Optimizer):
             Default False.
             Switched on between steps, the max starts at that step's v (torch.optim
             raises KeyError there).
-        decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym,
-            also as a group key: ``defaults`` and the groups hold both, and setting either
+        decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym
+            (given both, they must agree: ValueError otherwise), also as a group key: ``defaults`` and the groups hold both, and setting either
             on a group between steps switches the mode (the next step makes them equal
             again).
         decouple_lr: fully decoupled decay, scaled by lr/max_lr.
@@ -177,6 +177,9 @@ class Adam(Optimizer):
         groups.check_foreach_betas(betas, foreach, capturable)
         backend = groups.foreach_backend(backend, foreach)
         if decoupled_weight_decay is not None:
+            if decouple_wd and not decoupled_weight_decay:  # (decouple_wd's default is False)
+                raise ValueError("decouple_wd=True and decoupled_weight_decay=False contradict each other: "
+                                 "they are adamkit's and torch's names of one setting; give one")
             decouple_wd = decouple_wd or bool(decoupled_weight_decay)
         defaults = dict(
             lr=lr,
