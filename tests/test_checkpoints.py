@@ -398,9 +398,10 @@ def test_live_group_keys_a_checkpoint_lacks_are_dropped_as_torch_drops_them(make
 
 def test_adamkits_own_keys_a_torch_checkpoint_lacks_come_from_the_live_group():
     """torch.optim saves no decouple_lr, max_lr or storage keys: they stay the loading
-    optimizer's (its configuration), as before."""
+    optimizer's (its configuration), as before (AdamW's λ then loads as λ·max_lr:
+    test_torch_optim_checkpoints)."""
     model = TinyMLP()
-    theirs = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     _train(model, theirs, 2, seed=0)
     ours = adamkit.Adam(model.parameters(), lr=1e-2, weight_decay=0.1, decouple_lr=True, max_lr=0.05,
                         backend="torch", state_format="bf16")

@@ -171,17 +171,66 @@ def test_torch_state_dict_continues_in_torch_optim(storage):
             assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
 
 
-def test_torch_state_dict_refuses_fully_decoupled_decay():
-    """torch.optim has no decouple_lr: no state dict of its continues such a run."""
+def _fully_decoupled(params, **kw):
+    return adamkit.Adam([{"params": params[:1]},
+                         {"params": params[1:], "decouple_lr": True, "max_lr": 2e-2, "weight_decay": 1e-2}],
+                        lr=1e-2, **kw)
+
+
+def test_torch_state_dict_continues_fully_decoupled_decay_as_torchs_adamw():
+    """Fully decoupled λ_f is torch's AdamW with λ_f/max_lr (docs/adam.md): exported so,
+    torch.optim continues such a group (the export refused it), and a plain state_dict()
+    (whose λ_f torch.optim would read as AdamW's) is not needed."""
     params = make_params(torch.float32)
-    opt = adamkit.Adam([{"params": params[:1]},
-                        {"params": params[1:], "decouple_lr": True, "max_lr": 1e-2,
-                         "weight_decay": 1e-3}], lr=1e-2)
-    train(params, opt, 1)
+    opt = _fully_decoupled(params, backend="torch")
+    train(params, opt, 2)
     snap = _snapshot(opt)
-    with pytest.raises(ValueError, match="param group 1 has decouple_lr=True"):
-        opt.torch_state_dict()
+    exported = opt.torch_state_dict()
     _assert_unchanged(opt, snap)
+    group = exported["param_groups"][1]
+    assert group["weight_decay"] == 1e-2 / 2e-2 and group["decoupled_weight_decay"] is True
+    assert exported["param_groups"][0]["weight_decay"] == 0
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs = torch.optim.Adam([{"params": twins[:1]}, {"params": twins[1:]}], lr=1e-2)
+    theirs.load_state_dict(_save_load(exported))
+    for _ in range(3):
+        train(params, opt, 1, seed=7)
+        train(twins, theirs, 1, seed=7)
+    for p, q in zip(params, twins):
+        assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
+
+
+def test_a_torch_adamw_checkpoint_loads_into_fully_decoupled_decay_as_the_same_decay():
+    """torch.optim saves no decouple_lr: its AdamW λ, loaded into a decouple_lr group,
+    stepped as a fully decoupled λ_f, max_lr times the decay (1% per step for 0.01; found
+    by review). It loads as λ·max_lr, the same decay: the run goes on as torch.optim's."""
+    params = make_params(torch.float32)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    train(twins, theirs, 2)
+    for p, q in zip(params, twins):
+        p.data.copy_(q.detach())
+    ours = adamkit.Adam(params, lr=1e-2, weight_decay=1e-3, decouple_lr=True, max_lr=0.05, backend="torch")
+    ours.load_state_dict(_save_load(theirs.state_dict()))
+    assert ours.param_groups[0]["weight_decay"] == 0.1 * 0.05
+    for _ in range(3):
+        train(params, ours, 1, seed=7)
+        train(twins, theirs, 1, seed=7)
+    for p, q in zip(params, twins):
+        assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
+
+
+def test_a_coupled_torch_checkpoint_into_fully_decoupled_decay_raises_and_changes_nothing():
+    """Coupled decay (L2 through the moments) has no fully decoupled equivalent."""
+    params = make_params(torch.float32)
+    theirs = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=1e-2, weight_decay=0.1)
+    train(params, theirs, 1)
+    ours = _fully_decoupled(params)
+    train(params, ours, 1)
+    snap = _snapshot(ours)
+    with pytest.raises(ValueError, match="group 1: torch.optim's coupled weight decay .* no fully decoupled"):
+        ours.load_state_dict(theirs.state_dict())
+    _assert_unchanged(ours, snap)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])

@@ -82,6 +82,8 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
             new_group["param_names"] = group["param_names"]
         try:
             opt._normalize_group(new_group, fallback)
+            if "decouple_lr" not in saved and new_group["decouple_lr"]:
+                _into_fully_decoupled(new_group)
             check_live_group(new_group)  # its values as saved, which torch.optim loads as given
         except (TypeError, ValueError, RuntimeError) as e:  # every misfit checkpoint is a ValueError
             raise ValueError(f"loaded param group {i}: {e}") from None
@@ -117,6 +119,20 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)
+
+
+def _into_fully_decoupled(group: dict[str, Any]) -> None:
+    """A torch.optim group's weight decay (it has no ``decouple_lr``) loaded into a
+    fully decoupled group: AdamW's λ, which removes lr·λ per step, is λ·max_lr fully
+    decoupled (docs/adam.md), the same decay at every lr; taken as it is, it removed
+    max_lr times as much, 1% per step for AdamW's 0.01 (found by review). Coupled decay
+    (an L2 term through the moments) has no fully decoupled equivalent: ValueError."""
+    wd = group["weight_decay"]
+    if not group["decouple_wd"] and float(wd) != 0:
+        raise ValueError(f"torch.optim's coupled weight decay (weight_decay={wd}, an L2 term through "
+                         "the moments) has no fully decoupled equivalent: load it into a group with "
+                         "decouple_lr=False, or set its weight_decay to 0 first")
+    group["weight_decay"] = wd * float(group["max_lr"])
 
 
 def _load_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any,
@@ -184,10 +200,10 @@ def _saved_step(step: object, dtype: torch.dtype) -> Tensor:
 def torch_state_dict(opt: Adam) -> dict[str, Any]:
     """``Adam.torch_state_dict``: see its docstring."""
     saved = opt.state_dict()
-    for i, group in enumerate(saved["param_groups"]):
-        if group["decouple_lr"]:
-            raise ValueError(f"param group {i} has decouple_lr=True: torch.optim has no fully "
-                             "decoupled weight decay, so no torch.optim state dict continues it")
+    for group in saved["param_groups"]:
+        if group["decouple_lr"]:  # as torch's AdamW: λ_f fully decoupled is λ_f/max_lr there
+            group["weight_decay"] = group["weight_decay"] / float(group["max_lr"])
+            group["decouple_wd"] = group["decoupled_weight_decay"] = True
     params = {}  # index in the state dict → param, as torch's state_dict numbered them
     for group, packed in zip(opt.param_groups, saved["param_groups"]):
         params.update(zip(packed["params"], group["params"]))

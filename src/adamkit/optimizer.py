@@ -569,7 +569,10 @@ class Adam(Optimizer):
         property of this machine, not of the run) are this optimizer's: each param's
         saved state says its own format, and is converted into the configured one
         (fp32/bf16/int8 into one another, torch.optim's into kahan or master, kahan or
-        master into nearest; docs/design/formats.md, "Checkpoints").
+        master into nearest; docs/design/formats.md, "Checkpoints"). torch.optim saves
+        no ``decouple_lr`` or ``max_lr``: they are this optimizer's too, and into a
+        ``decouple_lr`` group torch's AdamW λ loads as λ·max_lr, the same decay (its
+        coupled λ ≠ 0 raises ValueError: there is no fully decoupled equivalent).
 
         Everything is checked and copied before anything is replaced: a state dict that
         does not fit (group or param counts, tensor shapes, hyperparameters, formats, a
@@ -600,8 +603,9 @@ class Adam(Optimizer):
         are given as ``state_dict()`` gives them). (A plain ``state_dict()`` loads into
         torch.optim too, but torch would read int8 codes as moment values.)
 
-        Raises ValueError for a group with ``decouple_lr=True``, which torch.optim cannot
-        continue.
+        A group with ``decouple_lr=True`` is exported as torch's AdamW decay with
+        λ/max_lr, the same decay (torch.optim has no fully decoupled mode, and would read
+        a plain state dict's λ as AdamW's).
 
         Example::
 
