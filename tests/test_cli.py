@@ -259,3 +259,9 @@ def test_a_matplotlib_whose_pyplot_cannot_import_fails_before_training(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("adamkit train: error: cannot import matplotlib.pyplot")
     assert os.listdir(tmp_path) == []
+
+
+def test_viz_with_an_empty_out_says_the_path_is_empty(capsys):
+    """`--out ""` read as the current directory: "--out . is a directory" (found by review)."""
+    assert main(["viz", "--out", ""]) == 2
+    assert "--out: must name a .png file, got an empty path" in assert_one_line_error(capsys, 2)

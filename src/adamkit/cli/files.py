@@ -103,6 +103,14 @@ def output_dir(text: str) -> Path:
     return Path(text)
 
 
+def output_png(text: str) -> Path:
+    """An --out option's PNG file (argparse type): an empty one read as the current
+    directory ("--out . is a directory")."""
+    if not text:
+        raise argparse.ArgumentTypeError("must name a .png file, got an empty path")
+    return Path(text)
+
+
 def not_in_the_way(*paths: Path) -> None:
     """Output files to be (re)written: each is a file or absent, checked before any work
     (os.replace onto a directory failed only at the first save)."""

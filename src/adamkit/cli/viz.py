@@ -22,7 +22,7 @@ from torch import Tensor
 import adamkit
 
 from .errors import CliError
-from .files import atomic_write
+from .files import atomic_write, output_png
 from .plots import pyplot
 
 
@@ -209,7 +209,7 @@ def draw(out: Path) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("viz", help="draw optimizer trajectories on 2-D test functions",
                               description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("adamkit-viz.png"), help="PNG to write (default adamkit-viz.png)")
+    p.add_argument("--out", type=output_png, default=Path("adamkit-viz.png"), help="PNG to write (default adamkit-viz.png)")
     p.set_defaults(run=run)
     return p
 
