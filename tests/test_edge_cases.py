@@ -674,3 +674,43 @@ def test_complex32_params_are_refused_where_their_imaginary_parts_were_dropped(b
     with pytest.raises(NotImplementedError, match="dtype torch.complex32"):
         opt.step()
     assert torch.equal(torch.view_as_real(p), torch.view_as_real(before)) and not opt.state
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_one_optimizer_stepped_from_two_threads_steps_as_in_turn(backend):
+    """The cached plan is the optimizer's: two threads stepping it at once emptied each
+    other's grads (IndexError on the torch backend; NaN blocks from the GIL-free kernel;
+    found by review). Steps now take turns: with the same grads every step, the result
+    is that of the steps one after another, bit for bit."""
+    import threading
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5000, generator=g)) for _ in range(40)]
+        opt = adamkit.Adam(ps, lr=1e-3, state_format="int8", int8_min_size=0, backend=backend)
+        for p in ps:
+            p.grad = torch.full_like(p, 0.5)
+        opt.step()
+        return ps, opt
+
+    ps, opt = make()
+    errors = []
+
+    def stepper():
+        try:
+            for _ in range(30):
+                opt.step()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=stepper) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    serial_ps, serial = make()
+    for _ in range(60):
+        serial.step()
+    for p, q in zip(ps, serial_ps):
+        assert torch.equal(p, q)
+        assert float(opt.state[p]["step"]) == 61

@@ -9,6 +9,7 @@ bucket to its backend with scalars computed once.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -198,6 +199,7 @@ class Adam(Optimizer):
             seed=seed,
             int8_min_size=int8_min_size,
         )
+        self._step_lock = threading.RLock()  # one step at a time (_update)
         super().__init__(params, defaults)
         groups.check_torch_flags(foreach, fused, capturable, differentiable)
         eagerly(type(self)._update)  # made here where dynamo is imported (see wrappers.eagerly)
@@ -248,6 +250,8 @@ class Adam(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "_step_lock" not in self.__dict__:  # unpickled or copied (a load keeps its lock)
+            self._step_lock = threading.RLock()
         self._step_cache = None  # it holds the replaced state tensors
         for key in TORCH_FLAGS:  # torch's __setstate__ adds `differentiable`
             self.defaults.pop(key, None)
@@ -370,7 +374,11 @@ class Adam(Optimizer):
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            self._update_without_grad()
+            # one step at a time: the cached plan (its buckets' grads, the kernel's
+            # pointer table) is the optimizer's, and two threads stepping it at once
+            # emptied each other's grads (IndexError; NaN from the GIL-free kernel)
+            with self._step_lock:
+                self._update_without_grad()
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
 
