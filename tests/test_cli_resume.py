@@ -45,17 +45,22 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, optimizer):
     assert drop_time(read_metrics(straight / "metrics.csv")) == drop_time(read_metrics(split / "metrics.csv"))
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+def _interrupt_at_batch(monkeypatch, n: int) -> None:
+    """Ctrl-C when the n-th training batch is drawn."""
     calls = {"n": 0}
     real_batch = CharCorpus.train_batch
 
-    def interrupt_on_third(self, *args):
+    def interrupting(self, *args):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real_batch(self, *args)
 
-    monkeypatch.setattr(CharCorpus, "train_batch", interrupt_on_third)
+    monkeypatch.setattr(CharCorpus, "train_batch", interrupting)
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+    _interrupt_at_batch(monkeypatch, 3)
     assert train(tmp_path) == 130
     last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert last_line.startswith("adamkit train: error: interrupted at step 2") and "holds step 2" in last_line
@@ -73,17 +78,8 @@ def test_an_interrupted_compare_resumes_and_starts_the_runs_it_had_not_reached(t
     made = ["--steps", "6", "--batch-size", "4", "--seed", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(["train", "--out", str(straight), *compare, *made]) == 0
-    calls = {"n": 0}
-    real_batch = CharCorpus.train_batch
-
-    def interrupt_on_fifth(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_batch(self, *args)
-
     with monkeypatch.context() as m:
-        m.setattr(CharCorpus, "train_batch", interrupt_on_fifth)
+        _interrupt_at_batch(m, 5)
         assert main(["train", "--out", str(split), *compare, *made]) == 130
     assert "continue with --resume" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (split / "torch-adam_lr=0.01" / "checkpoint.pt").exists()

@@ -171,6 +171,15 @@ def test_torch_state_dict_continues_in_torch_optim(storage):
             assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
 
 
+def _go_on_side_by_side(params, ours, twins, theirs):
+    """Three more steps of both on the same grads: within float32 rounding of each other."""
+    for _ in range(3):
+        train(params, ours, 1, seed=7)
+        train(twins, theirs, 1, seed=7)
+    for p, q in zip(params, twins):
+        assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
+
+
 def _fully_decoupled(params, **kw):
     return adamkit.Adam([{"params": params[:1]},
                          {"params": params[1:], "decouple_lr": True, "max_lr": 2e-2, "weight_decay": 1e-2}],
@@ -193,11 +202,7 @@ def test_torch_state_dict_continues_fully_decoupled_decay_as_torchs_adamw():
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     theirs = torch.optim.Adam([{"params": twins[:1]}, {"params": twins[1:]}], lr=1e-2)
     theirs.load_state_dict(_save_load(exported))
-    for _ in range(3):
-        train(params, opt, 1, seed=7)
-        train(twins, theirs, 1, seed=7)
-    for p, q in zip(params, twins):
-        assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
+    _go_on_side_by_side(params, opt, twins, theirs)
 
 
 def test_a_torch_adamw_checkpoint_loads_into_fully_decoupled_decay_as_the_same_decay():
@@ -213,11 +218,7 @@ def test_a_torch_adamw_checkpoint_loads_into_fully_decoupled_decay_as_the_same_d
     ours = adamkit.Adam(params, lr=1e-2, weight_decay=1e-3, decouple_lr=True, max_lr=0.05, backend="torch")
     ours.load_state_dict(_save_load(theirs.state_dict()))
     assert ours.param_groups[0]["weight_decay"] == 0.1 * 0.05
-    for _ in range(3):
-        train(params, ours, 1, seed=7)
-        train(twins, theirs, 1, seed=7)
-    for p, q in zip(params, twins):
-        assert_close_scaled(p, q, *TORCH_PARITY_TOL[torch.float32])
+    _go_on_side_by_side(params, ours, twins, theirs)
 
 
 def test_a_coupled_torch_checkpoint_into_fully_decoupled_decay_raises_and_changes_nothing():
