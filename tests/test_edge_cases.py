@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -714,3 +715,27 @@ def test_one_optimizer_stepped_from_two_threads_steps_as_in_turn(backend):
     for p, q in zip(ps, serial_ps):
         assert torch.equal(p, q)
         assert float(opt.state[p]["step"]) == 61
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+@pytest.mark.parametrize("shape", [(3,), (64,)], ids=["other count", "same count"])
+def test_a_later_moment_of_another_shape_raises_before_anything_changes(backend, key, shape):
+    """Only exp_avg's shape was checked: an exp_avg_sq of 3 elements raised torch's
+    broadcast error after the group before it had stepped, and one of 64 elements for
+    an (8, 8) param stepped silently on the cpu kernel (found by review)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(8, 8, generator=g)) for _ in range(2))
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b]}], amsgrad=True, backend=backend)
+    for p in (a, b):
+        p.grad = torch.randn(8, 8, generator=g)
+    opt.step()
+    good = opt.state[b][key]
+    opt.state[b][key] = torch.zeros(shape)
+    snap = snapshot(opt, [a, b])
+    with pytest.raises(RuntimeError, match=re.escape(f"has shape {shape}")):
+        opt.step()
+    assert_unchanged(opt, [a, b], snap)
+    opt.state[b][key] = good
+    opt.step()
+    assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 2

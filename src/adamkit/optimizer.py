@@ -647,10 +647,14 @@ def _param_states(state: dict) -> list[tuple[Tensor, dict]]:
 
 def _reshaped(state: dict[str, Any], p: Tensor) -> RuntimeError | None:
     """The error for a state whose moments no longer have their param's shape (a param
-    resized in place keeps its identity; torch.optim fails in its first op), or None."""
-    m = state.get("exp_avg")
-    if not isinstance(m, Tensor) or m.shape == p.shape:
-        return None
-    return RuntimeError(f"the state of a param of shape {tuple(p.shape)} has shape "
-                        f"{tuple(m.shape)}: was the param resized in place after its state "
-                        "was created?")
+    resized in place keeps its identity; torch.optim fails in its first op), or None.
+    Every moment: an exp_avg_sq of another shape raised torch's broadcast error after the
+    buckets before it had stepped (every format stores them in p's shape)."""
+    for name in formats.state.MOMENTS:
+        m = state.get(name)
+        if isinstance(m, Tensor) and m.shape != p.shape:
+            what = "" if name == "exp_avg" else f" ({name})"
+            return RuntimeError(f"the state of a param of shape {tuple(p.shape)} has shape "
+                                f"{tuple(m.shape)}{what}: was the param resized in place after "
+                                "its state was created?")
+    return None
