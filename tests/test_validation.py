@@ -365,3 +365,21 @@ def test_the_bounds_torch_accepts_are_accepted_and_stepped_as_torch(kwargs, back
     theirs = run(lambda ps: torch.optim.Adam(ps, **{"weight_decay": 0.1, **kwargs}, foreach=False))
     ours = run(lambda ps: adamkit.Adam(ps, **{"weight_decay": 0.1, **kwargs}, backend=backend))
     torch.testing.assert_close(ours, theirs, rtol=0 if backend == "torch" else 1e-6, atol=0 if backend == "torch" else 1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda O, p: O([{"lr": -1}]),
+    lambda O, p: O([{"params": {p}, "lr": -1}]),
+    lambda O, p: O([p]).add_param_group({"params": {torch.zeros(1, requires_grad=True)}, "eps": -1}),
+    lambda O, p: O([p]).add_param_group({"betas": (1.0, 0.9)}),
+], ids=["ctor no params", "ctor set", "add set", "add no params"])
+def test_a_group_whose_params_torch_refuses_raises_torchs_error_before_a_bad_hyperparameter(make):
+    """torch.optim checks a group's params (KeyError without them, TypeError for a set)
+    and never range-checks its hyperparameters; adamkit raised its ValueError for the
+    lr first (found by review)."""
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises((KeyError, TypeError)) as theirs:
+        make(torch.optim.Adam, p)
+    with pytest.raises(type(theirs.value)) as ours:
+        make(adamkit.Adam, p)
+    assert str(ours.value) == str(theirs.value)

@@ -214,6 +214,12 @@ class Adam(Optimizer):
         the optimizer), with the defaults filled in."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        # torch's first checks of the params, before the hyperparameters (which torch
+        # never range-checks in a group): their exception types, KeyError and TypeError
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets will change between runs. Please use a list instead.")
         self._sync_decay_modes()  # the defaults' mode, whichever key was set
         group = {**self.defaults, **param_group}
         flags = {key: param_group[key] for key in TORCH_FLAGS if key in param_group}
