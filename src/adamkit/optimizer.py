@@ -22,7 +22,8 @@ from . import backends, checkpoints, formats, wrappers
 from . import param_groups as groups
 from .formats import param as param_policy
 from .hyperparams import TORCH_FLAGS, check_beta_kinds, check_live_group, check_ranges, scalar_dtype, validate_group
-from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for, version_of
+from .backends import version_of
+from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 from .wrappers import eagerly, torch_eagerly
 
 
@@ -65,7 +66,8 @@ class Adam(Optimizer):
             Switched on between steps, the max starts at that step's v (torch.optim
             raises KeyError there).
         decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym
-            (given both, they must agree: ValueError otherwise), also as a group key: ``defaults`` and the groups hold both, and setting either
+            (given both, they must agree: ValueError otherwise), also as a group key:
+            ``defaults`` and the groups hold both, and setting either
             on a group between steps switches the mode (the next step makes them equal
             again).
         decouple_lr: fully decoupled decay, scaled by lr/max_lr.

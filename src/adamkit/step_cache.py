@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from . import backends, formats
+from .backends import version_of
 from .formats import param as param_policy
 from .backends.cpu import native_checks
 from .hyperparams import check_live_group, check_scalar_range, for_param_dtype, step_scalars
@@ -62,19 +63,8 @@ _TAG_KEYS = formats.TAGS
 def _tag_marks(row: list) -> list[tuple[int, int]]:
     """(version counter or -1, address) of each tag tensor of a row; (0, 0) for a str
     tag (an earlier version's, immutable)."""
-    return [((-1 if t.is_inference() else t._version), t.data_ptr()) if isinstance(t, Tensor)
-            else (0, 0) for t in row]
+    return [(version_of(t), t.data_ptr()) if isinstance(t, Tensor) else (0, 0) for t in row]
 
-
-
-def version_of(t: Tensor) -> int:
-    """t's version counter, or -1 for an inference tensor, which has none (a param made
-    in inference mode): master's record of p's writes then sees none, as nothing counts
-    them."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
 
 # What checks.cpp reads as a tensor: Tensor or Parameter exactly (a subclass may mean
 # something else by its data).

@@ -186,14 +186,19 @@ def check_storage(p: Tensor, state_format: str, param_update: str) -> None:
             "and param_update='nearest', 'kahan' or 'master'")
 
 
-def _tracks_version(p: Tensor) -> bool:
-    """Whether ``p`` has a version counter: torch's in-place ops bump it, and raise the
-    inference-tensor error exactly where there is none."""
+def version_of(t: Tensor) -> int:
+    """t's version counter, or -1 for an inference tensor that has none (a param made in
+    inference mode; checks.cpp reads a disabled counter as -1 too): torch's in-place ops
+    bump it, and raise the inference-tensor error exactly where there is none. Master's
+    record of p's writes then sees none, as nothing counts them."""
     try:
-        p._version
+        return t._version
     except RuntimeError:
-        return False
-    return True
+        return -1
+
+
+def _tracks_version(p: Tensor) -> bool:
+    return version_of(p) >= 0
 
 
 # torch.optim's ops have no kernels for float8 (its lerp raises NotImplementedError), where
