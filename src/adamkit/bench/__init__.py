@@ -5,7 +5,8 @@ the same parameter layout; the memory bandwidth, and the compute the steps get (
 whose slow blocks are named after the table), are measured in the same rounds. For each:
 ms/step, Mparam/s, the bytes per param its storage must move, the fraction of the
 measured bandwidth that makes, its measured state bytes per param, its first step
-(allocation, library loading, compilation) and its speed relative to torch's fused
+(allocation and any compilation: torchao's; adamkit's kernel library, built at install
+or into the cache, is loaded before the timing, as are the peers' modules) and its speed relative to torch's fused
 Adam. A table is printed, and JSON plus a bar chart are written to ``--out``.
 
 ``python benchmarks/run.py`` runs the full suite; ``adamkit bench --quick`` a small one.
@@ -48,13 +49,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="parameter layout(s) to run (default: all)")
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only optimizers whose name contains TEXT (repeatable)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
-    ap.add_argument("--steps-per-round", type=int, default=2,
-                    help="steps each optimizer takes in its turn of a round (default 2); ms/step is the median step")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 6)")
+    ap.add_argument("--steps-per-round", type=int, default=None,
+                    help="steps each optimizer takes in its turn of a round (default 2, quick 1); "
+                         "ms/step is the median step")
     ap.add_argument("--out", type=output_dir, default=Path("bench-results"),
                     help="directory for bench.json and bench.png (default bench-results)")
     args = ap.parse_args(argv)
-    if args.rounds is not None and args.rounds < 1 or args.steps_per_round < 1:
+    if args.rounds is not None and args.rounds < 1 or args.steps_per_round is not None and args.steps_per_round < 1:
         ap.error("--rounds and --steps-per-round must be at least 1")
     if args.quick and args.config:  # --quick has its own small config: one would be dropped
         ap.error("--quick runs its own small config; drop --config, or --quick to run the configs named")
@@ -204,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help, or a bad option (already reported on one line)
         return stop.code if isinstance(stop.code, int) else 0
     configs = ["quick"] if args.quick else (args.config or ["64 tensors", "1024 tensors", "gpt2-small"])
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (6 if args.quick else 5)
+    # --quick's layouts (34-67 MB) are about the L3's size: a second step in a turn found
+    # the first one's data in the cache, 7-17% faster (found by review); one step a turn
+    # follows another contender's, which evicted it
+    if args.steps_per_round is None:
+        args.steps_per_round = 1 if args.quick else 2
     # Before any measuring: a run that measures nothing, or cannot save its results, is
     # reported now, not after minutes of work; and before --out is made, so that an
     # error leaves nothing behind.

@@ -77,7 +77,7 @@ class BandwidthProbe:
 
 class ComputeProbe:
     """The compute a block's steps got: √ and a division per element, an Adam step's
-    divider work, on torch's threads over float32 data that stays in the caches (3 × 512
+    divider work, on torch's threads over float32 data that stays in the caches (2 × 512
     KiB), ``reps`` times per ``step``. Its median is what the bandwidth probe cannot see:
     on a shared machine a neighbour can take compute while memory streams as usual
     (Zen 1, session 14: every bf16 step of one block about twice as slow as in the run
@@ -151,8 +151,9 @@ def _held_bytes(t: torch.Tensor, seen: set[tuple[int, int]]) -> int:
 def start(contender: Contender, shapes, grads: list[torch.Tensor], seed: int = 0) -> Run:
     """Params of the contender's dtype sharing the grads; first step timed. A contender
     whose step writes into ``.grad`` (optimi's foreach step uses it as scratch) gets its
-    own copies from then on, and the shared ones are put back: every other contender
-    stepped on what it left (61.7% zeros), where int8 steps ran 1.2× slower."""
+    own copies from then on (which it goes on overwriting: its ops do not depend on the
+    values), and the shared ones are put back: every other contender stepped on what it
+    left (61.7% zeros), where int8 steps ran 1.2× slower."""
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape, grad in zip(shapes, grads):
