@@ -424,3 +424,12 @@ def test_quick_takes_one_step_a_turn_and_six_rounds(tiny, tmp_path):
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert (payload["rounds"], payload["steps_per_round"]) == (6, 1)
     assert bench.parse([]).steps_per_round is None  # the full suite's 2 is decided in main
+
+
+def test_the_slow_compute_warnings_are_recorded_in_the_json(tiny, tmp_path, monkeypatch, capsys):
+    """They were printed only: bench.json alone did not say which blocks to read with care."""
+    line = "warning: quick float32: compute ran 1.40x slower than in the run's fastest block"
+    monkeypatch.setattr(bench, "slow_compute", lambda results: [line])
+    assert bench.main(["--quick", "--only", "torch fused fp32", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    assert line in capsys.readouterr().out
+    assert json.loads((tmp_path / "bench.json").read_text())["warnings"] == [line]

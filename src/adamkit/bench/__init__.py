@@ -250,12 +250,14 @@ def _run(args: argparse.Namespace, configs: list[str], rounds: int) -> int:
         print()
         for r in ratios:
             print(f"{r['config']}: {r['ours']} is {r['speedup']:.2f}x {r['theirs']}")
-    for line in slow_compute(results):
+    warnings = slow_compute(results)
+    for line in warnings:
         print(line)
     for line in skipped:
         print(f"skipped {line}")
+    # the warnings too: a block named slow is read differently from the JSON alone
     payload = {"machine": info, "rounds": rounds, "steps_per_round": args.steps_per_round,
-               "results": results, "comparisons": ratios, "skipped": skipped}
+               "results": results, "comparisons": ratios, "skipped": skipped, "warnings": warnings}
     report.save_json(args.out / "bench.json", payload)  # a failed write: CliError, one line
     chart = args.out / "bench.png"
     charted = report.save_chart(chart, results)
