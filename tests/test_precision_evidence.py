@@ -38,6 +38,16 @@ def test_updates_below_bfloat16_resolution(backend):
     assert low_precision.reduction(losses) >= KEEPS_UP * base
 
 
+def test_stochastic_rounding_keeps_up_on_every_seed():
+    """Stochastic rounding's share of float32's loss reduction depends on its seed
+    (docs/precision.md: 93.9-100.1% over seeds 0-11, mean 97.4%): no seed falls far
+    behind kahan and master."""
+    base = low_precision.reduction(low_precision.regression(torch.float32))
+    shares = [low_precision.reduction(low_precision.regression(
+        torch.bfloat16, param_update="stochastic", seed=seed)) / base for seed in range(12)]
+    assert min(shares) >= 0.93 and sum(shares) / len(shares) >= 0.96, shares
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_int8_state_trains_an_mlp_like_fp32(seed):
     """int8 moments on every tensor (int8_min_size=0) end within 3% of the fp32 moments'

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -158,13 +160,30 @@ def _grad_step(opt, p, k):
     opt.step()
 
 
+@pytest.fixture
+def swap_on_conversion():
+    """torch.__future__'s mode in which nn.Module's load_state_dict and .to() swap each
+    param's tensor for a new one (torch.utils.swap_tensors) instead of writing into it."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def _load_into(p, new):
+    holder = torch.nn.Module()
+    holder.w = p
+    holder.load_state_dict({"w": new})
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
-@pytest.mark.parametrize("write", ["no_grad", "load_state_dict", "init"])
-def test_master_follows_a_param_written_in_place(backend, write):
+@pytest.mark.parametrize("write", ["no_grad", "load_state_dict", "swapped", "init"])
+def test_master_follows_a_param_written_in_place(backend, write, request):
     """With "master" the float32 copy is what the step updates; a write to p in place
     (a model checkpoint loaded into it, nn.init, an in-place op) was undone by the next
     step (p ← round(master)). Such a write bumps p's version counter: master restarts
-    from the new p, with the moments kept."""
+    from the new p, with the moments kept. The same for a tensor swapped in (the record
+    of p's versions held a weak reference to p, which swap_tensors refused)."""
     p, opt = _master_opt(backend)
     for k in range(3):  # cached steps, on the kernel's path
         _grad_step(opt, p, k)
@@ -173,9 +192,10 @@ def test_master_follows_a_param_written_in_place(backend, write):
         with torch.no_grad():
             p.copy_(new)
     elif write == "load_state_dict":
-        holder = torch.nn.Module()
-        holder.w = p
-        holder.load_state_dict({"w": new})
+        _load_into(p, new)
+    elif write == "swapped":
+        request.getfixturevalue("swap_on_conversion")
+        _load_into(p, new)
     else:
         torch.nn.init.constant_(p, 5.0)
     m_before = opt.state[p]["exp_avg"].clone()
@@ -187,18 +207,45 @@ def test_master_follows_a_param_written_in_place(backend, write):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_master_follows_a_param_written_after_a_load(backend):
+@pytest.mark.parametrize("swapped", [False, True])
+def test_master_follows_a_param_written_after_a_load(backend, swapped):
     """Optimizer loaded first (master made from p then), the model's weights after it:
-    the first step starts from the loaded weights."""
+    the first step starts from the loaded weights. Swapped in (torch.utils.swap_tensors),
+    the new tensor's version counter can be the one p had at the load (0 both here):
+    which tensor p holds tells."""
     p, opt = _master_opt(backend)
     _grad_step(opt, p, 0)
     sd = opt.state_dict()
     q, fresh = _master_opt(backend)
     fresh.load_state_dict(sd)
-    with torch.no_grad():
-        q.fill_(-2.0)
+    if swapped:
+        version = q._version
+        torch.utils.swap_tensors(q, torch.nn.Parameter(torch.full_like(q, -2.0)))
+        assert q._version == version
+    else:
+        with torch.no_grad():
+            q.fill_(-2.0)
     _grad_step(fresh, q, 1)
     assert (fresh.state[q]["master_param"] + 2.0).abs().max() <= 2e-3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_masters_record_keeps_no_param_alive(backend):
+    """The record of master params' writes holds its params (no weak references, which
+    swap_tensors refuses): one taken out of its group with its state is dropped from it."""
+    p, opt = _master_opt(backend)
+    q = torch.nn.Parameter(torch.randn(300).bfloat16())
+    opt.param_groups[0]["params"].append(q)
+    for k in range(2):
+        q.grad = torch.ones_like(q)
+        _grad_step(opt, p, k)
+    opt.param_groups[0]["params"] = [p]
+    del opt.state[q]
+    _grad_step(opt, p, 2)
+    gone = weakref.ref(q)
+    del q
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

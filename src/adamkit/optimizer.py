@@ -16,13 +16,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backends, checkpoints, formats, wrappers
 from . import param_groups as groups
 from .formats import param as param_policy
 from .hyperparams import TORCH_FLAGS, check_beta_kinds, check_live_group, check_ranges, scalar_dtype, validate_group
-from .backends import version_of
+from .backends import write_mark
 from .step_cache import CachedBucket, StepCache, run_bucket, scalars_for
 from .wrappers import eagerly, torch_eagerly
 
@@ -268,7 +267,7 @@ class Adam(Optimizer):
         versions = self._master_versions()
         for p, st in _param_states(self.state):
             if isinstance(st.get("master_param"), Tensor):
-                versions[p] = version_of(p)
+                versions[p] = write_mark(p)
         self.defaults.setdefault("decoupled_weight_decay", self.defaults.get("decouple_wd", False))
         for key, value in formats.GROUP_DEFAULTS.items():  # pickled before formats existed
             self.defaults.setdefault(key, value)
@@ -436,20 +435,22 @@ class Adam(Optimizer):
                     *_, counted = _listing_plan(p, group, self.state.get(p), repeat + 1)
                     scalars_for(group, counted, grad_scale_inv, p.dtype)
 
-    def _master_versions(self) -> WeakIdKeyDictionary:
-        """param → its version counter when its master copy was last in sync with it
-        (after a step wrote both, or a load made master). Not in checkpoints: a version
-        counter means nothing in another process."""
+    def _master_versions(self) -> dict[Tensor, tuple[int, int]]:
+        """param → its write mark (backends.write_mark) when its master copy was last in
+        sync with it (after a step wrote both, or a load made master). Not in checkpoints:
+        a version counter means nothing in another process. A dict keyed by the params
+        themselves, as ``self.state`` is: a weak reference to a param would make
+        torch.utils.swap_tensors refuse it."""
         versions = getattr(self, "_master_sync", None)
         if versions is None:
-            versions = self._master_sync = WeakIdKeyDictionary()
+            versions = self._master_sync = {}
         return versions
 
     def _master_moved(self, p: Tensor) -> bool:
-        """Whether p was changed in place since its master copy was in sync. Writes
-        autograd sees bump the counter; writes through ``p.data`` do not."""
+        """Whether p was changed in place, or swapped, since its master copy was in sync.
+        Writes autograd sees bump the counter; writes through ``p.data`` do not."""
         synced = self._master_versions().get(p)
-        return synced is not None and synced != version_of(p)
+        return synced is not None and synced != write_mark(p)
 
     def _planned_step(self, grad_scale_inv: float, repeat: int = 0) -> list[CachedBucket]:
         """The full step: plan every bucket, then run them; returns the plan for reuse."""
@@ -504,7 +505,10 @@ class Adam(Optimizer):
         for cb in done:
             if cb.bucket.param_update == "master":
                 for p in cb.bucket.params:
-                    versions[p] = version_of(p)
+                    versions[p] = write_mark(p)
+        # the record holds its params: drop those whose master copy is gone
+        for p in [p for p in versions if not isinstance(self.state.get(p, {}).get("master_param"), Tensor)]:
+            del versions[p]
         return done
 
     def _amp_grad_scale_inv(self) -> float | None:
@@ -575,7 +579,7 @@ class Adam(Optimizer):
             # (a master that no longer fits p is left to the step, which raises for it)
             if isinstance(master, Tensor) and master.shape == p.shape and self._master_moved(p):
                 master.copy_(param_policy.resync_master(p, master))
-                versions[p] = version_of(p)
+                versions[p] = write_mark(p)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of adamkit or torch.optim.Adam/AdamW.

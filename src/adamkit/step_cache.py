@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import backends, formats
-from .backends import version_of
+from .backends import version_of, write_mark
 from .formats import param as param_policy
 from .backends.cpu import native_checks
 from .hyperparams import check_live_group, check_scalar_range, for_param_dtype, step_scalars
@@ -106,9 +106,10 @@ class CachedBucket:
     # takes the full path, which raises for it
     tag_rows: tuple = ()
     dtype: Any = None  # the params' dtype when planned
-    # "master" buckets: the params' version counters after this bucket's last step; one
-    # that moved was written in place, and the full path re-seeds its master copy
-    versions: list[int] | None = None
+    # "master" buckets: the params' write marks (backends.write_mark) after this bucket's
+    # last step; one that moved was written in place or swapped, and the full path
+    # re-seeds its master copy
+    versions: list[tuple[int, int]] | None = None
     # the params' strides when planned: a param given a stride-0 view of its own storage
     # through `.data =` keeps its address, and check_param refuses it on the full path
     strides: list[tuple] | None = None
@@ -168,7 +169,7 @@ class StepCache:
             cb.strides = list(map(Tensor.stride, cb.bucket.params))
             cb.param_ptrs = list(map(Tensor.data_ptr, cb.bucket.params))
             if cb.bucket.param_update == "master":
-                cb.versions = list(map(version_of, cb.bucket.params))
+                cb.versions = list(map(write_mark, cb.bucket.params))
             cb.bucket.grads = []
         # Per group, the positions of the params that had grads.
         self.masks = [sorted(i for cb in buckets if cb.group_index == k for i in cb.positions)
@@ -225,7 +226,7 @@ class StepCache:
             cb.t = t
         for cb in self.buckets:  # after all ran: views of one tensor share a counter
             if cb.versions is not None:
-                cb.versions = list(map(version_of, cb.bucket.params))
+                cb.versions = list(map(write_mark, cb.bucket.params))
         return True
 
     def _python_checks(self, state: dict, groups: list[dict[str, Any]]) -> bool:
@@ -245,7 +246,7 @@ class StepCache:
                    for cb in self.buckets)
 
     def record_master_versions(self, versions: Any) -> None:
-        """Hand the master buckets' last-step versions to the optimizer's record before
+        """Hand the master buckets' last-step write marks to the optimizer's record before
         this cache is dropped, so the full path compares against the latest step."""
         for cb in self.buckets:
             if cb.versions is not None:
@@ -294,7 +295,7 @@ def _bucket_holds(cb: CachedBucket, grads: list) -> bool:
 
 def _versions_moved(cb: CachedBucket) -> bool:
     """A "master" bucket's param written in place since its last step."""
-    return cb.versions is not None and list(map(version_of, cb.bucket.params)) != cb.versions
+    return cb.versions is not None and list(map(write_mark, cb.bucket.params)) != cb.versions
 
 
 def _extra_keys(bucket: backends.Bucket) -> list[str]:

@@ -197,6 +197,14 @@ def version_of(t: Tensor) -> int:
         return -1
 
 
+def write_mark(t: Tensor) -> tuple[int, int]:
+    """What tells whether t was written since: its version counter (version_of), and which
+    C++ tensor the Python object holds (torch.utils.swap_tensors, which nn.Module's
+    load_state_dict and .to() use under torch.__future__'s swap mode, exchanges those, and
+    the version counter with them: the swapped-in tensor's may equal the old one's)."""
+    return version_of(t), t._cdata
+
+
 def _tracks_version(p: Tensor) -> bool:
     return version_of(p) >= 0
 
