@@ -252,3 +252,37 @@ def test_a_grad_scale_that_is_no_power_of_two_unscales_as_torch_does():
         ours.step()
         theirs.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("t", [1270, 36314])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_float64_params_are_torchs_bits_where_pow_and_sqrt_part(t, dtype, name, foreach):
+    """torch.optim takes √(1 − β2^t) as ``bc2 ** 0.5`` in float64; math.sqrt differs by an
+    ulp at these steps (β2 = 0.999; from t = 36314 on, for 1098 steps, pow gives 1.0),
+    which a float64 param carries into most of its elements (float32 rounds it away)."""
+    import adamkit
+
+    n = 500
+    gen = torch.Generator().manual_seed(0)
+    real = torch.float64
+    m = torch.randn(n, dtype=dtype, generator=gen)
+    v = torch.rand(n, dtype=real, generator=gen)
+    grad = torch.randn(n, dtype=dtype, generator=gen)
+
+    def one_step(make):
+        p = torch.nn.Parameter(torch.ones(n, dtype=dtype))
+        opt = make([p])
+        sd = opt.state_dict()
+        sd["state"] = {0: {"step": torch.tensor(float(t - 1)), "exp_avg": m.clone(),
+                           "exp_avg_sq": v.clone().to(dtype)}}
+        opt.load_state_dict(sd)
+        p.grad = grad.clone()
+        opt.step()
+        return p.detach()
+
+    kw = {"lr": 0.5, "betas": (0.9, 0.999), "weight_decay": 0.01}
+    ours = one_step(lambda ps: getattr(adamkit, name)(ps, **kw))
+    theirs = one_step(lambda ps: getattr(torch.optim, name)(ps, foreach=foreach, **kw))
+    assert torch.equal(ours, theirs)

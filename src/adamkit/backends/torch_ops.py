@@ -70,8 +70,9 @@ def _float32(x: float) -> float:
 def _sqrt(x: Tensor) -> Tensor:
     """IEEE √ (correctly rounded), as formats.md pins and the CPU kernel computes.
 
-    torch's own float32 sqrt on CPU is off by one ulp for ~0.6% of inputs (its
-    vectorized path). √ of a float32 lies at least ~2^-49 (relative) from any midpoint
+    torch's own float32 sqrt on CPU is off by one ulp for a share of inputs that depends
+    on the machine (0.6% where first measured; 17% on a Zen 5 EPYC with torch 2.13, in
+    tensors of one element too). √ of a float32 lies at least ~2^-49 (relative) from any midpoint
     between float32s, so a float64 √ within one float64 ulp (2^-52), rounded to float32,
     is the correctly rounded float32 √. Devices without float64 (MPS) use torch's."""
     if x.dtype == torch.float32 and x.device.type != "mps":
