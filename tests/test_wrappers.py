@@ -75,6 +75,31 @@ def test_any_step_hook_takes_torchs_wrapper(make, hook, ranges):
     assert len(ranges) == 1
 
 
+@pytest.mark.parametrize("make", [*OPTIMIZERS, torch.optim.Adam])
+@pytest.mark.parametrize("hook", ["post", "global post"])
+def test_a_post_hook_the_closure_registers_runs_after_that_step(make, hook):
+    """torch's wrapper looks its post hooks up after the step: one registered during the
+    step (by the closure) runs after it. The fast path had decided at entry that no hook
+    watched, and skipped it."""
+    opt, p = _stepped(make)
+    seen, handles = [], []
+    register = {"post": opt.register_step_post_hook,
+                "global post": register_optimizer_step_post_hook}[hook]
+
+    def closure():
+        if not handles:
+            handles.append(register(lambda o, a, k: seen.append((o, a, k))))
+        return 0.0
+
+    try:
+        opt.step(closure)
+        assert seen == [(opt, (opt, closure), {})]
+        opt.step(closure)
+        assert len(seen) == 2
+    finally:
+        handles[0].remove()
+
+
 @pytest.mark.parametrize("make", OPTIMIZERS)
 def test_the_profilers_flag_takes_torchs_wrapper(make, ranges, monkeypatch):
     """torch's profilers set torch.autograd.profiler._is_profiler_enabled while they run

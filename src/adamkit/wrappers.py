@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from itertools import chain
 from typing import Any, Callable
 
 import torch
@@ -115,6 +116,10 @@ def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
             return hooked(*args, **kwargs)
         out = func(*args, **kwargs)
         opt._optimizer_step_code()
+        # post hooks the step registered (its closure, say): torch's wrapper runs them
+        if opt._optimizer_step_post_hooks or _GLOBAL_HOOKS[1]:
+            for hook in chain(opt._optimizer_step_post_hooks.values(), _GLOBAL_HOOKS[1].values()):
+                hook(opt, args, kwargs)
         return out
 
     return wrapper
