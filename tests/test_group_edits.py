@@ -317,3 +317,26 @@ def test_a_live_group_that_lost_both_decay_keys_keeps_its_mode(backend):
     (kept, _), (dropped, group) = run(False), run(True)
     assert torch.equal(kept, dropped)
     assert group["decouple_wd"] is True and group["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("make", [torch.optim.Adam, adamkit.Adam], ids=["torch.optim", "adamkit"])
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("key", ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"])
+def test_a_hyperparameter_deleted_from_a_live_group_is_torchs_key_error_at_every_step(make, cached, key):
+    """torch.optim's step reads each hyperparameter from the group, and raises KeyError
+    for one deleted there, at every step. adamkit raised it once from a cached plan, then
+    stepped with the defaults' value (lr 0.1 for the group's 0.01), and never raised
+    for amsgrad."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = make([{"params": [p], "lr": 0.01}, {"params": [q]}], lr=0.1)
+    for _ in range(2 if cached else 0):
+        p.grad, q.grad = torch.full((3,), 0.1), torch.full((3,), 0.1)
+        opt.step()
+    del opt.param_groups[1][key]
+    p.grad, q.grad = torch.full((3,), 0.1), torch.full((3,), 0.1)
+    snap = snapshot(opt, [p, q])
+    for _ in range(2):
+        with pytest.raises(KeyError, match=key):
+            opt.step()
+        if make is adamkit.Adam:  # (torch's first group has stepped)
+            assert_unchanged(opt, [p, q], snap)

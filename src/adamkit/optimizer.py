@@ -296,7 +296,7 @@ class Adam(Optimizer):
         self._sync_decay_modes()
         for group, listings in zip(self.param_groups, groups.listings(self.param_groups)):
             if not self.defaults.keys() <= group.keys():  # appended to param_groups by hand,
-                groups.normalize_loaded_group(group, self.defaults)  # with torch's keys only
+                groups.fill_live_group(group, self.defaults)  # or a key deleted
             check_live_group(group)  # edited since it was added (a scheduler, by hand)
             formats.validate(group)
             backends.check_name(group["backend"])

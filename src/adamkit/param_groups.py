@@ -18,6 +18,11 @@ from .hyperparams import refuse_torch_only
 
 FOREACH_TENSOR = "{} as a Tensor is not supported for capturable=False and foreach=True"
 
+# The hyperparameters torch.optim.Adam's step reads from every group: a live group
+# without one raises KeyError there, at every step, and so it does here (filled from the
+# defaults, a deleted lr was stepped with the defaults' without a word).
+STEPPED_TORCH_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
 
 def betas_tuple(betas: Any) -> Any:
     """The defaults' betas as torch.optim stores them: a tuple, with 1-element Tensors
@@ -132,6 +137,15 @@ def sync_decay_modes(groups: list[dict[str, Any]], last: dict[int, tuple[dict, b
         set_decay_mode(group, mode)
         synced[id(group)] = (group, mode)
     return synced
+
+
+def fill_live_group(group: dict[str, Any], fallback: dict[str, Any]) -> None:
+    """Give a group appended to param_groups by hand (torch's keys only) adamkit's keys;
+    torch's KeyError for one of torch's keys it lacks (deleted from a live group, say)."""
+    for key in STEPPED_TORCH_KEYS:
+        if key not in group:
+            raise KeyError(key)
+    normalize_loaded_group(group, fallback)
 
 
 def normalize_loaded_group(group: dict[str, Any], fallback: dict[str, Any]) -> None:
