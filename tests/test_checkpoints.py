@@ -379,6 +379,26 @@ def test_state_entries_that_are_no_params_state_are_kept_as_torch_keeps_them():
     assert ours.state["note"] == {"epoch": 3}
 
 
+def test_the_loaded_state_keeps_the_saved_order_as_torch_optim_loads_it():
+    """torch.optim fills opt.state in the saved dict's order; adamkit filled it in the
+    params' order, with the entries of no param after them, so code that walks opt.state
+    and the next checkpoint's key order differed (a param that started training later)."""
+    def order(make):
+        a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+        opt = make([a, b, c], lr=0.1)
+        names = {id(a): "a", id(b): "b", id(c): "c"}
+        c.grad = torch.ones(2)
+        opt.step()
+        opt.state["note"] = {"epoch": 1}
+        a.grad = torch.ones(2)
+        opt.step()
+        saved = opt.state_dict()
+        opt.load_state_dict(saved)
+        return list(saved["state"]), [names.get(id(k), k) for k in opt.state]
+    ours, theirs = order(adamkit.Adam), order(torch.optim.Adam)
+    assert ours == theirs == ([2, "note", 0], ["c", "note", "a"])
+
+
 @pytest.mark.parametrize("make", [adamkit.Adam, torch.optim.Adam])
 def test_live_group_keys_a_checkpoint_lacks_are_dropped_as_torch_drops_them(make):
     """torch.optim's load builds each group from the saved one: a key only the live group

@@ -64,7 +64,7 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
                 f"{len(group['params'])} in the optimizer)"
             )
 
-    new_groups, new_state = [], defaultdict(dict)
+    new_groups, loaded = [], {}  # saved id -> (param, its state loaded)
     saved_state = state_dict["state"]
     index = 0
     for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
@@ -99,13 +99,15 @@ def load(opt: Adam, state_dict: dict[str, Any]) -> None:
                 raise ValueError(f"loaded state for parameter {saved_id} is a {type(entry).__name__}, "
                                  "not a dict of its state")
             if entry:
-                new_state[p] = _load_param_state(
-                    p, saved_state[saved_id], saved_id, new_group, index
-                )
+                loaded[saved_id] = (p, _load_param_state(p, saved_state[saved_id], saved_id, new_group, index))
             index += 1
     named = {saved_id for saved in saved_groups for saved_id in saved["params"]}
+    new_state = defaultdict(dict)  # in the saved order, as torch.optim loads it
     for key, entry in saved_state.items():
         if key in named:
+            if key in loaded:
+                p, state = loaded[key]
+                new_state[p] = state
             continue
         if isinstance(entry, dict) and all(k in entry for k in ("step", "exp_avg", "exp_avg_sq")):
             shown = sorted(named, key=repr)[:8]
