@@ -96,20 +96,22 @@ BAD_MOMENTS = {  # (param dtype, moment dtype, error)
     "bool moment": (torch.float32, torch.bool, ValueError),
     "complex moment of a real param": (torch.float32, torch.complex64, RuntimeError),
     "real moment of a complex param": (torch.complex64, torch.float32, RuntimeError),
+    "complex128 moment of a complex64 param": (torch.complex64, torch.complex128, RuntimeError),
+    "complex64 moment of a complex128 param": (torch.complex128, torch.complex64, RuntimeError),
 }
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("which", ["exp_avg_sqs", "max_exp_avg_sqs"])
+@pytest.mark.parametrize("which", ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"])
 @pytest.mark.parametrize("case", BAD_MOMENTS)
 def test_a_moment_of_no_state_format_or_the_wrong_kind_raises_before_any_update(backend, which, case):
     """Integer and bool v were stepped as if v were 0 (params moved by lr·m̂/ε, 5e6 here),
-    a real moment of a complex param dropped its imaginary part; exp_avgs of the same
-    dtypes raised already."""
+    a real moment of a complex param dropped its imaginary part, and so did one of the
+    other complex precision (1+1j stepped to 0.9+0j) on every backend but the reference."""
     pdtype, mdtype, error = BAD_MOMENTS[case]
     ps, gs, ms, vs = _lists(dtype=pdtype)
     maxs = [torch.zeros(3, dtype=pdtype) for _ in ps]
-    (vs if which == "exp_avg_sqs" else maxs)[1] = torch.zeros(3, dtype=mdtype)
+    {"exp_avgs": ms, "exp_avg_sqs": vs, "max_exp_avg_sqs": maxs}[which][1] = torch.zeros(3, dtype=mdtype)
     before = [t.clone() for t in ps + ms + vs]
     with pytest.raises(error, match="no state format" if error is ValueError else "complex"):
         adam_step(ps, gs, ms, vs, maxs, step=1, lr=0.1, amsgrad=True, backend=backend)

@@ -50,7 +50,7 @@ def adam_step(
 
     Every tensor is checked before any is written: grads and moments on their param's
     device and of its shape, moments of a state format's dtype, complex where the param
-    is, none an inference tensor or an expanded view. A tensor listed twice (a param, or
+    is (of its dtype), none an inference tensor or an expanded view. A tensor listed twice (a param, or
     moments two entries share) is updated once per listing, in turn, as torch's for-loop
     step does (its foreach step reads every listing first); the lists then run one index
     at a time.
@@ -119,7 +119,8 @@ def _check_tensors(columns: list[list[Tensor]]) -> None:
     crashed the cpu kernel): floating params, grads dense and of their param's dtype,
     shape and device, moments that can be written in place (as params), on their param's
     device and of its shape, of a state format's dtype (ValueError otherwise), complex
-    exactly where the param is (RuntimeError, as torch.optim's ops raise on these)."""
+    exactly where the param is, and then of its dtype (RuntimeError, as torch.optim's ops
+    raise on these)."""
     params, grads, *states = columns
     for i, (p, g) in enumerate(zip(params, grads)):
         if not isinstance(p, Tensor) or not isinstance(g, Tensor):
@@ -138,9 +139,11 @@ def _check_moment(p: Tensor, t: object, label: str, of: str) -> None:
         raise RuntimeError(f"{label} has shape {got}, {of} {tuple(p.shape)}")
     _check_device(p, t)
     formats.format_of(t)  # ValueError for int, bool, ... moments
-    if t.is_complex() != p.is_complex():  # a real moment of a complex param drops its imaginary part
+    # a real moment of a complex param drops its imaginary part, and so does one of the
+    # other complex precision (the step casts it to the param's real dtype)
+    if t.is_complex() != p.is_complex() or (p.is_complex() and t.dtype != p.dtype):
         raise RuntimeError(f"{label} of dtype {t.dtype} for {of} of dtype {p.dtype}: the moments of a "
-                           "complex param are complex, those of a real param real")
+                           "complex param are complex of its dtype, those of a real param real")
     backends.check_param(t)  # written in place as the param is
 
 
