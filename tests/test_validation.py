@@ -139,8 +139,10 @@ def test_the_two_names_of_the_decay_mode_given_in_contradiction_raise():
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="contradict"):
         adamkit.Adam([p], decouple_wd=True, decoupled_weight_decay=False)
+    # (decouple_wd's default False is not told from a False given: torch's True decouples)
     for kw in (dict(decouple_wd=True, decoupled_weight_decay=True), dict(decoupled_weight_decay=True),
-               dict(decouple_wd=False, decoupled_weight_decay=False)):
+               dict(decouple_wd=False, decoupled_weight_decay=False),
+               dict(decouple_wd=False, decoupled_weight_decay=True)):
         opt = adamkit.Adam([p], **kw)
         assert opt.defaults["decouple_wd"] == opt.defaults["decoupled_weight_decay"] == any(kw.values())
 

@@ -65,7 +65,9 @@ class Adam(Optimizer):
             Switched on between steps, the max starts at that step's v (torch.optim
             raises KeyError there).
         decouple_wd: AdamW-style decay. ``decoupled_weight_decay`` (torch's name) is a synonym
-            (given both, they must agree: ValueError otherwise), also as a group key:
+            (``decouple_wd=True`` with ``decoupled_weight_decay=False`` is a ValueError;
+            ``decoupled_weight_decay=True`` decouples whatever ``decouple_wd`` says, as
+            its default False cannot be told from a False given), also as a group key:
             ``defaults`` and the groups hold both, and setting either
             on a group between steps switches the mode (the next step makes them equal
             again).
