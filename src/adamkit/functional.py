@@ -127,8 +127,7 @@ def _check_tensors(columns: list[list[Tensor]]) -> None:
             raise TypeError(f"params[{i}] and grads[{i}] must be tensors, got "
                             f"{type(p).__name__} and {type(g).__name__}")
         backends.check_param(p)
-        backends.check_grad(p, g, f"grads[{i}]")
-        _check_device(p, g)
+        backends.check_grad(p, g, f"grads[{i}]")  # (on p's device too)
         for name, column in zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), states):
             _check_moment(p, column[i], f"{name}[{i}]", f"params[{i}]")
 
@@ -137,7 +136,7 @@ def _check_moment(p: Tensor, t: object, label: str, of: str) -> None:
     if not isinstance(t, Tensor) or t.shape != p.shape:
         got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
         raise RuntimeError(f"{label} has shape {got}, {of} {tuple(p.shape)}")
-    _check_device(p, t)
+    backends.check_device(p, t)
     formats.format_of(t)  # ValueError for int, bool, ... moments
     # a real moment of a complex param drops its imaginary part, and so does one of the
     # other complex precision (the step casts it to the param's real dtype)
@@ -147,9 +146,6 @@ def _check_moment(p: Tensor, t: object, label: str, of: str) -> None:
     backends.check_param(t)  # written in place as the param is
 
 
-def _check_device(p: Tensor, t: Tensor) -> None:
-    if t.device != p.device:  # torch's message for a tensor on another device
-        raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {p.device}!")
 
 
 def _aliased(columns: list[list[Tensor]]) -> bool:

@@ -518,7 +518,8 @@ class Adam(Optimizer):
 
         GradScaler sets `found_inf` (inf/NaN seen in any grad) and `grad_scale` (None when
         the user already called ``scaler.unscale_``) for the duration of ``step``. Reading
-        them costs one host sync per step, as torch's own skip check does."""
+        them costs two host syncs per step (one for each; torch's foreach step syncs once
+        for found_inf, its fused step not at all, unscaling on the device)."""
         found_inf = getattr(self, "found_inf", None)
         # a tensor, or the int 0 where no grad was seen (GradScaler sums an empty list)
         if found_inf is not None and float(found_inf):
@@ -526,13 +527,14 @@ class Adam(Optimizer):
         scale = getattr(self, "grad_scale", None)
         if scale is None:
             return 1.0
-        if float(scale) == 0:  # torch's fused step would write NaN into every param
+        scale = float(scale)  # once: on a GPU each read is a sync
+        if scale == 0:  # torch's fused step would write NaN into every param
             raise ValueError(
                 "grad_scale is 0, so the grads cannot be unscaled (a GradScaler's scale halves at "
                 "each step with inf/NaN grads, and reaches 0 after about 166 in a row from 2**16): "
                 "nothing was changed")
         # As GradScaler's own unscale: the reciprocal in float64, rounded to float32.
-        return float(torch.tensor(1.0 / float(scale), dtype=torch.float32, device="cpu"))
+        return float(torch.tensor(1.0 / scale, dtype=torch.float32, device="cpu"))
 
     # ---- memory -----------------------------------------------------------------------
 
@@ -580,7 +582,11 @@ class Adam(Optimizer):
             master = st.get("master_param")
             # (a master that no longer fits p is left to the step, which raises for it)
             if isinstance(master, Tensor) and master.shape == p.shape and self._master_moved(p):
-                master.copy_(param_policy.resync_master(p, master))
+                synced = param_policy.resync_master(p, master)
+                if master.device == p.device:
+                    master.copy_(synced)
+                else:  # p moved (to a GPU, say): master joins it, no cached plan holds it
+                    st["master_param"] = synced
                 versions[p] = write_mark(p)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -92,8 +92,10 @@ class Backend(Protocol):
 
 def grad_fits(p: Tensor, grad: Tensor) -> bool:
     """Whether a step can take ``grad`` for ``p`` as it is: dense, of p's dtype and shape
-    (the cached plan's test; ``check_grad`` raises torch's error where it fails)."""
-    return not grad.is_sparse and grad.dtype == p.dtype and grad.shape == p.shape
+    (the cached plan's test; ``check_grad`` raises torch's error where it fails), on p's
+    device."""
+    return (not grad.is_sparse and grad.dtype == p.dtype and grad.shape == p.shape
+            and grad.device == p.device)
 
 
 def check_param(p: Tensor) -> None:
@@ -224,7 +226,9 @@ def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
     a float8 one (the same error) or a complex32 one (which torch steps, see
     STEPPED_DTYPES),
     a sparse grad, or one not of its param's dtype and shape (a fused kernel would read it
-    as the param's dtype and size)."""
+    as the param's dtype and size), or on another device (``.grad`` refuses one, but
+    ``p.data =`` moving p leaves its grad where it was, and the CPU kernel would read a
+    GPU address as host memory)."""
     if not (p.is_floating_point() or p.is_complex()):
         raise NotImplementedError(f"a param of dtype {p.dtype}: Adam updates floating-point tensors")
     if p.dtype not in STEPPED_DTYPES:
@@ -235,6 +239,13 @@ def check_grad(p: Tensor, grad: Tensor, label: str = "a grad") -> None:
     if grad.dtype != p.dtype or grad.shape != p.shape:
         raise RuntimeError(f"{label} of dtype {grad.dtype} and shape {tuple(grad.shape)} does not "
                            f"match its param's dtype {p.dtype} and shape {tuple(p.shape)}")
+    check_device(p, grad)
+
+
+def check_device(p: Tensor, t: Tensor) -> None:
+    """torch's foreach error for a tensor (a grad, a moment) not on its param's device."""
+    if t.device != p.device:
+        raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {p.device}!")
 
 
 def _registry() -> dict[str, Backend]:

@@ -21,6 +21,7 @@ Two paths:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import Tensor
@@ -72,12 +73,24 @@ def _sqrt(x: Tensor) -> Tensor:
 
     torch's own float32 sqrt on CPU is off by one ulp for a share of inputs that depends
     on the machine (0.6% where first measured; 17% on a Zen 5 EPYC with torch 2.13, in
-    tensors of one element too). √ of a float32 lies at least ~2^-49 (relative) from any midpoint
-    between float32s, so a float64 √ within one float64 ulp (2^-52), rounded to float32,
-    is the correctly rounded float32 √. Devices without float64 (MPS) use torch's."""
-    if x.dtype == torch.float32 and x.device.type != "mps":
+    tensors of one element too). √ of a float32 lies at least ~2^-49 (relative) from any
+    midpoint between float32s, so a float64 √ within one float64 ulp (2^-52), rounded to
+    float32, is the correctly rounded float32 √. CUDA's float32 sqrt is correctly rounded
+    already (nvcc's default, -prec-sqrt=true): no float64 there. An Intel GPU takes the
+    float64 route where it has float64 (many have none, and raise for it); MPS (no
+    float64) and other devices their own √."""
+    if x.dtype == torch.float32 and _float64_sqrt(x.device):
         return x.double().sqrt().float()
     return x.sqrt()
+
+
+@functools.lru_cache(maxsize=None)
+def _float64_sqrt(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    if device.type == "xpu":
+        return bool(getattr(torch.xpu.get_device_properties(device), "has_fp64", False))
+    return False
 
 
 class TorchBackend:
@@ -93,9 +106,14 @@ class TorchBackend:
     def step(self, bucket: Bucket, s: StepScalars) -> None:
         if _is_plain(bucket):
             self._step_plain(bucket, s)
-        else:
+        elif bucket.params:
+            # √bc2 as a 0-dim tensor, made once per bucket by a fill (torch.tensor(x,
+            # device=cuda) copies from the host: a stream sync per tensor per step)
+            p = bucket.params[0]
+            work = torch.float64 if p.dtype == torch.float64 else torch.float32
+            bc2_sqrt = torch.full((), s.bias_correction2_sqrt, dtype=work, device=p.device)
             for i in range(len(bucket.params)):
-                self._step_formatted(bucket, i, s)
+                self._step_formatted(bucket, i, s, bc2_sqrt)
 
     def _step_plain(self, bucket: Bucket, s: StepScalars) -> None:
         written = (bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs)
@@ -146,7 +164,7 @@ class TorchBackend:
         torch._foreach_add_(denom, s.eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, -s.step_size)
 
-    def _step_formatted(self, bucket: Bucket, i: int, s: StepScalars) -> None:
+    def _step_formatted(self, bucket: Bucket, i: int, s: StepScalars, bc2_sqrt: Tensor) -> None:
         """One tensor, in formats.md's order of operations (each line one rounding).
         Scalars enter as Python floats, which torch rounds to the working dtype, as the
         kernel's float32 Hyper fields are."""
@@ -182,9 +200,8 @@ class TorchBackend:
             v = torch.maximum(vmax, v)
             v = fmt_state.write(vmax_stored, vmax_scale, fmt, "max_exp_avg_sq", v)
 
-        # A 0-dim tensor, not a Python float: on CUDA, division by a host scalar is a
-        # multiplication by its reciprocal, which rounds differently.
-        bc2_sqrt = torch.tensor(s.bias_correction2_sqrt, dtype=work, device=p.device)
+        # bc2_sqrt a 0-dim tensor, not a Python float: on CUDA, division by a host scalar
+        # is a multiplication by its reciprocal, which rounds differently.
         denom = _sqrt(v) / bc2_sqrt + s.eps
         step = (m / denom) * -s.step_size
         theta = (theta * s.decay if s.decay != 1.0 else theta) + step

@@ -171,8 +171,11 @@ def write_back(p: Tensor, state: dict, update: str, theta: Tensor, key: int = 0)
 
 def resync_master(p: Tensor, master: Tensor) -> Tensor:
     """A new master after p was written in place: float32(p) where p differs from
-    round(master) (what the last step left there), master elsewhere."""
+    round(master) (what the last step left there), master elsewhere; on p's device (p
+    moved to another one, by ``module.to()`` swapping it or after a load made master
+    where p was: the step then converts the rest of its state there too)."""
     theta = p.detach().float()
+    master = master.to(p.device)
     return torch.where(p.detach() != master.to(p.dtype), theta, master)
 
 

@@ -40,6 +40,7 @@ SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale", "max_exp_avg_sq_scale")
 _NBYTES = operator.attrgetter("nbytes")
 _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
+_IS_CPU = operator.attrgetter("is_cpu")
 
 
 @functools.lru_cache(maxsize=1)
@@ -255,6 +256,8 @@ class PreparedBucket:
         if any(map(is_wrapper_type, set(map(type, kernel_grads)))):
             return False
         if any(map(Tensor.is_neg, kernel_grads)) or any(map(Tensor._is_zerotensor, kernel_grads)):
+            return False
+        if not all(map(_IS_CPU, kernel_grads)):  # one left elsewhere by `p.data =` (checks.cpp too)
             return False
         if any(map(Tensor.is_neg, params)):
             return False
