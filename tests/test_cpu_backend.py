@@ -516,6 +516,43 @@ def test_a_kernel_param_overlapping_one_the_torch_backend_runs_leaves_the_kernel
     assert torch.equal(run("cpu"), run("torch"))
 
 
+@pytest.mark.parametrize("share", ["state", "moment", "a param as a moment", "scale"])
+def test_params_whose_states_share_memory_leave_the_kernel(share):
+    """The overlap scan looked at the params alone: two params sharing a state tensor
+    (``opt.state[b] = opt.state[a]``, a moment assigned another's or a param's, an int8
+    scale) stayed on the kernel, whose threads then wrote the shared memory at once
+    (numbers that changed from run to run; found by review). They run on the torch
+    backend, bit for bit, beside a param that stays on the kernel."""
+    import adamkit
+
+    def run(backend):
+        g = torch.Generator().manual_seed(0)
+        a, b, c = (torch.nn.Parameter(torch.randn(40000, generator=g)) for _ in range(3))
+        opt = adamkit.Adam([a, b, c], lr=1e-2, backend="torch", int8_min_size=0,
+                           state_format="int8" if share == "scale" else None)
+        for t in range(4):
+            for p in (a, b, c):
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            if t == 0:
+                if share == "state":
+                    opt.state[b] = opt.state[a]
+                elif share == "moment":
+                    opt.state[b]["exp_avg"] = opt.state[a]["exp_avg"]
+                elif share == "a param as a moment":
+                    opt.state[b]["exp_avg"] = a.data
+                else:
+                    opt.state[b]["exp_avg_scale"] = opt.state[a]["exp_avg_scale"]
+                opt.param_groups[0]["backend"] = backend
+        # (a state shared whole counts its step twice, as torch.optim's: its own bucket)
+        on_kernel = {id(cb.bucket.params[i]) for cb in opt._step_cache.buckets
+                     for i in (cb.prepared.fast if cb.prepared else [])}
+        return torch.cat([a.detach(), b.detach()]), on_kernel, id(c)
+    (ours, on_kernel, c), (theirs, _, _) = run("cpu"), run("torch")
+    assert torch.equal(ours, theirs)
+    assert on_kernel == {c}
+
+
 _HELD_BY_THE_STATE_ONLY = ("kahan_comp", "master_param", "exp_avg_scale", "exp_avg_sq_scale", "sr_seed")
 
 

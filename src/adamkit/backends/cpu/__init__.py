@@ -79,15 +79,19 @@ def _seed_fits(seed) -> bool:
             and seed.device.type == "cpu" and _own_memory(seed))
 
 
-def _overlapping(params) -> set[int]:
-    """The indices of params whose memory overlaps another's: the kernel's threads would
-    update them concurrently, or the kernel and the torch backend one after the other
-    (views of one storage; or a param listed twice, which Adam.step splits into one step
-    per listing, functional callers may not). All of them go to the torch backend, whose
-    foreach ops give them torch.optim's foreach numbers (its default CPU for-loop, which
-    steps them in turn, differs there: functional.adam_step steps aliased tensors in turn)."""
-    spans = sorted((lo, lo + _extent(p), i) for i, p in enumerate(params)
-                   if p.numel() for lo in (p.data_ptr(),))
+def _overlapping(written: list[list[Tensor]]) -> set[int]:
+    """The indices of params whose memory a step writes (``written[i]``: the param, its
+    moments, buffer and int8 scales) overlaps memory written for another param, or another
+    of its own: the kernel's threads would update them concurrently (nondeterministic
+    numbers), or the kernel and the torch backend one after the other. Views of one
+    storage as params; a param listed twice, which Adam.step splits into one step per
+    listing, functional callers may not; states shared between params
+    (``opt.state[b] = opt.state[a]``, a moment assigned another's). All of them go to the
+    torch backend, whose foreach ops give params sharing memory torch.optim's foreach
+    numbers (its default CPU for-loop, which steps them in turn, differs there:
+    functional.adam_step steps aliased tensors in turn)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + _extent(t), i) for i, ts in enumerate(written)
+                   for t in ts if t.numel())
     shared, end, owner = set(), -1, None
     for lo, hi, i in spans:
         if lo < end:
@@ -101,7 +105,7 @@ def _extent(p: Tensor) -> int:
     """Bytes from p's first element to past its last: a strided view spans more than its
     numel (torch's strides are never negative)."""
     if p.is_contiguous():
-        return p.numel() * p.element_size()
+        return p.nbytes
     return (1 + sum((n - 1) * s for n, s in zip(p.shape, p.stride()))) * p.element_size()
 
 
@@ -150,12 +154,14 @@ class PreparedBucket:
         rows = {name: [] for name in library.POINTER_ROWS}
         pointer_rows = [rows[name] for name in library.POINTER_ROWS[:6]]
         scale_rows = [rows[name] for name in library.POINTER_ROWS[6:9]]
-        numels, seeds, candidates, grad_bound = [], [], [], []
+        numels, seeds, candidates, grad_bound, written = [], [], [], [], []
         for i, p in enumerate(bucket.params):
             st = bucket.states[i]
             vmax = bucket.max_exp_avg_sqs[i] if bucket.max_exp_avg_sqs else None
             extra = st[extra_key] if extra_key else None
             members = (p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], vmax, extra)
+            written.append([t for t in (p, *members[2:], *(st.get(k) for k in SCALE_KEYS))
+                            if isinstance(t, Tensor)])
             step = steps[i]
             # the step's planning converts a state whose int8 scales do not fit; this
             # keeps a bucket built some other way off the kernel's raw pointers
@@ -172,7 +178,7 @@ class PreparedBucket:
                 grad_bound.append((i, members))  # only its grad keeps it off the kernel
         # against every param of the bucket, those the torch backend runs too: a kernel
         # param it overlaps would be written by both, in an order neither path takes
-        shared = _overlapping(bucket.params)
+        shared = _overlapping(written)
         self.fast = [i for i, _, _ in candidates if i not in shared]
         fast = set(self.fast)
         self.rest = [i for i in range(len(bucket.params)) if i not in fast]
