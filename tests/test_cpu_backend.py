@@ -6,8 +6,10 @@ reference, hypothesis) and test_parity_torch.py (against torch.optim, 100+ steps
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -452,6 +454,42 @@ def test_the_kernel_takes_no_int8_scale_it_cannot_address(scale):
     bucket.states[0]["exp_avg_scale"] = scale
     prepared = cpu.BACKEND.prepare(bucket)
     assert prepared.fast == [] and prepared.rest == [0]
+
+
+def test_a_cxx_with_arguments_builds(monkeypatch, tmp_path):
+    """CXX="ccache g++" was run as one program name: every first-use build failed, and
+    adamkit fell back without its kernels (found by review)."""
+    from adamkit.backends.cpu import library
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "one.cpp"
+    source.write_text('extern "C" int one() { return 1; }\n')
+    monkeypatch.setenv("CXX", f"env {compiler}")
+    target = library.compile_into(tmp_path / "one.so", "a test library", ["-shared", "-fPIC", str(source)])
+    assert ctypes.CDLL(str(target)).one() == 1
+
+
+def test_kernels_whose_sources_are_not_installed_load_the_built_ones_or_fall_back(monkeypatch):
+    """A frozen or zipped install (PyInstaller, a zip import) has the built kernels but
+    not their sources: hashing the sources raised FileNotFoundError from every step,
+    where a missing kernel should fall back with a warning (found by review). The
+    installed build is taken as it is; without one the reason says why."""
+    from adamkit.backends.cpu import library
+
+    def unreadable(directory):
+        raise FileNotFoundError(2, "No such file or directory", "simd512.h")
+
+    monkeypatch.setattr(library, "source_digest", unreadable)
+    installed = [isa for isa in library.isa_candidates()
+                 if (path := library._installed_path(isa)) is not None and path.exists()]
+    lib, isa, why = library.load()
+    if installed:
+        assert lib is not None and why is None and isa == installed[0]
+    monkeypatch.setattr(library, "_installed_path", lambda isa: None)
+    lib, isa, why = library.load()
+    assert lib is None and isa == "" and "kernel sources are not readable" in why and "simd512.h" in why
 
 
 @pytest.mark.parametrize("value", ["0", ""])

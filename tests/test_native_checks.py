@@ -441,6 +441,17 @@ def test_turned_off_even_when_loaded(checks, monkeypatch):
     assert opt._step_cache.native is None
 
 
+def test_a_free_threaded_interpreter_keeps_the_python_checks(checks, monkeypatch):
+    """checks.cpp reads borrowed list and dict items on torch's threads, safe while its
+    caller holds the GIL; without one (3.13t) another thread could free them meanwhile."""
+    monkeypatch.setattr(native_checks, "MANY_TENSORS", 1)
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    assert native_checks._lib is not None and native_checks.get(100) is None
+    assert native_checks.status() == "off (no GIL)"
+    _, opt, _ = _cached()
+    assert opt._step_cache.native is None
+
+
 @pytest.mark.parametrize("native", [False, True], ids=["python checks", "native checks"])
 def test_every_param_reinterpreted_before_the_first_cached_step_replans(checks, native, monkeypatch):
     """The planned dtype is the plan's, not read off the params when checks.cpp first

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -123,7 +124,8 @@ def compile_into(target: Path, what: str, args: list[str]) -> Path:
     _remove_stale_builds(target.parent)
     with tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, *args, "-o", str(out)], capture_output=True, text=True)
+        # CXX may hold a command with arguments ("ccache g++"), as make reads it
+        done = subprocess.run([*shlex.split(compiler), *args, "-o", str(out)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"building {what} failed: {done.stderr.strip()[-400:]}")
         os.replace(out, target)
@@ -167,7 +169,13 @@ def load() -> tuple[ctypes.CDLL | None, str, str | None]:
         return None, "", "disabled by ADAMKIT_DISABLE_CPU_KERNELS"
     if sys.platform == "win32":
         return None, "", "the CPU kernels are built for Linux and macOS only"
-    errors, stale, digest = [], [], source_digest(HERE)
+    errors, stale = [], []
+    try:
+        digest = source_digest(HERE)
+    except OSError as exc:  # a frozen or zipped install without the sources: an installed
+        # build is then the kernel (nothing to be stale against), and nothing can be built
+        digest = None
+        errors.append(f"the kernel sources are not readable ({exc})")
     for isa in isa_candidates():
         path = _installed_path(isa)
         if path is not None and path.exists():
@@ -176,9 +184,11 @@ def load() -> tuple[ctypes.CDLL | None, str, str | None]:
             except (OSError, RuntimeError, AttributeError) as exc:
                 errors.append(f"{path.name}: {exc}")
                 continue
-            if _built_from(lib) == digest:
+            if digest is None or _built_from(lib) == digest:
                 return lib, isa, None
             stale.append(path.name)
+    if digest is None:
+        return None, "", "; ".join(errors)
     isa = isa_candidates()[0]
     if stale:
         names = ", ".join(stale)

@@ -52,14 +52,24 @@ def status() -> str:
     """What the native checks are doing in this process (for reports and tests)."""
     if os.environ.get("ADAMKIT_NATIVE_CHECKS") == "0":
         return "off (ADAMKIT_NATIVE_CHECKS=0)"
+    if not _gil_enabled():
+        return "off (no GIL)"
     return _state
+
+
+def _gil_enabled() -> bool:
+    """checks.cpp reads lists' and dicts' borrowed items on torch's threads while the
+    caller holds the GIL, which keeps every other thread from changing them; a
+    free-threaded interpreter (3.13t, the GIL off) keeps the Python checks."""
+    is_enabled = getattr(sys, "_is_gil_enabled", None)
+    return is_enabled is None or is_enabled()
 
 
 def get(n_tensors: int) -> ctypes.PyDLL | None:
     """The loaded library, or None; for a plan of ``n_tensors`` tensors, starts (or, with
     ADAMKIT_NATIVE_CHECKS=1, runs) the build the first time one is worth it."""
     setting = os.environ.get("ADAMKIT_NATIVE_CHECKS", "")
-    if setting == "0" or sys.platform == "win32":
+    if setting == "0" or sys.platform == "win32" or not _gil_enabled():
         return None
     if _lib is not None:
         return _lib
