@@ -351,7 +351,9 @@ class PreparedBucket:
 def _increment_versions(tensors: list[Tensor]) -> None:
     try:
         torch.autograd.graph.increment_version(tensors)  # one call (newer torch)
-    except TypeError:  # older torch takes one tensor at a time
+    except (TypeError, RuntimeError) as exc:  # older torch takes one tensor at a time
+        if isinstance(exc, RuntimeError) and "expect a Tensor" not in str(exc):
+            raise  # (torch 2.3: "increment_version expect a Tensor as input")
         for t in tensors:
             torch.autograd.graph.increment_version(t)
 

@@ -154,7 +154,9 @@ inline Py_ssize_t key_index(PyObject* keys, const std::vector<Py_hash_t>& hashes
 // What of a tensor's layout its address does not say, in one number (step_cache.py
 // computes the same for the plan): dtype, contiguity, the negative bit.
 inline int64_t layout_code(const c10::TensorImpl* t) {
-  return static_cast<int64_t>(t->dtype().toScalarType()) + 256 * t->is_contiguous() + 512 * t->is_neg();
+  // (typeMetaToScalarType: TypeMeta::toScalarType() is not const in torch 2.6 and older,
+  // whose headers refused it on the const TypeMeta dtype() returns)
+  return static_cast<int64_t>(c10::typeMetaToScalarType(t->dtype())) + 256 * t->is_contiguous() + 512 * t->is_neg();
 }
 
 // A tuple of exact str and their hashes (for key_index); false where it is not one.
@@ -272,7 +274,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
     c10::TensorImpl* p = ps[i];
     if (split && off_thread(p)) return AGAIN_SERIALLY;
     if (p->is_neg()) return FAILS;  // the kernel reads memory, not the negative bit
-    if (!p->has_storage() || p->dtype().toScalarType() != dtype || !p->is_contiguous() ||
+    if (!p->has_storage() || c10::typeMetaToScalarType(p->dtype()) != dtype || !p->is_contiguous() ||
         address(p) != param_ptrs[i]) {
       return FAILS;
     }
@@ -287,7 +289,7 @@ Verdict refresh_range(PyObject** items, Py_ssize_t lo, Py_ssize_t hi, bool split
   }
   for (Py_ssize_t i = lo; i < hi; ++i) {
     c10::TensorImpl* g = gs[i];
-    if (g->dtype().toScalarType() != dtype || !g->is_contiguous() ||
+    if (c10::typeMetaToScalarType(g->dtype()) != dtype || !g->is_contiguous() ||
         static_cast<int64_t>(g->numel() * g->itemsize()) != grad_nbytes[i] ||
         g->sizes() != ps[i]->sizes()) {  // a grad reshaped through `.grad.data =`
       return FAILS;
@@ -314,7 +316,7 @@ int adamkit_checks_version() { return 8; }
 // dtype the other checks compare with.
 int adamkit_scalar_type(PyObject* tensor) {
   c10::TensorImpl* t = impl_of(tensor);
-  return t == nullptr ? -1 : static_cast<int>(t->dtype().toScalarType());
+  return t == nullptr ? -1 : static_cast<int>(c10::typeMetaToScalarType(t->dtype()));
 }
 
 // Whether `container` (a list, or a dict's keys and values) holds exactly the objects at
