@@ -170,7 +170,7 @@ class TorchBackend:
         kernel's float32 Hyper fields are."""
         p, st = bucket.params[i], bucket.states[i]
         fmt, update = bucket.state_format, bucket.param_update
-        work = torch.float64 if p.dtype == torch.float64 else torch.float32
+        work = bc2_sqrt.dtype  # the working dtype step() made it in
 
         def moment(name: str, tensors: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
             stored, scale = tensors[i], st.get(f"{name}_scale")
